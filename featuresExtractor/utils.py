@@ -1,0 +1,75 @@
+"""Small helpers shared by the scripts: user-facing errors and atomic file writes.
+
+Every file the toolkit produces goes through `atomic_path`, so an interrupted run
+never leaves a file that looks complete: data is written to a temporary file in the
+same folder, flushed, and renamed over the target only once it is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = ["UserError", "atomic_path", "write_json", "save_npy", "run_cli"]
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` on success.
+
+    On any exception the temporary file is removed and `path` is left untouched.
+    `suffix` keeps libraries that append an extension (np.save, np.savez) happy.
+
+    Example:
+        >>> with atomic_path("out/metrics.json") as tmp:      # doctest: +SKIP
+        ...     tmp.write_text("{}")
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Atomically write `obj` as indented, key-sorted JSON."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_npy(path: str | os.PathLike, array: Any) -> None:
+    """Atomically `np.save` an array (never pickled) to exactly `path`."""
+    import numpy as np
+
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, np.asarray(array), allow_pickle=False)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a script's `main`, turning `UserError` into one line on stderr and exit 2."""
+    prog = Path(sys.argv[0]).name
+    try:
+        return int(main(argv) or 0)
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        return 130
