@@ -1,0 +1,116 @@
+"""extract.py: images -> CLIP multi-layer features (and their PCA), for train.py.
+
+Usage (the published recipe):
+
+    python extract.py -d PATH/TO/DATASET -s PATH/WHERE/TO/SAVE -b 2048 --data-aug --processor adapt-pca 256
+
+`DATASET` holds `left/` and `right/` (pairs matched by file name) or just images.
+Outputs land in `SAVE/MODEL/`: `features.npy`, `features_pca256.npy`,
+`pca256.npz` (+ `.pkl`) and `manifest.json`. See `featuresExtractor.processor`
+for the processors and `featuresExtractor.store` for the file format.
+
+Example:
+    >>> import extract
+    >>> extract.main(["-d", "demo/tll", "-s", "out", "--model", "tiny_rn",
+    ...               "--pretrained", "none", "-p", "adapt"])      # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+__all__ = ["parse_args", "main"]
+
+
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse extract.py's command line (see `python extract.py -h`)."""
+    p = argparse.ArgumentParser(
+        prog="extract.py", description="Extract CLIP multi-layer image features for the adaptation function.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-d", "--dataset", required=True, help="folder with left/ and right/ (pairs), or a folder of images")
+    p.add_argument("-s", "--save-to", required=True, help="output folder; files go to SAVE_TO/MODEL/")
+    p.add_argument("-b", "--batch-size", type=int, default=2048,
+                   help="images per forward pass on CUDA (halved on out-of-memory); the CPU runs slices of at most 32")
+    p.add_argument("--data-aug", action="store_true", help="also extract horizontally flipped copies")
+    p.add_argument("-p", "--processor", nargs="+", default=["adapt-pca", "256"], metavar="NAME [N]",
+                   help="adapt | adapt-pca N | pca N | save")
+    p.add_argument("--normalize", choices=("none", "layers", "all"), default=None,
+                   help="which parts to L2-normalise before concatenation (default: per processor; adapt-pca: layers)")
+    p.add_argument("--model", default="clip_rn50x4", help="registry name (clip_rn50x4, tiny_rn) or open_clip architecture")
+    p.add_argument("--pretrained", default="default",
+                   help="open_clip pretrained tag; 'none' = random init (tests, offline demo)")
+    p.add_argument("--weights", default=None, help="local open_clip/OpenAI checkpoint (fp16 or fp32); no download")
+    p.add_argument("--layers", nargs="+", default=None, metavar="MODULE",
+                   help="module paths in model.visual to tap, overriding the model's defaults ('embedding' = output)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--workers", type=int, default=_default_workers(), help="DataLoader decode workers")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                   help="keep the default NCHW memory format")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping its pair")
+    p.add_argument("--overwrite", action="store_true", help="replace results of another configuration in SAVE_TO/MODEL")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run extract.py; returns the exit status (0 on success, 2 on bad input)."""
+    args = parse_args(argv)
+    import torch
+
+    from featuresExtractor.models import load_backbone, resolve_spec
+    from featuresExtractor.pipeline import ExtractConfig, extract
+    from featuresExtractor.utils import UserError
+
+    if args.batch_size < 1:
+        raise UserError(f"-b/--batch-size must be at least 1 (got {args.batch_size})")
+    if args.workers < 0:
+        raise UserError(f"--workers must be 0 or more (got {args.workers})")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
+                        normalize=args.normalize, data_aug=args.data_aug, precision=args.precision,
+                        batch_size=args.batch_size, workers=args.workers, device=str(device),
+                        channels_last=args.channels_last, strict=args.strict, overwrite=args.overwrite,
+                        progress=args.progress)
+    # Validate the cheap things before loading a large model.
+    from featuresExtractor.data import discover
+    from featuresExtractor.processor import parse_processor
+
+    parse_processor(cfg.processor, cfg.normalize)
+    discover(cfg.dataset)
+    spec = resolve_spec(args.model, args.layers, args.pretrained)
+    backbone = load_backbone(spec, weights=args.weights, device=device)
+    if backbone.weights["source"] == "random-init":
+        print("WARNING: the backbone is RANDOMLY INITIALISED (--pretrained none): the features say nothing "
+              "about the method", file=sys.stderr)
+    report = extract(cfg, backbone)
+    if report.already_done:
+        print(f"already done: {report.out_dir} holds this configuration's results (manifest.json); nothing to do")
+        return 0
+    print(f"kept {report.n_kept}/{report.n_items} items"
+          + (f" (resumed after {report.resumed_items})" if report.resumed_items else ""))
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} unreadable item(s), listed in manifest.json:")
+        for name, reason in list(report.skipped.items())[:10]:
+            print(f"  {name}: {reason}")
+        if len(report.skipped) > 10:
+            print(f"  ... and {len(report.skipped) - 10} more")
+    for path in report.outputs:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    from featuresExtractor.utils import run_cli
+
+    sys.exit(run_cli(main))

@@ -1,0 +1,212 @@
+"""The backbone registry: which open_clip model to run and where to tap it.
+
+A registry entry (`BackboneSpec`) maps a short name to an open_clip architecture,
+its pretrained tag and the module paths to tap inside `model.visual`:
+
+| name          | open_clip arch | pretrained | taps                                   |
+|---------------|----------------|------------|----------------------------------------|
+| `clip_rn50x4` | `RN50x4`       | `openai`   | layer1, layer2, layer3, layer4, attnpool |
+| `tiny_rn`     | `TinyRN`       | none       | layer1, layer2, layer3, layer4, attnpool |
+
+`clip_rn50x4` is the published pipeline. `tiny_rn` is open_clip's own
+ModifiedResNet at layers [1,1,1,1], width 8 and 64 px, shipped here so that tests
+and the offline demo run in seconds without weights.
+
+Any other open_clip architecture name (`RN50`, `ViT-B-32`, ...) works too, with
+default taps by family: ResNets get layer1-4 plus attnpool, other towers get the
+image embedding only. A tap is a module path inside `model.visual`; the special
+name `embedding` is the tower's own output.
+
+Example:
+    >>> spec = resolve_spec("clip_rn50x4")
+    >>> spec.arch, spec.taps
+    ('RN50x4', ('layer1', 'layer2', 'layer3', 'layer4', 'attnpool'))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .utils import UserError
+
+__all__ = [
+    "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
+    "load_backbone", "file_sha256", "hf_cache_dir",
+]
+
+#: The tap name that stands for the visual tower's own output (the image embedding).
+EMBEDDING = "embedding"
+
+RESNET_TAPS = ("layer1", "layer2", "layer3", "layer4", "attnpool")
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What to run: an open_clip architecture, a pretrained tag (or None) and taps."""
+
+    name: str
+    arch: str
+    pretrained: str | None
+    taps: tuple[str, ...] | None = None  # None: the family default, decided once the model is built
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "clip_rn50x4": BackboneSpec("clip_rn50x4", "RN50x4", "openai", RESNET_TAPS),
+    "tiny_rn": BackboneSpec("tiny_rn", "TinyRN", None, RESNET_TAPS),
+}
+
+
+def resolve_spec(name: str, layers: Sequence[str] | None = None, pretrained: str | None = "default") -> BackboneSpec:
+    """Return the spec for a registry name or a plain open_clip architecture.
+
+    `layers` overrides the taps. `pretrained` overrides the tag: "default" keeps the
+    registry's, "none" or None means random initialisation.
+    """
+    import open_clip
+
+    _register_local_configs()
+    if name in BACKBONES:
+        spec = BACKBONES[name]
+    elif name in open_clip.list_models():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        spec = BackboneSpec(name, name, "openai" if "openai" in tags else (tags[0] if tags else None))
+    else:
+        raise UserError(
+            f"unknown model {name!r}: use one of {sorted(BACKBONES)} or an open_clip architecture "
+            f"(python -c 'import open_clip; print(open_clip.list_models())')"
+        )
+    if pretrained != "default":
+        spec = replace(spec, pretrained=None if pretrained in (None, "none") else pretrained)
+    if layers:
+        spec = replace(spec, taps=tuple(layers))
+    return spec
+
+
+def default_taps(visual: nn.Module) -> tuple[str, ...]:
+    """Taps by family: ResNet towers give layer1-4 and attnpool, others the embedding."""
+    names = dict(visual.named_modules())
+    if all(t in names for t in RESNET_TAPS):
+        return RESNET_TAPS
+    return (EMBEDDING,)
+
+
+def validate_taps(visual: nn.Module, taps: Sequence[str]) -> None:
+    """Fail with the list of valid module paths when a tap does not exist."""
+    names = {n for n, _ in visual.named_modules() if n}
+    bad = [t for t in taps if t != EMBEDDING and t not in names]
+    if bad:
+        shown = sorted(names, key=lambda n: (n.count("."), n))
+        raise UserError(
+            f"unknown tap(s) {bad} in model.visual; valid names: {EMBEDDING}, " + ", ".join(shown)
+        )
+
+
+@dataclass
+class Backbone:
+    """A loaded visual tower with its eval transform and the facts the manifest needs."""
+
+    spec: BackboneSpec
+    visual: nn.Module
+    transform: Callable
+    weights: dict  # how the weights were obtained: {"source": ..., ...}
+
+
+def hf_cache_dir() -> str:
+    """Where open_clip's pretrained downloads land (the Hugging Face hub cache)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _register_local_configs() -> None:
+    import open_clip
+
+    if "TinyRN" not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def _download(spec: BackboneSpec) -> str:
+    import open_clip
+    from open_clip.pretrained import download_pretrained
+
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        raise UserError(f"no pretrained tag {spec.pretrained!r} for {spec.arch}; known tags: {tags or 'none'}, or 'none'")
+    try:
+        return download_pretrained(cfg)
+    except OSError as err:  # hub misses and network failures both surface as OSError subclasses
+        raise UserError(
+            f"cannot get the {spec.arch} '{spec.pretrained}' weights ({type(err).__name__}): they are not in the "
+            f"Hugging Face cache ({hf_cache_dir()}) and the download failed. Either pass --weights FILE "
+            f"(an open_clip or OpenAI checkpoint), or run once while online to fill that cache "
+            f"(HF_HOME moves it), then set HF_HUB_OFFLINE=1 to skip network checks"
+        ) from None
+
+
+def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
+                  device: str | torch.device = "cpu") -> Backbone:
+    """Build the visual tower and its eval transform from one open_clip call.
+
+    Weights come from `weights` (a local open_clip or OpenAI checkpoint, fp16 or fp32,
+    read with `weights_only=True`), else from the spec's pretrained tag (downloaded
+    into the Hugging Face cache on first use), else the model is randomly initialised.
+    The tower is returned in eval mode with gradients off, on `device`.
+
+    Example:
+        >>> bb = load_backbone(resolve_spec("tiny_rn"))
+        >>> bb.transform.transforms[0].size
+        64
+    """
+    import open_clip
+
+    _register_local_configs()
+    preprocess = {}
+    if spec.pretrained:
+        cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}
+        # The tag's preprocessing, so a local file is read exactly as the tag would be.
+        preprocess = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--weights {path}: no such file")
+        source = {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
+    elif spec.pretrained:
+        path = _download(spec)
+        source = {"source": "pretrained", "tag": spec.pretrained, "sha256": file_sha256(path)}
+    else:
+        path = None
+        source = {"source": "random-init", "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
+
+    model, _, transform = open_clip.create_model_and_transforms(
+        spec.arch, pretrained=None,
+        image_mean=preprocess.get("mean"), image_std=preprocess.get("std"),
+        image_interpolation=preprocess.get("interpolation"), image_resize_mode=preprocess.get("resize_mode"),
+    )
+    if path is not None:
+        try:
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        except (RuntimeError, KeyError, ValueError, OSError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot load weights from {path} into {spec.arch}: {first}") from None
+    visual = model.visual.eval().requires_grad_(False).to(device)
+    del model  # the text tower is not needed
+    taps = spec.taps or default_taps(visual)
+    validate_taps(visual, taps)
+    return Backbone(replace(spec, taps=tuple(taps)), visual, transform, source)

@@ -1,0 +1,88 @@
+"""Preprocessing and augmentation: image decoding to RGB, and the horizontal flip.
+
+The resize, crop and normalisation are never written here: they come with the
+model, from open_clip (`models.load_backbone` returns the eval transform; for
+RN50x4 that is a 288 px bicubic resize of the shortest side, a centre crop and the
+OpenAI mean/std). This module only makes sure every image reaches that transform
+as 8-bit RGB, and flips the *preprocessed* tensor for `--data-aug`.
+
+Example:
+    >>> from PIL import Image
+    >>> to_rgb(Image.new("I;16", (4, 4), 65535)).getpixel((0, 0))
+    (255, 255, 255)
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "to_rgb", "load_image", "hflip", "BadImage"]
+
+#: File extensions treated as images; anything else in a dataset folder is ignored.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+
+class BadImage(Exception):
+    """An image that cannot be used (corrupt, truncated, empty, too large)."""
+
+
+def is_image_file(path: Path) -> bool:
+    """True for visible files with an image extension (hidden files like .DS_Store are not)."""
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Transparent images are composited on white (dropping alpha would expose
+    whatever colour the transparent pixels happen to hold). 16-bit and 32-bit
+    greyscale are rescaled to 8 bits instead of being clipped at 255.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        if img.mode == "I" and a.max() <= 255:
+            top = 255.0
+        a = np.clip(a / top * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode `path` fully into an RGB image, or raise `BadImage` with the reason.
+
+    Pillow's decompression-bomb warning is treated as an error, and the image is
+    decoded eagerly so a truncated file fails here, not later in a worker.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                return to_rgb(img)
+    except BadImage:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow reports unreadable data as OSError/SyntaxError/ValueError depending on the codec.
+        raise BadImage(f"{type(err).__name__}: {err}") from None
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror a preprocessed (..., H, W) tensor left-right."""
+    return torch.flip(x, dims=(-1,))
