@@ -1,0 +1,55 @@
+"""Adaptation functions for visual similarity (Risser-Maroix, Kurtz, Loménie, ICIP 2021).
+
+Pairs of images judged similar by people are embedded by a frozen network (extract.py); a small
+*adaptation* network is then trained so that the cosine of the adapted vectors retrieves each
+image's partner. The pieces, all pure (no files, no devices chosen, no global state):
+
+- `adaptation.models`: the adaptation networks (`original`, `peterson`, `dummy`), `build_model`,
+  `load_checkpoint`.
+- `adaptation.losses`: the symmetric temperature-scaled contrastive loss.
+- `adaptation.metrics`: top-k (either direction, the paper's figure), left2right / right2left
+  top-k and MRR, computed on the device.
+- `adaptation.data`: reading features files (extract.py's, or the seed's pickle), checks, the
+  train/test split.
+- `adaptation.training`: the epoch loop, `train(model, data, config, optimizer, on_epoch)`.
+- `adaptation.synthetic`: planted pairs for tests and benchmarks.
+
+`train.py` at the top of the repository wires them to the command line, TensorBoard and files.
+
+Example:
+    >>> import torch
+    >>> from adaptation import build_model, TrainConfig, make_optimizer, train
+    >>> from adaptation import planted_pairs, split_indices, split_data
+    >>> pairs = planted_pairs(n_pairs=40, dim=16)
+    >>> data = split_data(pairs, *split_indices(len(pairs), 0.25, seed=0))
+    >>> model = build_model("original", pairs.in_dim)
+    >>> cfg = TrainConfig(epochs=2, temperature=15.0)
+    >>> history = train(model, data, cfg, make_optimizer(model, cfg))
+    >>> len(history)
+    2
+"""
+
+from .data import Pairs, TrainData, load_pairs, split_data, split_indices
+from .losses import contrastive_loss, similarity_matrix
+from .metrics import retrieval_metrics
+from .models import MODELS, build_model, load_checkpoint
+from .synthetic import planted_pairs
+from .training import TrainConfig, make_optimizer, train
+
+__all__ = [
+    "Pairs",
+    "TrainData",
+    "load_pairs",
+    "split_data",
+    "split_indices",
+    "contrastive_loss",
+    "similarity_matrix",
+    "retrieval_metrics",
+    "MODELS",
+    "build_model",
+    "load_checkpoint",
+    "planted_pairs",
+    "TrainConfig",
+    "make_optimizer",
+    "train",
+]
