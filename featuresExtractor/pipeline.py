@@ -199,6 +199,9 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     if cfg.batch_size < 1:
         raise UserError(f"-b/--batch-size must be at least 1 (got {cfg.batch_size})")
     layout = discover(cfg.dataset)
+    blocking = next((p for p in (Path(cfg.save_to), *Path(cfg.save_to).parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"-s {cfg.save_to}: {blocking} is a file, not a folder; choose another -s")
     n_flips = 2 if cfg.data_aug else 1
     image_shape = tuple(backbone.transform(Image.new("RGB", (64, 64))).shape)
     shapes, dims = probe_taps(backbone, image_shape)

@@ -69,9 +69,13 @@ def save_npy(path: str | os.PathLike, array: Any) -> None:
         np.save(tmp, np.asarray(array), allow_pickle=False)
 
 
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run a script's `main`, turning `UserError` into one line on stderr and exit 2."""
-    prog = Path(sys.argv[0]).name
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
+            prog: str | None = None) -> int:
+    """Run a script's `main`, turning `UserError` into one line on stderr and exit 2.
+
+    `prog` names the script in the message; by default the module that defines `main`.
+    """
+    prog = prog or (main.__module__ if main.__module__ != "__main__" else Path(sys.argv[0]).stem) + ".py"
     try:
         return int(main(argv) or 0)
     except UserError as err:

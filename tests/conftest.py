@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny random-init backbones and synthetic images drawn here."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# Never touch the network from the tests: a missing weight must fail at once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def draw_image(path: Path, seed: int, size=(80, 96), mode: str = "RGB") -> Path:
+    """A small image with a few seeded shapes, saved in a format fit for `mode`."""
+    from PIL import Image, ImageDraw
+
+    r = random.Random(seed)
+    img = Image.new("RGB", size, tuple(r.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = r.randrange(size[0] - 20), r.randrange(size[1] - 20)
+        box = (x0, y0, x0 + r.randrange(8, 40), y0 + r.randrange(8, 40))
+        colour = tuple(r.randrange(256) for _ in range(3))
+        (d.ellipse if r.random() < 0.5 else d.rectangle)(box, fill=colour)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+def make_pairs(root: Path, n: int, seed: int = 0, ext: str = ".png") -> list[str]:
+    """A TLL-style folder: left/NAME and right/NAME for n pairs."""
+    names = [f"pair{i:03d}{ext}" for i in range(n)]
+    for i, name in enumerate(names):
+        draw_image(root / "left" / name, seed * 1000 + 2 * i)
+        draw_image(root / "right" / name, seed * 1000 + 2 * i + 1)
+    return names
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    """open_clip's ModifiedResNet at layers [1,1,1,1], width 8, 64 px, random weights (seeded)."""
+    import torch
+
+    from featuresExtractor.models import load_backbone, resolve_spec
+
+    torch.manual_seed(0)
+    return load_backbone(resolve_spec("tiny_rn"))
+
+
+@pytest.fixture
+def pairs_dir(tmp_path) -> Path:
+    root = tmp_path / "tll"
+    make_pairs(root, 5)
+    return root
