@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,7 +40,7 @@ from .utils import UserError
 
 __all__ = [
     "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
-    "load_backbone", "file_sha256", "hf_cache_dir",
+    "load_backbone", "read_state_dict", "file_sha256", "hf_cache_dir",
 ]
 
 #: The tap name that stands for the visual tower's own output (the image embedding).
@@ -160,6 +162,48 @@ def _download(spec: BackboneSpec) -> str:
         ) from None
 
 
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a CLIP checkpoint without unpickling arbitrary objects.
+
+    Accepts a plain state dict (open_clip's format, optionally under "state_dict"
+    and with DataParallel's "module." prefix) read with `weights_only=True`, or an
+    OpenAI TorchScript archive (the files OpenAI published), whose tensors are read
+    through `torch.jit.load`.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
+        if is_script:
+            try:
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+            except RuntimeError as err:
+                raise UserError(f"cannot read TorchScript checkpoint {path}: {str(err).splitlines()[0]}") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read weights file {path} as a state dict: {first}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
+
+
+def _load_visual_weights(visual: nn.Module, state_dict: dict, path: Path, arch: str) -> None:
+    # Only the image tower is used, so a visual-only checkpoint is enough; fp16 tensors
+    # are cast by load_state_dict into the fp32 parameters.
+    own = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
+    if not own:
+        raise UserError(f"cannot load weights from {path} into {arch}: no 'visual.*' tensors in the file")
+    try:
+        visual.load_state_dict(own, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(f"cannot load weights from {path} into {arch}: {detail}") from None
+
+
 def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
                   device: str | torch.device = "cpu") -> Backbone:
     """Build the visual tower and its eval transform from one open_clip call.
@@ -200,11 +244,7 @@ def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
         image_interpolation=preprocess.get("interpolation"), image_resize_mode=preprocess.get("resize_mode"),
     )
     if path is not None:
-        try:
-            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
-        except (RuntimeError, KeyError, ValueError, OSError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"cannot load weights from {path} into {spec.arch}: {first}") from None
+        _load_visual_weights(model.visual, read_state_dict(path), path, spec.arch)
     visual = model.visual.eval().requires_grad_(False).to(device)
     del model  # the text tower is not needed
     taps = spec.taps or default_taps(visual)

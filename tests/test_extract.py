@@ -261,8 +261,12 @@ def test_weights_file_fp16_and_wrapped_state_dict(tmp_path, pairs_dir, tiny_back
     sd = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     torch.save(sd, tmp_path / "tiny_fp16.pt")
     torch.save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, tmp_path / "wrapped.pt")
+    # OpenAI published TorchScript archives; a traced CLIP has the same layout.
+    traced = torch.jit.trace(model.eval(), (torch.randn(1, 3, 64, 64), torch.zeros(1, 8, dtype=torch.long)),
+                             strict=False, check_trace=False)
+    traced.save(str(tmp_path / "openai_jit.pt"))
     feats = []
-    for name in ("tiny_fp16.pt", "wrapped.pt"):
+    for name in ("tiny_fp16.pt", "wrapped.pt", "openai_jit.pt"):
         out = tmp_path / f"out_{name}"
         code, _, err = cli(["-d", str(pairs_dir), "-s", str(out), "-p", "adapt", "--weights",
                             str(tmp_path / name), "--model", "tiny_rn", "--workers", "0", "--no-progress"], capsys)
@@ -272,6 +276,7 @@ def test_weights_file_fp16_and_wrapped_state_dict(tmp_path, pairs_dir, tiny_back
         assert manifest["random_init"] is False
         feats.append(np.load(out / "tiny_rn" / "features.npy")["left"])
     np.testing.assert_allclose(feats[0], feats[1], atol=2e-2)  # fp16 rounding only
+    np.testing.assert_array_equal(feats[1], feats[2])
     torch.save({"not": torch.zeros(1)}, tmp_path / "junk.pt")
     code, _, err = cli(["-d", str(pairs_dir), "-s", str(tmp_path / "j"), "--weights", str(tmp_path / "junk.pt"),
                         "--model", "tiny_rn"], capsys)
