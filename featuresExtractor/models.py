@@ -25,7 +25,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import pickle
 import zipfile
@@ -204,14 +206,26 @@ def _load_visual_weights(visual: nn.Module, state_dict: dict, path: Path, arch: 
         raise UserError(f"cannot load weights from {path} into {arch}: {detail}") from None
 
 
+@contextlib.contextmanager
+def _logging_disabled(level: int):
+    previous = logging.root.manager.disable
+    logging.disable(max(level, previous))
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
 def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
-                  device: str | torch.device = "cpu") -> Backbone:
+                  device: str | torch.device = "cpu", init_seed: int = 0) -> Backbone:
     """Build the visual tower and its eval transform from one open_clip call.
 
     Weights come from `weights` (a local open_clip or OpenAI checkpoint, fp16 or fp32,
     read with `weights_only=True`), else from the spec's pretrained tag (downloaded
     into the Hugging Face cache on first use), else the model is randomly initialised.
-    The tower is returned in eval mode with gradients off, on `device`.
+    The tower is returned in eval mode with gradients off, on `device`. A random
+    initialisation is drawn from `init_seed` (without touching the global RNG), so a
+    random-init extraction can be reproduced later, e.g. by similarity.py.
 
     Example:
         >>> bb = load_backbone(resolve_spec("tiny_rn"))
@@ -236,13 +250,18 @@ def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
         source = {"source": "pretrained", "tag": spec.pretrained, "sha256": file_sha256(path)}
     else:
         path = None
-        source = {"source": "random-init", "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
+        source = {"source": "random-init", "seed": int(init_seed),
+                  "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
 
-    model, _, transform = open_clip.create_model_and_transforms(
-        spec.arch, pretrained=None,
-        image_mean=preprocess.get("mean"), image_std=preprocess.get("std"),
-        image_interpolation=preprocess.get("interpolation"), image_resize_mode=preprocess.get("resize_mode"),
-    )
+    # open_clip logs its own "initialized randomly" warning; ours is printed by extract.py.
+    quiet = logging.WARNING if path is None else logging.NOTSET
+    with torch.random.fork_rng(devices=[]), _logging_disabled(quiet):
+        torch.manual_seed(init_seed)
+        model, _, transform = open_clip.create_model_and_transforms(
+            spec.arch, pretrained=None,
+            image_mean=preprocess.get("mean"), image_std=preprocess.get("std"),
+            image_interpolation=preprocess.get("interpolation"), image_resize_mode=preprocess.get("resize_mode"),
+        )
     if path is not None:
         _load_visual_weights(model.visual, read_state_dict(path), path, spec.arch)
     visual = model.visual.eval().requires_grad_(False).to(device)

@@ -141,7 +141,7 @@ def _versions() -> dict[str, str]:
 
 def _fingerprint(cfg: ExtractConfig, backbone: Backbone, proc: Processor, layout: Layout) -> dict:
     # Only what changes the numbers: batch size, workers and device do not.
-    weights = {k: v for k, v in backbone.weights.items() if k in ("source", "tag", "sha256")}
+    weights = {k: v for k, v in backbone.weights.items() if k in ("source", "tag", "sha256", "seed")}
     return {"dataset": str(layout.root.resolve()), "model": backbone.spec.name, "arch": backbone.spec.arch,
             "weights": weights, "taps": list(backbone.spec.taps), "processor": proc.name,
             "n_components": proc.n_components, "normalize": proc.normalize, "data_aug": cfg.data_aug,

@@ -43,11 +43,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .pca import fit_pca
+from .pca import PCAParams, fit_pca
 from .pooling import NORMALIZE_MODES, concat_parts, part_slices
 from .utils import UserError
 
-__all__ = ["Processor", "PROCESSORS", "parse_processor", "process", "Outputs"]
+__all__ = ["Processor", "PROCESSORS", "parse_processor", "pca_stems", "project", "process", "Outputs"]
 
 #: processor name -> (takes N, default normalisation)
 PROCESSORS = {"adapt": (False, "all"), "adapt-pca": (True, "layers"), "pca": (True, "none"), "save": (False, "none")}
@@ -101,7 +101,7 @@ def check_components(proc: Processor, n_vectors: int, dims: Mapping[str, int]) -
 class Outputs:
     """What a processor produced: vector arrays by file name, fitted PCAs, and part layouts."""
 
-    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # file -> (n, sides, flips, D)
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # file -> (..., D)
     pcas: dict[str, object] = field(default_factory=dict)  # file stem (relative) -> fitted sklearn PCA
     parts: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # file -> tap -> (start, stop)
 
@@ -110,29 +110,46 @@ def _flat(x: np.ndarray) -> np.ndarray:
     return x.reshape(-1, x.shape[-1])
 
 
-def process(proc: Processor, pooled: Mapping[str, np.ndarray], embedding: str | None) -> Outputs:
-    """Turn pooled parts (tap -> (n, sides, flips, dim)) into the processor's outputs."""
-    out = Outputs()
-    dims = {name: a.shape[-1] for name, a in pooled.items()}
+def pca_stems(proc: Processor, taps: Sequence[str]) -> dict[str, str | None]:
+    """The PCA files (stems relative to the model folder) a processor fits, each with
+    the tap it reduces (None: the whole concatenation)."""
+    if proc.name == "adapt-pca":
+        return {f"pca{proc.n_components}": None}
+    if proc.name == "pca":
+        return {f"pca{proc.n_components}/{tap}": tap for tap in taps}
+    return {}
+
+
+def project(proc: Processor, pooled: Mapping[str, np.ndarray], embedding: str | None,
+            pcas: Mapping[str, PCAParams]) -> dict[str, np.ndarray]:
+    """Pooled parts (tap -> (..., dim)) to the processor's vectors, by output file name.
+
+    This one function turns pooled taps into saved vectors, for the extracted
+    dataset and for any new image later (similarity.py), so both take the same path.
+    `pcas` maps each of `pca_stems` to its fitted parameters.
+    """
     if proc.name in ("adapt", "adapt-pca"):
         full = concat_parts(pooled, proc.normalize, embedding)
-        out.vectors["features.npy"] = full
-        out.parts["features.npy"] = part_slices(dims)
+        out = {"features.npy": full}
         if proc.name == "adapt-pca":
-            pca = fit_pca(_flat(full), proc.n_components)
-            out.pcas[f"pca{proc.n_components}"] = pca
-            out.vectors[f"features_pca{proc.n_components}.npy"] = pca.transform(_flat(full)).reshape(
-                *full.shape[:-1], proc.n_components).astype(np.float32)
-    elif proc.name == "pca":
-        reduced = {}
-        for name, part in pooled.items():
-            part = concat_parts({name: part}, proc.normalize, embedding)
-            pca = fit_pca(_flat(part), proc.n_components)
-            out.pcas[f"pca{proc.n_components}/{name}"] = pca
-            reduced[name] = pca.transform(_flat(part)).reshape(*part.shape[:-1], proc.n_components)
-        file = f"features_pca{proc.n_components}.npy"
-        out.vectors[file] = concat_parts(reduced, "none")
-        out.parts[file] = part_slices({name: proc.n_components for name in reduced})
-    else:
-        raise ValueError(f"processor {proc.name!r} has no pooled outputs")
+            out[f"features_pca{proc.n_components}.npy"] = pcas[f"pca{proc.n_components}"].transform(full)
+        return out
+    if proc.name == "pca":
+        reduced = {name: pcas[f"pca{proc.n_components}/{name}"].transform(
+            concat_parts({name: part}, proc.normalize, embedding)) for name, part in pooled.items()}
+        return {f"features_pca{proc.n_components}.npy": concat_parts(reduced, "none")}
+    raise ValueError(f"processor {proc.name!r} has no pooled outputs")
+
+
+def process(proc: Processor, pooled: Mapping[str, np.ndarray], embedding: str | None) -> Outputs:
+    """Fit the processor's PCAs on pooled parts (tap -> (n, sides, flips, dim)) and project them."""
+    out = Outputs()
+    dims = {name: a.shape[-1] for name, a in pooled.items()}
+    for stem, tap in pca_stems(proc, list(pooled)).items():
+        fit_on = concat_parts(pooled if tap is None else {tap: pooled[tap]}, proc.normalize, embedding)
+        out.pcas[stem] = fit_pca(_flat(fit_on), proc.n_components)
+    params = {stem: PCAParams.from_sklearn(pca) for stem, pca in out.pcas.items()}
+    out.vectors = project(proc, pooled, embedding, params)
+    for file in out.vectors:
+        out.parts[file] = part_slices(dims if file == "features.npy" else {k: proc.n_components for k in dims})
     return out

@@ -1,0 +1,85 @@
+"""Pictures of retrieval: thumbnails, a retrieval grid for TensorBoard, a results page.
+
+Example:
+    >>> grid = retrieval_grid([["q.jpg", "a.jpg", "b.jpg"]], [[False, True, False]])   # doctest: +SKIP
+    >>> page = results_page("q.jpg", [("a.jpg", "a.jpg", 0.93)], title="query")         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageDraw, ImageOps
+
+from featuresExtractor.transforms import BadImage, load_image, to_rgb
+
+__all__ = ["thumbnail", "retrieval_grid", "results_page"]
+
+ImageLike = str | os.PathLike | Image.Image
+
+
+def thumbnail(image: ImageLike | None, size: int = 128) -> Image.Image:
+    """A `size` x `size` RGB thumbnail, letterboxed; a grey "missing" tile when unreadable or None."""
+    try:
+        img = to_rgb(image) if isinstance(image, Image.Image) else (load_image(image) if image is not None else None)
+    except BadImage:
+        img = None
+    if img is None:
+        tile = Image.new("RGB", (size, size), (200, 200, 200))
+        ImageDraw.Draw(tile).text((8, size // 2 - 6), "missing", fill=(90, 90, 90))
+        return tile
+    return ImageOps.pad(img, (size, size), color=(255, 255, 255))
+
+
+def retrieval_grid(rows: Sequence[Sequence[ImageLike | None]], marks: Sequence[Sequence[bool]],
+                   size: int = 96, border: int = 4) -> Image.Image:
+    """One row per query: the query, then its ranked results; marked cells get a green frame.
+
+    The query's own cell is framed blue. Returns an RGB image.
+    """
+    cols = max(len(r) for r in rows)
+    cell = size + 2 * border
+    grid = Image.new("RGB", (cols * cell, len(rows) * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (row, row_marks) in enumerate(zip(rows, marks)):
+        for c, (image, marked) in enumerate(zip(row, row_marks)):
+            x, y = c * cell, r * cell
+            colour = (40, 90, 220) if c == 0 else ((30, 170, 60) if marked else None)
+            if colour:
+                draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour)
+            grid.paste(thumbnail(image, size), (x + border, y + border))
+    return grid
+
+
+def _data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def results_page(query: ImageLike, results: Sequence[tuple[str, ImageLike | None, float]],
+                 title: str = "", size: int = 160) -> str:
+    """A self-contained HTML page: the query, then each (name, image, score) result.
+
+    Images are embedded as JPEG data URIs, so the page opens anywhere on its own.
+    """
+    qname = html.escape(Path(query).name if not isinstance(query, Image.Image) else "query")
+    cards = "\n".join(
+        f'<figure><img src="{_data_uri(thumbnail(img, size))}" alt="{html.escape(name)}">'
+        f"<figcaption>#{i} {html.escape(name)}<br>score {score:.4f}</figcaption></figure>"
+        for i, (name, img, score) in enumerate(results, start=1))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title or 'search results')}</title>
+<style>body{{font-family:sans-serif;margin:1.5em}} figure{{display:inline-block;margin:6px;text-align:center;
+font-size:12px;vertical-align:top}} .query img{{outline:4px solid #2858dc}}</style></head>
+<body><h1>{html.escape(title or 'search results')}</h1>
+<figure class="query"><img src="{_data_uri(thumbnail(query, size))}" alt="{qname}"><figcaption>query: {qname}</figcaption></figure>
+<h2>top {len(results)}</h2>
+{cards}
+</body></html>
+"""

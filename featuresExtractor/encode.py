@@ -1,0 +1,119 @@
+"""Encode new images exactly as an earlier extraction encoded its dataset.
+
+`Encoder.from_features_file(path)` reads the `manifest.json` beside a features file
+written by extract.py, rebuilds the same backbone (weights, taps, precision), and
+loads the same PCA. `Encoder.encode(images)` then returns, for any image, the vector
+that extract.py would have stored for it in that file: same decoding, transform,
+pooling, normalisation and projection (through `processor.project`).
+
+Example:
+    >>> enc = Encoder.from_features_file("out/clip_rn50x4/features_pca256.npy")   # doctest: +SKIP
+    >>> enc.encode(["a.jpg", "b.jpg"]).shape                                       # doctest: +SKIP
+    (2, 256)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models import Backbone, file_sha256, load_backbone, resolve_spec
+from .pca import PCAParams, load_pca
+from .pipeline import MANIFEST, CPU_SLICE, Forwarder, embedding_tap
+from .pooling import global_avg_pool
+from .processor import Processor, pca_stems, project
+from .taps import Taps
+from .transforms import load_image, to_rgb
+from .utils import UserError
+
+__all__ = ["Encoder", "read_manifest"]
+
+
+def read_manifest(features_path: str | os.PathLike) -> dict:
+    """The extraction manifest beside a features file, or a `UserError` saying it is missing."""
+    path = Path(features_path).parent / MANIFEST
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST} beside {features_path}: it was not written by extract.py, or was moved "
+                        f"without its manifest")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class Encoder:
+    """A backbone plus the processing of one features file: images in, that file's vectors out."""
+
+    backbone: Backbone
+    processor: Processor
+    output: str  # the features file name whose vectors `encode` reproduces
+    pcas: dict[str, PCAParams]
+    precision: str
+    manifest: dict
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["outputs"][self.output]["dim"])
+
+    @classmethod
+    def from_features_file(cls, features_path: str | os.PathLike, device: str | torch.device = "cpu",
+                           weights: str | os.PathLike | None = None) -> "Encoder":
+        """Rebuild the extraction behind `features_path` (a file extract.py wrote).
+
+        `weights` overrides where a file-based checkpoint is now (its sha256 must
+        match the manifest's).
+        """
+        features_path = Path(features_path)
+        manifest = read_manifest(features_path)
+        info = manifest.get("outputs", {}).get(features_path.name)
+        if not info or info.get("kind") != "features":
+            raise UserError(f"{features_path.name} is not a features file listed in its manifest")
+        model = manifest["model"]
+        spec = resolve_spec(model["name"], model_taps(manifest), pretrained=model["pretrained"] or "none")
+        source = model["weights"]
+        if source["source"] == "file":
+            path = Path(weights or source["path"])
+            if not path.is_file():
+                raise UserError(f"the extraction used weights {source['path']}, which is gone; pass the file again")
+            if file_sha256(path) != source["sha256"]:
+                raise UserError(f"{path} is not the weights file the features were extracted with (sha256 differs)")
+            backbone = load_backbone(spec, weights=path, device=device)
+        else:
+            backbone = load_backbone(spec, device=device, init_seed=int(source.get("seed", 0)))
+            if source.get("sha256") and backbone.weights.get("sha256") not in (None, source["sha256"]):
+                raise UserError(f"the cached {spec.arch} '{spec.pretrained}' weights differ from the extraction's")
+        p = manifest["processor"]
+        proc = Processor(p["name"], p["n_components"], p["normalize"])
+        base = features_path.parent
+        pcas = {stem: load_pca(base / f"{stem}.npz") for stem in pca_stems(proc, spec.taps)}
+        return cls(backbone, proc, features_path.name, pcas, manifest.get("precision", "fp32"), manifest)
+
+    def pooled(self, images: Sequence[str | os.PathLike | Image.Image], batch_size: int = CPU_SLICE) -> dict[str, np.ndarray]:
+        """Tap -> (n, dim) pooled vectors for images (paths or PIL images), unflipped."""
+        device = next(self.backbone.visual.parameters()).device
+        tensors = torch.stack([self.backbone.transform(to_rgb(im) if isinstance(im, Image.Image) else load_image(im))
+                               for im in images])
+        channels_last = bool(self.manifest.get("channels_last", True))
+        if channels_last:
+            self.backbone.visual.to(memory_format=torch.channels_last)
+        with Taps(self.backbone.visual, self.backbone.spec.taps, reduce=global_avg_pool) as taps, \
+                torch.inference_mode():
+            out = Forwarder(taps, device, self.precision, batch_size, channels_last)(tensors)
+        return {k: v.numpy() for k, v in out.items()}
+
+    def encode(self, images: Sequence[str | os.PathLike | Image.Image]) -> np.ndarray:
+        """(n, dim) float32 vectors, as the features file holds them, for `images`.
+
+        Raises `featuresExtractor.transforms.BadImage` for an unreadable image.
+        """
+        vectors = project(self.processor, self.pooled(images), embedding_tap(self.backbone.spec.taps), self.pcas)
+        return vectors[self.output].astype(np.float32)
+
+
+def model_taps(manifest: dict) -> list[str]:
+    return [t["name"] for t in manifest["model"]["taps"]]
