@@ -1,0 +1,106 @@
+"""Helpers shared by the bench/ scripts: peak memory, machine facts, tables and JSON results.
+
+Not a public API: the scripts in bench/ import it by file location (`bench/` is the
+script folder, so it is on `sys.path` when one of them runs).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import resource
+import statistics
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # so that `featuresExtractor` imports from a plain `python bench/x.py`
+    sys.path.insert(0, str(ROOT))
+
+from featuresExtractor.utils import write_json  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux `clear_refs` 5); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS since start or the last `reset_peak_rss`, in bytes."""
+    kib = _status_kib("VmHWM")
+    if kib is None:  # not Linux: the lifetime peak is the best we have
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib * 1024
+
+
+def rss_bytes() -> int:
+    """This process's current RSS in bytes (0 where /proc is unavailable)."""
+    return (_status_kib("VmRSS") or 0) * 1024
+
+
+def children_peak_rss_bytes() -> int:
+    """The largest peak RSS among this process's finished children (DataLoader workers), in bytes."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+def machine() -> dict:
+    """Facts needed to read the numbers: CPU, cores, threads, versions and the load average."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "load_avg_start": os.getloadavg()}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def median(values: Iterable[float]) -> float:
+    values = list(values)
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """Format `rows` as an aligned text table; `columns` are (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([("-" if row.get(k) is None else format(row[k], f)) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def save_results(name: str, payload: dict, out_dir: str | os.PathLike = RESULTS) -> Path:
+    """Write `payload` (plus the end load average) as bench/results/NAME-TIMESTAMP.json; return the path."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(out_dir) / f"{name}-{stamp}.json"
+    payload = {**payload, "load_avg_end": os.getloadavg()}
+    write_json(path, payload)
+    return path
