@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adaptation.losses import contrastive_loss, contrastive_loss_from_similarity, similarity_matrix
+from adaptation.losses import _reference_loss, contrastive_loss, contrastive_loss_from_similarity, similarity_matrix
 
 
 def naive_loss(left, right, temperature):
@@ -25,7 +25,8 @@ def naive_loss(left, right, temperature):
     return 0.5 * l2r / n + 0.5 * r2l / n
 
 
-@pytest.mark.parametrize("n,d,temperature", [(1, 3, 1.0), (5, 4, 1.0), (7, 16, 15.0), (12, 2, 0.5)])
+# 50 and -3 take the plain autograd path, the others the fused one.
+@pytest.mark.parametrize("n,d,temperature", [(1, 3, 1.0), (5, 4, 1.0), (7, 16, 15.0), (12, 2, 0.5), (6, 3, 50.0), (5, 4, -3.0)])
 def test_loss_matches_naive_loop(n, d, temperature):
     g = torch.Generator().manual_seed(n * 100 + d)
     left, right = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
@@ -65,3 +66,20 @@ def test_gradient_flows_to_both_sides():
     right = torch.randn(4, 3, requires_grad=True)
     contrastive_loss(left, right, 2.0).backward()
     assert left.grad.abs().sum() > 0 and right.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 15.0, 40.0])
+def test_fused_gradient_matches_plain_autograd(temperature):
+    g = torch.Generator().manual_seed(2)
+    sim = similarity_matrix(torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)).detach()
+    a = sim.clone().requires_grad_()
+    b = sim.clone().requires_grad_()
+    contrastive_loss_from_similarity(a, temperature).backward()
+    _reference_loss(b, temperature).backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_loss_gradcheck_in_double():
+    g = torch.Generator().manual_seed(3)
+    sim = torch.rand(6, 6, generator=g, dtype=torch.float64).mul(2).sub(1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: contrastive_loss_from_similarity(s, 7.0), (sim,))
