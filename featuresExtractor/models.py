@@ -42,7 +42,7 @@ from .utils import UserError
 
 __all__ = [
     "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
-    "load_backbone", "read_state_dict", "file_sha256", "hf_cache_dir",
+    "load_backbone", "read_state_dict", "file_sha256", "hf_cache_dir", "cached_weights",
 ]
 
 #: The tap name that stands for the visual tower's own output (the image embedding).
@@ -145,6 +145,25 @@ def _register_local_configs() -> None:
         open_clip.add_model_config(_CONFIG_DIR)
 
 
+def cached_weights(spec: BackboneSpec) -> str | None:
+    """The local path of the spec's pretrained weights if already downloaded, else None (no network)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) if spec.pretrained else None
+    if not cfg or not cfg.get("hf_hub"):
+        return None
+    # open_clip's convention: "org/repo/" means its default file name, "org/repo/file" names one.
+    repo, filename = os.path.split(cfg["hf_hub"])
+    filename = filename or "open_clip_pytorch_model.bin"
+    stem = filename.rsplit(".", 1)[0]
+    for name in (f"{stem}.safetensors", filename):
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return found
+    return None
+
+
 def _download(spec: BackboneSpec) -> str:
     import open_clip
     from open_clip.pretrained import download_pretrained
@@ -167,12 +186,16 @@ def _download(spec: BackboneSpec) -> str:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a CLIP checkpoint without unpickling arbitrary objects.
 
-    Accepts a plain state dict (open_clip's format, optionally under "state_dict"
+    Accepts a `.safetensors` file, a plain state dict (open_clip's format, optionally under "state_dict"
     and with DataParallel's "module." prefix) read with `weights_only=True`, or an
     OpenAI TorchScript archive (the files OpenAI published), whose tensors are read
     through `torch.jit.load`.
     """
     path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())

@@ -265,8 +265,11 @@ def test_weights_file_fp16_and_wrapped_state_dict(tmp_path, pairs_dir, tiny_back
     traced = torch.jit.trace(model.eval(), (torch.randn(1, 3, 64, 64), torch.zeros(1, 8, dtype=torch.long)),
                              strict=False, check_trace=False)
     traced.save(str(tmp_path / "openai_jit.pt"))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "hub.safetensors"))
     feats = []
-    for name in ("tiny_fp16.pt", "wrapped.pt", "openai_jit.pt"):
+    for name in ("tiny_fp16.pt", "wrapped.pt", "openai_jit.pt", "hub.safetensors"):
         out = tmp_path / f"out_{name}"
         code, _, err = cli(["-d", str(pairs_dir), "-s", str(out), "-p", "adapt", "--weights",
                             str(tmp_path / name), "--model", "tiny_rn", "--workers", "0", "--no-progress"], capsys)
@@ -277,6 +280,7 @@ def test_weights_file_fp16_and_wrapped_state_dict(tmp_path, pairs_dir, tiny_back
         feats.append(np.load(out / "tiny_rn" / "features.npy")["left"])
     np.testing.assert_allclose(feats[0], feats[1], atol=2e-2)  # fp16 rounding only
     np.testing.assert_array_equal(feats[1], feats[2])
+    np.testing.assert_array_equal(feats[1], feats[3])
     torch.save({"not": torch.zeros(1)}, tmp_path / "junk.pt")
     code, _, err = cli(["-d", str(pairs_dir), "-s", str(tmp_path / "j"), "--weights", str(tmp_path / "junk.pt"),
                         "--model", "tiny_rn"], capsys)
