@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("-r", "--runs", type=_positive_int, default=1,
                    help="independent runs, each with its own initialisation, on the same split (default: 1)")
     p.add_argument("-t", "--temperature", type=_float_check(lambda v: v > 0, "a positive number"), default=1.0,
-                   help="multiplies the cosines before the softmax, as in the seed (default: 1; the paper used 15)")
+                   help="multiplies the cosines before the softmax, as in the seed (default: 1; the seed command uses 15)")
     p.add_argument("--test-split", type=_float_check(lambda v: True, "a number"), default=0.25,
                    help="fraction of pairs held out for testing, in (0, 1) (default: 0.25)")
     p.add_argument("-k", "--topk", type=_positive_int, nargs="+", default=[1, 3], metavar="K",
