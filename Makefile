@@ -4,7 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo docs docs-check bench clean
+.PHONY: venv test demo docs docs-into bench clean
+
+# What the HTML docs cover (pdoc, from the docstrings).
+# adaptation/__init__ has an __all__, which hides its submodules from pdoc: list them.
+DOC_MODULES := extract train similarity featuresExtractor adaptation \
+	$(sort $(patsubst %.py,%,$(subst /,.,$(wildcard adaptation/[a-z]*.py))))
+PDOC = $(BIN)/python -m pdoc --docformat google --footer-text "featuresExtractor + adaptation" -o
 
 # The venv is rebuilt only when a requirements file changes.
 $(STAMP): requirements.txt requirements-dev.txt
@@ -16,6 +22,22 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The whole pipeline on embedded synthetic pairs, offline.
+demo: $(STAMP)
+	$(BIN)/python -m adaptation.demo --out demo_out
+
+# Regenerate docs/ from the docstrings (tests/test_docs.py fails when it is stale).
+docs: $(STAMP)
+	rm -rf docs.tmp && $(MAKE) --no-print-directory docs-into OUT=docs.tmp && rm -rf docs && mv docs.tmp docs
+
+docs-into:
+	$(PDOC) $(OUT) $(DOC_MODULES)
+
+bench: $(STAMP)
+	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out

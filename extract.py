@@ -93,7 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if backbone.weights["source"] == "random-init":
         print("WARNING: the backbone is RANDOMLY INITIALISED (--pretrained none): the features say nothing "
               "about the method", file=sys.stderr)
-    report = extract(cfg, backbone)
+    try:
+        report = extract(cfg, backbone)
+    except KeyboardInterrupt:
+        print("extract.py: interrupted; finished batches are kept: re-run the same command to resume", file=sys.stderr)
+        return 130
     if report.already_done:
         print(f"already done: {report.out_dir} holds this configuration's results (manifest.json); nothing to do")
         return 0

@@ -27,6 +27,7 @@ is this figure. See `adaptation.metrics` for the exact definitions.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import shutil
@@ -100,6 +101,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32 (default: fp32)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept the seed's pickled features file; unpickling can run code, so only for files you trust")
+    p.add_argument("--no-images", dest="images", action="store_false",
+                   help="skip the TensorBoard retrieval grid (test queries with their top 5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the runs (run*/, avg/, summary.json) already in --save-to; other files there are kept")
     return p.parse_args(argv)
@@ -146,6 +149,27 @@ def _table(summary: dict[str, dict], topk: Sequence[int], runs: int) -> str:
         scale = 1.0 if name.endswith("Loss") else 100.0
         lines.append(f"{name:<26}{summary[name]['mean'] * scale:>9.2f}{summary[name]['std'] * scale:>9.2f}")
     return "\n".join(lines)
+
+
+def _dataset_root(manifest: Path) -> Path | None:
+    """The pairs folder an extract.py manifest records, when it is still there."""
+    if not manifest.is_file():
+        return None
+    dataset = json.loads(manifest.read_text()).get("dataset", {})
+    root = Path(dataset.get("path", ""))
+    return root if dataset.get("kind") == "pairs" and (root / "left").is_dir() and (root / "right").is_dir() else None
+
+
+def _log_retrieval_grid(writer, model: torch.nn.Module, data, root: Path, epoch: int) -> None:
+    """A few test queries (left) with their top 5 (right), true partner framed green."""
+    from adaptation.losses import similarity_matrix
+    from adaptation.visualize import pair_retrieval_grid
+
+    model.eval()
+    with torch.no_grad():
+        sim = similarity_matrix(model(data.test[0]), model(data.test[1]))
+    grid = pair_retrieval_grid(sim, data.test_names, root, n_queries=6, k=5)
+    writer.add_image("Test/retrieval", np.asarray(grid), epoch, dataformats="HWC")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{base_config['n_train_flipped']} flipped copies, {base_config['n_test']} test), "
           f"model {args.model}, {device.type}, {args.precision}, seed {seed}", file=sys.stderr)
 
+    images_root = _dataset_root(manifest) if args.images else None
     histories: list[list[dict[str, float]]] = []
     for run in range(1, args.runs + 1):
         run_dir = save_to / f"run{run}"
@@ -221,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             history = train(model, data, cfg, optimizer, on_epoch=log)
+            if images_root is not None:
+                _log_retrieval_grid(writer, model, data, images_root, cfg.epochs)
         finally:
             bar.close()
             writer.close()

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from featuresExtractor.transforms import BadImage, load_image, to_rgb
 
-__all__ = ["thumbnail", "retrieval_grid", "results_page"]
+__all__ = ["thumbnail", "retrieval_grid", "pair_retrieval_grid", "results_page"]
 
 ImageLike = str | os.PathLike | Image.Image
 
@@ -83,3 +83,24 @@ font-size:12px;vertical-align:top}} .query img{{outline:4px solid #2858dc}}</sty
 {cards}
 </body></html>
 """
+
+
+def pair_retrieval_grid(sim, names: Sequence[str], dataset_root: str | os.PathLike, n_queries: int = 4,
+                        k: int = 5, size: int = 96) -> Image.Image:
+    """Left-to-right retrieval of the first `n_queries` pairs, as a grid for TensorBoard.
+
+    `sim` is the (N, N) similarity of left i to right j (true pairs on the diagonal)
+    and `names[i]` pair i's file name in `dataset_root/left` and `dataset_root/right`.
+    Each row shows the left query, then its top-k right images; the true partner,
+    when among them, is framed green.
+    """
+    import torch
+
+    sim = torch.as_tensor(sim).float().cpu()
+    root = Path(dataset_root)
+    rows, marks = [], []
+    for i in range(min(n_queries, len(names))):
+        top = torch.sort(sim[i], descending=True, stable=True).indices[:k].tolist()
+        rows.append([root / "left" / names[i]] + [root / "right" / names[j] for j in top])
+        marks.append([False] + [j == i for j in top])
+    return retrieval_grid(rows, marks, size=size)

@@ -82,5 +82,5 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -28,7 +28,7 @@ def run(tmp_path_factory):
                          *TINY]) == 0
     features = root / "feats" / "tiny_rn" / "features_pca8.npy"
     assert train.main(["-d", str(features), "--model", "original", "-s", str(root / "runs"), "-e", "3", "-t", "15",
-                       "--test-split", "0.25", "-k", "1", "--seed", "0"]) == 0
+                       "--test-split", "0.25", "-k", "1", "--seed", "0", "--no-images"]) == 0
     gallery = root / "gallery"
     for i in range(6):
         draw_image(gallery / f"g{i}.png", 100 + i)
@@ -163,3 +163,18 @@ def test_bad_inputs_one_line_exit_2(run, tmp_path, capsys):
         errors = [l for l in err.splitlines() if l.startswith("similarity.py: error:")]
         assert code == 2 and len(errors) == 1 and message in errors[0], (label, err)
         assert "Traceback" not in err
+
+
+def test_training_logs_a_retrieval_grid_to_tensorboard(run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train.main(["-d", str(run["features"]), "--model", "original", "-s", str(tmp_path / "runs"), "-e", "2",
+                       "-t", "15", "--test-split", "0.25", "-k", "1", "--seed", "0"]) == 0
+    events = EventAccumulator(str(tmp_path / "runs" / "run1"), size_guidance={"images": 0}).Reload()
+    assert "Test/retrieval" in events.Tags()["images"]
+    image = events.Images("Test/retrieval")[-1]
+    assert image.step == 2 and image.width == 3 * (96 + 8) and image.height == 2 * (96 + 8)  # 2 test pairs: query + 2
+    no_images = tmp_path / "plain"
+    assert train.main(["-d", str(run["features"]), "--model", "dummy", "-s", str(no_images), "-e", "1",
+                       "--test-split", "0.25", "-k", "1", "--seed", "0", "--no-images"]) == 0
+    assert "Test/retrieval" not in EventAccumulator(str(no_images / "run1")).Reload().Tags()["images"]
