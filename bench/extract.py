@@ -19,13 +19,14 @@ this measures, on the real RN50x4 architecture with random weights (no network):
 * how far bf16 features are from fp32 ones on the same images: minimum cosine and
   maximum absolute difference over the 5440-d `features.npy` vectors.
 
-Forward-only and pipeline runs are interleaved within each repeat so that load from
-other processes hits both alike; medians over repeats are reported. A table is
+Configurations, and forward-only and pipeline runs within each, are interleaved in
+every repeat so that load from other processes hits them alike; medians over
+repeats are reported. A table is
 printed and the numbers go to bench/results/extract-TIMESTAMP.json.
 
 Usage:
     python bench/extract.py                                   # quick: about 2 minutes on 2 cores
-    python bench/extract.py --pairs 16 --repeats 3            # the README figures
+    python bench/extract.py --pairs 12 --repeats 3            # the README figures (~10 min)
     python bench/extract.py --precisions bf16 --formats cl --device cuda --batch 256 --pairs 1024
 """
 
@@ -182,52 +183,67 @@ def distance(a: np.ndarray, b: np.ndarray) -> dict:
     return {"min_cosine": float(cos.min()), "max_abs_diff": float(np.abs(a - b).max()), "rows": len(a)}
 
 
-def bench_config(backbone, precision: str, fmt: str, data: Path, one_pair: Path, work: Path,
-                 args: argparse.Namespace) -> tuple[dict, np.ndarray]:
-    """Measure one (precision, memory format); return its row and the features of its first run."""
-    device = torch.device(args.device)
-    channels_last = FORMATS[fmt]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+def _set_format(backbone, fmt: str, x: torch.Tensor) -> torch.Tensor:
     # extract() switches the model to channels_last itself but never back: set it both ways here.
+    memory_format = torch.channels_last if FORMATS[fmt] else torch.contiguous_format
     backbone.visual.to(memory_format=memory_format)
+    return x.contiguous(memory_format=memory_format)
+
+
+def measure(backbone, configs: Sequence[tuple[str, str]], data: Path, one_pair: Path, work: Path,
+            args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Measure every (precision, memory format); return one row each and the features of their first runs.
+
+    Configurations are interleaved within each repeat, and forward-only and pipeline
+    runs within each configuration, so that load from other processes spreads over
+    all of them instead of favouring whichever ran in a quiet minute.
+    """
+    device = torch.device(args.device)
     n_images = 2 * args.pairs
     n_batches = math.ceil(n_images / args.batch)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *backbone_shape(backbone), generator=gen).to(device)
-    x = x.contiguous(memory_format=memory_format)
-
-    benchlib.reset_peak_rss()
-    # Warm-up: the first call at each shape builds the oneDNN/cuDNN kernels.
-    forward_only(backbone.visual, x, 1, precision, device)
-    pipeline_run(backbone, one_pair, work / f"warm-{precision}-{fmt}", precision, channels_last, args)
-    fwd, e2e, steady, share, features = [], [], [], [], None
+    for precision, fmt in configs:  # warm-up: the first call at each shape builds the oneDNN/cuDNN kernels
+        print(f"... warm-up {precision} {fmt}", file=sys.stderr)
+        forward_only(backbone.visual, _set_format(backbone, fmt, x), 1, precision, device)
+        pipeline_run(backbone, one_pair, work / f"warm-{precision}-{fmt}", precision, FORMATS[fmt], args)
+    raw = {c: {"forward_s": [], "pipeline_s": [], "steady_img_s": [], "model_share": [], "peak_rss": []}
+           for c in configs}
+    features: dict = {}
     for r in range(args.repeats):
-        fwd.append(forward_only(backbone.visual, x, n_batches, precision, device))
-        t, out, clock = pipeline_run(backbone, data, work / f"run-{precision}-{fmt}-{r}", precision,
-                                     channels_last, args)
-        e2e.append(t)
-        rate, busy = clock.steady()
-        steady.append(rate)
-        share.append(busy)
-        if features is None:
-            features = load_vectors(out)
-        shutil.rmtree(out.parent)
-    fwd_rate = [n_batches * args.batch / t for t in fwd]
-    e2e_rate = [n_images / t for t in e2e]
-    row = {
-        "precision": precision, "format": fmt, "batch": args.batch, "images": n_images,
-        "forward_img_s": benchlib.median(fwd_rate),
-        "pipeline_img_s": benchlib.median(e2e_rate),
-        "steady_img_s": benchlib.median(steady),
-        # Each ratio pairs a forward-only and a pipeline run from the same repeat.
-        "efficiency": benchlib.median(e / f for e, f in zip(e2e_rate, fwd_rate)),
-        "efficiency_steady": benchlib.median(s / f for s, f in zip(steady, fwd_rate)),
-        "model_share": benchlib.median(share),
-        "peak_rss_mib": benchlib.peak_rss_bytes() / 2**20,
-        "raw": {"forward_s": fwd, "pipeline_s": e2e, "steady_img_s": steady, "model_share": share,
-                "forward_batches": n_batches},
-    }
-    return row, features
+        for precision, fmt in configs:
+            print(f"... repeat {r + 1}/{args.repeats}: {precision} {fmt}", file=sys.stderr)
+            m = raw[(precision, fmt)]
+            benchlib.reset_peak_rss()
+            m["forward_s"].append(forward_only(backbone.visual, _set_format(backbone, fmt, x), n_batches,
+                                               precision, device))
+            t, out, clock = pipeline_run(backbone, data, work / f"run-{precision}-{fmt}-{r}", precision,
+                                         FORMATS[fmt], args)
+            m["peak_rss"].append(benchlib.peak_rss_bytes())
+            m["pipeline_s"].append(t)
+            rate, busy = clock.steady()
+            m["steady_img_s"].append(rate)
+            m["model_share"].append(busy)
+            if (precision, fmt) not in features:
+                features[(precision, fmt)] = load_vectors(out)
+            shutil.rmtree(out.parent)
+    rows = []
+    for (precision, fmt), m in raw.items():
+        fwd_rate = [n_batches * args.batch / t for t in m["forward_s"]]
+        e2e_rate = [n_images / t for t in m["pipeline_s"]]
+        rows.append({
+            "precision": precision, "format": fmt, "batch": args.batch, "images": n_images,
+            "forward_img_s": benchlib.median(fwd_rate),
+            "pipeline_img_s": benchlib.median(e2e_rate),
+            "steady_img_s": benchlib.median(m["steady_img_s"]),
+            # Each ratio pairs a forward-only and a pipeline run from the same repeat.
+            "efficiency": benchlib.median(e / f for e, f in zip(e2e_rate, fwd_rate)),
+            "efficiency_steady": benchlib.median(s / f for s, f in zip(m["steady_img_s"], fwd_rate)),
+            "model_share": benchlib.median(m["model_share"]),
+            "peak_rss_mib": max(m["peak_rss"]) / 2**20,
+            "raw": {**m, "forward_batches": n_batches},
+        })
+    return rows, features
 
 
 def backbone_shape(backbone) -> tuple[int, ...]:
@@ -257,12 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.manual_seed(0)  # the same random weights for every configuration
         backbone = load_backbone(resolve_spec(args.model, pretrained="none"), device=device)
-        rows, feats = [], {}
-        for precision in args.precisions:
-            for fmt in args.formats:
-                print(f"... {precision} {fmt}", file=sys.stderr)
-                row, feats[(precision, fmt)] = bench_config(backbone, precision, fmt, data, one_pair, work, args)
-                rows.append(row)
+        configs = [(precision, fmt) for precision in args.precisions for fmt in args.formats]
+        rows, feats = measure(backbone, configs, data, one_pair, work, args)
         for row in rows:
             base = next((r for r in rows if r["precision"] == "fp32" and r["format"] == row["format"]), None)
             row["speedup_vs_fp32"] = row["forward_img_s"] / base["forward_img_s"] if base else None

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 from .utils import UserError, atomic_path, run_cli
 
 __all__ = [
-    "Shape", "Composition", "Style", "FORMATS", "compose", "styles", "render", "render_pair",
+    "Shape", "Composition", "Style", "FORMATS", "compose", "styles", "jitter", "render", "render_pair", "name_of",
     "make_pairs", "make_images", "parse_args", "main",
 ]
 
