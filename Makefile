@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # adaptation/__init__ has an __all__, which hides its submodules from pdoc: list them.
 DOC_MODULES := extract train similarity featuresExtractor adaptation \
 	$(sort $(patsubst %.py,%,$(subst /,.,$(wildcard adaptation/[a-z]*.py))))
-PDOC = $(BIN)/python -m pdoc --docformat google --footer-text "featuresExtractor + adaptation" -o
+PDOC = PYTHONHASHSEED=0 $(BIN)/python -m pdoc --docformat google --footer-text "featuresExtractor + adaptation" -o
 
 # The venv is rebuilt only when a requirements file changes.
 $(STAMP): requirements.txt requirements-dev.txt

@@ -24,7 +24,7 @@ from PIL import Image
 __all__ = ["IMAGE_EXTENSIONS", "is_image_file", "to_rgb", "load_image", "hflip", "BadImage"]
 
 #: File extensions treated as images; anything else in a dataset folder is ignored.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
 class BadImage(Exception):

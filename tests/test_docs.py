@@ -1,0 +1,55 @@
+"""The committed HTML docs are current, reproducible, and the README's links resolve."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+
+def _generate(out: Path) -> None:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    subprocess.run(["make", "-s", "--no-print-directory", "docs-into", f"OUT={out}", f"BIN={Path(sys.executable).parent}"],
+                   cwd=ROOT, check=True, env=env, capture_output=True, timeout=300)
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_committed_docs_are_not_stale(tmp_path):
+    _generate(tmp_path / "docs")
+    committed = ROOT / "docs"
+    assert _tree(tmp_path / "docs") == _tree(committed), "docs/ is stale: run `make docs` and commit it"
+    stale = [f for f in _tree(committed) if not filecmp.cmp(committed / f, tmp_path / "docs" / f, shallow=False)]
+    assert not stale, f"docs/ is stale ({', '.join(stale[:5])}): run `make docs` and commit it"
+
+
+def test_docs_hold_no_dates_or_absolute_paths():
+    for f in _tree(ROOT / "docs"):
+        text = (ROOT / "docs" / f).read_text(errors="replace")
+        assert str(ROOT) not in text and "/home/" not in text, f
+        assert not re.search(r"20\d\d-\d\d-\d\dT\d\d:\d\d", text), f
+
+
+def test_seed_readme_links_resolve():
+    for rel in ("docs/train.html", "docs/featuresExtractor/processor.html", "featuresExtractor/models.py",
+                "featuresExtractor/transforms.py"):
+        assert (ROOT / rel).is_file(), rel
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", readme)
+    local = [l for l in links if not re.match(r"[a-z]+:", l)]
+    assert "docs/train.html" in local and "docs/featuresExtractor/processor.html" in local
+    missing = [l for l in local if not (ROOT / l).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_processor_page_documents_the_four_processors():
+    page = (ROOT / "docs" / "featuresExtractor" / "processor.html").read_text()
+    for name in ("adapt", "adapt-pca", "pca", "save", "layers"):
+        assert name in page
