@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import struct
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from featuresExtractor.utils import UserError
+from featuresExtractor.utils import UserError, first_line
 
 __all__ = [
     "PAIR_FIELDS",
@@ -147,8 +149,10 @@ def load_pairs(path: str | os.PathLike, allow_pickle: bool = False) -> Pairs:
         if "allow_pickle" in str(err):
             raise UserError(f"{path} holds pickled objects (the seed's format?); {_PICKLE_HINT}") from None
         raise UserError(f"cannot read {path}: {err}") from None
-    except Exception as err:  # truncated files and bad pickles raise a variety of types
-        raise UserError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    except (OSError, EOFError, struct.error, pickle.UnpicklingError, AttributeError, ImportError, TypeError) as err:
+        # Truncated arrays raise OSError/EOFError; a foreign pickle (with --allow-pickle) may
+        # also fail to find its classes (AttributeError, ImportError) or rebuild them (TypeError).
+        raise UserError(f"cannot read {path}: {first_line(err)}") from None
     if isinstance(arr, np.lib.npyio.NpzFile):
         arr.close()
         raise UserError(f"{path} is an .npz archive, not a features file")

@@ -22,12 +22,14 @@ Example:
 from __future__ import annotations
 
 import os
+import pickle
+import struct
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from featuresExtractor.utils import UserError
+from featuresExtractor.utils import UserError, first_line
 
 __all__ = [
     "Original",
@@ -164,8 +166,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise UserError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # torch raises many types for a corrupt or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, struct.error, OSError, ValueError) as err:
+        # A corrupt zip is a RuntimeError, a non-tensor object refused by weights_only an
+        # UnpicklingError, a truncated file EOFError; none of them should show a traceback.
+        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
@@ -173,5 +177,5 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r}: {first_line(err)}") from None
     return model.to(device).eval(), ckpt

@@ -29,7 +29,7 @@ from PIL import Image
 from featuresExtractor.data import discover
 from featuresExtractor.encode import Encoder, read_manifest
 from featuresExtractor.transforms import BadImage, load_image
-from featuresExtractor.utils import UserError
+from featuresExtractor.utils import UserError, first_line
 
 from .models import load_checkpoint
 
@@ -133,8 +133,11 @@ class VisualSimilarity:
         return Gallery(names, images, self.raw(vectors), skipped)
 
     def _gallery_file(self, path: Path) -> Gallery:
-        rec = np.load(path, allow_pickle=False)
-        if rec.dtype.names is None or "feature" not in rec.dtype.names:
+        try:
+            rec = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:  # truncated, pickled or not a .npy at all
+            raise UserError(f"cannot read gallery file {path}: {first_line(err)}") from None
+        if not isinstance(rec, np.ndarray) or rec.dtype.names is None or "feature" not in rec.dtype.names:
             raise UserError(f"{path} is not a gallery features file (a flat folder extracted by extract.py)")
         mine, theirs = self.encoder.manifest, read_manifest(path)
         same = ("model", "arch", "weights", "taps", "precision")

@@ -31,7 +31,7 @@ from .pooling import global_avg_pool
 from .processor import Processor, pca_stems, project
 from .taps import Taps
 from .transforms import load_image, to_rgb
-from .utils import UserError
+from .utils import UserError, first_line
 
 __all__ = ["Encoder", "read_manifest"]
 
@@ -42,7 +42,10 @@ def read_manifest(features_path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"no {MANIFEST} beside {features_path}: it was not written by extract.py, or was moved "
                         f"without its manifest")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path}: {first_line(err)}") from None
 
 
 @dataclass

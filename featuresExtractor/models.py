@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .utils import UserError
+from .utils import UserError, first_line
 
 __all__ = [
     "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
@@ -203,12 +203,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             try:
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
             except RuntimeError as err:
-                raise UserError(f"cannot read TorchScript checkpoint {path}: {str(err).splitlines()[0]}") from None
+                raise UserError(f"cannot read TorchScript checkpoint {path}: {first_line(err)}") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot read weights file {path} as a state dict: {first}") from None
+        raise UserError(f"cannot read weights file {path} as a state dict: {first_line(err)}") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

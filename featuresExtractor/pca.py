@@ -16,12 +16,13 @@ Example:
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .utils import UserError, atomic_path
+from .utils import UserError, atomic_path, first_line
 
 __all__ = ["fit_pca", "PCAParams", "save_pca", "load_pca"]
 
@@ -77,8 +78,12 @@ def load_pca(path: str | Path) -> PCAParams:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"PCA file {path} is missing")
-    with np.load(path, allow_pickle=False) as z:
-        missing = [f for f in _FIELDS if f not in z.files]
-        if missing:
-            raise UserError(f"{path} is not a PCA file written by extract.py (missing {missing})")
-        return PCAParams(*(z[f] for f in _FIELDS))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [f for f in _FIELDS if f not in z.files]
+            if missing:
+                raise UserError(f"{path} is not a PCA file written by extract.py (missing {missing})")
+            return PCAParams(*(z[f] for f in _FIELDS))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, AttributeError) as err:
+        # np.load on a damaged archive: a bad zip, a truncated member, or not an npz at all.
+        raise UserError(f"cannot read PCA file {path}: {first_line(err)}") from None

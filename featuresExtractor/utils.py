@@ -15,11 +15,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["UserError", "atomic_path", "write_json", "save_npy", "run_cli"]
+__all__ = ["UserError", "first_line", "atomic_path", "write_json", "save_npy", "run_cli"]
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one short line for a user message: its type and first line of text."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 @contextlib.contextmanager

@@ -157,3 +157,18 @@ def test_pca_file_round_trip_matches_sklearn(tmp_path):
         load_pca(tmp_path / "other.npz")
     with pytest.raises(UserError, match="missing"):
         load_pca(tmp_path / "nope.npz")
+
+
+def test_truncated_pca_and_weights_files_give_user_errors(tmp_path):
+    from featuresExtractor.models import read_state_dict
+
+    x = np.random.default_rng(1).normal(size=(20, 6)).astype(np.float32)
+    save_pca(tmp_path / "pca3", fit_pca(x, 3))
+    torch.save({"visual.w": torch.ones(8, 8)}, tmp_path / "w.pt")
+    for source, loader in ((tmp_path / "pca3.npz", load_pca), (tmp_path / "w.pt", read_state_dict)):
+        data = source.read_bytes()
+        for cut in range(0, len(data), max(1, len(data) // 40)):
+            broken = tmp_path / f"broken{source.suffix}"
+            broken.write_bytes(data[:cut])
+            with pytest.raises(UserError):
+                loader(broken)
