@@ -19,19 +19,16 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
 __all__ = ["parse_args", "main"]
 
 
-def _default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse extract.py's command line (see `python extract.py -h`)."""
+    from featuresExtractor.utils import default_workers
+
     p = argparse.ArgumentParser(
         prog="extract.py", description="Extract CLIP multi-layer image features for the adaptation function.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -52,7 +49,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="module paths in model.visual to tap, overriding the model's defaults ('embedding' = output)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--workers", type=int, default=_default_workers(), help="DataLoader decode workers")
+    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader decode workers")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the default NCHW memory format")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping its pair")

@@ -26,7 +26,7 @@ from PIL import Image
 
 from .models import Backbone, file_sha256, load_backbone, resolve_spec
 from .pca import PCAParams, load_pca
-from .pipeline import MANIFEST, CPU_SLICE, Forwarder, embedding_tap
+from .pipeline import CPU_SLICE, MANIFEST, Forwarder, embedding_tap, memory_format
 from .pooling import global_avg_pool
 from .processor import Processor, pca_stems, project
 from .taps import Taps
@@ -102,10 +102,8 @@ class Encoder:
         tensors = torch.stack([self.backbone.transform(to_rgb(im) if isinstance(im, Image.Image) else load_image(im))
                                for im in images])
         channels_last = bool(self.manifest.get("channels_last", True))
-        if channels_last:
-            self.backbone.visual.to(memory_format=torch.channels_last)
-        with Taps(self.backbone.visual, self.backbone.spec.taps, reduce=global_avg_pool) as taps, \
-                torch.inference_mode():
+        with memory_format(self.backbone.visual, channels_last), torch.inference_mode(), \
+                Taps(self.backbone.visual, self.backbone.spec.taps, reduce=global_avg_pool) as taps:
             out = Forwarder(taps, device, self.precision, batch_size, channels_last)(tensors)
         return {k: v.numpy() for k, v in out.items()}
 

@@ -1,7 +1,6 @@
 """PCA fitting and a pickle-free PCA file (`pca{N}.npz`).
 
-The toolkit fits scikit-learn's PCA with the exact full SVD, which is
-deterministic: the same vectors always give the same components (signs included,
+The toolkit fits scikit-learn's PCA with an exact, deterministic solver: the same vectors always give the same components (signs included,
 through sklearn's `svd_flip`). The fitted parameters are stored as a plain `.npz`
 that loads without pickle; `PCAParams.transform` reproduces `PCA.transform`.
 
@@ -30,10 +29,17 @@ _FIELDS = ("components_", "mean_", "explained_variance_", "explained_variance_ra
 
 
 def fit_pca(x: np.ndarray, n_components: int):
-    """Fit sklearn's PCA (full SVD, deterministic) on the rows of `x`."""
+    """Fit sklearn's PCA on the rows of `x`, with a deterministic solver.
+
+    With more rows than columns (TLL: 24,064 x 5440) the eigen-decomposition of the
+    d x d covariance is used, which needs no centred copy of `x`; otherwise the full
+    SVD. Both are exact and deterministic (signs fixed by sklearn's `svd_flip`).
+    """
     from sklearn.decomposition import PCA
 
-    return PCA(n_components=n_components, svd_solver="full").fit(np.asarray(x, dtype=np.float32))
+    x = np.asarray(x, dtype=np.float32)
+    solver = "covariance_eigh" if x.shape[0] > x.shape[1] else "full"
+    return PCA(n_components=n_components, svd_solver=solver).fit(x)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import platform
@@ -38,9 +39,9 @@ from .processor import Processor, check_components, parse_processor, process
 from .store import ChunkStore, make_records
 from .taps import Taps
 from .transforms import hflip
-from .utils import UserError, save_npy, write_json
+from .utils import UserError, default_workers, save_npy, write_json
 
-__all__ = ["ExtractConfig", "Report", "extract", "embedding_tap", "probe_taps", "Forwarder"]
+__all__ = ["ExtractConfig", "Report", "extract", "embedding_tap", "probe_taps", "Forwarder", "memory_format"]
 
 MANIFEST = "manifest.json"
 FORMAT = "featuresExtractor/1"
@@ -59,7 +60,7 @@ class ExtractConfig:
     data_aug: bool = False
     precision: str = "fp32"
     batch_size: int = 2048
-    workers: int = 0
+    workers: int = field(default_factory=default_workers)
     device: str = "cpu"
     channels_last: bool = True
     strict: bool = False
@@ -95,6 +96,19 @@ def probe_taps(backbone: Backbone, image_shape: Sequence[int]) -> tuple[dict[str
         out = taps(torch.zeros(1, *image_shape, device=device))
     return ({name: tuple(t.shape[1:]) for name, t in out.items()},
             {name: int(global_avg_pool(t).shape[1]) for name, t in out.items()})
+
+
+@contextlib.contextmanager
+def memory_format(module: torch.nn.Module, channels_last: bool):
+    """Run `module` in channels_last inside the block, and give it back as it was found."""
+    if not channels_last:
+        yield module
+        return
+    module.to(memory_format=torch.channels_last)
+    try:
+        yield module
+    finally:
+        module.to(memory_format=torch.contiguous_format)
 
 
 class Forwarder:
@@ -225,8 +239,6 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     device = next(backbone.visual.parameters()).device
     fresh = not store.folder.exists()
     written: list[Path] = []
-    if cfg.channels_last:
-        backbone.visual.to(memory_format=torch.channels_last)
     images_per_item = len(layout.sides) * n_flips
     slice_size = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_SLICE)
     items_per_batch = max(1, min(slice_size // images_per_item, 256)) if device.type != "cuda" \
@@ -238,7 +250,8 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
                desc=f"extract {backbone.spec.name}", disable=not cfg.progress, dynamic_ncols=True)
     reduce = global_avg_pool if proc.pooled else None
     try:
-        with Taps(backbone.visual, backbone.spec.taps, reduce=reduce) as taps, torch.inference_mode():
+        with memory_format(backbone.visual, cfg.channels_last), torch.inference_mode(), \
+                Taps(backbone.visual, backbone.spec.taps, reduce=reduce) as taps:
             forward = Forwarder(taps, device, cfg.precision, slice_size, cfg.channels_last)
             for batch in loader:
                 indices = batch["index"].tolist()

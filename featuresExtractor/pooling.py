@@ -28,10 +28,11 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     (N, C, H, W) conv maps are averaged over H and W; (N, L, D) token sequences over
     L; (N, D) vectors pass through.
     """
+    # Accumulate in fp32 without first copying a bf16/fp16 map to fp32.
     if x.ndim == 4:
-        return x.float().mean(dim=(2, 3))
+        return x.mean(dim=(2, 3), dtype=torch.float32)
     if x.ndim == 3:
-        return x.float().mean(dim=1)
+        return x.mean(dim=1, dtype=torch.float32)
     if x.ndim == 2:
         return x.float()
     raise ValueError(f"cannot pool a tap output of shape {tuple(x.shape)}")

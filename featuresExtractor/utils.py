@@ -15,11 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["UserError", "first_line", "atomic_path", "write_json", "save_npy", "run_cli"]
+__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "write_json", "save_npy", "run_cli"]
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+def default_workers() -> int:
+    """Decode workers by default: one per core but one, which the model's threads use."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def first_line(err: BaseException) -> str:

@@ -88,6 +88,7 @@ def test_pairs_matched_by_name_and_flip_applied_to_preprocessed_tensor(tmp_path,
     cfg = ExtractConfig(dataset=str(root), save_to=str(tmp_path / "o"), processor=("adapt",), data_aug=True,
                         progress=False, batch_size=4)
     run_extract(cfg, tiny_backbone)
+    assert tiny_backbone.visual.conv1.weight.is_contiguous()  # channels_last was undone on the way out
     rec = np.load(tmp_path / "o" / "tiny_rn" / "features.npy")
     order = sorted(names)
     for side in ("left", "right"):

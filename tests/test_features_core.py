@@ -149,6 +149,11 @@ def test_pca_file_round_trip_matches_sklearn(tmp_path):
     np.testing.assert_allclose(params.transform(x), pca.transform(x), rtol=1e-4, atol=1e-4)
     again = PCAParams.from_sklearn(fit_pca(x, 5))
     np.testing.assert_array_equal(again.components_, params.components_)  # deterministic
+    from sklearn.decomposition import PCA
+
+    svd = PCA(n_components=5, svd_solver="full").fit(x)  # the solver choice changes nothing but rounding
+    np.testing.assert_allclose(np.abs(svd.components_ @ params.components_.T), np.eye(5), atol=1e-3)
+    np.testing.assert_allclose(svd.transform(x), params.transform(x), rtol=1e-3, atol=1e-3)
     with open(paths[1], "rb") as fh:  # trusted: we wrote it
         np.testing.assert_allclose(pickle.load(fh).transform(x), pca.transform(x))
     (tmp_path / "bad.npz").write_bytes(b"")
