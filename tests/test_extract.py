@@ -344,3 +344,22 @@ def test_cli_offline_pretrained_message_and_import_is_light(tmp_path, pairs_dir)
     assert not (tmp_path / "o").exists()
     check = "import sys, extract; assert 'open_clip' not in sys.modules and 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", check], cwd=ROOT).returncode == 0
+
+
+def test_vit_family_defaults_to_the_embedding_and_layers_override(tmp_path):
+    import open_clip
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1}}
+    (tmp_path / "TinyViT.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "TinyViT.json")
+    make_pairs(tmp_path / "tll", 2)
+    bb = load_backbone(resolve_spec("TinyViT"))
+    assert bb.spec.taps == ("embedding",)
+    report = run_extract(ExtractConfig(dataset=str(tmp_path / "tll"), save_to=str(tmp_path / "o"),
+                                       processor=("adapt",), progress=False, workers=0), bb)
+    assert np.load(report.out_dir / "features.npy")["left"].shape == (2, 16)
+    bb = load_backbone(resolve_spec("TinyViT", ["transformer.resblocks.0", "embedding"]))
+    report = run_extract(ExtractConfig(dataset=str(tmp_path / "tll"), save_to=str(tmp_path / "o2"),
+                                       processor=("adapt",), progress=False, workers=0), bb)
+    assert np.load(report.out_dir / "features.npy")["left"].shape == (2, 32 + 16)  # token-mean of a block + embedding
