@@ -6,6 +6,8 @@ Each epoch:
    the adapted vectors, the N x N cosine matrix and the contrastive loss; backpropagate half
    of it (the objective is the mean over the sets). With `precision="bf16"` the model and the
    similarity product run under `torch.autocast(dtype=bfloat16)`; the loss is taken in fp32.
+   The cosine matrix, its exponentials and its gradient are written into N x N tensors
+   allocated once per run (`adaptation.losses.Workspace`), not once per set and epoch.
 2. One Adam step.
 3. Read the train metrics off the originals' similarity matrix from step 1, which the loss
    already paid for (so they describe the model *before* this epoch's step, as the seed's
@@ -40,7 +42,7 @@ import torch
 from torch import nn
 
 from .data import TrainData
-from .losses import contrastive_loss_from_similarity, similarity_matrix
+from .losses import Workspace, contrastive_loss_from_similarity, similarity_and_loss, similarity_matrix
 from .metrics import retrieval_metrics
 
 __all__ = ["PRECISIONS", "TrainConfig", "make_optimizer", "evaluate", "train"]
@@ -108,26 +110,38 @@ def evaluate(
 
 
 def _train_step(
-    model: nn.Module, data: TrainData, config: TrainConfig, optimizer: torch.optim.Optimizer | None
+    model: nn.Module,
+    data: TrainData,
+    config: TrainConfig,
+    optimizer: torch.optim.Optimizer | None,
+    workspace: Workspace,
 ) -> dict[str, torch.Tensor]:
     model.train()
     sets = data.train_sets
-    autocast = torch.autocast(data.train[0].device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    device = data.train[0].device
+    bf16 = config.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=data.train[0].device)
+    total = torch.zeros((), device=device)
     metrics: dict[str, torch.Tensor] = {}
     for i, (left, right) in enumerate(sets):
         with torch.set_grad_enabled(optimizer is not None):
             with autocast:
-                sim = similarity_matrix(model(left), model(right))
-            loss = contrastive_loss_from_similarity(sim, config.temperature) / len(sets)
-            # Backward per set frees each N x N graph before the next one is built.
+                out_left, out_right = model(left), model(right)
+            # The cosine product (and its backward) in bf16 as autocast would run it; the loss in fp32.
+            sim, loss = similarity_and_loss(
+                out_left, out_right, config.temperature, torch.bfloat16 if bf16 else None, workspace
+            )
+            loss = loss / len(sets)
+            # Backward per set frees each graph before the next set reuses the workspace.
             if optimizer is not None:
                 loss.backward()
         total += loss.detach()
         if i == 0:
-            metrics = retrieval_metrics(sim.detach(), config.topk)
+            # Read now: the next set overwrites `sim` in the workspace.
+            scratch = workspace.get("ranks", tuple(sim.shape), torch.float32, device)
+            metrics = retrieval_metrics(sim, config.topk, scratch)
     if optimizer is not None:
         optimizer.step()
     return {"Loss": total, **metrics}
@@ -158,9 +172,10 @@ def train(
     """
     history: list[dict[str, float]] = []
     row: dict[str, float] = {}
+    workspace = Workspace()  # the N x N training matrices, allocated once for the whole run
     for epoch in range(1, config.epochs + 1):
         if optimizer is not None or epoch == 1:
-            tr = _train_step(model, data, config, optimizer)
+            tr = _train_step(model, data, config, optimizer, workspace)
             te = evaluate(model, *data.test, config)
             names = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te]
             # One device-to-host transfer per epoch, not one per metric.

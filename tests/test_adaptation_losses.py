@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from adaptation.losses import _reference_loss, contrastive_loss, contrastive_loss_from_similarity, similarity_matrix
+from adaptation.losses import (
+    Workspace,
+    _reference_loss,
+    contrastive_loss,
+    contrastive_loss_from_similarity,
+    similarity_and_loss,
+    similarity_matrix,
+)
 
 
 def naive_loss(left, right, temperature):
@@ -83,3 +90,57 @@ def test_fused_loss_gradcheck_in_double():
     g = torch.Generator().manual_seed(3)
     sim = torch.rand(6, 6, generator=g, dtype=torch.float64).mul(2).sub(1).requires_grad_()
     assert torch.autograd.gradcheck(lambda s: contrastive_loss_from_similarity(s, 7.0), (sim,))
+
+
+# The fused node used by training: same values as the two-step composition, under autocast too.
+@pytest.mark.parametrize("temperature", [15.0, -3.0, 50.0])
+@pytest.mark.parametrize("product_dtype", [None, torch.bfloat16])
+def test_similarity_and_loss_matches_composition(temperature, product_dtype):
+    g = torch.Generator().manual_seed(4)
+    left, right = torch.randn(40, 16, generator=g), torch.randn(40, 16, generator=g)
+    left[3] = 0.0  # a dead ReLU output: the clamped norm's gradient path
+    l1, r1 = left.clone().requires_grad_(), right.clone().requires_grad_()
+    sim, loss = similarity_and_loss(l1, r1, temperature, product_dtype, Workspace())
+    loss.backward()
+    l2, r2 = left.clone().requires_grad_(), right.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=product_dtype is not None):
+        want_sim = similarity_matrix(l2, r2)
+    want = contrastive_loss_from_similarity(want_sim, temperature)
+    want.backward()
+    assert sim.dtype == want_sim.dtype and not sim.requires_grad and loss.dtype == torch.float32
+    torch.testing.assert_close(sim, want_sim.detach(), rtol=0, atol=0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(l1.grad, l2.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_similarity_and_loss_matches_naive_loop():
+    g = torch.Generator().manual_seed(5)
+    left, right = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
+    _, loss = similarity_and_loss(left, right, 15.0)
+    assert loss.item() == pytest.approx(naive_loss(left, right, 15.0), rel=1e-5, abs=1e-6)
+
+
+def test_similarity_and_loss_gradcheck_in_double():
+    g = torch.Generator().manual_seed(6)
+    left = torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_()
+    right = torch.randn(6, 4, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: similarity_and_loss(a, b, 7.0)[1], (left, right))
+
+
+def test_workspace_is_reused_and_a_clobbered_graph_refuses_backward():
+    ws = Workspace()
+    g = torch.Generator().manual_seed(7)
+    left = torch.randn(5, 3, generator=g, requires_grad=True)
+    right = torch.randn(5, 3, generator=g, requires_grad=True)
+    sim1, loss1 = similarity_and_loss(left, right, 2.0, workspace=ws)
+    sim2, loss2 = similarity_and_loss(right, left, 2.0, workspace=ws)
+    assert sim1.data_ptr() == sim2.data_ptr()  # the same N x N matrix, not a new one
+    loss2.backward()
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss1.backward()  # its saved exponentials were overwritten by the second call
+
+
+def test_similarity_and_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        similarity_and_loss(torch.zeros(3, 2), torch.zeros(4, 2), 1.0)

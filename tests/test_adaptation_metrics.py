@@ -82,3 +82,16 @@ def test_accepts_bf16_and_rejects_non_square():
     assert m["top 1"].dtype == torch.float32 and m["top 1"].item() == 1.0
     with pytest.raises(ValueError):
         partner_ranks(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scratch_gives_the_same_ranks(dtype):
+    rng = np.random.default_rng(9)
+    sim = torch.from_numpy(rng.integers(0, 4, size=(12, 12)).astype(np.float32) / 4).to(dtype)
+    scratch = torch.full((12, 12), 7.0)  # stale content must not matter
+    got = partner_ranks(sim, scratch)
+    want = brute_ranks(sim.float().tolist())
+    assert (got[0].tolist(), got[1].tolist()) == want
+    assert retrieval_metrics(sim, (1, 3), scratch) == retrieval_metrics(sim, (1, 3))
+    with pytest.raises(ValueError):
+        partner_ranks(sim, torch.zeros(12, 12, dtype=torch.float64))
