@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from adaptation.visualize import results_page
 
         page = results_page(query, [(m.name, m.image, m.score) for m in matches],
-                            title=f"{Path(args.query).name}: top {args.k} in {Path(args.gallery).name}")
+                            title=f"{Path(args.query).name}: top {args.k} in {Path(args.gallery).name}",
+                            query_name=Path(args.query).name)
         with atomic_path(args.html) as tmp:
             tmp.write_text(page, encoding="utf-8")
         print(f"wrote {args.html}")

@@ -63,12 +63,14 @@ def _data_uri(img: Image.Image) -> str:
 
 
 def results_page(query: ImageLike, results: Sequence[tuple[str, ImageLike | None, float]],
-                 title: str = "", size: int = 160) -> str:
+                 title: str = "", size: int = 160, query_name: str | None = None) -> str:
     """A self-contained HTML page: the query, then each (name, image, score) result.
 
     Images are embedded as JPEG data URIs, so the page opens anywhere on its own.
+    `query_name` labels the query (default: its file name).
     """
-    qname = html.escape(Path(query).name if not isinstance(query, Image.Image) else "query")
+    default = Path(query).name if not isinstance(query, Image.Image) else "query"
+    qname = html.escape(query_name or default)
     cards = "\n".join(
         f'<figure><img src="{_data_uri(thumbnail(img, size))}" alt="{html.escape(name)}">'
         f"<figcaption>#{i} {html.escape(name)}<br>score {score:.4f}</figcaption></figure>"

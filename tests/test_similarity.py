@@ -89,6 +89,7 @@ def test_search_folder_prints_ranking_and_writes_html(run, capsys, tmp_path):
     parser = ImgCounter()
     parser.feed(page.read_text())
     assert len(parser.srcs) == 5 and all(s.startswith("data:image/jpeg;base64,") for s in parser.srcs)
+    assert "query: g2.png" in page.read_text()
     code, out, err = cli(["--run", str(run["run"]), "search", str(query), "--gallery", str(run["gallery"]),
                           "-k", "4", "--html", str(page)], capsys)
     assert code == 2 and "--overwrite" in err
