@@ -44,7 +44,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="clip_rn50x4", help="registry name (clip_rn50x4, tiny_rn) or open_clip architecture")
     p.add_argument("--pretrained", default="default",
                    help="open_clip pretrained tag; 'none' = random init (tests, offline demo)")
-    p.add_argument("--weights", default=None, help="local open_clip/OpenAI checkpoint (fp16 or fp32); no download")
+    p.add_argument("--weights", default=None, help="local checkpoint, no download: an open_clip state dict or .safetensors (read without "
+                        "pickle), or an OpenAI TorchScript archive (read with torch.jit.load; use files you trust)")
     p.add_argument("--layers", nargs="+", default=None, metavar="MODULE",
                    help="module paths in model.visual to tap, overriding the model's defaults ('embedding' = output)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")

@@ -71,7 +71,8 @@ class PCAParams:
 def save_pca(stem: Path, pca) -> list[Path]:
     """Write `stem.npz` (pickle-free) and `stem.pkl` (the sklearn object, trusted-only)."""
     params = PCAParams.from_sklearn(pca)
-    npz, pkl = stem.with_suffix(".npz"), stem.with_suffix(".pkl")
+    # Not with_suffix: a tap such as "transformer.resblocks.0" already contains dots.
+    npz, pkl = stem.parent / f"{stem.name}.npz", stem.parent / f"{stem.name}.pkl"
     with atomic_path(npz, suffix=".npz") as tmp:
         np.savez(tmp, **{f: getattr(params, f) for f in _FIELDS})
     with atomic_path(pkl) as tmp:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
+import hashlib
 import platform
 import shutil
 import sys
@@ -39,7 +39,7 @@ from .processor import Processor, check_components, parse_processor, process
 from .store import ChunkStore, make_records
 from .taps import Taps
 from .transforms import hflip
-from .utils import UserError, default_workers, save_npy, write_json
+from .utils import UserError, default_workers, read_json, save_npy, write_json
 
 __all__ = ["ExtractConfig", "Report", "extract", "embedding_tap", "probe_taps", "Forwarder", "memory_format"]
 
@@ -156,7 +156,10 @@ def _versions() -> dict[str, str]:
 def _fingerprint(cfg: ExtractConfig, backbone: Backbone, proc: Processor, layout: Layout) -> dict:
     # Only what changes the numbers: batch size, workers and device do not.
     weights = {k: v for k, v in backbone.weights.items() if k in ("source", "tag", "sha256", "seed")}
-    return {"dataset": str(layout.root.resolve()), "model": backbone.spec.name, "arch": backbone.spec.arch,
+    # Chunks refer to items by position in the sorted name list, so the list itself must not change
+    # under a resumed run: its hash is part of the configuration.
+    items = hashlib.sha256("\n".join(layout.names).encode()).hexdigest()
+    return {"dataset": str(layout.root.resolve()), "items": {"count": len(layout), "names_sha256": items}, "model": backbone.spec.name, "arch": backbone.spec.arch,
             "weights": weights, "taps": list(backbone.spec.taps), "processor": proc.name,
             "n_components": proc.n_components, "normalize": proc.normalize, "data_aug": cfg.data_aug,
             "precision": cfg.precision}
@@ -175,24 +178,30 @@ def _check_disk(out_dir: Path, n_items: int, per_item_values: int) -> int:
     return need
 
 
-def _prepare_out_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
-    """Return True when this exact configuration already finished in `out_dir`."""
+def _remove(target: Path) -> None:
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+
+
+def _prepare_out_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple[bool, list[str]]:
+    """(already done, outputs of an earlier configuration that --overwrite will replace).
+
+    Those outputs stay in place until the new results are written, so a run that fails
+    or is interrupted leaves the earlier results as they were.
+    """
     manifest = out_dir / MANIFEST
+    replaced: list[str] = []
     if manifest.is_file():
-        old = json.loads(manifest.read_text())
+        old = read_json(manifest)
         if old.get("config") == fingerprint and not overwrite:
-            return True
+            return True, []
         if not overwrite:
             changed = sorted(k for k in fingerprint if old.get("config", {}).get(k) != fingerprint[k])
             raise UserError(f"{out_dir} already holds features from another configuration (differs in: "
                             f"{', '.join(changed)}); pass --overwrite to replace them or choose another -s")
-        for rel in old.get("outputs", {}):
-            target = out_dir / rel
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        manifest.unlink()
+        replaced = list(old.get("outputs", {}))
     store = ChunkStore(out_dir / ".partial")
     previous = store.config()
     if previous is not None and previous != fingerprint:
@@ -200,7 +209,7 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> bool:
             raise UserError(f"{out_dir} holds an interrupted run with another configuration; re-run that command "
                             f"to finish it, or pass --overwrite to discard it")
         store.remove()
-    return False
+    return False, replaced
 
 
 def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
@@ -224,9 +233,14 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     out_dir = Path(cfg.save_to) / backbone.spec.name
     fingerprint = _fingerprint(cfg, backbone, proc, layout)
     report = Report(out_dir=out_dir, n_items=len(layout))
-    if _prepare_out_dir(out_dir, fingerprint, cfg.overwrite):
+    done_before, replaced = _prepare_out_dir(out_dir, fingerprint, cfg.overwrite)
+    if done_before:
         report.already_done = True
         return report
+    if not proc.pooled and "raw" in replaced:
+        # -p save writes raw/ file by file while it runs, so old raw outputs cannot wait.
+        _remove(out_dir / "raw")
+        replaced.remove("raw")
 
     store = ChunkStore(out_dir / ".partial")
     done = store.done()
@@ -305,6 +319,8 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     names = [layout.names[i] for i in kept_list]
 
     outputs: dict[str, dict] = {}
+    # From here the folder holds a mix until the new manifest is written: drop the old one first.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     if proc.pooled:
         check_components(proc, len(kept_list) * len(layout.sides) * n_flips, dims)
         result = process(proc, pooled, embedding_tap(backbone.spec.taps))
@@ -347,6 +363,8 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     write_json(out_dir / MANIFEST, manifest)
+    for rel in set(replaced) - set(outputs):
+        _remove(out_dir / rel)
     store.remove()
     report.outputs = [str(out_dir / rel) for rel in outputs] + [str(out_dir / MANIFEST)]
     return report

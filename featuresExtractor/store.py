@@ -26,14 +26,13 @@ an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
-from .utils import atomic_path, write_json
+from .utils import atomic_path, read_json, write_json
 
 __all__ = ["make_records", "ChunkStore"]
 
@@ -70,7 +69,7 @@ class ChunkStore:
         return self.folder / "config.json"
 
     def config(self) -> dict | None:
-        return json.loads(self.config_path.read_text()) if self.config_path.is_file() else None
+        return read_json(self.config_path) if self.config_path.is_file() else None
 
     def start(self, config: Mapping) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

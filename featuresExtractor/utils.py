@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "write_json", "save_npy", "run_cli"]
+__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "read_json", "write_json", "save_npy", "run_cli"]
 
 
 class UserError(Exception):
@@ -64,6 +64,14 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file this toolkit wrote; a damaged one is a `UserError` naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({first_line(err)}); restore it or remove the folder it describes") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

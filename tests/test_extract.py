@@ -363,3 +363,61 @@ def test_vit_family_defaults_to_the_embedding_and_layers_override(tmp_path):
     report = run_extract(ExtractConfig(dataset=str(tmp_path / "tll"), save_to=str(tmp_path / "o2"),
                                        processor=("adapt",), progress=False, workers=0), bb)
     assert np.load(report.out_dir / "features.npy")["left"].shape == (2, 32 + 16)  # token-mean of a block + embedding
+
+
+def test_changed_dataset_is_not_resumed_or_reported_done(tmp_path, pairs_dir, tiny_backbone, monkeypatch, capsys):
+    cfg = ExtractConfig(dataset=str(pairs_dir), save_to=str(tmp_path / "o"), processor=("adapt",),
+                        progress=False, batch_size=4, workers=0)
+    real_call = Forwarder.__call__
+
+    def crash(self, images):
+        raise Interrupt("power cut")
+
+    monkeypatch.setattr(Forwarder, "__call__", crash)
+    with pytest.raises(Interrupt):
+        run_extract(cfg, tiny_backbone)
+    monkeypatch.setattr(Forwarder, "__call__", real_call)
+    draw_image(pairs_dir / "left" / "aaa.png", 77)  # sorts first: every chunk position would shift
+    draw_image(pairs_dir / "right" / "aaa.png", 78)
+    with pytest.raises(UserError, match="interrupted run with another configuration"):
+        run_extract(cfg, tiny_backbone)
+    run_extract(ExtractConfig(**{**cfg.__dict__, "overwrite": True}), tiny_backbone)
+    (pairs_dir / "left" / "pair004.png").unlink()
+    (pairs_dir / "right" / "pair004.png").unlink()
+    with pytest.raises(UserError, match="differs in: items"):
+        run_extract(cfg, tiny_backbone)
+
+
+def test_failed_overwrite_keeps_earlier_results(tmp_path, pairs_dir, capsys):
+    args = ["-d", str(pairs_dir), "-s", str(tmp_path / "o"), *TINY]
+    assert cli(args + ["-p", "adapt-pca", "4"], capsys)[0] == 0
+    model_dir = tmp_path / "o" / "tiny_rn"
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    (pairs_dir / "right" / "pair001.png").write_bytes(b"broken")
+    code, _, err = cli(args + ["-p", "adapt", "--overwrite", "--strict"], capsys)
+    assert code == 2 and "unreadable image" in err
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == before
+    code, _, err = cli(args + ["-p", "adapt", "--overwrite"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in model_dir.iterdir()) == ["features.npy", "manifest.json"]  # stale PCA files gone
+
+
+def test_damaged_manifest_is_a_one_line_error(tmp_path, pairs_dir, capsys):
+    args = ["-d", str(pairs_dir), "-s", str(tmp_path / "o"), "-p", "adapt", *TINY]
+    assert cli(args, capsys)[0] == 0
+    (tmp_path / "o" / "tiny_rn" / "manifest.json").write_text("{oops")
+    code, _, err = cli(args, capsys)
+    assert code == 2 and "cannot read" in err and "manifest.json" in err and "Traceback" not in err
+
+
+def test_per_tap_pca_with_dotted_tap_names(tmp_path, pairs_dir):
+    bb = load_backbone(resolve_spec("tiny_rn", ["layer1.0", "layer2.0", "attnpool"]))
+    run_extract(ExtractConfig(dataset=str(pairs_dir), save_to=str(tmp_path / "o"), processor=("pca", "3"),
+                              progress=False, workers=0), bb)
+    files = sorted(p.name for p in (tmp_path / "o" / "tiny_rn" / "pca3").iterdir())
+    assert files == ["attnpool.npz", "attnpool.pkl", "layer1.0.npz", "layer1.0.pkl", "layer2.0.npz", "layer2.0.pkl"]
+    from featuresExtractor.encode import Encoder
+
+    enc = Encoder.from_features_file(tmp_path / "o" / "tiny_rn" / "features_pca3.npy")
+    rec = np.load(tmp_path / "o" / "tiny_rn" / "features_pca3.npy")
+    np.testing.assert_allclose(enc.encode([pairs_dir / "left" / rec["name"][0]])[0], rec["left"][0], atol=1e-5)
