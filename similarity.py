@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a, b = _query_image(args.a), _query_image(args.b)
         raw = sim.raw([a, b])
         cos = float(raw[0] @ raw[1] / max(np.linalg.norm(raw[0]) * np.linalg.norm(raw[1]), 1e-12))
-        print(f"adapted similarity  {sim.score(a, b):.4f}")
+        print(f"adapted similarity  {sim.score_raw(raw):.4f}")
         print(f"raw cosine          {cos:.4f}")
         return 0
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from featuresExtractor.data import discover
 from featuresExtractor.encode import Encoder, read_manifest
@@ -36,6 +37,7 @@ from .models import load_checkpoint
 __all__ = ["VisualSimilarity", "Gallery", "Match", "CHECKPOINT"]
 
 CHECKPOINT = "model_and_optimizer.pt"
+GALLERY_CHUNK = 64
 ImageLike = str | os.PathLike | Image.Image
 
 
@@ -103,7 +105,11 @@ class VisualSimilarity:
 
     def score(self, a: ImageLike, b: ImageLike) -> float:
         """The adapted cosine similarity of two images (the method's similarity function)."""
-        e = self.embed([a, b])
+        return self.score_raw(self.raw([a, b]))
+
+    def score_raw(self, raw: np.ndarray) -> float:
+        """The adapted cosine of two raw feature rows, (2, in_dim) as `raw` returns them."""
+        e = self.adapt(raw)
         return float(F.cosine_similarity(e[:1], e[1:], eps=1e-8))
 
     def gallery(self, source: str | os.PathLike | Sequence[ImageLike]) -> Gallery:
@@ -118,19 +124,24 @@ class VisualSimilarity:
         else:
             items = list(source)
         names, images, vectors, skipped = [], [], [], {}
-        for item in items:
-            name = Path(item).name if not isinstance(item, Image.Image) else f"image{len(names) + len(skipped)}"
-            try:
-                img = item if isinstance(item, Image.Image) else load_image(item)
-            except BadImage as err:
-                skipped[name] = str(err)
-                continue
-            names.append(name)
-            images.append(None if isinstance(item, Image.Image) else str(item))
-            vectors.append(img)
+        # Decoded images are large (about 1 MB each at 288 px), so only a chunk is held at a time.
+        for start in tqdm(range(0, len(items), GALLERY_CHUNK), desc="gallery", unit="chunk", leave=False,
+                          disable=len(items) <= GALLERY_CHUNK):
+            decoded = []
+            for n, item in enumerate(items[start:start + GALLERY_CHUNK], start=start):
+                name = Path(item).name if not isinstance(item, Image.Image) else f"image{n}"
+                try:
+                    decoded.append(item if isinstance(item, Image.Image) else load_image(item))
+                except BadImage as err:
+                    skipped[name] = str(err)
+                    continue
+                names.append(name)
+                images.append(None if isinstance(item, Image.Image) else str(item))
+            if decoded:
+                vectors.append(self.raw(decoded))
         if not names:
             raise UserError("the gallery has no readable image")
-        return Gallery(names, images, self.raw(vectors), skipped)
+        return Gallery(names, images, np.concatenate(vectors), skipped)
 
     def _gallery_file(self, path: Path) -> Gallery:
         try:
@@ -151,9 +162,7 @@ class VisualSimilarity:
             raise UserError(f"use the gallery's concatenated features.npy extracted with: -p adapt --normalize "
                             f"{proc.normalize} (this run projects them with its own PCA)")
         rows = rec[~rec["augmented"]]
-        vectors = rows["feature"]
-        for pca in self.encoder.pcas.values():
-            vectors = pca.transform(vectors)
+        vectors = self.encoder.from_concatenation(rows["feature"])
         root = Path(theirs["dataset"]["path"])
         names = [str(n) for n in rows["name"]]
         images = [str(root / n) if (root / n).is_file() else None for n in names]

@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from .pooling import global_avg_pool
 from .processor import Processor, pca_stems, project
 from .taps import Taps
 from .transforms import load_image, to_rgb
-from .utils import UserError, first_line
+from .utils import UserError, read_json
 
 __all__ = ["Encoder", "read_manifest"]
 
@@ -42,10 +41,7 @@ def read_manifest(features_path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserError(f"no {MANIFEST} beside {features_path}: it was not written by extract.py, or was moved "
                         f"without its manifest")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: {first_line(err)}") from None
+    return read_json(path)
 
 
 @dataclass
@@ -106,6 +102,15 @@ class Encoder:
                 Taps(self.backbone.visual, self.backbone.spec.taps, reduce=global_avg_pool) as taps:
             out = Forwarder(taps, device, self.precision, batch_size, channels_last)(tensors)
         return {k: v.numpy() for k, v in out.items()}
+
+    def from_concatenation(self, full: np.ndarray) -> np.ndarray:
+        """This encoder's vectors from rows of an `adapt`/`adapt-pca` `features.npy` (the concatenation)."""
+        if self.processor.name not in ("adapt", "adapt-pca"):
+            raise UserError(f"a {self.processor.name} extraction has no concatenated features to start from")
+        if self.output == "features.npy":
+            return np.asarray(full, dtype=np.float32)
+        (stem,) = pca_stems(self.processor, self.backbone.spec.taps)
+        return self.pcas[stem].transform(full)
 
     def encode(self, images: Sequence[str | os.PathLike | Image.Image]) -> np.ndarray:
         """(n, dim) float32 vectors, as the features file holds them, for `images`.

@@ -95,8 +95,11 @@ def test_search_folder_prints_ranking_and_writes_html(run, capsys, tmp_path):
     assert code == 2 and "--overwrite" in err
 
 
-def test_gallery_features_file_matches_folder_search(run, tmp_path):
+def test_gallery_features_file_matches_folder_search(run, tmp_path, monkeypatch):
+    import adaptation.similarity
     from adaptation.similarity import VisualSimilarity
+
+    monkeypatch.setattr(adaptation.similarity, "GALLERY_CHUNK", 4)  # the folder is encoded in two chunks
 
     assert extract.main(["-d", str(run["gallery"]), "-s", str(tmp_path / "g"), "-p", "adapt", "--normalize", "layers",
                          *TINY]) == 0
@@ -107,6 +110,22 @@ def test_gallery_features_file_matches_folder_search(run, tmp_path):
     assert [m.name for m in from_file] == [m.name for m in from_folder]
     np.testing.assert_allclose([m.score for m in from_file], [m.score for m in from_folder], atol=1e-5)
     assert from_file[0].image is not None and Path(from_file[0].image).is_file()
+
+
+def test_gallery_file_for_a_run_trained_on_the_concatenation(run, tmp_path):
+    from adaptation.similarity import VisualSimilarity
+
+    full = run["features"].parent / "features.npy"
+    assert train.main(["-d", str(full), "--model", "original", "-s", str(tmp_path / "runs"), "-e", "2", "-t", "15",
+                       "--test-split", "0.25", "-k", "1", "--seed", "0", "--no-images"]) == 0
+    assert extract.main(["-d", str(run["gallery"]), "-s", str(tmp_path / "g"), "-p", "adapt", "--normalize", "layers",
+                         *TINY]) == 0
+    sim = VisualSimilarity.from_run(tmp_path / "runs" / "run1", device="cpu")
+    query = run["root"] / "tll" / "left" / "pair001.png"
+    from_file = sim.search(query, tmp_path / "g" / "tiny_rn" / "features.npy", k=6)
+    from_folder = sim.search(query, run["gallery"], k=6)
+    assert [m.name for m in from_file] == [m.name for m in from_folder]
+    np.testing.assert_allclose([m.score for m in from_file], [m.score for m in from_folder], atol=1e-5)
 
 
 def test_unreadable_gallery_images_are_skipped_and_reported(run, tmp_path, capsys):
