@@ -27,7 +27,7 @@ is this figure. See `adaptation.metrics` for the exact definitions.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import math
 import re
 import shutil
@@ -43,7 +43,7 @@ from adaptation.data import load_pairs, split_data, split_indices
 from adaptation.metrics import metric_names
 from adaptation.models import MODELS, build_model, model_kwargs
 from adaptation.training import PRECISIONS, TrainConfig, make_optimizer, train
-from featuresExtractor.utils import UserError, atomic_path, run_cli, write_json
+from featuresExtractor.utils import UserError, atomic_path, read_json, run_cli, write_json
 
 PROG = "train.py"
 CHECKPOINT = "model_and_optimizer.pt"
@@ -155,7 +155,7 @@ def _dataset_root(manifest: Path) -> Path | None:
     """The pairs folder an extract.py manifest records, when it is still there."""
     if not manifest.is_file():
         return None
-    dataset = json.loads(manifest.read_text()).get("dataset", {})
+    dataset = read_json(manifest).get("dataset", {})
     root = Path(dataset.get("path", ""))
     return root if dataset.get("kind") == "pairs" and (root / "left").is_dir() and (root / "right").is_dir() else None
 
@@ -170,6 +170,38 @@ def _log_retrieval_grid(writer, model: torch.nn.Module, data, root: Path, epoch:
         sim = similarity_matrix(model(data.test[0]), model(data.test[1]))
     grid = pair_retrieval_grid(sim, data.test_names, root, n_queries=6, k=5)
     writer.add_image("Test/retrieval", np.asarray(grid), epoch, dataformats="HWC")
+
+
+@contextlib.contextmanager
+def _replacing(save_to: Path, old: list[Path]):
+    """Run the block with `old` (earlier runs that --overwrite replaces) set aside.
+
+    They are deleted once the block has succeeded; if it fails or is interrupted, what
+    it wrote is removed and they are put back, so a failed run loses nothing.
+    """
+    aside = save_to / ".replaced"
+    if aside.exists():
+        raise UserError(f"{aside} holds runs set aside by an interrupted --overwrite; move them back into "
+                        f"{save_to} or delete {aside}, then re-run")
+    if old:
+        aside.mkdir(parents=True)
+        for path in old:
+            path.rename(aside / path.name)
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if done:
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            for path in (save_to.iterdir() if save_to.is_dir() else []):
+                if _OURS.match(path.name):
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if aside.is_dir():
+                for path in aside.iterdir():
+                    path.rename(save_to / path.name)
+                aside.rmdir()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,95 +226,94 @@ def main(argv: Sequence[str] | None = None) -> int:
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed from here on
     from tqdm.auto import tqdm
 
-    for path in to_remove:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    save_to.mkdir(parents=True, exist_ok=True)
-
     manifest = data_path.parent / "manifest.json"
-    base_config: dict[str, Any] = {
-        "data": str(data_path),
-        "manifest": str(manifest) if manifest.is_file() else None,
-        "model": args.model,
-        "in_dim": pairs.in_dim,
-        "model_kwargs": model_kwargs(build_model(args.model, pairs.in_dim)),
-        "runs": args.runs,
-        "seed": seed,
-        "test_split": args.test_split,
-        "n_pairs": len(pairs),
-        "n_train": len(data.train_names),
-        "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0]),
-        "n_test": len(data.test_names),
-        "device": device.type,
-        "allow_pickle": args.allow_pickle,
-        "torch": str(torch.__version__),
-        **cfg.to_dict(),
-    }
-    print(f"{PROG}: {len(pairs)} pairs of {pairs.in_dim}-d features ({base_config['n_train']} train + "
-          f"{base_config['n_train_flipped']} flipped copies, {base_config['n_test']} test), "
-          f"model {args.model}, {device.type}, {args.precision}, seed {seed}", file=sys.stderr)
-
     images_root = _dataset_root(manifest) if args.images else None
-    histories: list[list[dict[str, float]]] = []
-    for run in range(1, args.runs + 1):
-        run_dir = save_to / f"run{run}"
-        run_seed = seed + run - 1
-        torch.manual_seed(run_seed)
-        model = build_model(args.model, pairs.in_dim).to(device)
-        optimizer = make_optimizer(model, cfg)
-        config = {**base_config, "run": run, "run_seed": run_seed}
-        write_json(run_dir / "config.json", config)
-
-        writer = SummaryWriter(str(run_dir))
-        writer.add_text("config", _config_text(config))
-        writer.add_text("model", f"```\n{model}\n```")
-        bar = tqdm(total=cfg.epochs, desc=f"run {run}/{args.runs}", unit="epoch", file=sys.stderr)
-
-        def log(epoch: int, metrics: dict[str, float]) -> None:
-            for name, value in metrics.items():
-                writer.add_scalar(name, value, epoch)
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['Train/Loss']:.3f}", test_top1=f"{metrics[f'Test/top {topk[0]}']:.3f}", refresh=False)
-
-        start = time.perf_counter()
-        try:
-            history = train(model, data, cfg, optimizer, on_epoch=log)
-            if images_root is not None:
-                _log_retrieval_grid(writer, model, data, images_root, cfg.epochs)
-        finally:
-            bar.close()
-            writer.close()
-        seconds = time.perf_counter() - start
-        final = {k: v for k, v in history[-1].items() if k != "epoch"}
-        write_json(run_dir / "metrics.json", {"run": run, "seconds": seconds, "epochs": history})
-        checkpoint = {
-            "format_version": FORMAT_VERSION,
-            "epoch": cfg.epochs,
-            "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "config": config,
-            "model_name": args.model,
+    save_to.mkdir(parents=True, exist_ok=True)
+    # Earlier runs replaced by --overwrite are set aside, and come back if this one fails.
+    with _replacing(save_to, to_remove):
+        base_config: dict[str, Any] = {
+            "data": str(data_path),
+            "manifest": str(manifest) if manifest.is_file() else None,
+            "model": args.model,
             "in_dim": pairs.in_dim,
-            "model_kwargs": config["model_kwargs"],
-            "test_names": list(data.test_names),
-            "final_metrics": final,
+            "model_kwargs": model_kwargs(build_model(args.model, pairs.in_dim)),
+            "runs": args.runs,
+            "seed": seed,
+            "test_split": args.test_split,
+            "n_pairs": len(pairs),
+            "n_train": len(data.train_names),
+            "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0]),
+            "n_test": len(data.test_names),
+            "device": device.type,
+            "allow_pickle": args.allow_pickle,
+            "torch": str(torch.__version__),
+            **cfg.to_dict(),
         }
-        with atomic_path(run_dir / CHECKPOINT, suffix=".pt") as tmp:
-            torch.save(checkpoint, tmp)
-        histories.append(history)
-        print(f"{PROG}: run {run}: {seconds:.1f} s, test top {topk[0]} {100 * final[f'Test/top {topk[0]}']:.2f}%", file=sys.stderr)
+        print(f"{PROG}: {len(pairs)} pairs of {pairs.in_dim}-d features ({base_config['n_train']} train + "
+              f"{base_config['n_train_flipped']} flipped copies, {base_config['n_test']} test), "
+              f"model {args.model}, {device.type}, {args.precision}, seed {seed}", file=sys.stderr)
 
-    if args.runs > 1:
-        writer = SummaryWriter(str(save_to / "avg"))
-        for epoch_rows in zip(*histories):
-            for name in epoch_rows[0]:
-                if name != "epoch":
-                    writer.add_scalar(name, float(np.mean([r[name] for r in epoch_rows])), epoch_rows[0]["epoch"])
-        writer.close()
+        histories: list[list[dict[str, float]]] = []
+        for run in range(1, args.runs + 1):
+            run_dir = save_to / f"run{run}"
+            run_seed = seed + run - 1
+            torch.manual_seed(run_seed)
+            model = build_model(args.model, pairs.in_dim).to(device)
+            optimizer = make_optimizer(model, cfg)
+            config = {**base_config, "run": run, "run_seed": run_seed}
+            write_json(run_dir / "config.json", config)
 
-    summary = _summarise([{k: v for k, v in h[-1].items() if k != "epoch"} for h in histories])
-    write_json(save_to / "summary.json", {"config": base_config, "final": summary})
-    print(_table(summary, topk, args.runs))
-    return 0
+            writer = SummaryWriter(str(run_dir))
+            writer.add_text("config", _config_text(config))
+            writer.add_text("model", f"```\n{model}\n```")
+            bar = tqdm(total=cfg.epochs, desc=f"run {run}/{args.runs}", unit="epoch", file=sys.stderr)
+
+            def log(epoch: int, metrics: dict[str, float]) -> None:
+                for name, value in metrics.items():
+                    writer.add_scalar(name, value, epoch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['Train/Loss']:.3f}", test_top1=f"{metrics[f'Test/top {topk[0]}']:.3f}", refresh=False)
+
+            start = time.perf_counter()
+            try:
+                history = train(model, data, cfg, optimizer, on_epoch=log)
+                if images_root is not None:
+                    _log_retrieval_grid(writer, model, data, images_root, cfg.epochs)
+            finally:
+                bar.close()
+                writer.close()
+            seconds = time.perf_counter() - start
+            final = {k: v for k, v in history[-1].items() if k != "epoch"}
+            write_json(run_dir / "metrics.json", {"run": run, "seconds": seconds, "epochs": history})
+            checkpoint = {
+                "format_version": FORMAT_VERSION,
+                "epoch": cfg.epochs,
+                "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "config": config,
+                "model_name": args.model,
+                "in_dim": pairs.in_dim,
+                "model_kwargs": config["model_kwargs"],
+                "test_names": list(data.test_names),
+                "final_metrics": final,
+            }
+            with atomic_path(run_dir / CHECKPOINT, suffix=".pt") as tmp:
+                torch.save(checkpoint, tmp)
+            histories.append(history)
+            print(f"{PROG}: run {run}: {seconds:.1f} s, test top {topk[0]} {100 * final[f'Test/top {topk[0]}']:.2f}%", file=sys.stderr)
+
+        if args.runs > 1:
+            writer = SummaryWriter(str(save_to / "avg"))
+            for epoch_rows in zip(*histories):
+                for name in epoch_rows[0]:
+                    if name != "epoch":
+                        writer.add_scalar(name, float(np.mean([r[name] for r in epoch_rows])), epoch_rows[0]["epoch"])
+            writer.close()
+
+        summary = _summarise([{k: v for k, v in h[-1].items() if k != "epoch"} for h in histories])
+        write_json(save_to / "summary.json", {"config": base_config, "final": summary})
+        print(_table(summary, topk, args.runs))
+        return 0
 
 
 if __name__ == "__main__":

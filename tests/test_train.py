@@ -225,3 +225,32 @@ def test_bad_flags_exit_2(features, tmp_path, extra):
 def test_import_has_no_side_effects():
     code = "import sys, train; assert 'tensorboard' not in sys.modules and 'torch.utils.tensorboard' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60, env={**os.environ})
+
+
+def test_failed_overwrite_puts_earlier_runs_back(tmp_path, monkeypatch):
+    import train as train_script
+    from adaptation.data import to_structured
+
+    rng = np.random.default_rng(0)
+    feats = tmp_path / "f.npy"
+    np.save(feats, to_structured([f"p{i}" for i in range(16)], [False] * 16,
+                                 rng.normal(size=(16, 8)).astype(np.float32), rng.normal(size=(16, 8)).astype(np.float32)))
+    runs = tmp_path / "runs"
+    args = ["-d", str(feats), "-s", str(runs), "-e", "1", "-k", "1", "--seed", "0", "--model", "dummy"]
+    assert train_script.main(args) == 0
+    before = (runs / "summary.json").read_bytes()
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_script, "train", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train_script.main(args + ["--overwrite"])
+    assert (runs / "summary.json").read_bytes() == before and (runs / "run1" / "model_and_optimizer.pt").is_file()
+    assert not (runs / ".replaced").exists()
+    monkeypatch.undo()
+    (runs / ".replaced").mkdir()
+    from featuresExtractor.utils import UserError
+
+    with pytest.raises(UserError, match="set aside by an interrupted --overwrite"):
+        train_script.main(args + ["--overwrite"])
