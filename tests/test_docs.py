@@ -51,5 +51,6 @@ def test_seed_readme_links_resolve():
 
 def test_processor_page_documents_the_four_processors():
     page = (ROOT / "docs" / "featuresExtractor" / "processor.html").read_text()
-    for name in ("adapt", "adapt-pca", "pca", "save", "layers"):
-        assert name in page
+    for row in ("<code>adapt</code>", "<code>adapt-pca N</code>", "<code>pca N</code>", "<code>save</code>",
+                "<code>layers</code>", "<code>all</code>"):
+        assert row in page, row
