@@ -68,10 +68,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from featuresExtractor.pipeline import ExtractConfig, extract
     from featuresExtractor.utils import UserError
 
-    if args.batch_size < 1:
-        raise UserError(f"-b/--batch-size must be at least 1 (got {args.batch_size})")
-    if args.workers < 0:
-        raise UserError(f"--workers must be 0 or more (got {args.workers})")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
@@ -80,11 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         batch_size=args.batch_size, workers=args.workers, device=str(device),
                         channels_last=args.channels_last, strict=args.strict, overwrite=args.overwrite,
                         progress=args.progress)
-    # Validate the cheap things before loading a large model.
+    # The config has checked its values; the dataset is checked too before a large model loads.
     from featuresExtractor.data import discover
-    from featuresExtractor.processor import parse_processor
 
-    parse_processor(cfg.processor, cfg.normalize)
     discover(cfg.dataset)
     spec = resolve_spec(args.model, args.layers, args.pretrained)
     backbone = load_backbone(spec, weights=args.weights, device=device)

@@ -67,6 +67,14 @@ class ExtractConfig:
     overwrite: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # Checked on construction, so extract.py refuses bad values before it loads a model.
+        if self.batch_size < 1:
+            raise UserError(f"-b/--batch-size must be at least 1 (got {self.batch_size})")
+        if self.workers < 0:
+            raise UserError(f"--workers must be 0 or more (got {self.workers})")
+        parse_processor(self.processor, self.normalize)
+
 
 @dataclass
 class Report:
@@ -219,8 +227,6 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     (with `strict`, also for an unreadable image, removing what this run wrote).
     """
     proc = parse_processor(cfg.processor, cfg.normalize)
-    if cfg.batch_size < 1:
-        raise UserError(f"-b/--batch-size must be at least 1 (got {cfg.batch_size})")
     layout = discover(cfg.dataset)
     blocking = next((p for p in (Path(cfg.save_to), *Path(cfg.save_to).parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
