@@ -1,0 +1,35 @@
+"""extract.py's fp32 output on fixed drawn images is pinned byte for byte.
+
+The checksums were recorded before the restructuring of issue 10; any change to
+what extract.py computes or writes (values, dtype, field layout) changes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+import extract
+from conftest import make_pairs
+from featuresExtractor.utils import run_cli
+
+PINNED = {
+    "features.npy": "04705a9b6b90be9b72fd6399c19bf1c99fb53dde8a86103ed6335397cfec9f22",
+    "features_pca8.npy": "36c0f45ffbc18b540e404af382a15f2792f94f5e062d994eeb166eec87532ebb",
+}
+
+
+def test_fp32_extraction_is_byte_identical(tmp_path, capsys):
+    data = tmp_path / "tll"
+    make_pairs(data, 5, seed=7)
+    out = tmp_path / "out"
+    argv = ["-d", str(data), "-s", str(out), "-b", "4", "--data-aug", "--processor", "adapt-pca", "8",
+            "--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
+    code = run_cli(extract.main, argv)
+    assert code == 0, capsys.readouterr().err
+    got = {}
+    for name in PINNED:
+        arr = np.load(out / "tiny_rn" / name)
+        got[name] = hashlib.sha256(arr.tobytes() + repr(arr.dtype.descr).encode()).hexdigest()
+    assert got == PINNED
