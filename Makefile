@@ -12,10 +12,12 @@ DOC_MODULES := extract train similarity featuresExtractor adaptation \
 	$(sort $(patsubst %.py,%,$(subst /,.,$(wildcard adaptation/[a-z]*.py))))
 PDOC = PYTHONHASHSEED=0 $(BIN)/python -m pdoc --docformat google --footer-text "featuresExtractor + adaptation" -o
 
-# The venv is rebuilt only when a requirements file changes.
-$(STAMP): requirements.txt requirements-dev.txt
+# The venv is rebuilt only when a requirements file or pyproject.toml changes; the project itself is
+# installed editable, so `featuresExtractor` and `adaptation` import from any directory.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 venv: $(STAMP)

@@ -1,7 +1,8 @@
 """Helpers shared by the bench/ scripts: peak memory, machine facts, tables and JSON results.
 
 Not a public API: the scripts in bench/ import it by file location (`bench/` is the
-script folder, so it is on `sys.path` when one of them runs).
+script folder, so it is on `sys.path` when one of them runs). The packages come from the
+project install (`pip install -e .`, done by the Makefile).
 """
 
 from __future__ import annotations
@@ -11,15 +12,12 @@ import os
 import platform
 import resource
 import statistics
-import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # so that `featuresExtractor` imports from a plain `python bench/x.py`
-    sys.path.insert(0, str(ROOT))
 
-from featuresExtractor.utils import write_json  # noqa: E402
+from featuresExtractor.utils import write_json
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # Never touch the network from the tests: a missing weight must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
