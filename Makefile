@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 # What the HTML docs cover (pdoc, from the docstrings).
 # adaptation/__init__ has an __all__, which hides its submodules from pdoc: list them.
-DOC_MODULES := extract train similarity featuresExtractor adaptation \
+DOC_MODULES := extract train similarity demo toolkit featuresExtractor adaptation \
 	$(sort $(patsubst %.py,%,$(subst /,.,$(wildcard adaptation/[a-z]*.py))))
 PDOC = PYTHONHASHSEED=0 $(BIN)/python -m pdoc --docformat google --footer-text "featuresExtractor + adaptation" -o
 
@@ -27,7 +27,7 @@ test: $(STAMP)
 
 # The whole pipeline on embedded synthetic pairs, offline.
 demo: $(STAMP)
-	$(BIN)/python -m adaptation.demo --out demo_out
+	$(BIN)/python demo.py --out demo_out
 
 # Regenerate docs/ from the docstrings (tests/test_docs.py fails when it is stale).
 docs: $(STAMP)

@@ -27,7 +27,7 @@ __all__ = ["parse_args", "main"]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse extract.py's command line (see `python extract.py -h`)."""
-    from featuresExtractor.utils import default_workers
+    from toolkit.utils import default_workers
 
     p = argparse.ArgumentParser(
         prog="extract.py", description="Extract CLIP multi-layer image features for the adaptation function.",
@@ -59,25 +59,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+FLAGS = {"batch_size": "-b/--batch-size", "workers": "--workers", "normalize": "--normalize", "strict": "--strict",
+         "device": "--device"}
+"""Library parameter names as this script's flags, for error messages."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run extract.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
     import torch
 
-    from featuresExtractor.models import load_backbone, resolve_spec
+    from featuresExtractor.backbones import load_backbone, resolve_spec
     from featuresExtractor.pipeline import ExtractConfig, extract
-    from featuresExtractor.utils import UserError
+    from toolkit.utils import UserError, flag_names
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
-                        normalize=args.normalize, data_aug=args.data_aug, precision=args.precision,
-                        batch_size=args.batch_size, workers=args.workers, device=str(device),
-                        channels_last=args.channels_last, strict=args.strict, overwrite=args.overwrite,
-                        progress=args.progress)
+    with flag_names(FLAGS):
+        cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
+                            normalize=args.normalize, data_aug=args.data_aug, precision=args.precision,
+                            batch_size=args.batch_size, workers=args.workers, device=str(device),
+                            channels_last=args.channels_last, strict=args.strict, overwrite=args.overwrite,
+                            progress=args.progress)
     # The config has checked its values; the dataset is checked too before a large model loads.
-    from featuresExtractor.data import discover
+    from featuresExtractor.dataset import discover
 
     discover(cfg.dataset)
     spec = resolve_spec(args.model, args.layers, args.pretrained)
@@ -86,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("WARNING: the backbone is RANDOMLY INITIALISED (--pretrained none): the features say nothing "
               "about the method", file=sys.stderr)
     try:
-        report = extract(cfg, backbone)
+        with flag_names(FLAGS):
+            report = extract(cfg, backbone)
     except KeyboardInterrupt:
         print("extract.py: interrupted; finished batches are kept: re-run the same command to resume", file=sys.stderr)
         return 130
@@ -107,6 +114,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from featuresExtractor.utils import run_cli
+    from toolkit.utils import run_cli
 
     sys.exit(run_cli(main))

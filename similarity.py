@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _query_image(path: str):
     from featuresExtractor.transforms import BadImage, load_image
-    from featuresExtractor.utils import UserError
+    from toolkit.utils import UserError
 
     if not Path(path).is_file():
         raise UserError(f"image {path} does not exist")
@@ -60,7 +60,7 @@ def _query_image(path: str):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
-    from featuresExtractor.utils import UserError, atomic_path
+    from toolkit.utils import UserError, atomic_path
 
     if args.command == "search" and args.k < 1:
         raise UserError(f"-k must be at least 1 (got {args.k})")
@@ -103,6 +103,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from featuresExtractor.utils import run_cli
+    from toolkit.utils import run_cli
 
     sys.exit(run_cli(main))

@@ -14,7 +14,7 @@ Each run `i` writes to `RUNS/run{i}/`:
   plus the configuration as text;
 - `config.json`: the configuration, including `data`, the absolute path of the features file;
 - `metrics.json`: every epoch's figures;
-- `model_and_optimizer.pt`: see `adaptation.models.load_checkpoint`.
+- `model_and_optimizer.pt`: see `adaptation.checkpoint`.
 
 With `-r` above 1, `RUNS/avg/` holds the mean curves. `RUNS/summary.json` holds the final test
 (and train) figures as mean and std over runs, and the same table is printed.
@@ -27,10 +27,7 @@ is this figure. See `adaptation.metrics` for the exact definitions.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,16 +36,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from adaptation.data import load_pairs, split_data, split_indices
+from adaptation.checkpoint import CHECKPOINT, save_checkpoint
 from adaptation.metrics import metric_names
 from adaptation.models import MODELS, build_model, model_kwargs
+from adaptation.runs import AVERAGE, average_curves, check_save_to, replacing, run_dir, summarise, write_summary
+from adaptation.split import split_data, split_indices
 from adaptation.training import PRECISIONS, TrainConfig, make_optimizer, train
-from featuresExtractor.utils import UserError, atomic_path, read_json, run_cli, write_json
+from featuresExtractor.pairs_file import load_pairs
+from toolkit.utils import flag_names, read_json, run_cli, write_json
 
 PROG = "train.py"
-CHECKPOINT = "model_and_optimizer.pt"
-FORMAT_VERSION = 1
-_OURS = re.compile(r"^(run\d+|avg|summary\.json)$")
 
 
 def _positive_int(text: str) -> int:
@@ -108,16 +105,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _check_save_to(save_to: Path, overwrite: bool) -> list[Path]:
-    """What --overwrite will remove; refuse a non-empty folder without it. Deletes nothing itself."""
-    if save_to.exists() and not save_to.is_dir():
-        raise UserError(f"--save-to {save_to} exists and is not a folder")
-    entries = sorted(save_to.iterdir()) if save_to.is_dir() else []
-    if entries and not overwrite:
-        raise UserError(f"--save-to {save_to} already exists and is not empty; choose another folder or pass --overwrite")
-    return [e for e in entries if _OURS.match(e.name)]
-
-
 def _select_device(gpu: bool) -> torch.device:
     if gpu and torch.cuda.is_available():
         return torch.device("cuda")
@@ -129,16 +116,6 @@ def _select_device(gpu: bool) -> torch.device:
 def _config_text(config: dict[str, Any]) -> str:
     rows = "\n".join(f"| {k} | `{v}` |" for k, v in sorted(config.items()))
     return "| setting | value |\n|---|---|\n" + rows
-
-
-def _summarise(finals: list[dict[str, float]]) -> dict[str, dict]:
-    """Mean and std over runs of each final figure; std is the sample std (ddof=1), 0 for one run."""
-    summary: dict[str, dict] = {}
-    for name in finals[0]:
-        values = [f[name] for f in finals]
-        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        summary[name] = {"mean": float(np.mean(values)), "std": std, "values": values}
-    return summary
 
 
 def _table(summary: dict[str, dict], topk: Sequence[int], runs: int) -> str:
@@ -172,146 +149,119 @@ def _log_retrieval_grid(writer, model: torch.nn.Module, data, root: Path, epoch:
     writer.add_image("Test/retrieval", np.asarray(grid), epoch, dataformats="HWC")
 
 
-@contextlib.contextmanager
-def _replacing(save_to: Path, old: list[Path]):
-    """Run the block with `old` (earlier runs that --overwrite replaces) set aside.
+FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--test-split", "topk": "-k/--topk",
+         "allow_pickle": "--allow-pickle", "epochs": "-e/--epochs", "temperature": "-t/--temperature",
+         "lr": "--lr", "weight_decay": "--weight-decay", "precision": "--precision"}
+"""Library parameter names as this script's flags, for error messages."""
 
-    They are deleted once the block has succeeded; if it fails or is interrupted, what
-    it wrote is removed and they are put back, so a failed run loses nothing.
-    """
-    aside = save_to / ".replaced"
-    if aside.exists():
-        raise UserError(f"{aside} holds runs set aside by an interrupted --overwrite; move them back into "
-                        f"{save_to} or delete {aside}, then re-run")
-    if old:
-        aside.mkdir(parents=True)
-        for path in old:
-            path.rename(aside / path.name)
-    done = False
+
+def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, manifest: Path, pairs, data,
+                 seed: int, device: torch.device) -> dict[str, Any]:
+    """What every run of this invocation shares, as written to config.json and summary.json."""
+    return {
+        "data": str(data_path),
+        "manifest": str(manifest) if manifest.is_file() else None,
+        "model": args.model,
+        "in_dim": pairs.in_dim,
+        "model_kwargs": model_kwargs(build_model(args.model, pairs.in_dim)),
+        "runs": args.runs,
+        "seed": seed,
+        "test_split": args.test_split,
+        "n_pairs": len(pairs),
+        "n_train": len(data.train_names),
+        "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0]),
+        "n_test": len(data.test_names),
+        "device": device.type,
+        "allow_pickle": args.allow_pickle,
+        "torch": str(torch.__version__),
+        **cfg.to_dict(),
+    }
+
+
+def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], data,
+             device: torch.device, images_root: Path | None) -> list[dict[str, float]]:
+    """Train run number `run`, logging to TensorBoard, and write its folder; returns its history."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed from here on
+    from tqdm.auto import tqdm
+
+    folder = run_dir(args.save_to, run)
+    run_seed = base_config["seed"] + run - 1
+    torch.manual_seed(run_seed)
+    model = build_model(args.model, base_config["in_dim"]).to(device)
+    optimizer = make_optimizer(model, cfg)
+    config = {**base_config, "run": run, "run_seed": run_seed}
+    write_json(folder / "config.json", config)
+
+    writer = SummaryWriter(str(folder))
+    writer.add_text("config", _config_text(config))
+    writer.add_text("model", f"```\n{model}\n```")
+    bar = tqdm(total=cfg.epochs, desc=f"run {run}/{args.runs}", unit="epoch", file=sys.stderr)
+    first_k = cfg.topk[0]
+
+    def log(epoch: int, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            writer.add_scalar(name, value, epoch)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['Train/Loss']:.3f}", test_top1=f"{metrics[f'Test/top {first_k}']:.3f}", refresh=False)
+
+    start = time.perf_counter()
     try:
-        yield
-        done = True
+        history = train(model, data, cfg, optimizer, on_epoch=log)
+        if images_root is not None:
+            _log_retrieval_grid(writer, model, data, images_root, cfg.epochs)
     finally:
-        if done:
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            for path in (save_to.iterdir() if save_to.is_dir() else []):
-                if _OURS.match(path.name):
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-            if aside.is_dir():
-                for path in aside.iterdir():
-                    path.rename(save_to / path.name)
-                aside.rmdir()
+        bar.close()
+        writer.close()
+    seconds = time.perf_counter() - start
+    final = {k: v for k, v in history[-1].items() if k != "epoch"}
+    write_json(folder / "metrics.json", {"run": run, "seconds": seconds, "epochs": history})
+    save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=args.model, epoch=cfg.epochs, config=config,
+                    test_names=data.test_names, final_metrics=final)
+    print(f"{PROG}: run {run}: {seconds:.1f} s, test top {first_k} {100 * final[f'Test/top {first_k}']:.2f}%", file=sys.stderr)
+    return history
+
+
+def _log_average(save_to: Path, histories: list[list[dict[str, float]]]) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(save_to / AVERAGE))
+    for row in average_curves(histories):
+        for name, value in row.items():
+            if name != "epoch":
+                writer.add_scalar(name, value, row["epoch"])
+    writer.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, log and save as described in the module docstring. Returns the exit status."""
     args = parse_args(argv)
     save_to = Path(args.save_to)
-    to_remove = _check_save_to(save_to, args.overwrite)
     topk = tuple(dict.fromkeys(args.topk))
-
     # Everything that can be wrong with the input is found before anything is written.
-    data_path = Path(args.data).resolve()
-    pairs = load_pairs(data_path, allow_pickle=args.allow_pickle)
-    seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
-    train_idx, test_idx = split_indices(len(pairs), args.test_split, seed, topk)
-    cfg = TrainConfig(
-        epochs=args.epochs, temperature=args.temperature, lr=args.lr,
-        weight_decay=args.weight_decay, topk=topk, precision=args.precision,
-    )
+    with flag_names(FLAGS):
+        to_remove = check_save_to(save_to, args.overwrite)
+        data_path = Path(args.data).resolve()
+        pairs = load_pairs(data_path, allow_pickle=args.allow_pickle)
+        seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+        train_idx, test_idx = split_indices(len(pairs), args.test_split, seed, topk)
+        cfg = TrainConfig(epochs=args.epochs, temperature=args.temperature, lr=args.lr,
+                          weight_decay=args.weight_decay, topk=topk, precision=args.precision)
     device = _select_device(args.gpu)
     data = split_data(pairs, train_idx, test_idx, device)
-
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed from here on
-    from tqdm.auto import tqdm
 
     manifest = data_path.parent / "manifest.json"
     images_root = _dataset_root(manifest) if args.images else None
     save_to.mkdir(parents=True, exist_ok=True)
-    # Earlier runs replaced by --overwrite are set aside, and come back if this one fails.
-    with _replacing(save_to, to_remove):
-        base_config: dict[str, Any] = {
-            "data": str(data_path),
-            "manifest": str(manifest) if manifest.is_file() else None,
-            "model": args.model,
-            "in_dim": pairs.in_dim,
-            "model_kwargs": model_kwargs(build_model(args.model, pairs.in_dim)),
-            "runs": args.runs,
-            "seed": seed,
-            "test_split": args.test_split,
-            "n_pairs": len(pairs),
-            "n_train": len(data.train_names),
-            "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0]),
-            "n_test": len(data.test_names),
-            "device": device.type,
-            "allow_pickle": args.allow_pickle,
-            "torch": str(torch.__version__),
-            **cfg.to_dict(),
-        }
+    with replacing(save_to, to_remove):
+        base_config = _base_config(args, cfg, data_path, manifest, pairs, data, seed, device)
         print(f"{PROG}: {len(pairs)} pairs of {pairs.in_dim}-d features ({base_config['n_train']} train + "
               f"{base_config['n_train_flipped']} flipped copies, {base_config['n_test']} test), "
               f"model {args.model}, {device.type}, {args.precision}, seed {seed}", file=sys.stderr)
-
-        histories: list[list[dict[str, float]]] = []
-        for run in range(1, args.runs + 1):
-            run_dir = save_to / f"run{run}"
-            run_seed = seed + run - 1
-            torch.manual_seed(run_seed)
-            model = build_model(args.model, pairs.in_dim).to(device)
-            optimizer = make_optimizer(model, cfg)
-            config = {**base_config, "run": run, "run_seed": run_seed}
-            write_json(run_dir / "config.json", config)
-
-            writer = SummaryWriter(str(run_dir))
-            writer.add_text("config", _config_text(config))
-            writer.add_text("model", f"```\n{model}\n```")
-            bar = tqdm(total=cfg.epochs, desc=f"run {run}/{args.runs}", unit="epoch", file=sys.stderr)
-
-            def log(epoch: int, metrics: dict[str, float]) -> None:
-                for name, value in metrics.items():
-                    writer.add_scalar(name, value, epoch)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['Train/Loss']:.3f}", test_top1=f"{metrics[f'Test/top {topk[0]}']:.3f}", refresh=False)
-
-            start = time.perf_counter()
-            try:
-                history = train(model, data, cfg, optimizer, on_epoch=log)
-                if images_root is not None:
-                    _log_retrieval_grid(writer, model, data, images_root, cfg.epochs)
-            finally:
-                bar.close()
-                writer.close()
-            seconds = time.perf_counter() - start
-            final = {k: v for k, v in history[-1].items() if k != "epoch"}
-            write_json(run_dir / "metrics.json", {"run": run, "seconds": seconds, "epochs": history})
-            checkpoint = {
-                "format_version": FORMAT_VERSION,
-                "epoch": cfg.epochs,
-                "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "config": config,
-                "model_name": args.model,
-                "in_dim": pairs.in_dim,
-                "model_kwargs": config["model_kwargs"],
-                "test_names": list(data.test_names),
-                "final_metrics": final,
-            }
-            with atomic_path(run_dir / CHECKPOINT, suffix=".pt") as tmp:
-                torch.save(checkpoint, tmp)
-            histories.append(history)
-            print(f"{PROG}: run {run}: {seconds:.1f} s, test top {topk[0]} {100 * final[f'Test/top {topk[0]}']:.2f}%", file=sys.stderr)
-
+        histories = [_one_run(run, args, cfg, base_config, data, device, images_root) for run in range(1, args.runs + 1)]
         if args.runs > 1:
-            writer = SummaryWriter(str(save_to / "avg"))
-            for epoch_rows in zip(*histories):
-                for name in epoch_rows[0]:
-                    if name != "epoch":
-                        writer.add_scalar(name, float(np.mean([r[name] for r in epoch_rows])), epoch_rows[0]["epoch"])
-            writer.close()
-
-        summary = _summarise([{k: v for k, v in h[-1].items() if k != "epoch"} for h in histories])
-        write_json(save_to / "summary.json", {"config": base_config, "final": summary})
+            _log_average(save_to, histories)
+        summary = summarise([{k: v for k, v in h[-1].items() if k != "epoch"} for h in histories])
+        write_summary(save_to, base_config, summary)
         print(_table(summary, topk, args.runs))
         return 0
 

@@ -5,14 +5,15 @@ Pairs of images judged similar by people are embedded by a frozen network (extra
 image's partner. The pieces, all pure (no files, no devices chosen, no global state):
 
 - `adaptation.models`: the adaptation networks (`original`, `peterson`, `dummy`), `build_model`,
-  `load_checkpoint`.
+  (`adaptation.checkpoint.load_checkpoint` rebuilds a trained one).
 - `adaptation.losses`: the symmetric temperature-scaled contrastive loss.
 - `adaptation.metrics`: top-k (either direction, the paper's figure), left2right / right2left
   top-k and MRR, computed on the device.
-- `adaptation.data`: reading features files (extract.py's, or the seed's pickle), checks, the
-  train/test split.
+- `adaptation.split`: the train/test split and the three sets a run uses (features files are
+  read by `featuresExtractor.pairs_file`, which owns that format; `Pairs` and `load_pairs` are
+  re-exported here).
 - `adaptation.training`: the epoch loop, `train(model, data, config, optimizer, on_epoch)`.
-- `adaptation.synthetic`: planted pairs for tests and benchmarks.
+- `adaptation.planted`: planted pairs for tests and benchmarks.
 
 `train.py` at the top of the repository wires them to the command line, TensorBoard and files.
 
@@ -29,11 +30,14 @@ Example:
     2
 """
 
-from .data import Pairs, TrainData, load_pairs, split_data, split_indices
+from featuresExtractor.pairs_file import Pairs, load_pairs
+
+from .split import TrainData, split_data, split_indices
 from .losses import contrastive_loss, similarity_matrix
 from .metrics import retrieval_metrics
-from .models import MODELS, build_model, load_checkpoint
-from .synthetic import planted_pairs
+from .checkpoint import load_checkpoint
+from .models import MODELS, build_model
+from .planted import planted_pairs
 from .training import TrainConfig, make_optimizer, train
 
 __all__ = [

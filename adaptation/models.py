@@ -9,8 +9,8 @@ Three models, by the name `train.py --model` takes:
 - `dummy`: the identity. Nothing to train; it scores the raw features, the baseline every
   table needs.
 
-`build_model` creates one from its name; `load_checkpoint` rebuilds a trained one from the
-`model_and_optimizer.pt` that train.py writes.
+`build_model` creates one from its name; `adaptation.checkpoint.load_checkpoint` rebuilds a
+trained one from the `model_and_optimizer.pt` that train.py writes.
 
 Example:
     >>> import torch
@@ -21,15 +21,12 @@ Example:
 
 from __future__ import annotations
 
-import os
-import pickle
-import struct
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from featuresExtractor.utils import UserError, first_line
+from toolkit.utils import UserError
 
 __all__ = [
     "Original",
@@ -38,8 +35,6 @@ __all__ = [
     "MODELS",
     "build_model",
     "model_kwargs",
-    "load_checkpoint",
-    "CHECKPOINT_KEYS",
 ]
 
 
@@ -131,51 +126,3 @@ def build_model(name: str, in_dim: int, **kwargs: Any) -> nn.Module:
 def model_kwargs(model: nn.Module) -> dict[str, Any]:
     """The keyword arguments that, given to `build_model` with the same name and in_dim, rebuild `model`."""
     return dict(model.init_kwargs())
-
-
-CHECKPOINT_KEYS = ("epoch", "state_dict", "optimizer", "config", "model_name", "in_dim", "model_kwargs", "test_names")
-"""Keys every checkpoint written by train.py holds (see `load_checkpoint`)."""
-
-
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained model from a train.py checkpoint (`RUN_DIR/model_and_optimizer.pt`).
-
-    The file is read with `torch.load(weights_only=True)`, so loading it never runs code.
-
-    Args:
-        path: the checkpoint file.
-        device: where to put the model.
-
-    Returns:
-        `(model, checkpoint)`: the model in eval mode on `device`, and the checkpoint dict with
-        the keys of `CHECKPOINT_KEYS`: `epoch` (int), `state_dict`, `optimizer` (the Adam state,
-        None for `dummy`), `config` (plain dict; `config["data"]` is the absolute path of the
-        features file it was trained on), `model_name`, `in_dim`, `model_kwargs`, `test_names`
-        (list of str), plus `final_metrics` (dict of floats).
-
-    Raises:
-        UserError: a missing or unreadable file, or one that is not a train.py checkpoint.
-
-    Example:
-        >>> model, ckpt = load_checkpoint("runs/run1/model_and_optimizer.pt")   # doctest: +SKIP
-        >>> ckpt["config"]["data"]                                             # doctest: +SKIP
-        '/data/tll/clip_rn50x4/features_pca256.npy'
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, struct.error, OSError, ValueError) as err:
-        # A corrupt zip is a RuntimeError, a non-tensor object refused by weights_only an
-        # UnpicklingError, a truncated file EOFError; none of them should show a traceback.
-        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise UserError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
-    model = build_model(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r}: {first_line(err)}") from None
-    return model.to(device).eval(), ckpt

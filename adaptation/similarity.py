@@ -27,16 +27,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from featuresExtractor.data import discover
+from featuresExtractor.dataset import discover
 from featuresExtractor.encode import Encoder, read_manifest
 from featuresExtractor.transforms import BadImage, load_image
-from featuresExtractor.utils import UserError, first_line
+from toolkit.utils import UserError, first_line
 
-from .models import load_checkpoint
+from .checkpoint import CHECKPOINT, load_checkpoint
 
-__all__ = ["VisualSimilarity", "Gallery", "Match", "CHECKPOINT"]
+__all__ = ["VisualSimilarity", "Gallery", "Match"]
 
-CHECKPOINT = "model_and_optimizer.pt"
 GALLERY_CHUNK = 64
 ImageLike = str | os.PathLike | Image.Image
 

@@ -20,8 +20,8 @@ its flat curves can sit beside the others in TensorBoard.
 Example:
     >>> import torch
     >>> from adaptation.models import build_model
-    >>> from adaptation.synthetic import planted_pairs
-    >>> from adaptation.data import split_indices, split_data
+    >>> from adaptation.planted import planted_pairs
+    >>> from adaptation.split import split_indices, split_data
     >>> pairs = planted_pairs(n_pairs=64, dim=16, seed=0)
     >>> data = split_data(pairs, *split_indices(len(pairs), 0.25, seed=0))
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .data import TrainData
+from .split import TrainData
 from .losses import Workspace, contrastive_loss_from_similarity, similarity_and_loss, similarity_matrix
 from .metrics import retrieval_metrics
 
@@ -158,7 +158,7 @@ def train(
 
     Args:
         model: an adaptation model on the data's device (see `adaptation.models.build_model`).
-        data: the three sets, on one device (see `adaptation.data.split_data`).
+        data: the three sets, on one device (see `adaptation.split.split_data`).
         config: hyper-parameters.
         optimizer: from `make_optimizer(model, config)`; None trains nothing and evaluates once.
         on_epoch: called after every epoch with `(epoch, metrics)`, e.g. to write TensorBoard

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from featuresExtractor.utils import write_json
+from toolkit.utils import write_json
 
 RESULTS = ROOT / "bench" / "results"
 

@@ -5,7 +5,7 @@ this measures, on the real RN50x4 architecture with random weights (no network):
 
 * forward-only: `model.visual(x)` on pre-made tensors, at the pipeline's batch;
 * pipeline: `featuresExtractor.pipeline.extract` with processor `adapt` on
-  generated TLL-like pairs (200x250 JPEG, `featuresExtractor.synthetic`): decode,
+  generated TLL-like pairs (200x250 JPEG, `featuresExtractor.drawn_images`): decode,
   preprocess, forward with the taps, pooling, chunk writes and the final files.
   "e2e" is images / wall time of one `extract()` call, fixed costs included (the
   probe forward, setup, final files: large for a few images, nothing for TLL's
@@ -47,10 +47,10 @@ import benchlib  # bench/ is the script folder; this also puts the repo root on 
 import numpy as np
 import torch
 
-from featuresExtractor.models import load_backbone, resolve_spec
+from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.pipeline import CPU_SLICE, ExtractConfig, extract
-from featuresExtractor.synthetic import make_pairs
-from featuresExtractor.utils import UserError, run_cli
+from featuresExtractor.drawn_images import make_pairs
+from toolkit.utils import UserError, run_cli
 
 FORMATS = {"nchw": False, "cl": True}
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -38,8 +38,8 @@ import benchlib  # bench/ is the script folder; this also puts the repo root on 
 
 import numpy as np
 
-from featuresExtractor.synthetic import make_images, name_of
-from featuresExtractor.utils import UserError, run_cli
+from featuresExtractor.drawn_images import make_images, name_of
+from toolkit.utils import UserError, run_cli
 
 CHILD_MARK = "SCALE-RESULT "
 
@@ -64,7 +64,7 @@ def child(args: argparse.Namespace) -> int:
     """Inside the fresh subprocess: load the model, run one extraction, print the measurements."""
     import torch
 
-    from featuresExtractor.models import load_backbone, resolve_spec
+    from featuresExtractor.backbones import load_backbone, resolve_spec
     from featuresExtractor.pipeline import ExtractConfig, extract
 
     torch.manual_seed(0)

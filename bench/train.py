@@ -37,9 +37,9 @@ from typing import Sequence
 import benchlib  # bench/ is the script's folder; benchlib also puts the repository on sys.path
 import torch
 
-from adaptation.data import split_data, split_indices
+from adaptation.split import split_data, split_indices
 from adaptation.models import build_model
-from adaptation.synthetic import planted_pairs
+from adaptation.planted import planted_pairs
 from adaptation.training import PRECISIONS, TrainConfig, make_optimizer, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

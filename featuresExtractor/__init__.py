@@ -2,12 +2,13 @@
 
 The pipeline behind `extract.py`:
 
-1. `models`: the backbone registry and loader (open_clip model + its eval transform);
-2. `data`, `transforms`: dataset discovery, decoding to RGB, the horizontal flip;
+1. `backbones`: the backbone registry and loader (open_clip model + its eval transform);
+2. `dataset`, `transforms`: dataset discovery, decoding to RGB, the horizontal flip;
 3. `taps`: named forward hooks on `model.visual` (layer1 ... attnpool);
 4. `pooling`: global average pooling, L2 normalisation, concatenation;
 5. `processor`: the four processors (adapt, adapt-pca N, pca N, save);
-6. `pca`, `store`: the pickle-free PCA file, the feature files and resumable chunks;
+6. `pca`, `pairs_file`, `store`: the pickle-free PCA file, the features file (writer and reader)
+   and the resumable chunks;
 7. `pipeline`: the extraction loop that ties them together.
 
 Nothing is loaded at import time.

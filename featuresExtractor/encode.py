@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .models import Backbone, file_sha256, load_backbone, resolve_spec
+from .backbones import Backbone, file_sha256, load_backbone, resolve_spec
 from .pca import PCAParams, load_pca
 from .pipeline import CPU_SLICE, MANIFEST, Forwarder, embedding_tap, memory_format
 from .pooling import global_avg_pool
 from .processor import Processor, pca_stems, project
 from .taps import Taps
 from .transforms import load_image, to_rgb
-from .utils import UserError, read_json
+from toolkit.utils import UserError, read_json
 
 __all__ = ["Encoder", "read_manifest"]
 

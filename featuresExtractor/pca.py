@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import UserError, atomic_path, first_line
+from toolkit.utils import UserError, atomic_path, first_line
 
 __all__ = ["fit_pca", "PCAParams", "save_pca", "load_pca"]
 

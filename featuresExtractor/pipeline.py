@@ -6,7 +6,7 @@ arguments and loaded the backbone. It is resumable: finished batches are kept in
 only when every image has been seen.
 
 Example:
-    >>> from featuresExtractor.models import load_backbone, resolve_spec
+    >>> from featuresExtractor.backbones import load_backbone, resolve_spec
     >>> cfg = ExtractConfig(dataset="TLL", save_to="out", processor=("adapt-pca", "256"), data_aug=True)
     >>> report = extract(cfg, load_backbone(resolve_spec(cfg.model)))   # doctest: +SKIP
     >>> report.outputs                                                  # doctest: +SKIP
@@ -31,15 +31,16 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .data import ImageItems, Layout, discover
-from .models import EMBEDDING, Backbone
+from .dataset import ImageItems, Layout, discover
+from .backbones import EMBEDDING, Backbone
 from .pca import save_pca
 from .pooling import global_avg_pool
 from .processor import Processor, check_components, parse_processor, process
-from .store import ChunkStore, make_records
+from .pairs_file import make_records
+from .store import ChunkStore
 from .taps import Taps
 from .transforms import hflip
-from .utils import UserError, default_workers, read_json, save_npy, write_json
+from toolkit.utils import UserError, default_workers, read_json, save_npy, write_json
 
 __all__ = ["ExtractConfig", "Report", "extract", "embedding_tap", "probe_taps", "Forwarder", "memory_format"]
 
@@ -70,9 +71,9 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         # Checked on construction, so extract.py refuses bad values before it loads a model.
         if self.batch_size < 1:
-            raise UserError(f"-b/--batch-size must be at least 1 (got {self.batch_size})")
+            raise UserError(f"batch_size must be at least 1 (got {self.batch_size})")
         if self.workers < 0:
-            raise UserError(f"--workers must be 0 or more (got {self.workers})")
+            raise UserError(f"workers must be 0 or more (got {self.workers})")
         parse_processor(self.processor, self.normalize)
 
 
@@ -144,7 +145,7 @@ class Forwarder:
                 start += self.slice
             except torch.OutOfMemoryError:
                 if self.slice == 1:
-                    raise UserError("out of GPU memory even with one image per batch; use --device cpu") from None
+                    raise UserError("out of GPU memory even with one image per batch; use device cpu") from None
                 self.slice //= 2
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -181,7 +182,7 @@ def _check_disk(out_dir: Path, n_items: int, per_item_values: int) -> int:
     free = shutil.disk_usage(probe).free
     print(f"save: raw tap outputs will take {need / 2**30:.2f} GiB; {free / 2**30:.2f} GiB free", file=sys.stderr)
     if need > free:
-        raise UserError(f"not enough disk for -p save: need {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free "
+        raise UserError(f"not enough disk for processor save: need {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free "
                         f"under {probe}; free some space or pick another -s")
     return need
 
@@ -278,7 +279,7 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
                 skipped = [(i, e) for i, e in zip(indices, batch["error"]) if e]
                 if skipped and cfg.strict:
                     i, e = skipped[0]
-                    raise UserError(f"unreadable image in item {layout.names[i]!r}: {e} (--strict; drop --strict "
+                    raise UserError(f"unreadable image in item {layout.names[i]!r}: {e} (strict; drop strict "
                                     f"to skip such pairs and list them in the manifest)")
                 if not written and not store.folder.exists():
                     store.start(fingerprint)

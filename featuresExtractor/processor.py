@@ -45,7 +45,7 @@ import numpy as np
 
 from .pca import PCAParams, fit_pca
 from .pooling import NORMALIZE_MODES, concat_parts, part_slices
-from .utils import UserError
+from toolkit.utils import UserError
 
 __all__ = ["Processor", "PROCESSORS", "parse_processor", "pca_stems", "project", "process", "Outputs"]
 
@@ -68,21 +68,21 @@ class Processor:
 
 
 def parse_processor(tokens: Sequence[str], normalize: str | None = None) -> Processor:
-    """Parse `-p` tokens such as ["adapt-pca", "256"] into a `Processor`."""
+    """Parse processor tokens (extract.py's `-p`) such as ["adapt-pca", "256"] into a `Processor`."""
     if not tokens or tokens[0] not in PROCESSORS:
         raise UserError(f"unknown processor {' '.join(tokens)!r}; choose adapt, adapt-pca N, pca N or save")
     name, rest = tokens[0], list(tokens[1:])
     takes_n, default_norm = PROCESSORS[name]
     if takes_n:
         if len(rest) != 1 or not rest[0].isdigit() or int(rest[0]) < 1:
-            raise UserError(f"processor {name} needs one positive integer N, e.g. -p {name} 256")
+            raise UserError(f"processor {name} needs one positive integer N, e.g. processor {name} 256")
         n = int(rest[0])
     elif rest:
         raise UserError(f"processor {name} takes no argument (got {' '.join(rest)})")
     else:
         n = None
     if normalize is not None and normalize not in NORMALIZE_MODES:
-        raise UserError(f"--normalize must be one of {', '.join(NORMALIZE_MODES)}")
+        raise UserError(f"normalize must be one of {', '.join(NORMALIZE_MODES)}")
     return Processor(name, n, normalize or default_norm)
 
 

@@ -1,27 +1,8 @@
-"""On-disk formats: the structured feature files, and the resumable chunk store.
+"""The resumable chunk store of an extraction (`MODEL/.partial/`).
 
-Feature files are plain `.npy` structured arrays (no pickle, `np.load(path)` reads
-them), one row per pair:
-
-| field       | dtype            | meaning                                        |
-|-------------|------------------|------------------------------------------------|
-| `name`      | unicode          | the pair's file name (same in left/ and right/) |
-| `augmented` | bool             | True for the horizontally flipped copy          |
-| `left`      | float32, (D,)    | the left image's vector                         |
-| `right`     | float32, (D,)    | the right image's vector                        |
-
-A flat folder gives `name`, `augmented` and `feature` instead. Original rows come
-first, then the flipped copies in the same order; an augmented row shares its
-name with its original.
-
-Example:
-    >>> import numpy as np
-    >>> rec = np.load("out/clip_rn50x4/features_pca256.npy")      # doctest: +SKIP
-    >>> rec["left"][~rec["augmented"]].shape                         # doctest: +SKIP
-    (6016, 256)
-
-While extraction runs, finished batches go to `MODEL/.partial/` as chunk files, so
-an interrupted run resumes where it stopped.
+While extraction runs, finished batches go to `MODEL/.partial/` as chunk files, so an
+interrupted run resumes where it stopped. The final features files are written by
+`featuresExtractor.pairs_file`.
 """
 
 from __future__ import annotations
@@ -32,24 +13,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .utils import atomic_path, read_json, write_json
+from toolkit.utils import atomic_path, read_json, write_json
 
-__all__ = ["make_records", "ChunkStore"]
-
-
-def make_records(names: Sequence[str], vectors: np.ndarray, sides: Sequence[str]) -> np.ndarray:
-    """Build the structured array from (n, sides, flips, D) vectors: originals, then flipped copies."""
-    n, n_sides, n_flips, dim = vectors.shape
-    width = max([len(s) for s in names] + [1])
-    dtype = [("name", f"<U{width}"), ("augmented", "?")] + [(side, "<f4", (dim,)) for side in sides]
-    rec = np.zeros(n * n_flips, dtype=dtype)
-    for f in range(n_flips):
-        rows = slice(f * n, (f + 1) * n)
-        rec["name"][rows] = names
-        rec["augmented"][rows] = f > 0
-        for s, side in enumerate(sides):
-            rec[side][rows] = vectors[:, s, f]
-    return rec
+__all__ = ["ChunkStore"]
 
 
 class ChunkStore:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .models import EMBEDDING, validate_taps
+from .backbones import EMBEDDING, validate_taps
 
 __all__ = ["Taps"]
 

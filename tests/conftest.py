@@ -46,7 +46,7 @@ def tiny_backbone():
     """open_clip's ModifiedResNet at layers [1,1,1,1], width 8, 64 px, random weights (seeded)."""
     import torch
 
-    from featuresExtractor.models import load_backbone, resolve_spec
+    from featuresExtractor.backbones import load_backbone, resolve_spec
 
     torch.manual_seed(0)
     return load_backbone(resolve_spec("tiny_rn"))

@@ -3,15 +3,10 @@
 import numpy as np
 import pytest
 
-from adaptation.data import (
-    load_pairs,
-    pairs_from_structured,
-    split_data,
-    split_indices,
-    to_structured,
-)
-from adaptation.synthetic import planted_array
-from featuresExtractor.utils import UserError
+from adaptation.split import split_data, split_indices
+from featuresExtractor.pairs_file import load_pairs, pairs_from_structured, to_structured
+from adaptation.planted import planted_array
+from toolkit.utils import UserError
 
 
 def seed_dict(n=6, d=4, seed=0):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from adaptation.models import CHECKPOINT_KEYS, build_model, load_checkpoint, model_kwargs
-from featuresExtractor.utils import UserError
+from adaptation.checkpoint import CHECKPOINT_KEYS, load_checkpoint
+from adaptation.models import build_model, model_kwargs
+from toolkit.utils import UserError
 
 
 def test_original_is_linear_without_bias_then_relu():

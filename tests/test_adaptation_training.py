@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from adaptation.data import split_data, split_indices
+from adaptation.split import split_data, split_indices
 from adaptation.models import build_model
-from adaptation.synthetic import planted_pairs
+from adaptation.planted import planted_pairs
 from adaptation.training import TrainConfig, make_optimizer, train
 
 

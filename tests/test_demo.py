@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaptation import demo
+import demo
 
 
 def test_demo_runs_the_readme_pipeline_and_prints_the_comparison(tmp_path, capfd):

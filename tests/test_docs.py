@@ -38,7 +38,7 @@ def test_docs_hold_no_dates_or_absolute_paths():
 
 
 def test_seed_readme_links_resolve():
-    for rel in ("docs/train.html", "docs/featuresExtractor/processor.html", "featuresExtractor/models.py",
+    for rel in ("docs/train.html", "docs/featuresExtractor/processor.html", "featuresExtractor/backbones.py",
                 "featuresExtractor/transforms.py"):
         assert (ROOT / rel).is_file(), rel
     readme = (ROOT / "README.md").read_text()

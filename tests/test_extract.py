@@ -14,12 +14,12 @@ import torch
 
 import extract
 from conftest import ROOT, draw_image, make_pairs
-from featuresExtractor.models import load_backbone, resolve_spec
+from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.pipeline import ExtractConfig, Forwarder, extract as run_extract
 from featuresExtractor.pooling import concat_parts, global_avg_pool
 from featuresExtractor.taps import Taps
 from featuresExtractor.transforms import hflip, load_image
-from featuresExtractor.utils import UserError, run_cli
+from toolkit.utils import UserError, run_cli
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
@@ -254,7 +254,7 @@ def test_forwarder_halves_batch_on_out_of_memory():
 def test_weights_file_fp16_and_wrapped_state_dict(tmp_path, pairs_dir, tiny_backbone, capsys):
     import open_clip
 
-    from featuresExtractor.models import _register_local_configs
+    from featuresExtractor.backbones import _register_local_configs
 
     _register_local_configs()
     torch.manual_seed(5)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import make_pairs
-from featuresExtractor.models import load_backbone, resolve_spec
+from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.pipeline import ExtractConfig, extract, probe_taps
 
 

@@ -14,7 +14,7 @@ import extract
 import similarity
 import train
 from conftest import draw_image, make_pairs
-from featuresExtractor.utils import run_cli
+from toolkit.utils import run_cli
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 

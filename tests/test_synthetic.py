@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featuresExtractor import synthetic
-from featuresExtractor.data import discover
-from featuresExtractor.synthetic import make_images, make_pairs, render_pair
-from featuresExtractor.utils import UserError, run_cli
+from featuresExtractor import drawn_images as synthetic
+from featuresExtractor.dataset import discover
+from featuresExtractor.drawn_images import make_images, make_pairs, render_pair
+from toolkit.utils import UserError, run_cli
 
 SMALL = (48, 60)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import train
-from adaptation.models import load_checkpoint
-from adaptation.synthetic import planted_array
-from featuresExtractor.utils import run_cli
+from adaptation.checkpoint import load_checkpoint
+from adaptation.planted import planted_array
+from toolkit.utils import run_cli
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,7 +229,7 @@ def test_import_has_no_side_effects():
 
 def test_failed_overwrite_puts_earlier_runs_back(tmp_path, monkeypatch):
     import train as train_script
-    from adaptation.data import to_structured
+    from featuresExtractor.pairs_file import to_structured
 
     rng = np.random.default_rng(0)
     feats = tmp_path / "f.npy"
@@ -250,7 +250,7 @@ def test_failed_overwrite_puts_earlier_runs_back(tmp_path, monkeypatch):
     assert not (runs / ".replaced").exists()
     monkeypatch.undo()
     (runs / ".replaced").mkdir()
-    from featuresExtractor.utils import UserError
+    from toolkit.utils import UserError
 
     with pytest.raises(UserError, match="set aside by an interrupted --overwrite"):
         train_script.main(args + ["--overwrite"])

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "read_json", "write_json", "save_npy", "run_cli"]
+__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "read_json", "write_json", "save_npy", "run_cli", "flag_names"]
 
 
 class UserError(Exception):
@@ -103,3 +104,24 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def flag_names(names: dict[str, str]) -> Iterator[None]:
+    """Re-raise a library `UserError` with its parameter names given as the script's flags.
+
+    The packages speak in their own parameter names (`test_split`); a script wraps its calls so
+    the user reads the flag they typed (`--test-split`).
+
+    Example:
+        >>> with flag_names({"test_split": "--test-split"}):     # doctest: +SKIP
+        ...     split_indices(10, 1.5, seed=0)
+        UserError: --test-split must lie strictly between 0 and 1, got 1.5
+    """
+    try:
+        yield
+    except UserError as err:
+        text = str(err)
+        for name, flag in names.items():
+            text = re.sub(rf"(?<![\w-]){re.escape(name)}\b", flag, text)
+        raise UserError(text) from None

@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .utils import UserError, first_line
+from toolkit.utils import UserError, first_line
 
 __all__ = [
     "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
@@ -265,7 +265,7 @@ def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise UserError(f"--weights {path}: no such file")
+            raise UserError(f"weights file {path}: no such file")
         source = {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
     elif spec.pretrained:
         path = _download(spec)

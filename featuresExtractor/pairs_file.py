@@ -1,29 +1,36 @@
-"""Loading pairs of features, checking them, and splitting them into train and test.
+"""The features file: extract.py writes it, train.py and similarity.py read it; this module owns it.
 
-Two on-disk formats are read:
+A features file (`DIR/MODEL/features.npy`, `features_pca256.npy`, ...) is a plain `.npy`
+structured array (no pickle, `np.load(path)` reads it), one row per pair:
 
-- **extract.py's features file** (`DIR/MODEL/features.npy` or `features_pca256.npy`): a
-  structured array, one row per pair, with fields `name` (str), `augmented` (bool),
-  `left` and `right` (float32 vectors of shape `(D,)`). A flipped copy (`augmented=True`)
-  shares its name with its original; rows may come in any order. Loaded without pickle.
-- **the seed's file**: `np.save` of a pickled dict `{left, right, left_name, right_name}`
-  whose augmented rows are named `augmented_<original name>`. Unpickling can run code, so
-  `load_pairs` reads it only with `allow_pickle=True`.
+| field       | dtype            | meaning                                         |
+|-------------|------------------|-------------------------------------------------|
+| `name`      | unicode          | the pair's file name (same in left/ and right/) |
+| `augmented` | bool             | True for the horizontally flipped copy          |
+| `left`      | float32, (D,)    | the left image's vector                         |
+| `right`     | float32, (D,)    | the right image's vector                        |
+
+A flat image folder gives `name`, `augmented` and `feature` instead (nothing to train on).
+extract.py writes originals first, then the flipped copies in the same order; a reader accepts
+rows in any order, a flipped copy sharing its name with its original.
+
+The paper's code saved another format, also read here: `np.save` of a pickled dict
+`{left, right, left_name, right_name}` whose flipped rows are named `augmented_<original name>`.
+Unpickling can run code, so `load_pairs` reads it only with `allow_pickle=True`.
 
 Either way the result is a `Pairs`: the originals, plus the flipped copies with the index of
-the original each belongs to. `split_indices` draws the test pairs and `split_data` puts the
-three sets (train originals, their flipped copies, test originals) on a device as tensors.
-A test pair's flipped copy never reaches training.
+the original each belongs to.
 
 Example:
+    >>> import numpy as np
+    >>> rec = make_records(["a.jpg"], np.zeros((1, 2, 1, 4)), ("left", "right"))
+    >>> pairs_from_structured(rec).in_dim
+    4
     >>> pairs = load_pairs("features/clip_rn50x4/features_pca256.npy")   # doctest: +SKIP
-    >>> train_idx, test_idx = split_indices(len(pairs), test_split=0.25, seed=0)  # doctest: +SKIP
-    >>> data = split_data(pairs, train_idx, test_idx, device="cpu")       # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import struct
@@ -31,30 +38,27 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
-from featuresExtractor.utils import UserError, first_line
+from toolkit.utils import UserError, first_line
 
 __all__ = [
     "PAIR_FIELDS",
     "SEED_KEYS",
     "SEED_AUGMENTED_PREFIX",
     "Pairs",
-    "TrainData",
     "load_pairs",
     "pairs_from_structured",
     "pairs_from_seed_dict",
+    "make_records",
     "to_structured",
-    "split_indices",
-    "split_data",
 ]
 
 PAIR_FIELDS = ("name", "augmented", "left", "right")
 """Fields of a pairs features file written by extract.py."""
 SEED_KEYS = ("left", "right", "left_name", "right_name")
-"""Keys of the seed's pickled dict."""
+"""Keys of the paper's code's pickled dict."""
 SEED_AUGMENTED_PREFIX = "augmented_"
-"""How the seed names a flipped copy: this prefix before the original's name."""
+"""How the paper's code names a flipped copy: this prefix before the original's name."""
 
 _NPY_MAGIC = b"\x93NUMPY"
 _PICKLE_HINT = "unpickling can run arbitrary code, so it is read only with --allow-pickle (use it only on files you trust)"
@@ -85,29 +89,6 @@ class Pairs:
     def in_dim(self) -> int:
         """The feature dimension D."""
         return int(self.left.shape[1])
-
-
-@dataclass(frozen=True)
-class TrainData:
-    """The three sets a run uses, as tensors on one device.
-
-    Attributes:
-        train: `(left, right)` of the original training pairs, each `(N_train, D)`.
-        flipped: `(left, right)` of those pairs' flipped copies, or None when the file has none.
-        test: `(left, right)` of the original test pairs, each `(N_test, D)`.
-        train_names, test_names: the pairs' names, in row order.
-    """
-
-    train: tuple[torch.Tensor, torch.Tensor]
-    flipped: tuple[torch.Tensor, torch.Tensor] | None
-    test: tuple[torch.Tensor, torch.Tensor]
-    train_names: list[str]
-    test_names: list[str]
-
-    @property
-    def train_sets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The sets the loss averages over: the originals, then the flipped copies if any."""
-        return [self.train] + ([self.flipped] if self.flipped is not None else [])
 
 
 def load_pairs(path: str | os.PathLike, allow_pickle: bool = False) -> Pairs:
@@ -260,8 +241,29 @@ def _assemble(names: Sequence[Any], augmented: np.ndarray, left: np.ndarray, rig
     )
 
 
+def _record_dtype(names: Sequence[str], sides: Sequence[str], shape: tuple[int, ...]) -> np.dtype:
+    width = max([len(n) for n in names] + [1])
+    return np.dtype([("name", f"<U{width}"), ("augmented", "?")] + [(side, "<f4", shape) for side in sides])
+
+
+def make_records(names: Sequence[str], vectors: np.ndarray, sides: Sequence[str]) -> np.ndarray:
+    """Build the structured array from (n, sides, flips, D) vectors: originals, then flipped copies.
+
+    `sides` is `("left", "right")` for pairs, `("feature",)` for a flat folder.
+    """
+    n, n_sides, n_flips, dim = vectors.shape
+    rec = np.zeros(n * n_flips, dtype=_record_dtype(names, sides, (dim,)))
+    for f in range(n_flips):
+        rows = slice(f * n, (f + 1) * n)
+        rec["name"][rows] = names
+        rec["augmented"][rows] = f > 0
+        for s, side in enumerate(sides):
+            rec[side][rows] = vectors[:, s, f]
+    return rec
+
+
 def to_structured(names: Sequence[str], augmented: Sequence[bool], left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Build an array in extract.py's pairs format (fields `PAIR_FIELDS`), e.g. for tests or synthetic data.
+    """Build an array in extract.py's pairs format (fields `PAIR_FIELDS`), rows in the given order.
 
     Example:
         >>> import numpy as np
@@ -271,76 +273,6 @@ def to_structured(names: Sequence[str], augmented: Sequence[bool], left: np.ndar
     """
     left = np.asarray(left, dtype=np.float32)
     right = np.asarray(right, dtype=np.float32)
-    width = max([len(n) for n in names] + [1])
-    dtype = np.dtype(
-        [("name", f"<U{width}"), ("augmented", "?"), ("left", "<f4", left.shape[1:]), ("right", "<f4", right.shape[1:])]
-    )
-    arr = np.empty(len(names), dtype=dtype)
+    arr = np.empty(len(names), dtype=_record_dtype(names, ("left", "right"), left.shape[1:]))
     arr["name"], arr["augmented"], arr["left"], arr["right"] = names, augmented, left, right
     return arr
-
-
-def split_indices(
-    n_pairs: int, test_split: float, seed: int, topk: Sequence[int] = ()
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw the test pairs at random: `floor(test_split * n_pairs)` of them, as the seed did.
-
-    Args:
-        n_pairs: the number of original pairs.
-        test_split: the test fraction, strictly between 0 and 1.
-        seed: seeds the draw; the same seed always gives the same split.
-        topk: the k values that will be evaluated; each must fit in the test set.
-
-    Returns:
-        `(train_idx, test_idx)`, sorted int64 index arrays.
-
-    Raises:
-        UserError: a test-split outside (0, 1), fewer than 2 test pairs or 1 training pair,
-        or a k larger than the test set.
-
-    Example:
-        >>> train_idx, test_idx = split_indices(8, 0.25, seed=0)
-        >>> len(train_idx), len(test_idx)
-        (6, 2)
-    """
-    if not (0.0 < test_split < 1.0) or math.isnan(test_split):
-        raise UserError(f"--test-split must lie strictly between 0 and 1, got {test_split}")
-    n_test = int(math.floor(test_split * n_pairs))
-    if n_test < 2:
-        raise UserError(
-            f"--test-split {test_split} of {n_pairs} pairs leaves {n_test} test pairs; retrieval needs at least 2"
-        )
-    if n_pairs - n_test < 1:
-        raise UserError(f"--test-split {test_split} of {n_pairs} pairs leaves no training pairs")
-    too_big = [k for k in topk if k > n_test]
-    if too_big:
-        raise UserError(f"top-k {too_big[0]} is larger than the test set ({n_test} pairs)")
-    perm = np.random.default_rng(seed).permutation(n_pairs)
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
-
-
-def split_data(
-    pairs: Pairs, train_idx: np.ndarray, test_idx: np.ndarray, device: str | torch.device = "cpu"
-) -> TrainData:
-    """Gather the train originals, their flipped copies and the test originals as tensors on `device`.
-
-    Only flipped copies of training pairs are kept; a test pair's copy never reaches training.
-    """
-    train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
-    in_train = np.zeros(len(pairs), dtype=bool)
-    in_train[train_idx] = True
-    keep = in_train[pairs.flipped_of]
-
-    def tensors(left: np.ndarray, right: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            torch.as_tensor(np.ascontiguousarray(left)).to(device),
-            torch.as_tensor(np.ascontiguousarray(right)).to(device),
-        )
-
-    return TrainData(
-        train=tensors(pairs.left[train_idx], pairs.right[train_idx]),
-        flipped=tensors(pairs.flipped_left[keep], pairs.flipped_right[keep]) if keep.any() else None,
-        test=tensors(pairs.left[test_idx], pairs.right[test_idx]),
-        train_names=[pairs.names[i] for i in train_idx],
-        test_names=[pairs.names[i] for i in test_idx],
-    )

@@ -1,7 +1,7 @@
 """The offline demo behind `make demo`: draw look-alike pairs, extract, train, compare, search.
 
 Runs the README's own commands, printed before each runs, on a small deterministic
-set of synthetic look-alike pairs (`featuresExtractor.synthetic`), then prints test
+set of synthetic look-alike pairs (`featuresExtractor.drawn_images`), then prints test
 top-1/3/5 for the trained `original` adaptation next to the untrained `dummy`
 baseline, and says where the TensorBoard logs, checkpoint and a search page are.
 
@@ -10,7 +10,7 @@ otherwise the backbone is randomly initialised, and the demo says so loudly: the
 pipeline then runs end to end, but its numbers say nothing about the method.
 
 Example:
-    python -m adaptation.demo --out demo_out          # what `make demo` runs
+    python demo.py --out demo_out          # what `make demo` runs
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Sequence
 
 __all__ = ["parse_args", "main", "comparison_table"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parent
 BANNER = """
 ##########################################################################
 #  The CLIP RN50x4 weights are not in the Hugging Face cache, so this    #
@@ -39,7 +39,7 @@ BANNER = """
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the demo's options (all have demo-sized defaults)."""
-    p = argparse.ArgumentParser(prog="python -m adaptation.demo", description="Run the whole pipeline offline.")
+    p = argparse.ArgumentParser(prog="python demo.py", description="Run the whole pipeline offline.")
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (replaced on each run)")
     p.add_argument("--pairs", type=int, default=48, help="synthetic look-alike pairs to draw")
     p.add_argument("--epochs", type=int, default=150)
@@ -69,7 +69,7 @@ def comparison_table(summaries: dict[str, dict], topk: Sequence[int]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns 0, or the failing step's exit status."""
     args = parse_args(argv)
-    from featuresExtractor.models import cached_weights, resolve_spec
+    from featuresExtractor.backbones import cached_weights, resolve_spec
 
     out = Path(args.out).resolve()
     py = sys.executable
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     features = out / "features" / args.model / f"features_pca{args.pca}.npy"
     topk = (1, 3, 5)
     try:
-        _run([py, "-m", "featuresExtractor.synthetic", str(out / "tll"), "--pairs", str(args.pairs), "--seed", "0",
+        _run([py, "-m", "featuresExtractor.drawn_images", str(out / "tll"), "--pairs", str(args.pairs), "--seed", "0",
               "--overwrite"])
         _run([py, "extract.py", "-d", str(out / "tll"), "-s", str(out / "features"), "-b", "64", "--data-aug",
               "--processor", "adapt-pca", str(args.pca), "--model", args.model, "--pretrained", pretrained,
@@ -106,6 +106,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from featuresExtractor.utils import run_cli
+    from toolkit.utils import run_cli
 
     sys.exit(run_cli(main, prog="demo"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import Pairs, pairs_from_structured, to_structured
+from featuresExtractor.pairs_file import Pairs, pairs_from_structured, to_structured
 
 __all__ = ["planted_array", "planted_pairs"]
 

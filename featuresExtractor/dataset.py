@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .transforms import BadImage, is_image_file, load_image
-from .utils import UserError
+from toolkit.utils import UserError
 
 __all__ = ["Layout", "discover", "ImageItems"]
 

@@ -11,7 +11,7 @@ pair them, while a pixel-wise comparison cannot do it trivially.
 
 Everything is a function of `(seed, index)`: the same seed gives byte-identical
 files on the same Pillow build, and pair `i` does not depend on how many pairs are
-made. Files are written atomically (`featuresExtractor.utils.atomic_path`).
+made. Files are written atomically (`toolkit.utils.atomic_path`).
 
 Used by the offline demo (`make demo`), the tests and the benchmarks (`bench/`).
 
@@ -25,7 +25,7 @@ Example:
 
 From the shell (refuses a non-empty OUT_DIR unless `--overwrite`):
 
-    python -m featuresExtractor.synthetic demo_out/tll --pairs 48 --seed 0
+    python -m featuresExtractor.drawn_images demo_out/tll --pairs 48 --seed 0
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .utils import UserError, atomic_path, run_cli
+from toolkit.utils import UserError, atomic_path, run_cli
 
 __all__ = [
     "Shape", "Composition", "Style", "FORMATS", "compose", "styles", "jitter", "render", "render_pair", "name_of",
@@ -325,9 +325,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line of `python -m featuresExtractor.synthetic`."""
+    """Parse the command line of `python -m featuresExtractor.drawn_images`."""
     p = argparse.ArgumentParser(
-        prog="python -m featuresExtractor.synthetic",
+        prog="python -m featuresExtractor.drawn_images",
         description="Draw a deterministic set of look-alike image pairs (TLL layout: OUT_DIR/left, OUT_DIR/right).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write; must be empty or absent unless --overwrite")

@@ -1,0 +1,110 @@
+"""The checkpoint file train.py writes in each run folder (`RUN/model_and_optimizer.pt`); this module owns it.
+
+A checkpoint is a `torch.save` of a plain dict (tensors, numbers, strings, lists and dicts only,
+so `torch.load(weights_only=True)` reads it without running code):
+
+| key              | value                                                                   |
+|------------------|-------------------------------------------------------------------------|
+| `format_version` | `FORMAT_VERSION`                                                        |
+| `epoch`          | the number of epochs trained                                            |
+| `state_dict`     | the adaptation model's weights                                          |
+| `optimizer`      | the Adam state, None for `dummy`                                        |
+| `config`         | the run's configuration; `config["data"]` is the features file's path  |
+| `model_name`     | the `adaptation.models.MODELS` name                                     |
+| `in_dim`         | the feature dimension                                                   |
+| `model_kwargs`   | the extra `build_model` arguments that rebuild the model                |
+| `test_names`     | the held-out pairs' names (the split)                                   |
+| `final_metrics`  | the last epoch's figures                                                |
+
+Example:
+    >>> model, ckpt = load_checkpoint("runs/run1/model_and_optimizer.pt")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from toolkit.utils import UserError, atomic_path, first_line
+
+from .models import build_model, model_kwargs
+
+__all__ = ["CHECKPOINT", "FORMAT_VERSION", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint"]
+
+CHECKPOINT = "model_and_optimizer.pt"
+"""The checkpoint's file name in a run folder."""
+FORMAT_VERSION = 1
+"""Written into every checkpoint as `format_version`."""
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                    model_name: str, epoch: int, config: Mapping[str, Any], test_names: Sequence[str],
+                    final_metrics: Mapping[str, float]) -> None:
+    """Atomically write a checkpoint of `model` (and `optimizer`) that `load_checkpoint` rebuilds."""
+    checkpoint = {
+        "format_version": FORMAT_VERSION,
+        "epoch": int(epoch),
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "config": dict(config),
+        "model_name": model_name,
+        "in_dim": int(model.in_dim),
+        "model_kwargs": model_kwargs(model),
+        "test_names": list(test_names),
+        "final_metrics": dict(final_metrics),
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(checkpoint, tmp)
+
+
+CHECKPOINT_KEYS = ("epoch", "state_dict", "optimizer", "config", "model_name", "in_dim", "model_kwargs", "test_names")
+"""Keys every checkpoint written by train.py holds (see `load_checkpoint`)."""
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a trained model from a train.py checkpoint (`RUN_DIR/model_and_optimizer.pt`).
+
+    The file is read with `torch.load(weights_only=True)`, so loading it never runs code.
+
+    Args:
+        path: the checkpoint file.
+        device: where to put the model.
+
+    Returns:
+        `(model, checkpoint)`: the model in eval mode on `device`, and the checkpoint dict with
+        the keys of `CHECKPOINT_KEYS`: `epoch` (int), `state_dict`, `optimizer` (the Adam state,
+        None for `dummy`), `config` (plain dict; `config["data"]` is the absolute path of the
+        features file it was trained on), `model_name`, `in_dim`, `model_kwargs`, `test_names`
+        (list of str), plus `final_metrics` (dict of floats).
+
+    Raises:
+        UserError: a missing or unreadable file, or one that is not a train.py checkpoint.
+
+    Example:
+        >>> model, ckpt = load_checkpoint("runs/run1/model_and_optimizer.pt")   # doctest: +SKIP
+        >>> ckpt["config"]["data"]                                             # doctest: +SKIP
+        '/data/tll/clip_rn50x4/features_pca256.npy'
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, struct.error, OSError, ValueError) as err:
+        # A corrupt zip is a RuntimeError, a non-tensor object refused by weights_only an
+        # UnpicklingError, a truncated file EOFError; none of them should show a traceback.
+        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
+    model = build_model(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r}: {first_line(err)}") from None
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,129 @@
+"""The runs folder train.py writes (`--save-to RUNS`); this module owns its layout.
+
+    RUNS/
+      run1/ ... runN/     one folder per run: config.json, metrics.json, the checkpoint
+                          (`adaptation.checkpoint`) and its TensorBoard events
+      avg/                the mean curves over runs (TensorBoard), only when there are several
+      summary.json        {"config": ..., "final": {figure: {"mean", "std", "values"}}}
+
+Only these entries belong to train.py: replacing earlier runs touches nothing else in the
+folder. `replacing` sets the earlier entries aside while the new runs are written and puts
+them back if that fails, so a failed or interrupted run loses nothing.
+
+Example:
+    >>> summarise([{"Test/top 1": 0.5}, {"Test/top 1": 0.7}])["Test/top 1"]["mean"]
+    0.6
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from toolkit.utils import UserError, read_json, write_json
+
+__all__ = ["SUMMARY", "AVERAGE", "ASIDE", "run_dir", "is_run_entry", "check_save_to", "replacing", "summarise",
+           "average_curves", "write_summary", "read_summary"]
+
+SUMMARY = "summary.json"
+AVERAGE = "avg"
+ASIDE = ".replaced"
+"""Where earlier runs wait while an overwriting run is written."""
+_ENTRY = re.compile(r"^(run\d+|avg|summary\.json)$")
+
+
+def run_dir(save_to: str | Path, run: int) -> Path:
+    """The folder of run number `run` (from 1)."""
+    return Path(save_to) / f"run{run}"
+
+
+def is_run_entry(name: str) -> bool:
+    """Whether a name in the runs folder is one train.py writes (and may replace)."""
+    return bool(_ENTRY.match(name))
+
+
+def check_save_to(save_to: Path, overwrite: bool) -> list[Path]:
+    """What `overwrite` will replace; refuse a non-empty folder without it. Deletes nothing itself.
+
+    Raises:
+        UserError: `save_to` is a file, or a non-empty folder and `overwrite` is False.
+    """
+    if save_to.exists() and not save_to.is_dir():
+        raise UserError(f"save_to {save_to} exists and is not a folder")
+    entries = sorted(save_to.iterdir()) if save_to.is_dir() else []
+    if entries and not overwrite:
+        raise UserError(f"save_to {save_to} already exists and is not empty; choose another folder or pass overwrite")
+    return [e for e in entries if is_run_entry(e.name)]
+
+
+@contextlib.contextmanager
+def replacing(save_to: Path, old: Sequence[Path]) -> Iterator[None]:
+    """Run the block with `old` (earlier runs being replaced) set aside.
+
+    They are deleted once the block has succeeded; if it fails or is interrupted, what
+    it wrote is removed and they are put back.
+
+    Raises:
+        UserError: runs set aside by an earlier interrupted replacement are still there.
+    """
+    aside = save_to / ASIDE
+    if aside.exists():
+        raise UserError(f"{aside} holds runs set aside by an interrupted --overwrite; move them back into "
+                        f"{save_to} or delete {aside}, then re-run")
+    if old:
+        aside.mkdir(parents=True)
+        for path in old:
+            path.rename(aside / path.name)
+    done = False
+    try:
+        yield
+        done = True
+    finally:
+        if done:
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            _restore(save_to, aside)
+
+
+def _restore(save_to: Path, aside: Path) -> None:
+    for path in (save_to.iterdir() if save_to.is_dir() else []):
+        if is_run_entry(path.name):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if aside.is_dir():
+        for path in aside.iterdir():
+            path.rename(save_to / path.name)
+        aside.rmdir()
+
+
+def summarise(finals: Sequence[dict[str, float]]) -> dict[str, dict]:
+    """Mean and std over runs of each final figure; std is the sample std (ddof=1), 0 for one run."""
+    summary: dict[str, dict] = {}
+    for name in finals[0]:
+        values = [f[name] for f in finals]
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        summary[name] = {"mean": float(np.mean(values)), "std": std, "values": values}
+    return summary
+
+
+def average_curves(histories: Sequence[Sequence[dict[str, float]]]) -> list[dict[str, float]]:
+    """Per epoch, the mean over runs of each figure (rows keep their `epoch`)."""
+    curves = []
+    for epoch_rows in zip(*histories):
+        row = {name: float(np.mean([r[name] for r in epoch_rows])) for name in epoch_rows[0] if name != "epoch"}
+        curves.append({"epoch": epoch_rows[0]["epoch"], **row})
+    return curves
+
+
+def write_summary(save_to: Path, config: dict[str, Any], summary: dict[str, dict]) -> None:
+    """Atomically write `RUNS/summary.json`."""
+    write_json(Path(save_to) / SUMMARY, {"config": config, "final": summary})
+
+
+def read_summary(save_to: str | Path) -> dict[str, Any]:
+    """Read `RUNS/summary.json` (a damaged one is a `UserError` naming it)."""
+    return read_json(Path(save_to) / SUMMARY)

@@ -1,0 +1,7 @@
+"""toolkit: what both packages and the scripts share, owned by neither's domain code.
+
+- `toolkit.utils`: `UserError` (bad input: one line, exit 2), `run_cli` (a script's `main` with
+  that rule applied), atomic file writes (`atomic_path`, `write_json`, `save_npy`) and `read_json`.
+
+Nothing is loaded at import time.
+"""
