@@ -28,7 +28,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from featuresExtractor.dataset import discover
-from featuresExtractor.encode import Encoder, read_manifest
+from featuresExtractor.encode import Encoder
+from featuresExtractor.pipeline import read_manifest
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.utils import UserError, first_line
 

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from featuresExtractor.backbones import load_backbone, resolve_spec
-from featuresExtractor.pipeline import CPU_SLICE, ExtractConfig, extract
+from featuresExtractor.extractor import CPU_SLICE
+from featuresExtractor.pipeline import ExtractConfig, extract
 from featuresExtractor.drawn_images import make_pairs
 from toolkit.utils import UserError, run_cli
 

@@ -23,37 +23,30 @@ import numpy as np
 import torch
 from PIL import Image
 
+from toolkit.utils import UserError
+
 from .backbones import Backbone, file_sha256, load_backbone, resolve_spec
+from .extractor import CPU_SLICE, FeatureExtractor
 from .pca import PCAParams, load_pca
-from .pipeline import CPU_SLICE, MANIFEST, Forwarder, embedding_tap, memory_format
-from .pooling import global_avg_pool
+from .pipeline import read_manifest
 from .processor import Processor, pca_stems, project
-from .taps import Taps
-from .transforms import load_image, to_rgb
-from toolkit.utils import UserError, read_json
 
-__all__ = ["Encoder", "read_manifest"]
-
-
-def read_manifest(features_path: str | os.PathLike) -> dict:
-    """The extraction manifest beside a features file, or a `UserError` saying it is missing."""
-    path = Path(features_path).parent / MANIFEST
-    if not path.is_file():
-        raise UserError(f"no {MANIFEST} beside {features_path}: it was not written by extract.py, or was moved "
-                        f"without its manifest")
-    return read_json(path)
+__all__ = ["Encoder", "model_taps"]
 
 
 @dataclass
 class Encoder:
-    """A backbone plus the processing of one features file: images in, that file's vectors out."""
+    """A feature extractor plus the processing of one features file: images in, that file's vectors out."""
 
-    backbone: Backbone
+    extractor: FeatureExtractor
     processor: Processor
     output: str  # the features file name whose vectors `encode` reproduces
     pcas: dict[str, PCAParams]
-    precision: str
     manifest: dict
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.extractor.backbone
 
     @property
     def dim(self) -> int:
@@ -90,18 +83,12 @@ class Encoder:
         proc = Processor(p["name"], p["n_components"], p["normalize"])
         base = features_path.parent
         pcas = {stem: load_pca(base / f"{stem}.npz") for stem in pca_stems(proc, spec.taps)}
-        return cls(backbone, proc, features_path.name, pcas, manifest.get("precision", "fp32"), manifest)
+        extractor = FeatureExtractor(backbone, manifest.get("precision", "fp32"), bool(manifest.get("channels_last", True)))
+        return cls(extractor, proc, features_path.name, pcas, manifest)
 
     def pooled(self, images: Sequence[str | os.PathLike | Image.Image], batch_size: int = CPU_SLICE) -> dict[str, np.ndarray]:
         """Tap -> (n, dim) pooled vectors for images (paths or PIL images), unflipped."""
-        device = next(self.backbone.visual.parameters()).device
-        tensors = torch.stack([self.backbone.transform(to_rgb(im) if isinstance(im, Image.Image) else load_image(im))
-                               for im in images])
-        channels_last = bool(self.manifest.get("channels_last", True))
-        with memory_format(self.backbone.visual, channels_last), torch.inference_mode(), \
-                Taps(self.backbone.visual, self.backbone.spec.taps, reduce=global_avg_pool) as taps:
-            out = Forwarder(taps, device, self.precision, batch_size, channels_last)(tensors)
-        return {k: v.numpy() for k, v in out.items()}
+        return self.extractor.pooled(images, slice_size=batch_size)
 
     def from_concatenation(self, full: np.ndarray) -> np.ndarray:
         """This encoder's vectors from rows of an `adapt`/`adapt-pca` `features.npy` (the concatenation)."""
@@ -117,9 +104,10 @@ class Encoder:
 
         Raises `featuresExtractor.transforms.BadImage` for an unreadable image.
         """
-        vectors = project(self.processor, self.pooled(images), embedding_tap(self.backbone.spec.taps), self.pcas)
+        vectors = project(self.processor, self.pooled(images), self.extractor.info.embedding, self.pcas)
         return vectors[self.output].astype(np.float32)
 
 
 def model_taps(manifest: dict) -> list[str]:
+    """The tap names an extraction's manifest records, in order."""
     return [t["name"] for t in manifest["model"]["taps"]]

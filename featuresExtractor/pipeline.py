@@ -15,9 +15,9 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
+import os
 import platform
 import shutil
 import sys
@@ -27,27 +27,23 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .dataset import ImageItems, Layout, discover
-from .backbones import EMBEDDING, Backbone
+from .backbones import Backbone
+from .extractor import FeatureExtractor
 from .pca import save_pca
-from .pooling import global_avg_pool
 from .processor import Processor, check_components, parse_processor, process
 from .pairs_file import make_records
 from .store import ChunkStore
-from .taps import Taps
 from .transforms import hflip
 from toolkit.utils import UserError, default_workers, read_json, save_npy, write_json
 
-__all__ = ["ExtractConfig", "Report", "extract", "embedding_tap", "probe_taps", "Forwarder", "memory_format"]
+__all__ = ["ExtractConfig", "Report", "extract", "MANIFEST", "read_manifest"]
 
 MANIFEST = "manifest.json"
 FORMAT = "featuresExtractor/1"
-#: On the CPU large batches only cost memory, so the forward runs in slices of this many images.
-CPU_SLICE = 32
 
 
 @dataclass(frozen=True)
@@ -88,69 +84,6 @@ class Report:
     n_kept: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # item name -> reason
     resumed_items: int = 0
-
-
-def embedding_tap(taps: Sequence[str]) -> str | None:
-    """The tap that carries the image embedding (left raw by `--normalize layers`)."""
-    for name in ("attnpool", EMBEDDING):
-        if name in taps:
-            return name
-    return None
-
-
-def probe_taps(backbone: Backbone, image_shape: Sequence[int]) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Run one blank image to learn each tap's raw output shape and pooled dimension."""
-    device = next(backbone.visual.parameters()).device
-    with Taps(backbone.visual, backbone.spec.taps) as taps, torch.inference_mode():
-        out = taps(torch.zeros(1, *image_shape, device=device))
-    return ({name: tuple(t.shape[1:]) for name, t in out.items()},
-            {name: int(global_avg_pool(t).shape[1]) for name, t in out.items()})
-
-
-@contextlib.contextmanager
-def memory_format(module: torch.nn.Module, channels_last: bool):
-    """Run `module` in channels_last inside the block, and give it back as it was found."""
-    if not channels_last:
-        yield module
-        return
-    module.to(memory_format=torch.channels_last)
-    try:
-        yield module
-    finally:
-        module.to(memory_format=torch.contiguous_format)
-
-
-class Forwarder:
-    """Runs images through the taps in slices, halving the slice on CUDA out-of-memory."""
-
-    def __init__(self, taps: Taps, device: torch.device, precision: str, slice_size: int, channels_last: bool):
-        self.taps, self.device, self.slice = taps, device, max(1, slice_size)
-        self.channels_last = channels_last
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-    def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
-            out = self.taps(x)
-        return {k: v.float().cpu() if self.taps.reduce else v.to("cpu", torch.float16) for k, v in out.items()}
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        results: list[dict[str, torch.Tensor]] = []
-        start = 0
-        while start < len(images):
-            try:
-                results.append(self._run(images[start:start + self.slice]))
-                start += self.slice
-            except torch.OutOfMemoryError:
-                if self.slice == 1:
-                    raise UserError("out of GPU memory even with one image per batch; use device cpu") from None
-                self.slice //= 2
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                tqdm.write(f"out of memory: batch halved to {self.slice} images")
-        return {k: torch.cat([r[k] for r in results]) for k in results[0]}
 
 
 def _versions() -> dict[str, str]:
@@ -221,85 +154,76 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple
     return False, replaced
 
 
-def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
-    """Extract features for `cfg.dataset` with `backbone` and write them under `cfg.save_to/MODEL/`.
-
-    Returns a `Report`. Raises `UserError` for bad input, before anything is written
-    (with `strict`, also for an unreadable image, removing what this run wrote).
-    """
-    proc = parse_processor(cfg.processor, cfg.normalize)
-    layout = discover(cfg.dataset)
+def _out_dir(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, n_flips: int) -> Path:
+    """Check what can be checked before anything is written; the model's output folder."""
     blocking = next((p for p in (Path(cfg.save_to), *Path(cfg.save_to).parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"-s {cfg.save_to}: {blocking} is a file, not a folder; choose another -s")
-    n_flips = 2 if cfg.data_aug else 1
-    image_shape = tuple(backbone.transform(Image.new("RGB", (64, 64))).shape)
-    shapes, dims = probe_taps(backbone, image_shape)
-    check_components(proc, len(layout) * len(layout.sides) * n_flips, dims)
+    check_components(proc, len(layout) * len(layout.sides) * n_flips, fx.info.dims)
+    return Path(cfg.save_to) / fx.backbone.spec.name
 
-    out_dir = Path(cfg.save_to) / backbone.spec.name
-    fingerprint = _fingerprint(cfg, backbone, proc, layout)
-    report = Report(out_dir=out_dir, n_items=len(layout))
-    done_before, replaced = _prepare_out_dir(out_dir, fingerprint, cfg.overwrite)
-    if done_before:
-        report.already_done = True
-        return report
-    if not proc.pooled and "raw" in replaced:
-        # -p save writes raw/ file by file while it runs, so old raw outputs cannot wait.
-        _remove(out_dir / "raw")
-        replaced.remove("raw")
 
+def _loader(cfg: ExtractConfig, fx: FeatureExtractor, layout: Layout, todo: list[int], images_per_item: int) -> DataLoader:
+    """Batches of items, sized so that one batch is one forward on CUDA and a few slices on the CPU."""
+    if fx.device.type == "cuda":
+        items_per_batch = max(1, cfg.batch_size // images_per_item)
+    else:
+        items_per_batch = max(1, min(fx.slice_size(cfg.batch_size) // images_per_item, 256))
+    return DataLoader(ImageItems(layout, fx.transform, todo, fx.info.image_shape), batch_size=items_per_batch,
+                      num_workers=cfg.workers, pin_memory=fx.device.type == "cuda", persistent_workers=False)
+
+
+def _store_batch(batch: dict, forward, cfg: ExtractConfig, layout: Layout, store: ChunkStore, pooled: bool,
+                 out_dir: Path) -> Path:
+    """Forward one batch (with flipped copies) and write its chunk; raw outputs go to `raw/` as they come."""
+    indices = batch["index"].tolist()
+    skipped = [(i, e) for i, e in zip(indices, batch["error"]) if e]
+    x = batch["images"]  # (B, sides, 3, H, W)
+    x = torch.stack([x, hflip(x)], dim=2) if cfg.data_aug else x.unsqueeze(2)
+    feats = forward(x.flatten(0, 2))
+    feats = {k: v.reshape(len(indices), len(layout.sides), x.shape[2], *v.shape[1:]) for k, v in feats.items()}
+    if pooled:
+        return store.write(indices, {k: v.numpy() for k, v in feats.items()}, skipped)
+    bad = {i for i, _ in skipped}
+    for row, i in enumerate(indices):
+        if i not in bad:
+            for tap, v in feats.items():
+                save_npy(out_dir / "raw" / tap / f"{i:06d}.npy", v[row].numpy())
+    return store.write(indices, {}, skipped)
+
+
+def _check_strict(batch: dict, layout: Layout) -> None:
+    for i, e in zip(batch["index"].tolist(), batch["error"]):
+        if e:
+            raise UserError(f"unreadable image in item {layout.names[i]!r}: {e} (strict; drop strict "
+                            f"to skip such pairs and list them in the manifest)")
+
+
+def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
+                 fingerprint: dict) -> int:
+    """Forward every item not yet in the chunk store into it; returns how many were there before.
+
+    On a `UserError` (`strict`), what this run wrote is removed again.
+    """
     store = ChunkStore(out_dir / ".partial")
     done = store.done()
     todo = [i for i in range(len(layout)) if i not in done]
-    report.resumed_items = len(done)
+    images_per_item = len(layout.sides) * (2 if cfg.data_aug else 1)
     if not proc.pooled:
-        values = sum(int(np.prod(s)) for s in shapes.values()) * len(layout.sides) * n_flips
-        _check_disk(out_dir, len(todo), values)
-
-    device = next(backbone.visual.parameters()).device
+        _check_disk(out_dir, len(todo), sum(int(np.prod(s)) for s in fx.info.shapes.values()) * images_per_item)
     fresh = not store.folder.exists()
     written: list[Path] = []
-    images_per_item = len(layout.sides) * n_flips
-    slice_size = cfg.batch_size if device.type == "cuda" else min(cfg.batch_size, CPU_SLICE)
-    items_per_batch = max(1, min(slice_size // images_per_item, 256)) if device.type != "cuda" \
-        else max(1, cfg.batch_size // images_per_item)
-    loader = DataLoader(ImageItems(layout, backbone.transform, todo, image_shape), batch_size=items_per_batch,
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=False)
     bar = tqdm(total=len(layout) * images_per_item, initial=len(done) * images_per_item, unit="img",
-               desc=f"extract {backbone.spec.name}", disable=not cfg.progress, dynamic_ncols=True)
-    reduce = global_avg_pool if proc.pooled else None
+               desc=f"extract {fx.backbone.spec.name}", disable=not cfg.progress, dynamic_ncols=True)
     try:
-        with memory_format(backbone.visual, cfg.channels_last), torch.inference_mode(), \
-                Taps(backbone.visual, backbone.spec.taps, reduce=reduce) as taps:
-            forward = Forwarder(taps, device, cfg.precision, slice_size, cfg.channels_last)
-            for batch in loader:
-                indices = batch["index"].tolist()
-                skipped = [(i, e) for i, e in zip(indices, batch["error"]) if e]
-                if skipped and cfg.strict:
-                    i, e = skipped[0]
-                    raise UserError(f"unreadable image in item {layout.names[i]!r}: {e} (strict; drop strict "
-                                    f"to skip such pairs and list them in the manifest)")
+        with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward:
+            for batch in _loader(cfg, fx, layout, todo, images_per_item):
+                if cfg.strict:
+                    _check_strict(batch, layout)
                 if not written and not store.folder.exists():
                     store.start(fingerprint)
-                x = batch["images"]  # (B, sides, 3, H, W)
-                if cfg.data_aug:
-                    x = torch.stack([x, hflip(x)], dim=2)
-                else:
-                    x = x.unsqueeze(2)
-                feats = forward(x.flatten(0, 2))
-                feats = {k: v.reshape(len(indices), len(layout.sides), n_flips, *v.shape[1:]) for k, v in feats.items()}
-                if proc.pooled:
-                    written.append(store.write(indices, {k: v.numpy() for k, v in feats.items()}, skipped))
-                else:
-                    bad = {i for i, _ in skipped}
-                    for row, i in enumerate(indices):
-                        if i not in bad:
-                            for tap, v in feats.items():
-                                save_npy(out_dir / "raw" / tap / f"{i:06d}.npy", v[row].numpy())
-                    written.append(store.write(indices, {}, skipped))
-                bar.update(len(indices) * images_per_item)
+                written.append(_store_batch(batch, forward, cfg, layout, store, proc.pooled, out_dir))
+                bar.update(len(batch["index"]) * images_per_item)
     except UserError:
         for path in written:
             path.unlink(missing_ok=True)
@@ -311,7 +235,61 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
         raise
     finally:
         bar.close()
+    return len(done)
 
+
+def _write_features(proc: Processor, fx: FeatureExtractor, pooled: dict, names: list[str], layout: Layout,
+                     n_flips: int, out_dir: Path) -> dict[str, dict]:
+    """Process the pooled taps and write the features files and PCA files; their manifest entries."""
+    outputs: dict[str, dict] = {}
+    check_components(proc, len(names) * len(layout.sides) * n_flips, fx.info.dims)
+    result = process(proc, pooled, fx.info.embedding)
+    for file, vectors in result.vectors.items():
+        save_npy(out_dir / file, make_records(names, vectors, layout.sides))
+        outputs[file] = {"kind": "features", "rows": len(names) * n_flips, "dim": int(vectors.shape[-1]),
+                         "fields": ["name", "augmented", *layout.sides],
+                         "parts": {k: list(v) for k, v in result.parts.get(file, {}).items()}}
+    for stem, pca in result.pcas.items():
+        for path in save_pca(out_dir / stem, pca):
+            rel = str(path.relative_to(out_dir))
+            outputs[rel] = {"kind": "pca", "n_components": proc.n_components, "in_dim": int(pca.n_features_in_),
+                            "explained_variance": float(np.sum(pca.explained_variance_ratio_)),
+                            "pickle": path.suffix == ".pkl"}
+    return outputs
+
+
+def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, fingerprint: dict,
+              kept: list[int], skipped: dict[int, str], outputs: dict[str, dict]) -> dict:
+    """The manifest.json of a finished extraction (written last: its presence means done)."""
+    backbone, n_flips = fx.backbone, 2 if cfg.data_aug else 1
+    return {
+        "format": FORMAT,
+        "config": fingerprint,
+        "random_init": backbone.weights["source"] == "random-init",
+        "model": {"name": backbone.spec.name, "arch": backbone.spec.arch, "pretrained": backbone.spec.pretrained,
+                  "weights": backbone.weights, "embedding_tap": fx.info.embedding,
+                  "taps": [{"name": t.name, "shape": list(t.shape), "pooled_dim": t.pooled_dim} for t in fx.info.taps],
+                  "transform": repr(backbone.transform)},
+        "processor": {"name": proc.name, "n_components": proc.n_components, "normalize": proc.normalize},
+        "augmentation": {"hflip": cfg.data_aug, "applied_to": "preprocessed tensor"},
+        "precision": cfg.precision, "device": str(fx.device), "channels_last": cfg.channels_last,
+        "batch_size": cfg.batch_size,
+        "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "sides": list(layout.sides),
+                    "ignored_files": list(layout.ignored)},
+        "counts": {"items_found": len(layout), "items_kept": len(kept), "items_skipped": len(skipped),
+                   "rows_per_file": len(kept) * n_flips,
+                   "images_seen": len(layout) * len(layout.sides) * n_flips},
+        "skipped": [{"name": layout.names[i], "reason": r} for i, r in sorted(skipped.items())],
+        "outputs": outputs,
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
+            fingerprint: dict, replaced: list[str], report: Report) -> None:
+    """Turn the chunk store into the output files and the manifest; remove what they replace."""
+    store = ChunkStore(out_dir / ".partial")
     if not store.folder.exists():  # nothing left to do and no chunks: an empty resume
         store.start(fingerprint)
     kept, pooled, skipped = store.load()
@@ -323,55 +301,54 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     if not kept_list:
         store.remove()
         raise UserError(f"every item of {layout.root} was unreadable; nothing to save")
-    names = [layout.names[i] for i in kept_list]
-
-    outputs: dict[str, dict] = {}
+    n_flips = 2 if cfg.data_aug else 1
     # From here the folder holds a mix until the new manifest is written: drop the old one first.
     (out_dir / MANIFEST).unlink(missing_ok=True)
     if proc.pooled:
-        check_components(proc, len(kept_list) * len(layout.sides) * n_flips, dims)
-        result = process(proc, pooled, embedding_tap(backbone.spec.taps))
-        for file, vectors in result.vectors.items():
-            save_npy(out_dir / file, make_records(names, vectors, layout.sides))
-            outputs[file] = {"kind": "features", "rows": len(names) * n_flips, "dim": int(vectors.shape[-1]),
-                             "fields": ["name", "augmented", *layout.sides],
-                             "parts": {k: list(v) for k, v in result.parts.get(file, {}).items()}}
-        for stem, pca in result.pcas.items():
-            for path in save_pca(out_dir / stem, pca):
-                rel = str(path.relative_to(out_dir))
-                outputs[rel] = {"kind": "pca", "n_components": proc.n_components, "in_dim": int(pca.n_features_in_),
-                                "explained_variance": float(np.sum(pca.explained_variance_ratio_)),
-                                "pickle": path.suffix == ".pkl"}
+        outputs = _write_features(proc, fx, pooled, [layout.names[i] for i in kept_list], layout, n_flips, out_dir)
     else:
-        outputs["raw"] = {"kind": "raw", "dtype": "float16", "layout": "raw/{tap}/{row:06d}.npy",
-                          "axes": ["side", "flip", "..."], "shapes": {k: list(v) for k, v in shapes.items()},
-                          "rows": {f"{i:06d}": layout.names[i] for i in kept_list}}
-
-    manifest = {
-        "format": FORMAT,
-        "config": fingerprint,
-        "random_init": backbone.weights["source"] == "random-init",
-        "model": {"name": backbone.spec.name, "arch": backbone.spec.arch, "pretrained": backbone.spec.pretrained,
-                  "weights": backbone.weights, "embedding_tap": embedding_tap(backbone.spec.taps),
-                  "taps": [{"name": k, "shape": list(v), "pooled_dim": dims[k]} for k, v in shapes.items()],
-                  "transform": repr(backbone.transform)},
-        "processor": {"name": proc.name, "n_components": proc.n_components, "normalize": proc.normalize},
-        "augmentation": {"hflip": cfg.data_aug, "applied_to": "preprocessed tensor"},
-        "precision": cfg.precision, "device": str(device), "channels_last": cfg.channels_last,
-        "batch_size": cfg.batch_size,
-        "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "sides": list(layout.sides),
-                    "ignored_files": list(layout.ignored)},
-        "counts": {"items_found": len(layout), "items_kept": len(kept_list), "items_skipped": len(skipped),
-                   "rows_per_file": len(kept_list) * n_flips,
-                   "images_seen": len(layout) * len(layout.sides) * n_flips},
-        "skipped": [{"name": layout.names[i], "reason": r} for i, r in sorted(skipped.items())],
-        "outputs": outputs,
-        "versions": _versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    write_json(out_dir / MANIFEST, manifest)
+        outputs = {"raw": {"kind": "raw", "dtype": "float16", "layout": "raw/{tap}/{row:06d}.npy",
+                           "axes": ["side", "flip", "..."], "shapes": {k: list(v) for k, v in fx.info.shapes.items()},
+                           "rows": {f"{i:06d}": layout.names[i] for i in kept_list}}}
+    write_json(out_dir / MANIFEST, _manifest(cfg, fx, proc, layout, fingerprint, kept_list, skipped, outputs))
     for rel in set(replaced) - set(outputs):
         _remove(out_dir / rel)
     store.remove()
     report.outputs = [str(out_dir / rel) for rel in outputs] + [str(out_dir / MANIFEST)]
+
+
+def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
+    """Extract features for `cfg.dataset` with `backbone` and write them under `cfg.save_to/MODEL/`.
+
+    Steps: check the input and prepare the output folder, run the batches into the chunk store
+    (`MODEL/.partial/`, so an interrupted run resumes), write the outputs, write the manifest.
+
+    Returns a `Report`. Raises `UserError` for bad input, before anything is written
+    (with `strict`, also for an unreadable image, removing what this run wrote).
+    """
+    proc = parse_processor(cfg.processor, cfg.normalize)
+    layout = discover(cfg.dataset)
+    fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
+    out_dir = _out_dir(cfg, fx, proc, layout, 2 if cfg.data_aug else 1)
+    fingerprint = _fingerprint(cfg, backbone, proc, layout)
+    report = Report(out_dir=out_dir, n_items=len(layout))
+    done_before, replaced = _prepare_out_dir(out_dir, fingerprint, cfg.overwrite)
+    if done_before:
+        report.already_done = True
+        return report
+    if not proc.pooled and "raw" in replaced:
+        # processor save writes raw/ file by file while it runs, so old raw outputs cannot wait.
+        _remove(out_dir / "raw")
+        replaced.remove("raw")
+    report.resumed_items = _run_batches(cfg, fx, proc, layout, out_dir, fingerprint)
+    _finish(cfg, fx, proc, layout, out_dir, fingerprint, replaced, report)
     return report
+
+
+def read_manifest(features_path: str | os.PathLike) -> dict:
+    """The extraction manifest beside a features file, or a `UserError` saying it is missing."""
+    path = Path(features_path).parent / MANIFEST
+    if not path.is_file():
+        raise UserError(f"no {MANIFEST} beside {features_path}: it was not written by extract.py, or was moved "
+                        f"without its manifest")
+    return read_json(path)

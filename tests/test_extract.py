@@ -15,7 +15,8 @@ import torch
 import extract
 from conftest import ROOT, draw_image, make_pairs
 from featuresExtractor.backbones import load_backbone, resolve_spec
-from featuresExtractor.pipeline import ExtractConfig, Forwarder, extract as run_extract
+from featuresExtractor.extractor import Forwarder
+from featuresExtractor.pipeline import ExtractConfig, extract as run_extract
 from featuresExtractor.pooling import concat_parts, global_avg_pool
 from featuresExtractor.taps import Taps
 from featuresExtractor.transforms import hflip, load_image

@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import make_pairs
 from featuresExtractor.backbones import load_backbone, resolve_spec
-from featuresExtractor.pipeline import ExtractConfig, extract, probe_taps
+from featuresExtractor.extractor import FeatureInfo
+from featuresExtractor.pipeline import ExtractConfig, extract
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def test_transform_comes_from_open_clip(rn50x4):
 
 
 def test_tap_shapes_and_5440_dims(rn50x4, tmp_path):
-    shapes, dims = probe_taps(rn50x4, (3, 288, 288))
+    info = FeatureInfo.probe(rn50x4, (3, 288, 288))
+    shapes, dims = info.shapes, info.dims
     assert shapes == {"layer1": (320, 72, 72), "layer2": (640, 36, 36), "layer3": (1280, 18, 18),
                       "layer4": (2560, 9, 9), "attnpool": (640,)}
     assert sum(dims.values()) == 5440

@@ -1,0 +1,199 @@
+"""One feature-extractor object: a backbone, its transform and taps, and what each tap gives.
+
+`FeatureExtractor(backbone, precision, channels_last)` is built once from a loaded backbone;
+it runs one blank image through the taps to learn each tap's shape (`FeatureInfo`, as timm's
+`FeatureInfo`), and turns images into per-tap features: pooled `(n, C)` vectors, or the raw
+tap outputs. Both extract() (`featuresExtractor.pipeline`) and the `Encoder`
+(`featuresExtractor.encode`) use it, so the model, hooks, precision, memory format and the
+forward in slices are wired in one place.
+
+Example:
+    >>> from featuresExtractor.backbones import load_backbone, resolve_spec
+    >>> fx = FeatureExtractor(load_backbone(resolve_spec("tiny_rn")))
+    >>> [(t.name, t.pooled_dim) for t in fx.info.taps][:2]
+    [('layer1', 32), ('layer2', 64)]
+    >>> fx.pooled(["a.jpg"])["attnpool"].shape                 # doctest: +SKIP
+    (1, 32)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from toolkit.utils import UserError
+
+from .backbones import EMBEDDING, Backbone
+from .pooling import global_avg_pool
+from .taps import Taps
+from .transforms import load_image, to_rgb
+
+__all__ = ["CPU_SLICE", "PRECISIONS", "TapInfo", "FeatureInfo", "FeatureExtractor", "Forwarder", "embedding_tap"]
+
+CPU_SLICE = 32
+"""On the CPU large batches only cost memory, so the forward runs in slices of this many images."""
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Precision name to autocast dtype (None: full fp32, no autocast)."""
+
+
+def embedding_tap(taps: Sequence[str]) -> str | None:
+    """The tap that carries the image embedding (left raw by `normalize="layers"`)."""
+    for name in ("attnpool", EMBEDDING):
+        if name in taps:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """One tap: its module path, raw output shape (without the batch axis) and pooled dimension."""
+
+    name: str
+    shape: tuple[int, ...]
+    pooled_dim: int
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """What a backbone's taps give, learnt once from one blank image of the model's input shape."""
+
+    taps: tuple[TapInfo, ...]
+    image_shape: tuple[int, ...]
+
+    @classmethod
+    def probe(cls, backbone: Backbone, image_shape: Sequence[int]) -> "FeatureInfo":
+        """Run one blank `image_shape` image through the taps."""
+        device = next(backbone.visual.parameters()).device
+        with Taps(backbone.visual, backbone.spec.taps) as taps, torch.inference_mode():
+            out = taps(torch.zeros(1, *image_shape, device=device))
+        return cls(tuple(TapInfo(name, tuple(t.shape[1:]), int(global_avg_pool(t).shape[1])) for name, t in out.items()),
+                   tuple(image_shape))
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.taps]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tap name to raw output shape."""
+        return {t.name: t.shape for t in self.taps}
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Tap name to pooled dimension."""
+        return {t.name: t.pooled_dim for t in self.taps}
+
+    @property
+    def embedding(self) -> str | None:
+        """The tap carrying the image embedding, if any."""
+        return embedding_tap(self.names)
+
+
+class Forwarder:
+    """Runs images through installed taps in slices, halving the slice on CUDA out-of-memory."""
+
+    def __init__(self, taps: Taps, device: torch.device, precision: str, slice_size: int, channels_last: bool):
+        self.taps, self.device, self.slice = taps, device, max(1, slice_size)
+        self.channels_last = channels_last
+        self.dtype = PRECISIONS[precision]
+
+    def _run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None):
+            out = self.taps(x)
+        return {k: v.float().cpu() if self.taps.reduce else v.to("cpu", torch.float16) for k, v in out.items()}
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        results: list[dict[str, torch.Tensor]] = []
+        start = 0
+        while start < len(images):
+            try:
+                results.append(self._run(images[start:start + self.slice]))
+                start += self.slice
+            except torch.OutOfMemoryError:
+                if self.slice == 1:
+                    raise UserError("out of GPU memory even with one image per batch; use device cpu") from None
+                self.slice //= 2
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                tqdm.write(f"out of memory: batch halved to {self.slice} images")
+        return {k: torch.cat([r[k] for r in results]) for k in results[0]}
+
+
+@contextlib.contextmanager
+def _memory_format(module: torch.nn.Module, channels_last: bool) -> Iterator[torch.nn.Module]:
+    """Run `module` in channels_last inside the block, and give it back as it was found."""
+    if not channels_last:
+        yield module
+        return
+    module.to(memory_format=torch.channels_last)
+    try:
+        yield module
+    finally:
+        module.to(memory_format=torch.contiguous_format)
+
+
+class FeatureExtractor:
+    """A loaded backbone ready to turn images into per-tap features.
+
+    Args:
+        backbone: from `featuresExtractor.backbones.load_backbone`; its device is where the forward runs.
+        precision: `fp32`, `bf16` or `fp16` (autocast).
+        channels_last: run the visual tower in channels_last memory format.
+
+    Attributes:
+        info: the `FeatureInfo` of the backbone's taps.
+    """
+
+    def __init__(self, backbone: Backbone, precision: str = "fp32", channels_last: bool = True):
+        if precision not in PRECISIONS:
+            raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.backbone, self.precision, self.channels_last = backbone, precision, channels_last
+        self.device = next(backbone.visual.parameters()).device
+        image_shape = tuple(backbone.transform(Image.new("RGB", (64, 64))).shape)
+        self.info = FeatureInfo.probe(backbone, image_shape)
+
+    @property
+    def transform(self):
+        """The model's own eval transform (PIL image -> tensor)."""
+        return self.backbone.transform
+
+    def slice_size(self, batch_size: int) -> int:
+        """Images per forward: the whole batch on CUDA, at most `CPU_SLICE` on the CPU."""
+        return batch_size if self.device.type == "cuda" else min(batch_size, CPU_SLICE)
+
+    @contextlib.contextmanager
+    def running(self, pooled: bool = True, slice_size: int = CPU_SLICE) -> Iterator[Forwarder]:
+        """Install the taps and yield a `Forwarder`: `(n, 3, H, W)` tensor -> tap -> features on the CPU.
+
+        Pooled features are float32 `(n, C)`; raw ones float16 `(n, *shape)`. The hooks are removed
+        and the model's memory format restored on leaving the block.
+        """
+        reduce = global_avg_pool if pooled else None
+        with _memory_format(self.backbone.visual, self.channels_last), torch.inference_mode(), \
+                Taps(self.backbone.visual, self.backbone.spec.taps, reduce=reduce) as taps:
+            yield Forwarder(taps, self.device, self.precision, slice_size, self.channels_last)
+
+    def preprocess(self, images: Sequence[str | os.PathLike | Image.Image]) -> torch.Tensor:
+        """Decode (paths) and transform images into one `(n, 3, H, W)` tensor."""
+        return torch.stack([self.transform(to_rgb(im) if isinstance(im, Image.Image) else load_image(im))
+                            for im in images])
+
+    def pooled(self, images: Sequence[str | os.PathLike | Image.Image], slice_size: int = CPU_SLICE) -> dict[str, np.ndarray]:
+        """Tap -> `(n, C)` float32 pooled vectors for images (paths or PIL images), unflipped.
+
+        Raises `featuresExtractor.transforms.BadImage` for an unreadable image.
+        """
+        tensors = self.preprocess(images)
+        with self.running(pooled=True, slice_size=slice_size) as forward:
+            out = forward(tensors)
+        return {k: v.numpy() for k, v in out.items()}
