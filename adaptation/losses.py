@@ -1,23 +1,22 @@
-"""The training objective: a symmetric, temperature-scaled contrastive loss over cosine similarities.
+"""The training objective: a symmetric contrastive loss over scaled cosine similarities.
 
 For N pairs with adapted left vectors `l_i` and right vectors `r_j`, let
 `S[i, j] = cos(l_i, r_j)`. The loss is
 
-    0.5 * CE(t * S, arange(N)) + 0.5 * CE(t * S.T, arange(N))
+    0.5 * CE(logit_scale * S, arange(N)) + 0.5 * CE(logit_scale * S.T, arange(N))
 
-where CE is the mean cross-entropy over rows and `t` is the temperature. As in the seed, the
-temperature *multiplies* the cosines (the seed's `-t 15` sharpens the softmax), it does not
-divide them.
+where CE is the mean cross-entropy over rows (as open_clip's `ClipLoss`). The paper's code calls
+the multiplier the temperature (`train.py -t 15`): it *multiplies* the cosines, sharpening the
+softmax; it does not divide them.
 
 `similarity_matrix` and `contrastive_loss_from_similarity` are split so that a caller computes
-the N x N matrix once and reads both the loss and the retrieval metrics from it.
-`similarity_and_loss` does both in one autograd node, with its N x N matrices kept in a
-`Workspace` and reused from call to call: that is what the training loop uses.
+the N x N matrix once and reads both the loss and the retrieval metrics from it. The training
+loop uses a fused version of the same computation (`adaptation._fused`), tested against this one.
 
 Example:
     >>> import torch
     >>> left, right = torch.randn(5, 8), torch.randn(5, 8)
-    >>> loss = contrastive_loss(left, right, temperature=15.0)
+    >>> loss = contrastive_loss(left, right, logit_scale=15.0)
     >>> loss.shape
     torch.Size([])
 """
@@ -27,17 +26,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "similarity_matrix",
-    "contrastive_loss_from_similarity",
-    "contrastive_loss",
-    "similarity_and_loss",
-    "Workspace",
-    "EPS",
-]
+__all__ = ["similarity_matrix", "contrastive_loss_from_similarity", "contrastive_loss", "EPS"]
 
 EPS = 1e-8
-"""Norms are clamped to at least this before dividing, as the seed did: a ReLU output can be all zeros."""
+"""Norms are clamped to at least this before dividing, as the paper's code did: a ReLU output can be all zeros."""
 
 
 def similarity_matrix(left: torch.Tensor, right: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -49,7 +41,7 @@ def similarity_matrix(left: torch.Tensor, right: torch.Tensor, eps: float = EPS)
 
     Returns:
         `(N, M)`. The normalisation runs in fp32; inside `torch.autocast` the product itself runs
-        in the autocast dtype (that product is where the time goes).
+        in the autocast dtype.
     """
     # Normalising in fp32 keeps bf16 rounding out of the norms; only the product is lowered.
     a = F.normalize(left.float(), dim=1, eps=eps)
@@ -57,224 +49,31 @@ def similarity_matrix(left: torch.Tensor, right: torch.Tensor, eps: float = EPS)
     return a @ b.T
 
 
-def contrastive_loss_from_similarity(sim: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss_from_similarity(sim: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """The symmetric contrastive loss of a square cosine-similarity matrix whose diagonal holds the true pairs.
 
     Args:
-        sim: `(N, N)` cosine similarities (values in [-1, 1]), any float dtype; the loss is
-            computed in fp32 (fp64 for fp64 input).
-        temperature: multiplies the similarities before the softmax.
+        sim: `(N, N)` cosine similarities, any float dtype; the loss is computed in fp32 (fp64
+            for fp64 input).
+        logit_scale: multiplies the similarities before the softmax (`train.py -t`).
 
     Returns:
         A 0-d tensor: the mean of the left-to-right (rows) and right-to-left (columns)
-        cross-entropies with labels `arange(N)`. Differentiable with respect to `sim`.
+        cross-entropies with labels `arange(N)`.
     """
-    if abs(temperature) <= _FUSED_MAX_TEMPERATURE:
-        return _SymmetricCrossEntropy.apply(sim, float(temperature))
-    return _reference_loss(sim, temperature)
-
-
-_FUSED_MAX_TEMPERATURE = 40.0
-# exp(t * cos - |t|) lies in [exp(-2|t|), 1]: no overflow, and no underflow to 0 (which would
-# make a log(0)) while 2|t| stays well inside fp32's exponent range, about 87.
-
-
-def _reference_loss(sim: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = sim.to(torch.promote_types(sim.dtype, torch.float32)) * temperature
+    logits = sim.to(torch.promote_types(sim.dtype, torch.float32)) * logit_scale
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * F.cross_entropy(logits, labels) + 0.5 * F.cross_entropy(logits.T, labels)
 
 
-class _SymmetricCrossEntropy(torch.autograd.Function):
-    """`_reference_loss` in a few passes over the N x N matrix instead of a dozen.
-
-    The autograd graph of the reference runs log-softmax on a transposed (strided) matrix and
-    adds transposed gradients; at N = 4512 that cost more than a third of a CPU epoch beside
-    the matrix products. Here one matrix of exponentials serves both directions: with
-    `E = exp(t * S - |t|)`, the row and column log-sum-exps are `|t| + log(E.sum(1))` and
-    `|t| + log(E.sum(0))`, and the gradient is
-    `t / (2N) * (E / rowsum[:, None] + E / colsum[None, :] - 2 I)`.
-    The constant shift |t| replaces the usual per-row max because cosines are bounded by 1.
-    """
-
-    @staticmethod
-    def forward(ctx, sim: torch.Tensor, t: float) -> torch.Tensor:
-        e = torch.empty(sim.shape, dtype=torch.promote_types(sim.dtype, torch.float32), device=sim.device)
-        loss, row, col = _exp_and_loss(sim, t, e)
-        ctx.save_for_backward(e, row, col)
-        ctx.t, ctx.dtype = t, sim.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        e, row, col = ctx.saved_tensors
-        grad = _loss_grad(e, row, col, grad_out, ctx.t, torch.empty_like(e))
-        return grad.to(ctx.dtype), None
-
-
-def _exp_and_loss(sim: torch.Tensor, t: float, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fill `e` (fp32 or wider, sim's shape) with `exp(t * sim - |t|)`; return `(loss, row sums, column sums)`."""
-    shift = abs(t)
-    if sim.dtype == e.dtype:
-        torch.mul(sim, t, out=e)
-    else:  # widen first: t * sim must not be rounded to sim's dtype
-        e.copy_(sim).mul_(t)
-    e.sub_(shift).exp_()
-    row, col = e.sum(dim=1), e.sum(dim=0)
-    diag = sim.diagonal().to(e.dtype) * t
-    loss = 0.5 * ((row.log() + shift - diag).mean() + (col.log() + shift - diag).mean())
-    return loss, row, col
-
-
-def _loss_grad(
-    e: torch.Tensor, row: torch.Tensor, col: torch.Tensor, grad_loss: torch.Tensor, t: float, out: torch.Tensor
-) -> torch.Tensor:
-    """dLoss/dsim into `out`: `grad_loss * t / (2N) * (E / row[:, None] + E / col[None, :] - 2 I)`."""
-    scale = grad_loss.to(e.dtype) * (0.5 * t / e.shape[0])
-    r, c = row.reciprocal().mul_(scale), col.reciprocal().mul_(scale)
-    grad = torch.add(r[:, None], c[None, :], out=out).mul_(e)
-    grad.diagonal().sub_(2 * scale)
-    return grad
-
-
-def contrastive_loss(left: torch.Tensor, right: torch.Tensor, temperature: float) -> torch.Tensor:
-    """`contrastive_loss_from_similarity(similarity_matrix(left, right), temperature)`.
+def contrastive_loss(left: torch.Tensor, right: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """`contrastive_loss_from_similarity(similarity_matrix(left, right), logit_scale)`.
 
     Args:
         left, right: `(N, D)` adapted vectors; row i of each forms pair i.
-        temperature: multiplies the cosines.
+        logit_scale: multiplies the cosines.
 
     Returns:
         A 0-d fp32 tensor.
     """
-    return contrastive_loss_from_similarity(similarity_matrix(left, right), temperature)
-
-
-class Workspace:
-    """Scratch tensors kept from one call to the next, by name, shape, dtype and device.
-
-    Why: at TLL scale an N x N fp32 matrix is 81 MB. The C allocator serves blocks that large
-    straight from the kernel (mmap) and returns them on free, so every fresh one is paid again
-    in page faults: on the 2-core CPU an allocating elementwise pass over it took about 10x
-    as long as the same pass into an existing tensor. Reusing the same few matrices every
-    epoch removes that cost.
-
-    A tensor handed out by `get` is overwritten by the next user of the same name and shape;
-    see `similarity_and_loss` for what that means for its outputs.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The uninitialised tensor kept under `name` for this shape, dtype and device (created on first use)."""
-        key = (name, tuple(shape), dtype, torch.device(device))
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty(key[1], dtype=dtype, device=device)
-        return buf
-
-
-def similarity_and_loss(
-    left: torch.Tensor,
-    right: torch.Tensor,
-    temperature: float,
-    product_dtype: torch.dtype | None = None,
-    workspace: Workspace | None = None,
-    eps: float = EPS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`similarity_matrix(left, right)` and its contrastive loss, in one autograd node.
-
-    The same quantities as `contrastive_loss_from_similarity(similarity_matrix(left, right), t)`,
-    with the normalisation's backward written out (a handful of passes over the `(N, D)`
-    inputs instead of autograd's dozen) and the `N x N` matrices (cosines, exponentials,
-    gradient) written into `workspace` instead of being allocated on every call.
-
-    Args:
-        left, right: `(N, D)` adapted vectors, row i of each forming pair i; any float dtype.
-        temperature: multiplies the cosines (as in `contrastive_loss_from_similarity`).
-        product_dtype: the dtype of the cosine product and of its two backward products, e.g.
-            `torch.bfloat16` for what `torch.autocast` does to `similarity_matrix`; default:
-            fp32 (fp64 for fp64 inputs). Normalisation and loss always run in fp32 or wider.
-        workspace: where the `N x N` matrices live between calls; default: a fresh one.
-        eps: lower bound on each norm (see `similarity_matrix`).
-
-    Returns:
-        `(sim, loss)`. `sim` is the `(N, N)` cosine matrix in `product_dtype`, detached; with a
-        shared `workspace` it is a workspace tensor, valid until the next call with the same
-        shapes. `loss` is a 0-d fp32 tensor (fp64 for fp64 inputs), differentiable with
-        respect to `left` and `right`.
-        Calling again with the same workspace before this loss's backward makes that backward
-        raise (the saved matrix was overwritten) rather than return wrong gradients.
-
-        Above `|temperature|` 40 (outside the shifted-exponential form's range) the same values
-        come from the plain autograd composition, without the workspace.
-
-    Raises:
-        ValueError: `left` and `right` are not two `(N, D)` matrices of one shape.
-    """
-    if left.ndim != 2 or left.shape != right.shape:
-        raise ValueError(f"expected two (N, D) matrices of one shape, got {tuple(left.shape)} and {tuple(right.shape)}")
-    if abs(temperature) > _FUSED_MAX_TEMPERATURE:
-        product = product_dtype or torch.promote_types(left.dtype, torch.float32)
-        with torch.autocast(left.device.type, enabled=False):
-            a = F.normalize(left.to(torch.promote_types(left.dtype, torch.float32)), dim=1, eps=eps)
-            b = F.normalize(right.to(torch.promote_types(right.dtype, torch.float32)), dim=1, eps=eps)
-            sim = a.to(product) @ b.to(product).T
-            return sim.detach(), _reference_loss(sim, temperature)
-    return _CosineContrastive.apply(left, right, float(temperature), product_dtype, workspace or Workspace(), eps)
-
-
-def _normalize(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`F.normalize(x, dim=1, eps=eps)` (same operations, so the same bits) and the clamped norms."""
-    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min_(eps)
-    return x / norm, norm
-
-
-def _normalize_backward(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
-    """Gradient of `x / max(|x|, eps)` given `unit` = that output: `(g - u (u . g)) / |x|`.
-
-    Where the norm was clamped the denominator is the constant eps, so only `g / eps` remains.
-    """
-    proj = torch.bmm(unit.unsqueeze(1), grad.unsqueeze(2)).squeeze(2)  # row-wise u . g, no (N, D) temporary
-    proj.masked_fill_(norm <= eps, 0.0)
-    return grad.addcmul_(unit, proj, value=-1.0).div_(norm)
-
-
-class _CosineContrastive(torch.autograd.Function):
-    """Forward and backward of `similarity_and_loss`; see `_SymmetricCrossEntropy` for the loss algebra."""
-
-    @staticmethod
-    def forward(ctx, left, right, t, product_dtype, workspace, eps):
-        n, dev = left.shape[0], left.device
-        compute = torch.promote_types(left.dtype, torch.float32)
-        product = product_dtype or compute
-        # Autocast would re-cast inside; every dtype here is chosen explicitly instead.
-        with torch.autocast(dev.type, enabled=False):
-            a, a_norm = _normalize(left.to(compute), eps)
-            b, b_norm = _normalize(right.to(compute), eps)
-            a_p, b_p = a.to(product), b.to(product)
-            sim = torch.mm(a_p, b_p.T, out=workspace.get("sim", (n, n), product, dev))
-            e = workspace.get("exp", (n, n), compute, dev)
-            loss, row, col = _exp_and_loss(sim, t, e)
-        ctx.save_for_backward(e, row, col, a, b, a_norm, b_norm, a_p, b_p)
-        ctx.t, ctx.eps, ctx.workspace = t, eps, workspace
-        ctx.dtypes = (left.dtype, right.dtype)
-        ctx.mark_non_differentiable(sim)
-        # Otherwise autograd hands backward an N x N matrix of zeros for `sim`, allocated and filled each time.
-        ctx.set_materialize_grads(False)
-        return sim, loss
-
-    @staticmethod
-    def backward(ctx, _grad_sim, grad_loss):
-        if grad_loss is None:  # only `sim` was used downstream, and it carries no gradient
-            return None, None, None, None, None, None
-        e, row, col, a, b, a_norm, b_norm, a_p, b_p = ctx.saved_tensors
-        n, dev = e.shape[0], e.device
-        with torch.autocast(dev.type, enabled=False):
-            grad = _loss_grad(e, row, col, grad_loss, ctx.t, ctx.workspace.get("grad", (n, n), e.dtype, dev))
-            if a_p.dtype != grad.dtype:
-                grad = ctx.workspace.get("grad_product", (n, n), a_p.dtype, dev).copy_(grad)
-            grad_a = _normalize_backward(torch.mm(grad, b_p).to(a.dtype), a, a_norm, ctx.eps)
-            grad_b = _normalize_backward(torch.mm(grad.T, a_p).to(b.dtype), b, b_norm, ctx.eps)
-        return grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None, None, None
+    return contrastive_loss_from_similarity(similarity_matrix(left, right), logit_scale)

@@ -7,7 +7,7 @@ Each epoch:
    of it (the objective is the mean over the sets). With `precision="bf16"` the model and the
    similarity product run under `torch.autocast(dtype=bfloat16)`; the loss is taken in fp32.
    The cosine matrix, its exponentials and its gradient are written into N x N tensors
-   allocated once per run (`adaptation.losses.Workspace`), not once per set and epoch.
+   allocated once per run (`adaptation._fused.Workspace`), not once per set and epoch.
 2. One Adam step.
 3. Read the train metrics off the originals' similarity matrix from step 1, which the loss
    already paid for (so they describe the model *before* this epoch's step, as the seed's
@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from .split import TrainData
-from .losses import Workspace, contrastive_loss_from_similarity, similarity_and_loss, similarity_matrix
+from ._fused import Workspace, similarity_and_loss, symmetric_cross_entropy
+from .losses import similarity_matrix
 from .metrics import retrieval_metrics
 
 __all__ = ["PRECISIONS", "TrainConfig", "make_optimizer", "evaluate", "train"]
@@ -56,7 +57,7 @@ class TrainConfig:
 
     Attributes:
         epochs: full-batch steps.
-        temperature: multiplies the cosines before the softmax (the seed's `-t`).
+        temperature: the paper's `-t`: the loss's `logit_scale`, which multiplies the cosines before the softmax.
         lr, weight_decay: Adam's.
         topk: the k values of the retrieval metrics.
         precision: `fp32`, or `bf16` for autocast of the model and the similarity products.
@@ -104,7 +105,7 @@ def evaluate(
     """
     model.eval()
     sim = similarity_matrix(model(left), model(right))
-    out = {"Loss": contrastive_loss_from_similarity(sim, config.temperature)}
+    out = {"Loss": symmetric_cross_entropy(sim, config.temperature)}
     out.update(retrieval_metrics(sim, config.topk))
     return out
 

@@ -76,7 +76,7 @@ def resolve_spec(name: str, layers: Sequence[str] | None = None, pretrained: str
     """
     import open_clip
 
-    _register_local_configs()
+    register_local_configs()
     if name in BACKBONES:
         spec = BACKBONES[name]
     elif name in open_clip.list_models():
@@ -138,7 +138,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _register_local_configs() -> None:
+def register_local_configs() -> None:
     import open_clip
 
     if "TinyRN" not in open_clip.list_models():
@@ -256,7 +256,7 @@ def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
     """
     import open_clip
 
-    _register_local_configs()
+    register_local_configs()
     preprocess = {}
     if spec.pretrained:
         cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}

@@ -5,14 +5,8 @@ import math
 import pytest
 import torch
 
-from adaptation.losses import (
-    Workspace,
-    _reference_loss,
-    contrastive_loss,
-    contrastive_loss_from_similarity,
-    similarity_and_loss,
-    similarity_matrix,
-)
+from adaptation._fused import Workspace, similarity_and_loss, symmetric_cross_entropy
+from adaptation.losses import contrastive_loss, contrastive_loss_from_similarity, similarity_matrix
 
 
 def naive_loss(left, right, temperature):
@@ -32,14 +26,16 @@ def naive_loss(left, right, temperature):
     return 0.5 * l2r / n + 0.5 * r2l / n
 
 
-# 50 and -3 take the plain autograd path, the others the fused one.
+# The plain definition and the fused path (which falls back to the plain one above |scale| 40).
 @pytest.mark.parametrize("n,d,temperature", [(1, 3, 1.0), (5, 4, 1.0), (7, 16, 15.0), (12, 2, 0.5), (6, 3, 50.0), (5, 4, -3.0)])
 def test_loss_matches_naive_loop(n, d, temperature):
     g = torch.Generator().manual_seed(n * 100 + d)
     left, right = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
     got = contrastive_loss(left, right, temperature)
-    assert got.dtype == torch.float32 and got.shape == ()
+    fused = symmetric_cross_entropy(similarity_matrix(left, right), temperature)
+    assert got.dtype == torch.float32 and got.shape == () and fused.dtype == torch.float32
     assert got.item() == pytest.approx(naive_loss(left, right, temperature), rel=1e-5, abs=1e-6)
+    assert fused.item() == pytest.approx(naive_loss(left, right, temperature), rel=1e-5, abs=1e-6)
 
 
 def test_loss_is_symmetric_in_left_and_right():
@@ -81,15 +77,15 @@ def test_fused_gradient_matches_plain_autograd(temperature):
     sim = similarity_matrix(torch.randn(9, 5, generator=g), torch.randn(9, 5, generator=g)).detach()
     a = sim.clone().requires_grad_()
     b = sim.clone().requires_grad_()
-    contrastive_loss_from_similarity(a, temperature).backward()
-    _reference_loss(b, temperature).backward()
+    symmetric_cross_entropy(a, temperature).backward()
+    contrastive_loss_from_similarity(b, temperature).backward()
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_fused_loss_gradcheck_in_double():
     g = torch.Generator().manual_seed(3)
     sim = torch.rand(6, 6, generator=g, dtype=torch.float64).mul(2).sub(1).requires_grad_()
-    assert torch.autograd.gradcheck(lambda s: contrastive_loss_from_similarity(s, 7.0), (sim,))
+    assert torch.autograd.gradcheck(lambda s: symmetric_cross_entropy(s, 7.0), (sim,))
 
 
 # The fused node used by training: same values as the two-step composition, under autocast too.

@@ -255,9 +255,9 @@ def test_forwarder_halves_batch_on_out_of_memory():
 def test_weights_file_fp16_and_wrapped_state_dict(tmp_path, pairs_dir, tiny_backbone, capsys):
     import open_clip
 
-    from featuresExtractor.backbones import _register_local_configs
+    from featuresExtractor.backbones import register_local_configs
 
-    _register_local_configs()
+    register_local_configs()
     torch.manual_seed(5)
     model = open_clip.create_model("TinyRN")
     sd = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}

@@ -70,9 +70,9 @@ def test_taps_order_hooks_removed_and_embedding_equals_model_output(tiny_backbon
 def test_tapped_embedding_equals_clip_encode_image():
     import open_clip
 
-    from featuresExtractor.backbones import _register_local_configs
+    from featuresExtractor.backbones import register_local_configs
 
-    _register_local_configs()
+    register_local_configs()
     torch.manual_seed(1)
     model = open_clip.create_model("TinyRN").eval()
     x = torch.randn(2, 3, 64, 64)
