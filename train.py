@@ -1,11 +1,11 @@
 """Train an adaptation function on pairs of features and report top-k retrieval.
 
-Reproduces the seed's recipe (Risser-Maroix, Kurtz, Loménie, ICIP 2021):
+Reproduces the paper's recipe (Risser-Maroix, Kurtz, Loménie, ICIP 2021):
 
     python train.py -d FEATURES.npy --model original -s RUNS -e 150 -r 1 -t 15 --test-split 0.25 -k 1 3 5 --gpu
 
 `FEATURES.npy` is a pairs features file written by extract.py (`DIR/MODEL/features.npy` or
-`features_pca256.npy`), or the seed's pickled file with `--allow-pickle`.
+`features_pca256.npy`), or the original implementation's pickled file with `--allow-pickle`.
 
 Each run `i` writes to `RUNS/run{i}/`:
 
@@ -19,7 +19,7 @@ Each run `i` writes to `RUNS/run{i}/`:
 With `-r` above 1, `RUNS/avg/` holds the mean curves. `RUNS/summary.json` holds the final test
 (and train) figures as mean and std over runs, and the same table is printed.
 
-"top k" is the seed's figure: a test pair counts as found when its partner ranks within the
+"top k" is the paper's figure: a test pair counts as found when its partner ranks within the
 first k left-to-right OR right-to-left among all test pairs; the paper's 39.39% average top-1
 is this figure. See `adaptation.metrics` for the exact definitions.
 """
@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Train an adaptation function on pairs of features; log top-k retrieval to TensorBoard.",
     )
     p.add_argument("-d", "--data", required=True, metavar="FILE",
-                   help="features file of pairs written by extract.py (DIR/MODEL/features.npy), or the seed's with --allow-pickle")
+                   help="features file of pairs written by extract.py (DIR/MODEL/features.npy), or the original implementation's with --allow-pickle")
     p.add_argument("-s", "--save-to", required=True, metavar="DIR",
                    help="output folder: run1/, run2/, ... (TensorBoard, checkpoint, metrics), avg/, summary.json")
     p.add_argument("--model", choices=sorted(MODELS), default="original",
@@ -81,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("-r", "--runs", type=_positive_int, default=1,
                    help="independent runs, each with its own initialisation, on the same split (default: 1)")
     p.add_argument("-t", "--temperature", type=_float_check(lambda v: v > 0, "a positive number"), default=1.0,
-                   help="multiplies the cosines before the softmax, as in the seed (default: 1; the seed command uses 15)")
+                   help="multiplies the cosines before the softmax, as in the paper's code (default: 1; the paper's command uses 15)")
     p.add_argument("--test-split", type=_float_check(lambda v: True, "a number"), default=0.25,
                    help="fraction of pairs held out for testing, in (0, 1) (default: 0.25)")
     p.add_argument("-k", "--topk", type=_positive_int, nargs="+", default=[1, 3], metavar="K",
@@ -97,7 +97,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32 (default: fp32)")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="accept the seed's pickled features file; unpickling can run code, so only for files you trust")
+                   help="accept the original implementation's pickled features file; unpickling can run code, so only for files you trust")
     p.add_argument("--no-images", dest="images", action="store_false",
                    help="skip the TensorBoard retrieval grid (test queries with their top 5)")
     p.add_argument("--overwrite", action="store_true",

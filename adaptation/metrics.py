@@ -7,7 +7,7 @@ Definitions, for N pairs and `S[i, j]` the similarity of left i and right j:
   scoring exactly as high as the partner is ranked before it.
 - The **right-to-left rank** of pair j is `#{i : S[i, j] >= S[j, j]}`, the same over a column.
 - **`top k`** is the fraction of pairs whose partner ranks within the first k in *either*
-  direction: `mean(min(rank_l2r, rank_r2l) <= k)`. This is exactly what the seed computed
+  direction: `mean(min(rank_l2r, rank_r2l) <= k)`. This is exactly what the paper's code computed
   (its `AsymmetricRecall` ORs the two directions) and what the paper's "39.39% average top-1"
   means. It is higher than either one-directional figure.
 - **`left2right top k`** = `mean(rank_l2r <= k)`; **`right2left top k`** = `mean(rank_r2l <= k)`.
@@ -15,7 +15,7 @@ Definitions, for N pairs and `S[i, j]` the similarity of left i and right j:
   `(mean(1 / rank_l2r) + mean(1 / rank_r2l)) / 2`.
 
 All values are fractions in [0, 1]. Everything runs with torch on the matrix's device: a rank
-is one comparison against the diagonal and a sum, O(N^2), with no sort. The seed's ranking
+is one comparison against the diagonal and a sum, O(N^2), with no sort. The paper's code's ranking
 broke ties in sort order instead, so on data with exact ties our figures can only be lower.
 
 Example:
@@ -80,7 +80,7 @@ def metric_names(topk: Sequence[int]) -> list[str]:
 def retrieval_metrics(
     sim: torch.Tensor, topk: Sequence[int], scratch: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Top-k (either direction, as the seed), left2right/right2left top-k and MRR of a similarity matrix.
+    """Top-k (either direction, as the paper's code), left2right/right2left top-k and MRR of a similarity matrix.
 
     Pass the matrix the loss already computed (detached or not: this runs under no_grad) to get
     train metrics for free. See the module docstring for the exact definitions.

@@ -47,7 +47,7 @@ class Original(nn.Module):
     def __init__(self, in_dim: int, out_dim: int = 1024):
         super().__init__()
         self.in_dim, self.out_dim = int(in_dim), int(out_dim)
-        # The attribute name matches the seed's checkpoints, so their state_dicts load as they are.
+        # The attribute name matches the paper's code's checkpoints, so their state_dicts load as they are.
         self.weight_matrix = nn.Linear(self.in_dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class Peterson(nn.Module):
     def __init__(self, in_dim: int):
         super().__init__()
         self.in_dim = self.out_dim = int(in_dim)
-        # `W` as in the seed, so its checkpoints load as they are.
+        # `W` as in the paper's code, so its checkpoints load as they are.
         self.W = nn.Parameter(torch.ones(self.in_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

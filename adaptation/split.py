@@ -53,7 +53,7 @@ class TrainData:
 def split_indices(
     n_pairs: int, test_split: float, seed: int, topk: Sequence[int] = ()
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Draw the test pairs at random: `floor(test_split * n_pairs)` of them, as the seed did.
+    """Draw the test pairs at random: `floor(test_split * n_pairs)` of them, as the paper's code did.
 
     Args:
         n_pairs: the number of original pairs.

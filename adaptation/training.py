@@ -10,7 +10,7 @@ Each epoch:
    allocated once per run (`adaptation._fused.Workspace`), not once per set and epoch.
 2. One Adam step.
 3. Read the train metrics off the originals' similarity matrix from step 1, which the loss
-   already paid for (so they describe the model *before* this epoch's step, as the seed's
+   already paid for (so they describe the model *before* this epoch's step, as the paper's code's
    train loss did), and evaluate the test originals with the updated model, in fp32.
 
 Nothing leaves the device inside an epoch except one small vector of metric values. A model
@@ -53,7 +53,7 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The recipe's hyper-parameters (defaults: the seed's, except the seed's per-run learning rates).
+    """The recipe's hyper-parameters (defaults: the paper's code's, except its per-run learning rates).
 
     Attributes:
         epochs: full-batch steps.

@@ -5,11 +5,11 @@
 
 For each device (the CPU, and CUDA when present), model and precision, it times one call of
 `adaptation.training.train` on planted pairs (each pair shares a latent signal under larger
-nuisance dimensions, with a flipped copy per pair, split 0.75/0.25 as the seed command does),
+nuisance dimensions, with a flipped copy per pair, split 0.75/0.25 as the paper's command does),
 and reports the final test top-1 next to the time.
 
 The planted data's defaults (64 signal dimensions shared by a pair, per-image noise 1.0, 192
-nuisance dimensions of std 2.0) are set so that 150 epochs of the seed's recipe (lr 1e-3,
+nuisance dimensions of std 2.0) are set so that 150 epochs of the paper's recipe (lr 1e-3,
 t = 15) make a visible difference: raw cosines (`dummy`) find about 2% of the test pairs at
 top-1 and `original` several tens of percent, well short of 100%, so that the bf16 and fp32
 top-1 can be compared. With the generator's own defaults (nuisance 3.0, 32 signal dimensions)
@@ -94,7 +94,7 @@ def product_floor(sizes: Sequence[int], width: int, dtype: torch.dtype, device: 
 
 
 def check_targets(rows: Sequence[dict], epochs: int) -> list[str]:
-    """One line per trained model and device against issue 3's targets (fp32 run/floor <= 1.5,
+    """One line per trained model and device against the throughput targets (fp32 run/floor <= 1.5,
     bf16 within 1 point of fp32 test top-1, bf16 <= 90 s for 150 epochs on the CPU)."""
     lines = []
     by_key = {(r["device"], r["model"], r["precision"]): r for r in rows}

@@ -2,7 +2,7 @@
 
 Each pair starts from one *composition*: a few shapes (ellipses, rectangles,
 triangles, stars, hexagons, crosses) with a position, size, rotation, fill colour
-and texture (solid, stripes, dots, checker), all drawn from the seed. The left
+and texture (solid, stripes, dots, checker), all drawn from the random seed. The left
 image renders it in one *style*; the right image renders the same composition in
 another: the layout is jittered, the background has another colour and pattern,
 the outlines another width and colour, and the textures another scale. The shapes

@@ -43,21 +43,21 @@ from toolkit.utils import UserError, first_line
 
 __all__ = [
     "PAIR_FIELDS",
-    "SEED_KEYS",
-    "SEED_AUGMENTED_PREFIX",
+    "PAPER_KEYS",
+    "PAPER_AUGMENTED_PREFIX",
     "Pairs",
     "load_pairs",
     "pairs_from_structured",
-    "pairs_from_seed_dict",
+    "pairs_from_paper_dict",
     "make_records",
     "to_structured",
 ]
 
 PAIR_FIELDS = ("name", "augmented", "left", "right")
 """Fields of a pairs features file written by extract.py."""
-SEED_KEYS = ("left", "right", "left_name", "right_name")
+PAPER_KEYS = ("left", "right", "left_name", "right_name")
 """Keys of the paper's code's pickled dict."""
-SEED_AUGMENTED_PREFIX = "augmented_"
+PAPER_AUGMENTED_PREFIX = "augmented_"
 """How the paper's code names a flipped copy: this prefix before the original's name."""
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -92,11 +92,11 @@ class Pairs:
 
 
 def load_pairs(path: str | os.PathLike, allow_pickle: bool = False) -> Pairs:
-    """Read a features file of pairs, in extract.py's format or (with `allow_pickle`) the seed's.
+    """Read a features file of pairs, in extract.py's format or (with `allow_pickle`) the original implementation's.
 
     Args:
         path: the `.npy` file.
-        allow_pickle: also accept the seed's pickled dict. Only for files you trust.
+        allow_pickle: also accept the original implementation's pickled dict. Only for files you trust.
 
     Returns:
         A checked `Pairs`.
@@ -128,7 +128,7 @@ def load_pairs(path: str | os.PathLike, allow_pickle: bool = False) -> Pairs:
         arr = np.load(path, allow_pickle=allow_pickle)
     except ValueError as err:
         if "allow_pickle" in str(err):
-            raise UserError(f"{path} holds pickled objects (the seed's format?); {_PICKLE_HINT}") from None
+            raise UserError(f"{path} holds pickled objects (the original implementation's format?); {_PICKLE_HINT}") from None
         raise UserError(f"cannot read {path}: {err}") from None
     except (OSError, EOFError, struct.error, pickle.UnpicklingError, AttributeError, ImportError, TypeError) as err:
         # Truncated arrays raise OSError/EOFError; a foreign pickle (with --allow-pickle) may
@@ -140,8 +140,8 @@ def load_pairs(path: str | os.PathLike, allow_pickle: bool = False) -> Pairs:
     if isinstance(arr, np.ndarray) and arr.dtype == object:
         obj = arr.item() if arr.size == 1 else None
         if not isinstance(obj, dict):
-            raise UserError(f"{path} holds a pickled {type(obj).__name__ if obj is not None else 'object array'}, not the seed's dict {{{', '.join(SEED_KEYS)}}}")
-        return pairs_from_seed_dict(obj, source=path)
+            raise UserError(f"{path} holds a pickled {type(obj).__name__ if obj is not None else 'object array'}, not the original implementation's dict {{{', '.join(PAPER_KEYS)}}}")
+        return pairs_from_paper_dict(obj, source=path)
     return pairs_from_structured(arr, source=path)
 
 
@@ -170,8 +170,8 @@ def pairs_from_structured(arr: np.ndarray, source: str = "array") -> Pairs:
     return _assemble(arr["name"], arr["augmented"], arr["left"], arr["right"], source)
 
 
-def pairs_from_seed_dict(obj: dict[str, Any], source: str = "dict") -> Pairs:
-    """Check and convert the seed's `{left, right, left_name, right_name}` dict to `Pairs`.
+def pairs_from_paper_dict(obj: dict[str, Any], source: str = "dict") -> Pairs:
+    """Check and convert the original implementation's `{left, right, left_name, right_name}` dict to `Pairs`.
 
     A row whose `left_name` starts with `augmented_` is the flipped copy of the row named
     without that prefix.
@@ -179,17 +179,17 @@ def pairs_from_seed_dict(obj: dict[str, Any], source: str = "dict") -> Pairs:
     Raises:
         UserError: see `load_pairs`.
     """
-    missing = [k for k in SEED_KEYS if k not in obj]
+    missing = [k for k in PAPER_KEYS if k not in obj]
     if missing:
-        raise UserError(f"{source}: the pickled dict has no key {', '.join(missing)} (expected {', '.join(SEED_KEYS)})")
+        raise UserError(f"{source}: the pickled dict has no key {', '.join(missing)} (expected {', '.join(PAPER_KEYS)})")
     try:
         left = np.asarray(obj["left"], dtype=np.float32)
         right = np.asarray(obj["right"], dtype=np.float32)
     except (TypeError, ValueError) as err:
         raise UserError(f"{source}: left/right are not numeric arrays: {err}") from None
     raw = [str(n) for n in np.asarray(obj["left_name"]).reshape(-1)]
-    augmented = np.array([n.startswith(SEED_AUGMENTED_PREFIX) for n in raw], dtype=bool)
-    names = [n[len(SEED_AUGMENTED_PREFIX):] if a else n for n, a in zip(raw, augmented)]
+    augmented = np.array([n.startswith(PAPER_AUGMENTED_PREFIX) for n in raw], dtype=bool)
+    names = [n[len(PAPER_AUGMENTED_PREFIX):] if a else n for n, a in zip(raw, augmented)]
     return _assemble(names, augmented, left, right, source)
 
 

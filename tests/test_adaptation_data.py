@@ -1,4 +1,4 @@
-"""Features files (extract.py's and the seed's pickle), their checks, and the split."""
+"""Features files (extract.py's and the original implementation's pickle), their checks, and the split."""
 
 import numpy as np
 import pytest
@@ -10,7 +10,7 @@ from toolkit.utils import UserError
 
 
 def seed_dict(n=6, d=4, seed=0):
-    """The seed's layout: originals first, then their flipped copies named `augmented_<name>`."""
+    """The original implementation's layout: originals first, then their flipped copies named `augmented_<name>`."""
     rng = np.random.default_rng(seed)
     left = rng.standard_normal((2 * n, d)).astype(np.float32)
     right = rng.standard_normal((2 * n, d)).astype(np.float32)
@@ -19,7 +19,7 @@ def seed_dict(n=6, d=4, seed=0):
     return {"left": left, "right": right, "left_name": np.array(full), "right_name": np.array(full)}
 
 
-def test_seed_format_needs_allow_pickle_and_pairs_copies_by_name(tmp_path):
+def test_paper_format_needs_allow_pickle_and_pairs_copies_by_name(tmp_path):
     path = tmp_path / "embds.npy"
     d = seed_dict()
     np.save(path, d, allow_pickle=True)
@@ -33,7 +33,7 @@ def test_seed_format_needs_allow_pickle_and_pairs_copies_by_name(tmp_path):
     assert pairs.flipped_of.tolist() == list(range(6))
 
 
-def test_seed_dict_missing_key(tmp_path):
+def test_paper_dict_missing_key(tmp_path):
     path = tmp_path / "embds.npy"
     d = seed_dict()
     del d["right_name"]

@@ -45,7 +45,7 @@ def test_loss_is_symmetric_in_left_and_right():
 
 
 def test_all_zero_vectors_give_zero_cosines_not_nan():
-    # A ReLU adaptation can output an all-zero vector; the seed clamped the norm for this.
+    # A ReLU adaptation can output an all-zero vector; the paper's code clamped the norm for this.
     left = torch.zeros(3, 4)
     right = torch.randn(3, 4)
     sim = similarity_matrix(left, right)

@@ -37,7 +37,7 @@ def test_docs_hold_no_dates_or_absolute_paths():
         assert not re.search(r"20\d\d-\d\d-\d\dT\d\d:\d\d", text), f
 
 
-def test_seed_readme_links_resolve():
+def test_readme_links_resolve():
     for rel in ("docs/train.html", "docs/featuresExtractor/processor.html", "featuresExtractor/backbones.py",
                 "featuresExtractor/transforms.py"):
         assert (ROOT / rel).is_file(), rel

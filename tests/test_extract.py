@@ -45,7 +45,7 @@ def reference_pooled(backbone, paths, flip=False):
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def test_seed_command_shape_outputs_and_manifest(tmp_path, capsys, pairs_dir):
+def test_paper_command_shape_outputs_and_manifest(tmp_path, capsys, pairs_dir):
     out = tmp_path / "out"
     code, stdout, err = cli(["-d", str(pairs_dir), "-s", str(out), "-b", "2048", "--data-aug",
                              "--processor", "adapt-pca", "8", *TINY], capsys)

@@ -1,6 +1,6 @@
 """extract.py's fp32 output on fixed drawn images is pinned byte for byte.
 
-The checksums were recorded before the restructuring of issue 10; any change to
+The checksums were recorded before the modules were restructured; any change to
 what extract.py computes or writes (values, dtype, field layout) changes them.
 """
 

@@ -1,4 +1,4 @@
-"""train.py end to end: the seed's command, outputs, determinism, and every bad input."""
+"""train.py end to end: the paper's command, outputs, determinism, and every bad input."""
 
 import json
 import os
@@ -45,7 +45,7 @@ def small_features(tmp_path_factory):
     return folder / "features.npy"
 
 
-def test_seed_command_as_written(small_features, tmp_path):
+def test_paper_command_as_written(small_features, tmp_path):
     features = small_features
     runs = tmp_path / "RUNS"
     cmd = [sys.executable, "train.py", "-d", features, "--model", "original", "-s", runs, "-e", "150", "-r", "1",
@@ -112,9 +112,9 @@ def test_same_seed_same_metrics(features, tmp_path, capsys):
     assert torch.equal(ca["state_dict"]["weight_matrix.weight"], cb["state_dict"]["weight_matrix.weight"])
 
 
-def test_learns_above_dummy_and_seed_pickle_format(features, tmp_path, capsys):
+def test_learns_above_dummy_and_paper_pickle_format(features, tmp_path, capsys):
     arr = np.load(features)
-    order = np.argsort(arr["augmented"], kind="stable")  # the seed put originals first
+    order = np.argsort(arr["augmented"], kind="stable")  # the paper's code put originals first
     arr = arr[order]
     names = [("augmented_" + n) if a else n for n, a in zip(arr["name"], arr["augmented"])]
     seed_file = tmp_path / "embds.npy"
