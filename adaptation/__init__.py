@@ -4,18 +4,22 @@ Pairs of images judged similar by people are embedded by a frozen network (extra
 *adaptation* network is then trained so that the cosine of the adapted vectors retrieves each
 image's partner. The pieces, all pure (no files, no devices chosen, no global state):
 
-- `adaptation.models`: the adaptation networks (`original`, `peterson`, `dummy`), `build_model`,
-  (`adaptation.checkpoint.load_checkpoint` rebuilds a trained one).
-- `adaptation.losses`: the symmetric temperature-scaled contrastive loss.
+- `adaptation.models`: the adaptation networks (`original`, `peterson`, `dummy`), `build_model`.
+- `adaptation.losses`: the symmetric contrastive loss over scaled cosines (its plain definition).
 - `adaptation.metrics`: top-k (either direction, the paper's figure), left2right / right2left
   top-k and MRR, computed on the device.
 - `adaptation.split`: the train/test split and the three sets a run uses (features files are
   read by `featuresExtractor.pairs_file`, which owns that format; `Pairs` and `load_pairs` are
   re-exported here).
 - `adaptation.training`: the epoch loop, `train(model, data, config, optimizer, on_epoch)`.
-- `adaptation.planted`: planted pairs for tests and benchmarks.
+- `adaptation.planted`: planted feature pairs for tests and benchmarks.
 
-`train.py` at the top of the repository wires them to the command line, TensorBoard and files.
+And the files a training run writes, each format with one owner:
+
+- `adaptation.checkpoint`: the checkpoint (`save_checkpoint`, `load_checkpoint`).
+- `adaptation.runs`: the runs folder (`run*/`, `avg/`, `summary.json`, replacing earlier runs).
+
+`adaptation.similarity` applies a trained run to new images. `train.py` at the top of the repository wires them to the command line, TensorBoard and files.
 
 Example:
     >>> import torch

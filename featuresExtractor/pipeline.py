@@ -3,12 +3,12 @@
 `extract(config, backbone)` is what extract.py runs once it has parsed its
 arguments and loaded the backbone. It is resumable: finished batches are kept in
 `MODEL/.partial/`, and the final files plus `manifest.json` (written last) appear
-only when every image has been seen.
+only when every image has been seen. The manifest is written and read (`read_manifest`) here.
 
 Example:
     >>> from featuresExtractor.backbones import load_backbone, resolve_spec
     >>> cfg = ExtractConfig(dataset="TLL", save_to="out", processor=("adapt-pca", "256"), data_aug=True)
-    >>> report = extract(cfg, load_backbone(resolve_spec(cfg.model)))   # doctest: +SKIP
+    >>> report = extract(cfg, load_backbone(resolve_spec("clip_rn50x4")))   # doctest: +SKIP
     >>> report.outputs                                                  # doctest: +SKIP
     ['out/clip_rn50x4/features.npy', 'out/clip_rn50x4/features_pca256.npy', ...]
 """
