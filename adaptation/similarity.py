@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -27,17 +27,22 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from featuresExtractor.backbones import file_sha256
 from featuresExtractor.dataset import discover
 from featuresExtractor.encode import Encoder
 from featuresExtractor.pipeline import read_manifest
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.utils import UserError, first_line
 
+from . import index as ix_format
 from .checkpoint import CHECKPOINT, load_checkpoint
+from .index import IndexParams, SimilarityIndex
 
-__all__ = ["VisualSimilarity", "Gallery", "Match"]
+__all__ = ["VisualSimilarity", "Gallery", "Match", "Hits", "gallery_items"]
 
 GALLERY_CHUNK = 64
+INDEX_CHUNK = 1024  # images per resumable chunk of an index build
+ADAPT_BATCH = 8192
 ImageLike = str | os.PathLike | Image.Image
 
 
@@ -60,11 +65,48 @@ class Gallery:
     skipped: dict[str, str]  # unreadable images: name -> reason
 
 
+@dataclass(frozen=True)
+class Hits:
+    """One query of a batch search: its label, image path, best matches, or why it failed."""
+
+    query: str
+    image: str | None
+    matches: list[Match]
+    error: str | None = None
+
+
+def gallery_items(source: str | os.PathLike | Sequence[ImageLike]) -> list[tuple[str, ImageLike]]:
+    """(name, image) for each gallery image: a flat or left/right folder, a list file, or a list.
+
+    A list file holds one image path per line (a tab-separated pair of paths counts as two
+    images); relative paths are relative to the list file, and the name is the path as written.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        return [(Path(im).name if not isinstance(im, Image.Image) else f"image{n}", im) for n, im in enumerate(source)]
+    path = Path(source)
+    if path.is_dir():
+        layout = discover(path)
+        return [((name if layout.kind == "flat" else f"{side}/{name}"), os.path.abspath(layout.path(i, side)))
+                for side in layout.sides for i, name in enumerate(layout.names)]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read image list {path} ({first_line(err)}); give a folder, a list of image paths "
+                        f"(one per line) or a features .npy file") from None
+    items = [(f, os.path.abspath(path.parent / f)) for line in lines if line.strip() and not line.startswith("#")
+             for f in (part.strip() for part in line.split("\t")) if f]
+    if not items:
+        raise UserError(f"image list {path} names no image (one path per line)")
+    return items
+
+
 class VisualSimilarity:
     """A trained adaptation with the feature extraction it was trained on."""
 
-    def __init__(self, encoder: Encoder, model: torch.nn.Module, checkpoint: dict, device: torch.device):
+    def __init__(self, encoder: Encoder, model: torch.nn.Module, checkpoint: dict, device: torch.device,
+                 checkpoint_sha256: str | None = None):
         self.encoder, self.model, self.checkpoint, self.device = encoder, model, checkpoint, device
+        self.checkpoint_sha256 = checkpoint_sha256
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None,
@@ -88,7 +130,7 @@ class VisualSimilarity:
         if encoder.dim != int(ckpt["in_dim"]):
             raise UserError(f"{ckpt_path} expects {ckpt['in_dim']}-d features but {Path(data).name} "
                             f"(via its PCA) gives {encoder.dim}-d ones")
-        return cls(encoder, model, ckpt, device)
+        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path))
 
     def raw(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The features before adaptation, as extract.py would have stored them: (n, in_dim)."""
@@ -113,23 +155,29 @@ class VisualSimilarity:
         return float(F.cosine_similarity(e[:1], e[1:], eps=1e-8))
 
     def gallery(self, source: str | os.PathLike | Sequence[ImageLike]) -> Gallery:
-        """A gallery from a folder of images (extracted now), a flat features file, or a list of images."""
-        if isinstance(source, (str, os.PathLike)) and Path(source).is_file():
+        """A gallery from a folder of images (extracted now), a flat features file, an image list file, or a list."""
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npy":
             return self._gallery_file(Path(source))
-        if isinstance(source, (str, os.PathLike)):
-            layout = discover(source)
-            if layout.kind != "flat":
-                raise UserError(f"{source} holds left/ and right/: a gallery is a flat folder of images")
-            items = [str(layout.path(i, "feature")) for i in range(len(layout))]
-        else:
-            items = list(source)
+        if isinstance(source, (str, os.PathLike)) and not Path(source).is_file() and discover(source).kind != "flat":
+            raise UserError(f"{source} holds left/ and right/: a gallery is a flat folder of images")
+        items = gallery_items(source)
         names, images, vectors, skipped = [], [], [], {}
+        for chunk in tqdm(self._encode(items), desc="gallery", unit="chunk", leave=False,
+                          total=-(-len(items) // GALLERY_CHUNK), disable=len(items) <= GALLERY_CHUNK):
+            names += chunk[0]
+            images += chunk[1]
+            vectors.append(chunk[2])
+            skipped.update(chunk[3])
+        if not names:
+            raise UserError("the gallery has no readable image")
+        return Gallery(names, images, np.concatenate(vectors), skipped)
+
+    def _encode(self, items: Sequence[tuple[str, ImageLike]]) -> Iterator[tuple[list, list, np.ndarray, dict]]:
+        """(names, images, raw vectors, skipped) for `items` ((name, image) pairs), GALLERY_CHUNK at a time."""
         # Decoded images are large (about 1 MB each at 288 px), so only a chunk is held at a time.
-        for start in tqdm(range(0, len(items), GALLERY_CHUNK), desc="gallery", unit="chunk", leave=False,
-                          disable=len(items) <= GALLERY_CHUNK):
-            decoded = []
-            for n, item in enumerate(items[start:start + GALLERY_CHUNK], start=start):
-                name = Path(item).name if not isinstance(item, Image.Image) else f"image{n}"
+        for start in range(0, len(items), GALLERY_CHUNK):
+            names, images, decoded, skipped = [], [], [], {}
+            for name, item in items[start:start + GALLERY_CHUNK]:
                 try:
                     decoded.append(item if isinstance(item, Image.Image) else load_image(item))
                 except BadImage as err:
@@ -137,11 +185,8 @@ class VisualSimilarity:
                     continue
                 names.append(name)
                 images.append(None if isinstance(item, Image.Image) else str(item))
-            if decoded:
-                vectors.append(self.raw(decoded))
-        if not names:
-            raise UserError("the gallery has no readable image")
-        return Gallery(names, images, np.concatenate(vectors), skipped)
+            raw = self.raw(decoded) if decoded else np.zeros((0, self.encoder.dim), np.float32)
+            yield names, images, raw, skipped
 
     def _gallery_file(self, path: Path) -> Gallery:
         try:
@@ -168,14 +213,165 @@ class VisualSimilarity:
         images = [str(root / n) if (root / n).is_file() else None for n in names]
         return Gallery(names, images, vectors.astype(np.float32), {})
 
-    def search(self, query: ImageLike, gallery: str | os.PathLike | Sequence[ImageLike] | Gallery,
-               k: int = 5) -> list[Match]:
-        """The k gallery items most similar to `query`, best first (ties: gallery order)."""
-        if not isinstance(gallery, Gallery):
+    def search(self, query: ImageLike | Sequence[ImageLike],
+               gallery: str | os.PathLike | Sequence[ImageLike] | Gallery | SimilarityIndex,
+               k: int = 5) -> list[Match] | list[Hits]:
+        """The k gallery items most similar to `query`, best first (ties: gallery order).
+
+        `gallery` is a `Gallery`, a `SimilarityIndex` (see `load_index`), an index folder, or
+        anything `gallery()` takes. One query (a path or PIL image) returns its `Match` list
+        and raises `UserError` when unreadable; a list of queries returns one `Hits` per query,
+        an unreadable one with its `error` set and no matches, the others answered.
+
+        Example:
+            >>> index = sim.load_index("gallery_index")                        # doctest: +SKIP
+            >>> [h.matches[0].name for h in sim.search(["a.jpg", "b.jpg"], index, k=3)]   # doctest: +SKIP
+            ['a.jpg', 'cloud.jpg']
+        """
+        single = isinstance(query, (str, os.PathLike, Image.Image))
+        queries = [query] if single else list(query)
+        if isinstance(gallery, (str, os.PathLike)) and Path(gallery).is_dir() and \
+                (Path(gallery) / ix_format.MANIFEST_FILE).is_file():
+            gallery = self.load_index(gallery)
+        if not isinstance(gallery, (Gallery, SimilarityIndex)):
             gallery = self.gallery(gallery)
-        if not 1 <= k <= len(gallery.names):
-            raise UserError(f"k={k} but the gallery has {len(gallery.names)} item(s); use 1 <= k <= {len(gallery.names)}")
-        q = self.embed([query])
-        scores = F.cosine_similarity(q, self.adapt(gallery.vectors), eps=1e-8)
-        order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
-        return [Match(gallery.names[i], float(scores[i]), gallery.images[i]) for i in order]
+        n = len(gallery.names)
+        if not 1 <= k <= n:
+            raise UserError(f"k={k} but the gallery has {n} item(s); use 1 <= k <= {n}")
+        labels = [str(q) if not isinstance(q, Image.Image) else f"query{i}" for i, q in enumerate(queries)]
+        raw, good, errors = [], [], {}
+        for names, _, vectors, skipped in self._encode(list(enumerate(queries))):
+            good += names
+            raw.append(vectors)
+            errors.update(skipped)
+        if single and errors:
+            raise UserError(f"cannot read image {labels[0]}: {errors[0]}")
+        matches: dict[int, list[Match]] = {}
+        if good:
+            q = self.adapt(np.concatenate(raw))
+            if isinstance(gallery, SimilarityIndex):
+                scores, ids = gallery.search(ix_format.normalise(q.numpy()), k)
+                for row, i in enumerate(good):
+                    matches[i] = [Match(gallery.names[j], float(s), gallery.images[j])
+                                  for s, j in zip(scores[row], ids[row]) if j >= 0]
+            else:
+                adapted = self.adapt(gallery.vectors)
+                for row, i in enumerate(good):
+                    scores = F.cosine_similarity(q[row:row + 1], adapted, eps=1e-8)
+                    order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+                    matches[i] = [Match(gallery.names[j], float(scores[j]), gallery.images[j]) for j in order]
+        if single:
+            return matches[0]
+        return [Hits(labels[i], None if isinstance(q, Image.Image) else str(q), matches.get(i, []), errors.get(i))
+                for i, q in enumerate(queries)]
+
+    # -- persistent index (format: adaptation.index) -------------------------------------------
+
+    def identity(self) -> dict:
+        """What an index built with this run depends on: checkpoint sha256, backbone, PCA, output dim."""
+        import hashlib
+
+        model = self.encoder.manifest["model"]
+        weights = {k: v for k, v in model["weights"].items() if k != "path"}  # the file may move
+        pca = hashlib.sha256()
+        for stem in sorted(self.encoder.pcas):
+            p = self.encoder.pcas[stem]
+            pca.update(stem.encode() + np.ascontiguousarray(p.components_).tobytes() + np.ascontiguousarray(p.mean_).tobytes())
+        proc = self.encoder.processor
+        with torch.inference_mode():
+            out_dim = int(self.model(torch.zeros(1, self.encoder.dim, device=self.device)).shape[-1])
+        return {"checkpoint_sha256": self.checkpoint_sha256,
+                "backbone": {"name": model["name"], "arch": model["arch"], "pretrained": model["pretrained"],
+                             "weights": weights, "taps": list(self.encoder.backbone.spec.taps),
+                             "precision": self.encoder.extractor.precision},
+                "pca": {"processor": proc.name, "n_components": proc.n_components, "normalize": proc.normalize,
+                        "output": self.encoder.output, "sha256": pca.hexdigest() if self.encoder.pcas else None},
+                "in_dim": self.encoder.dim, "out_dim": out_dim}
+
+    def _index_vectors(self, raw: np.ndarray) -> np.ndarray:
+        """Adapted, L2-normalised rows, ADAPT_BATCH at a time."""
+        out = [self.adapt(raw[s:s + ADAPT_BATCH]).numpy() for s in range(0, len(raw), ADAPT_BATCH)]
+        return ix_format.normalise(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
+
+    def _index_gallery(self, source, cache_dir: Path, known: set | None = None, progress: bool = True):
+        """(vectors, names, images, skipped, cache) of a gallery, minus items in `known` (image paths or names).
+
+        Images are encoded resumably through an `EncodeCache` (returned, to be removed once written).
+        """
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npy":
+            g = self._gallery_file(Path(source))
+            keep = [i for i, (nm, im) in enumerate(zip(g.names, g.images)) if not known or (im or nm) not in known]
+            return (self._index_vectors(g.vectors[keep]), [g.names[i] for i in keep], [g.images[i] for i in keep], {})
+        items = [(nm, im) for nm, im in gallery_items(source)
+                 if not known or (str(im) if not isinstance(im, Image.Image) else nm) not in known]
+        if any(isinstance(im, Image.Image) for _, im in items):
+            cache = None  # in-memory images cannot be recognised on a later run
+        else:
+            cache = ix_format.EncodeCache(cache_dir, {"identity": self.identity(), "items": items})
+        vectors, names, images, skipped = [], [], [], {}
+        bar = tqdm(total=len(items), desc="encode", unit="img", disable=not progress)
+        for c, start in enumerate(range(0, len(items), INDEX_CHUNK)):
+            chunk = items[start:start + INDEX_CHUNK]
+            done = cache.load(c) if cache else None
+            if done is None:
+                parts = list(self._encode(chunk))
+                raw = np.concatenate([p[2] for p in parts])
+                done = (self._index_vectors(raw), [n for p in parts for n in p[0]], [i for p in parts for i in p[1]],
+                        {k: v for p in parts for k, v in p[3].items()})
+                if cache:
+                    cache.save(c, *done)
+            vectors.append(done[0].reshape(len(done[1]), -1))
+            names += done[1]
+            images += done[2]
+            skipped.update(done[3])
+            bar.update(len(chunk))
+        bar.close()
+        nonempty = [v for v in vectors if len(v)]
+        return (np.concatenate(nonempty) if nonempty else np.zeros((0, 1), np.float32)), names, images, skipped, cache
+
+    def build_index(self, gallery: str | os.PathLike | Sequence[ImageLike], out_dir: str | os.PathLike,
+                    params: IndexParams = IndexParams(), overwrite: bool = False,
+                    progress: bool = True) -> tuple[SimilarityIndex, dict[str, str]]:
+        """Encode, adapt and index a gallery into `out_dir`; returns (index, skipped images -> reason).
+
+        `gallery` is an image folder, an image list file, a features file of the run's backbone
+        (extract.py's flat `features.npy`), or a list of images. Encoding resumes from
+        `OUT_DIR.partial/` after an interruption. An existing `out_dir` needs `overwrite`.
+
+        Example:
+            >>> index, skipped = sim.build_index("photos/", "photos_index", IndexParams("hnsw"))   # doctest: +SKIP
+        """
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not overwrite:
+            raise UserError(f"{out_dir} already exists; pass --overwrite or choose another folder")
+        with ix_format.locked(out_dir):
+            vectors, names, images, skipped, cache = self._index_gallery(gallery, out_dir, progress=progress)
+            index = ix_format.build(vectors, names, images, params, self.identity(), progress=progress)
+            ix_format.write(index, out_dir, overwrite=overwrite)
+            if cache:
+                cache.remove()
+        return index, skipped
+
+    def load_index(self, index_dir: str | os.PathLike, ef_search: int | None = None,
+                   nprobe: int | None = None) -> SimilarityIndex:
+        """Read an index folder, refusing one built with another run, backbone or PCA."""
+        index = ix_format.read(index_dir)
+        ix_format.check_identity(index, self.identity())
+        index.set_search(ef_search=ef_search, nprobe=nprobe)
+        return index
+
+    def add_to_index(self, index_dir: str | os.PathLike, more: str | os.PathLike | Sequence[ImageLike],
+                     progress: bool = True) -> tuple[SimilarityIndex, int, dict[str, str]]:
+        """Append the images of `more` not yet in the index; returns (index, how many added, skipped)."""
+        index_dir = Path(index_dir)
+        with ix_format.locked(index_dir):
+            index = self.load_index(index_dir)
+            known = {im or nm for nm, im in zip(index.names, index.images)}
+            vectors, names, images, skipped, cache = self._index_gallery(more, index_dir.parent / f"{index_dir.name}.add",
+                                                                         known=known, progress=progress)
+            if names:
+                ix_format.add(index, vectors, names, images, progress=progress)
+                ix_format.write(index, index_dir, overwrite=True)
+            if cache:
+                cache.remove()
+        return index, len(names), skipped
