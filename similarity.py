@@ -2,11 +2,21 @@
 
     python similarity.py --run RUNS/run1 pair A.jpg B.jpg
     python similarity.py --run RUNS/run1 search QUERY.jpg --gallery DIR_OR_FEATURES.npy -k 5 --html results.html
+    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR [--kind flat|hnsw|ivfpq]
+    python similarity.py --run RUNS/run1 index add INDEX_DIR MORE_IMAGES
+    python similarity.py --run RUNS/run1 search Q1.jpg Q2.jpg QUERY_DIR --index INDEX_DIR -k 10 --json hits.json --html hits.html
+    python similarity.py --run RUNS/run1 pairs --index INDEX_DIR --threshold 0.9 -o look_alikes
 
 `pair` prints the adapted similarity of two images and, for comparison, the cosine
 of their raw features. `search` ranks a gallery (a folder of images, extracted on
-the fly, or a flat features file from extract.py) and can write a self-contained
-HTML page of the results. See `adaptation.similarity.VisualSimilarity` for the API.
+the fly, or a flat features file from extract.py), or a persistent index built once
+with `index build`, for one or many queries (image files, folders, list files); it
+prints a table and can write `--json`, `--csv` and a self-contained `--html` page.
+`pairs` lists the look-alike pairs of an indexed gallery (each pair once) as
+PREFIX.csv and PREFIX.html. An unreadable query is reported on stderr while the
+others are answered; the exit status is then 2. See
+`adaptation.similarity.VisualSimilarity` for the API and `adaptation.index` for the
+index folder.
 
 Example:
     >>> import similarity
@@ -36,12 +46,53 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     pair = sub.add_parser("pair", help="similarity of two images")
     pair.add_argument("a")
     pair.add_argument("b")
-    search = sub.add_parser("search", help="rank a gallery against a query image")
-    search.add_argument("query")
-    search.add_argument("--gallery", required=True, help="folder of images, or a flat features file from extract.py")
-    search.add_argument("-k", type=int, default=5, help="how many results")
+    search = sub.add_parser("search", help="rank a gallery or an index against query images")
+    search.add_argument("query", nargs="+", help="query images, folders of images, or image list files")
+    where = search.add_mutually_exclusive_group(required=True)
+    where.add_argument("--gallery", help="folder of images, image list file, or a flat features file from extract.py")
+    where.add_argument("--index", help="an index folder built with: index build")
+    search.add_argument("-k", type=int, default=5, help="how many results per query")
+    search.add_argument("--json", default=None, help="write the results here as JSON")
+    search.add_argument("--csv", default=None, help="write the results here as CSV")
     search.add_argument("--html", default=None, help="write a self-contained results page here")
-    search.add_argument("--overwrite", action="store_true", help="replace an existing --html file")
+    search.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates explored (default: the index's)")
+    search.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited (default: the index's)")
+    search.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    index = sub.add_parser("index", help="build or extend a persistent faiss index of a gallery")
+    isub = index.add_subparsers(dest="index_command", required=True)
+    build = isub.add_parser("build", help="encode a gallery and write an index folder")
+    build.add_argument("gallery", help="folder of images (flat or left/right), image list file, or features.npy")
+    build.add_argument("-o", "--out", required=True, help="the index folder to write")
+    build.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
+                       help="flat: exact; hnsw, ivfpq: approximate (faster / smaller)")
+    from adaptation.index import IndexParams
+
+    d = IndexParams()  # the defaults shown in --help
+    build.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help=f"hnsw: links per vector (default {d.hnsw_m})")
+    build.add_argument("--ef-construction", type=int, default=d.ef_construction,
+                       help=f"hnsw: build-time candidates (default {d.ef_construction})")
+    build.add_argument("--ef-search", type=int, default=d.ef_search,
+                       help=f"hnsw: search-time candidates (default {d.ef_search})")
+    build.add_argument("--nlist", type=int, default=d.nlist, help="ivfpq: inverted lists (default: 4 sqrt(n))")
+    build.add_argument("--pq-m", type=int, default=d.pq_m, help="ivfpq: bytes per vector code (default: dim / 8)")
+    build.add_argument("--nbits", type=int, default=d.nbits, help=f"ivfpq: bits per code part (default {d.nbits})")
+    build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivfpq: lists visited per query (default {d.nprobe})")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    add = isub.add_parser("add", help="append images to an index (those already in it are skipped)")
+    add.add_argument("index_dir")
+    add.add_argument("gallery", help="folder of images, image list file, or features.npy")
+    for q in (build, add):
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pairs = sub.add_parser("pairs", help="look-alike pairs across an indexed gallery, as CSV and HTML")
+    pairs.add_argument("--index", required=True, help="an index folder built with: index build")
+    which = pairs.add_mutually_exclusive_group(required=True)
+    which.add_argument("--threshold", type=float, help="every pair scoring at least this")
+    which.add_argument("--top", type=int, help="the N best pairs")
+    pairs.add_argument("-o", "--out", required=True, help="writes OUT.csv (all pairs) and OUT.html")
+    pairs.add_argument("--per-image", type=int, default=100,
+                       help="with --threshold: neighbours looked at per image (default 100)")
+    pairs.add_argument("--html-rows", type=int, default=200, help="pairs shown in the HTML page (default 200)")
+    pairs.add_argument("--overwrite", action="store_true", help="replace existing OUT.csv / OUT.html")
     return p.parse_args(argv)
 
 
@@ -57,17 +108,69 @@ def _query_image(path: str):
         raise UserError(f"cannot read image {path}: {err}") from None
 
 
+def _queries(args: Sequence[str]) -> list[str]:
+    """Query image paths from files, folders and list files (missing ones are kept, to be reported)."""
+    from adaptation.similarity import gallery_items
+    from featuresExtractor.transforms import IMAGE_EXTENSIONS, is_image_file
+
+    out = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            out += [str(f) for f in sorted(p.iterdir()) if is_image_file(f)]
+        elif p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS:
+            out += [str(im) for _, im in gallery_items(p)]
+        else:
+            out.append(a)
+    return out
+
+
+def _check_outputs(paths: Sequence[str | None], overwrite: bool) -> None:
+    from toolkit.utils import UserError
+
+    for path in paths:
+        if path and Path(path).exists() and not overwrite:
+            raise UserError(f"{path} already exists; pass --overwrite or choose another name")
+
+
+def _print_matches(matches) -> None:
+    print(f"{'rank':>4}  {'score':>8}  name")
+    for i, m in enumerate(matches, start=1):
+        print(f"{i:>4}  {m.score:>8.4f}  {m.name}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
     from toolkit.utils import UserError, atomic_path
 
-    if args.command == "search" and args.k < 1:
-        raise UserError(f"-k must be at least 1 (got {args.k})")
-    if args.command == "search" and args.html and Path(args.html).exists() and not args.overwrite:
-        raise UserError(f"{args.html} already exists; pass --overwrite or choose another --html")
-    if args.command == "search" and not Path(args.gallery).exists():
-        raise UserError(f"gallery {args.gallery} does not exist")
+    if args.command == "search":
+        if args.k < 1:
+            raise UserError(f"-k must be at least 1 (got {args.k})")
+        for fmt in ("json", "csv"):
+            if getattr(args, fmt) and Path(getattr(args, fmt)).suffix.lower() != f".{fmt}":
+                raise UserError(f"--{fmt} {getattr(args, fmt)}: the file name must end in .{fmt}")
+        _check_outputs([args.html, args.json, args.csv], args.overwrite)
+        source = args.gallery or args.index
+        if not Path(source).exists():
+            raise UserError(f"{'gallery' if args.gallery else 'index'} {source} does not exist")
+    if args.command == "pairs":
+        if args.top is not None and args.top < 1:
+            raise UserError(f"--top must be at least 1 (got {args.top})")
+        if args.per_image < 1 or args.html_rows < 0:
+            raise UserError("--per-image must be at least 1 and --html-rows at least 0")
+        _check_outputs([args.out + ".csv", args.out + ".html"], args.overwrite)
+    if args.command == "index":
+        from adaptation.index import IndexParams
+
+        source = args.gallery
+        if not Path(source).exists():
+            raise UserError(f"gallery {source} does not exist")
+        if args.index_command == "build":
+            params = IndexParams(args.kind, args.hnsw_m, args.ef_construction, args.ef_search, args.nlist, args.pq_m,
+                                 args.nbits, args.nprobe)
+            if Path(args.out).exists() and not args.overwrite:
+                raise UserError(f"{args.out} already exists; pass --overwrite or choose another folder")
 
     import numpy as np
 
@@ -81,24 +184,84 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"adapted similarity  {sim.score_raw(raw):.4f}")
         print(f"raw cosine          {cos:.4f}")
         return 0
+    if args.command == "index":
+        return _index(sim, args, params if args.index_command == "build" else None)
+    if args.command == "pairs":
+        return _pairs(sim, args)
 
-    query = _query_image(args.query)
-    gallery = sim.gallery(args.gallery)
-    for name, reason in gallery.skipped.items():
-        print(f"skipped unreadable gallery image {name}: {reason}", file=sys.stderr)
-    matches = sim.search(query, gallery, args.k)
-    print(f"{'rank':>4}  {'score':>8}  name")
-    for i, m in enumerate(matches, start=1):
-        print(f"{i:>4}  {m.score:>8.4f}  {m.name}")
+    if args.index:
+        gallery = sim.load_index(args.index, ef_search=args.ef_search, nprobe=args.nprobe)
+    else:
+        gallery = sim.gallery(args.gallery)
+        for name, reason in gallery.skipped.items():
+            print(f"skipped unreadable gallery image {name}: {reason}", file=sys.stderr)
+    queries = _queries(args.query)
+    if not queries:
+        raise UserError(f"no query image in {' '.join(args.query)}")
+    hits = sim.search(queries, gallery, args.k)
+    for h in hits:
+        if h.error is None:
+            if len(hits) > 1:
+                print(f"query: {h.query}")
+            _print_matches(h.matches)
+    if args.json or args.csv:
+        from adaptation.results import write_search_results
+
+        for path in (args.json, args.csv):
+            if path:
+                write_search_results(hits, path)
+                print(f"wrote {path}")
     if args.html:
-        from adaptation.visualize import results_page
+        from adaptation.visualize import search_page
 
-        page = results_page(query, [(m.name, m.image, m.score) for m in matches],
-                            title=f"{Path(args.query).name}: top {args.k} in {Path(args.gallery).name}",
-                            query_name=Path(args.query).name)
+        where = Path(args.index or args.gallery).name
+        title = f"{Path(hits[0].query).name}: top {args.k} in {where}" if len(hits) == 1 else \
+            f"{len(hits)} queries: top {args.k} in {where}"
+        page = search_page(hits, title=title)
         with atomic_path(args.html) as tmp:
             tmp.write_text(page, encoding="utf-8")
         print(f"wrote {args.html}")
+    failed = [h for h in hits if h.error is not None]
+    for h in failed:
+        print(f"similarity.py: error: cannot read query {h.query}: {h.error}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _index(sim, args, params) -> int:
+    if args.index_command == "build":
+        index, skipped = sim.build_index(args.gallery, args.out, params, overwrite=args.overwrite,
+                                         progress=not args.no_progress)
+        added = len(index)
+    else:
+        index, added, skipped = sim.add_to_index(args.index_dir, args.gallery, progress=not args.no_progress)
+    for name, reason in skipped.items():
+        print(f"skipped unreadable gallery image {name}: {reason}", file=sys.stderr)
+    verb = "indexed" if args.index_command == "build" else "added"
+    print(f"{verb} {added} image(s); {index.path} holds {len(index)} ({index.kind}, {index.dim}-d)")
+    return 0
+
+
+def _pairs(sim, args) -> int:
+    from adaptation.index import look_alike_pairs
+    from adaptation.results import write_pairs
+    from adaptation.visualize import pairs_page
+    from toolkit.utils import UserError, atomic_path
+
+    index = sim.load_index(args.index)
+    if len(index) < 2:
+        raise UserError(f"{args.index} holds {len(index)} image(s): pairs need at least 2")
+    a, b, s, capped = look_alike_pairs(index, threshold=args.threshold, top=args.top, per_item=args.per_image)
+    rows = [(index.names[i], index.names[j], float(x), index.images[i], index.images[j]) for i, j, x in zip(a, b, s)]
+    write_pairs(rows, args.out + ".csv")
+    page = pairs_page(rows[:args.html_rows], total=len(rows), title=f"look-alike pairs in {Path(args.index).name}")
+    with atomic_path(args.out + ".html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    for r in rows[:10]:
+        print(f"{r[2]:>8.4f}  {r[0]}  {r[1]}")
+    if capped:
+        print(f"some images have more than {args.per_image} neighbours above {args.threshold}; only their "
+              f"{args.per_image} best are listed (raise --per-image)", file=sys.stderr)
+    print(f"{len(rows)} pair(s); wrote {args.out}.csv and {args.out}.html")
     return 0
 
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from featuresExtractor.transforms import BadImage, load_image, to_rgb
 
-__all__ = ["thumbnail", "retrieval_grid", "pair_retrieval_grid", "results_page"]
+__all__ = ["thumbnail", "retrieval_grid", "pair_retrieval_grid", "results_page", "search_page", "pairs_page"]
 
 ImageLike = str | os.PathLike | Image.Image
 
@@ -106,3 +106,46 @@ def pair_retrieval_grid(sim, names: Sequence[str], dataset_root: str | os.PathLi
         rows.append([root / "left" / names[i]] + [root / "right" / names[j] for j in top])
         marks.append([False] + [j == i for j in top])
     return retrieval_grid(rows, marks, size=size)
+
+
+_TABLE_STYLE = """<style>body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse}
+td{padding:4px;vertical-align:top;text-align:center;font-size:12px;border-bottom:1px solid #ddd}
+td.query img{outline:4px solid #2858dc} .error{color:#b00020;text-align:left}</style>"""
+
+
+def _cell(image: ImageLike | None, caption: str, size: int, cls: str = "") -> str:
+    cls = f' class="{cls}"' if cls else ""
+    return (f'<td{cls}><img src="{_data_uri(thumbnail(image, size))}" alt="{html.escape(caption)}"><br>'
+            f"{html.escape(caption)}</td>")
+
+
+def search_page(hits: Sequence, title: str = "search results", size: int = 128) -> str:
+    """A self-contained HTML page with one row per query: the query, then its top-k thumbnails and scores.
+
+    `hits` are `adaptation.similarity.Hits`; a query that failed shows its error instead of results.
+    """
+    rows = []
+    for h in hits:
+        cells = [_cell(h.image, f"query: {Path(h.query).name}", size, "query")]
+        if h.error is not None:
+            cells.append(f'<td class="error">cannot read: {html.escape(h.error)}</td>')
+        cells += [_cell(m.image, f"#{r} {m.name} {m.score:.4f}", size) for r, m in enumerate(h.matches, start=1)]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"{_TABLE_STYLE}</head>\n<body><h1>{html.escape(title)}</h1>\n<table>\n" + "\n".join(rows)
+            + "\n</table>\n</body></html>\n")
+
+
+def pairs_page(pairs: Sequence[tuple[str, str, float, ImageLike | None, ImageLike | None]], total: int | None = None,
+               title: str = "look-alike pairs", size: int = 128) -> str:
+    """A self-contained HTML page with one row per pair: both thumbnails and the score.
+
+    `total` is how many pairs were found, when `pairs` shows only the first of them.
+    """
+    rows = [f"<tr><td>#{i}<br>{s:.4f}</td>{_cell(ia, a, size)}{_cell(ib, b, size)}</tr>"
+            for i, (a, b, s, ia, ib) in enumerate(pairs, start=1)]
+    note = f"<p>showing the best {len(pairs)} of {total} pairs; the CSV lists all.</p>" \
+        if total is not None and total > len(pairs) else f"<p>{len(pairs)} pairs.</p>"
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"{_TABLE_STYLE}</head>\n<body><h1>{html.escape(title)}</h1>\n{note}\n<table>\n" + "\n".join(rows)
+            + "\n</table>\n</body></html>\n")

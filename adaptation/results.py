@@ -1,0 +1,110 @@
+"""Search results and look-alike pairs as JSON / CSV files: written by similarity.py, read back here.
+
+Search results, one entry per query:
+
+- JSON: `[{"query", "image", "error", "matches": [{"rank", "name", "score", "image"}, ...]}, ...]`
+- CSV: columns `query, rank, name, score, image, error`; a query that failed has one row with
+  empty rank/name/score and its `error`.
+
+Pairs CSV: columns `name_a, name_b, score, image_a, image_b`, best first, each pair once.
+
+Example:
+    >>> from adaptation.similarity import Hits, Match
+    >>> hits = [Hits("q.jpg", "q.jpg", [Match("a.jpg", 0.9, "a.jpg")])]
+    >>> write_search_results(hits, "out.json")                          # doctest: +SKIP
+    >>> read_search_results("out.json") == hits                         # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from toolkit.utils import UserError, atomic_path, first_line
+
+from .similarity import Hits, Match
+
+__all__ = ["write_search_results", "read_search_results", "write_pairs", "read_pairs", "SEARCH_COLUMNS",
+           "PAIR_COLUMNS"]
+
+SEARCH_COLUMNS = ("query", "rank", "name", "score", "image", "error")
+PAIR_COLUMNS = ("name_a", "name_b", "score", "image_a", "image_b")
+
+
+def _write_text(path: str | os.PathLike, text: str) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({first_line(err)}); choose a writable place") from None
+
+
+def _format(path: str | os.PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".csv"):
+        raise UserError(f"{path}: results are written as .json or .csv")
+    return suffix[1:]
+
+
+def write_search_results(hits: Sequence[Hits], path: str | os.PathLike) -> None:
+    """Write search results atomically as JSON or CSV, by `path`'s suffix."""
+    if _format(path) == "json":
+        rows = [{"query": h.query, "image": h.image, "error": h.error,
+                 "matches": [{"rank": r, "name": m.name, "score": m.score, "image": m.image}
+                             for r, m in enumerate(h.matches, start=1)]} for h in hits]
+        _write_text(path, json.dumps(rows, indent=1) + "\n")
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SEARCH_COLUMNS)
+    for h in hits:
+        if h.error is not None:
+            w.writerow([h.query, "", "", "", h.image or "", h.error])
+        for r, m in enumerate(h.matches, start=1):
+            w.writerow([h.query, r, m.name, repr(m.score), m.image or "", ""])
+    _write_text(path, buf.getvalue())
+
+
+def read_search_results(path: str | os.PathLike) -> list[Hits]:
+    """Read what `write_search_results` wrote (JSON or CSV) back into `Hits`."""
+    fmt = _format(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        if fmt == "json":
+            return [Hits(e["query"], e["image"], [Match(m["name"], float(m["score"]), m["image"]) for m in e["matches"]],
+                         e["error"]) for e in json.loads(text)]
+        rows = list(csv.DictReader(io.StringIO(text)))
+        hits: dict[str, Hits] = {}
+        for row in rows:
+            h = hits.setdefault(row["query"], Hits(row["query"], None, [], None))
+            if row["error"]:
+                hits[row["query"]] = Hits(h.query, row["image"] or None, h.matches, row["error"])
+            else:
+                h.matches.append(Match(row["name"], float(row["score"]), row["image"] or None))
+        return list(hits.values())
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"cannot read results file {path} ({first_line(err)})") from None
+
+
+def write_pairs(rows: Sequence[tuple[str, str, float, str | None, str | None]], path: str | os.PathLike) -> None:
+    """Write look-alike pairs (name_a, name_b, score, image_a, image_b) atomically as CSV."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PAIR_COLUMNS)
+    for a, b, s, ia, ib in rows:
+        w.writerow([a, b, repr(float(s)), ia or "", ib or ""])
+    _write_text(path, buf.getvalue())
+
+
+def read_pairs(path: str | os.PathLike) -> list[tuple[str, str, float, str | None, str | None]]:
+    """Read a pairs CSV written by `write_pairs`."""
+    try:
+        rows = csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8")))
+        return [(r["name_a"], r["name_b"], float(r["score"]), r["image_a"] or None, r["image_b"] or None) for r in rows]
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read pairs file {path} ({first_line(err)})") from None
