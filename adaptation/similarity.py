@@ -301,7 +301,7 @@ class VisualSimilarity:
         if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npy":
             g = self._gallery_file(Path(source))
             keep = [i for i, (nm, im) in enumerate(zip(g.names, g.images)) if not known or (im or nm) not in known]
-            return (self._index_vectors(g.vectors[keep]), [g.names[i] for i in keep], [g.images[i] for i in keep], {})
+            return (self._index_vectors(g.vectors[keep]), [g.names[i] for i in keep], [g.images[i] for i in keep], {}, None)
         items = [(nm, im) for nm, im in gallery_items(source)
                  if not known or (str(im) if not isinstance(im, Image.Image) else nm) not in known]
         if any(isinstance(im, Image.Image) for _, im in items):
