@@ -40,13 +40,14 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from toolkit.utils import UserError, first_line, read_json
+from featuresExtractor.backbones import file_sha256
+from toolkit.utils import UserError, _umask, first_line, read_json
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "IndexParams", "SimilarityIndex", "normalise", "build", "write", "read",
            "check_identity", "locked", "EncodeCache", "look_alike_pairs"]
@@ -300,7 +301,7 @@ def write(ix: SimilarityIndex, index_dir: str | os.PathLike, overwrite: bool = F
         faiss.write_index(ix.index, str(tmp / INDEX_FILE))
         entries = [{"name": n, "image": im} for n, im in zip(ix.names, ix.images)]
         (tmp / NAMES_FILE).write_text(json.dumps(entries) + "\n")
-        manifest = dict(ix.manifest, files={INDEX_FILE: _sha256(tmp / INDEX_FILE), NAMES_FILE: _sha256(tmp / NAMES_FILE)})
+        manifest = dict(ix.manifest, files={INDEX_FILE: file_sha256(tmp / INDEX_FILE), NAMES_FILE: file_sha256(tmp / NAMES_FILE)})
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         for f in (INDEX_FILE, NAMES_FILE, MANIFEST_FILE):
             _fsync(tmp / f)
@@ -322,20 +323,6 @@ def write(ix: SimilarityIndex, index_dir: str | os.PathLike, overwrite: bool = F
     return target
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read(index_dir: str | os.PathLike) -> SimilarityIndex:
     """Read and validate an index folder written by `write`; a `UserError` says what is wrong."""
     faiss = _faiss()
@@ -352,7 +339,7 @@ def read(index_dir: str | os.PathLike) -> SimilarityIndex:
     for f in (INDEX_FILE, NAMES_FILE):
         if not (path / f).is_file():
             raise UserError(f"{path} lacks {f}; rebuild the index")
-        if manifest.get("files", {}).get(f) != _sha256(path / f):
+        if manifest.get("files", {}).get(f) != file_sha256(path / f):
             raise UserError(f"{path / f} is damaged (its sha256 differs from the manifest's); rebuild the index")
     try:
         index = faiss.read_index(str(path / INDEX_FILE))
@@ -463,8 +450,3 @@ def _dedupe(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np
     a, b, s = a[first], b[first], s[first]
     order = np.lexsort((b, a, -s))
     return a[order], b[order], s[order]
-
-
-def params_dict(params: IndexParams) -> dict:
-    """The build parameters as a plain dict (for JSON)."""
-    return asdict(params)

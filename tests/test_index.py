@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import similarity
 import train
 from conftest import draw_image
 from toolkit.utils import run_cli
-from test_similarity import TINY, run  # noqa: F401  (the module-scoped tiny run fixture)
+from test_similarity import TINY, ImgCounter, run  # noqa: F401  (run: the module-scoped tiny run fixture)
 
 from adaptation import index as ixf
 from adaptation.index import IndexParams
@@ -183,16 +182,6 @@ def test_interrupted_build_resumes_from_its_cache(run, sim, big_gallery, tmp_pat
     fresh, _ = sim.build_index(big_gallery, tmp_path / "fresh", progress=False)
     np.testing.assert_allclose(index.vectors(), fresh.vectors(), atol=1e-6)
     assert index.names == fresh.names
-
-
-class ImgCounter(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.srcs = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "img":
-            self.srcs.append(dict(attrs)["src"])
 
 
 def test_search_json_csv_round_trip_html_and_an_unreadable_query(run, sim, big_gallery, tmp_path, capsys):  # noqa: F811

@@ -1,0 +1,143 @@
+"""Similarity index kinds on synthetic clustered vectors: build time, size, queries/s, recall@10.
+
+The vectors stand in for the `original` adaptation's output: 1024-d, non-negative
+(the model ends in a ReLU) and L2-normalised, drawn around `--clusters` centres so
+that approximate search is not trivial. Queries are fresh draws from the same
+clusters (not gallery items). Each kind is built with `adaptation.index.build`
+(the code `similarity.py index build` runs), written with `adaptation.index.write`
+(size on disk) and searched in one batch of all queries (median of `--repeat`).
+Recall@10 is the share of the exact (flat) top 10 that a kind returns in its top 10.
+"RAM" is the growth of this process's resident memory while the index was built.
+
+The issue's size is 1M vectors (`--n 1000000`, about 4 GB of vectors plus the
+indexes, tens of minutes on 2 cores); the default is smaller so that it runs in a
+few minutes.
+
+Usage:
+    python bench/index.py                            # 200k x 1024, flat / hnsw / ivfpq
+    python bench/index.py --n 1000000 --save         # the issue's size
+    python bench/index.py --n 50000 --kinds flat hnsw --ef-search 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import benchlib  # bench/ is the script folder; this also puts the repo root on sys.path
+
+import numpy as np
+
+from adaptation import index as ixf
+from adaptation.index import IndexParams
+from toolkit.utils import run_cli
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/index.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=200_000, help="gallery vectors (the issue's size: 1000000)")
+    p.add_argument("--dim", type=int, default=1024, help="vector dimension (the original model's output)")
+    p.add_argument("--clusters", type=int, default=1000, help="cluster centres")
+    p.add_argument("--spread", type=float, default=1.0, help="noise around a centre, relative to the centres' scale")
+    p.add_argument("--queries", type=int, default=1000, help="queries, searched as one batch")
+    p.add_argument("-k", type=int, default=10, help="recall@k and neighbours per query")
+    p.add_argument("--kinds", nargs="+", choices=ixf.KINDS, default=list(ixf.KINDS))
+    d = IndexParams()
+    p.add_argument("--hnsw-m", type=int, default=d.hnsw_m)
+    p.add_argument("--ef-construction", type=int, default=d.ef_construction)
+    p.add_argument("--ef-search", type=int, default=d.ef_search)
+    p.add_argument("--nlist", type=int, default=d.nlist, help="0: 4 sqrt(n)")
+    p.add_argument("--pq-m", type=int, default=d.pq_m, help="0: dim / 8")
+    p.add_argument("--nbits", type=int, default=d.nbits)
+    p.add_argument("--nprobe", type=int, default=d.nprobe)
+    p.add_argument("--repeat", type=int, default=3, help="timed search repeats (median)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", action="store_true", help="write bench/results/index-TIMESTAMP.json")
+    return p.parse_args(argv)
+
+
+def clustered(n: int, queries: int, dim: int, clusters: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gallery, queries): non-negative unit rows around shared centres, drawn in blocks to bound memory."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        out = np.empty((m, dim), np.float32)
+        for s in range(0, m, 65536):
+            e = min(m, s + 65536)
+            x = centres[rng.integers(clusters, size=e - s)] + spread * rng.standard_normal((e - s, dim), np.float32)
+            out[s:e] = ixf.normalise(np.maximum(x, 0))
+        return out
+
+    return draw(n), draw(queries)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import faiss
+
+    t0 = time.perf_counter()
+    x, q = clustered(args.n, args.queries, args.dim, args.clusters, args.spread, args.seed)
+    print(f"{args.n} x {args.dim} vectors, {args.clusters} clusters, {args.queries} queries "
+          f"(drawn in {time.perf_counter() - t0:.1f} s); faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
+    names, images = [""] * args.n, [None] * args.n
+    rows, truth = [], None
+    kinds = ["flat"] + [k for k in args.kinds if k != "flat"]  # flat first: it is the truth for recall
+    for kind in kinds:
+        params = IndexParams(kind, args.hnsw_m, args.ef_construction, args.ef_search, args.nlist, args.pq_m,
+                             args.nbits, args.nprobe)
+        gc.collect()
+        rss0 = benchlib.rss_bytes()
+        t = time.perf_counter()
+        ix = ixf.build(x, names, images, params, identity={})
+        build_s = time.perf_counter() - t
+        ram = benchlib.rss_bytes() - rss0
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+            t = time.perf_counter()
+            ixf.write(ix, Path(tmp) / "ix")
+            write_s = time.perf_counter() - t
+            disk = (Path(tmp) / "ix" / "index.faiss").stat().st_size
+        times = []
+        for _ in range(args.repeat):
+            t = time.perf_counter()
+            _, ids = ix.search(q, args.k)
+            times.append(time.perf_counter() - t)
+        if kind == "flat":
+            truth = ids
+        recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids.tolist(), truth.tolist())]))
+        row = {"kind": kind, "params": ix.manifest["params"], "build_s": build_s, "vectors_per_s": args.n / build_s,
+               "write_s": write_s, "disk_mb": disk / 1e6, "ram_mb": ram / 1e6, "qps": args.queries / benchlib.median(times),
+               "recall": recall}
+        rows.append(row)
+        print(f"  {kind}: built in {build_s:.1f} s, {row['qps']:.0f} queries/s, recall@{args.k} {recall:.3f}", flush=True)
+        if kind != "flat" or "flat" not in args.kinds:
+            del ix
+        gc.collect()
+    if "flat" not in args.kinds:
+        rows = rows[1:]
+    flat = next((r for r in rows if r["kind"] == "flat"), None)
+    for r in rows:
+        r["qps_vs_flat"] = r["qps"] / flat["qps"] if flat else None
+        r["disk_vs_flat"] = r["disk_mb"] / flat["disk_mb"] if flat else None
+    print(benchlib.table(rows, [("kind", "kind", "s"), ("build_s", "build s", ".1f"), ("vectors_per_s", "vec/s", ".0f"),
+                                ("disk_mb", "disk MB", ".1f"), ("ram_mb", "RAM MB", ".1f"),
+                                ("qps", "queries/s", ".0f"), ("qps_vs_flat", "x flat", ".2f"),
+                                ("disk_vs_flat", "size/flat", ".3f"), ("recall", f"recall@{args.k}", ".3f")]))
+    for r in rows:
+        print(f"  {r['kind']}: {r['params']}")
+    info = benchlib.machine()
+    print(f"CPU: {info['cpu']}, {info['cores']} cores; load average {os.getloadavg()[0]:.2f} at the end")
+    if args.save:
+        path = benchlib.save_results("index", {"args": vars(args), "machine": info, "rows": rows})
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main, prog="bench/index.py"))
