@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/index.py --threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out

@@ -15,11 +15,11 @@ Recall@10 is the share of the exact (flat) top 10 that a kind returns in its top
 neither hides nor inflates it).
 
 The issue's size is 1M vectors (`--n 1000000`, about 4 GB of vectors plus the
-indexes, tens of minutes on 2 cores); the default is smaller so that it runs in a
+indexes, tens of minutes on 2 cores); the default (50k) is smaller so that it runs in a
 few minutes.
 
 Usage:
-    python bench/index.py                            # 200k x 1024, flat / hnsw / ivfpq
+    python bench/index.py --threads 1                # 50k x 1024, flat / hnsw / ivfpq (README figures)
     python bench/index.py --n 1000000 --save         # the issue's size
     python bench/index.py --n 50000 --kinds flat hnsw --ef-search 64
 """
@@ -46,7 +46,7 @@ from toolkit.utils import run_cli
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/index.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n", type=int, default=200_000, help="gallery vectors (the issue's size: 1000000)")
+    p.add_argument("--n", type=int, default=50_000, help="gallery vectors (the issue's size: 1000000)")
     p.add_argument("--dim", type=int, default=1024, help="vector dimension (the original model's output)")
     p.add_argument("--clusters", type=int, default=1000, help="cluster centres")
     p.add_argument("--intrinsic", type=int, default=64, help="directions of within-cluster variation (0: all)")
