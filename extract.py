@@ -32,8 +32,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="extract.py", description="Extract CLIP multi-layer image features for the adaptation function.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-d", "--dataset", required=True, help="folder with left/ and right/ (pairs), or a folder of images")
-    p.add_argument("-s", "--save-to", required=True, help="output folder; files go to SAVE_TO/MODEL/")
+    p.add_argument("-d", "--dataset", help="folder with left/ and right/ (pairs), or a folder of images (required)")
+    p.add_argument("-s", "--save-to", help="output folder; files go to SAVE_TO/MODEL/ (required)")
+    p.add_argument("--list-models", action="store_true",
+                   help="print the backbone registry (the paper's 37 names and more): library, identifier, taps "
+                        "with pooled dims, whether the weights are cached; then exit")
     p.add_argument("-b", "--batch-size", type=int, default=2048,
                    help="images per forward pass on CUDA (halved on out-of-memory); the CPU runs slices of at most 32")
     p.add_argument("--data-aug", action="store_true", help="also extract horizontally flipped copies")
@@ -41,9 +44,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="adapt | adapt-pca N | pca N | save")
     p.add_argument("--normalize", choices=("none", "layers", "all"), default=None,
                    help="which parts to L2-normalise before concatenation (default: per processor; adapt-pca: layers)")
-    p.add_argument("--model", default="clip_rn50x4", help="registry name (clip_rn50x4, tiny_rn) or open_clip architecture")
+    p.add_argument("--model", default="clip_rn50x4",
+                   help="one of the paper's names (--list-models), an open_clip architecture, or a timm/torchvision "
+                        "model (timm:NAME[.TAG], torchvision:NAME)")
     p.add_argument("--pretrained", default="default",
-                   help="open_clip pretrained tag; 'none' = random init (tests, offline demo)")
+                   help="open_clip/timm pretrained tag or torchvision weights name; 'none' = random init (tests, "
+                        "offline demo)")
     p.add_argument("--weights", default=None, help="local checkpoint, no download: an open_clip state dict or .safetensors (read without "
                         "pickle), or an OpenAI TorchScript archive (read with torch.jit.load; use files you trust)")
     p.add_argument("--layers", nargs="+", default=None, metavar="MODULE",
@@ -56,7 +62,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping its pair")
     p.add_argument("--overwrite", action="store_true", help="replace results of another configuration in SAVE_TO/MODEL")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.list_models and (args.dataset is None or args.save_to is None):
+        p.error("the following arguments are required: -d/--dataset, -s/--save-to")
+    return args
+
+
+def print_models() -> None:
+    """Print `featuresExtractor.zoo.list_models()`: one line per name, its taps and pooled dims below it."""
+    from featuresExtractor.zoo import list_models
+
+    for row in list_models():
+        ident = row["identifier"] + (f" ({row['tag']})" if row["tag"] != "-" else "")
+        print(f"{row['name']:<24} {row['library']:<12} {ident:<52} {row['status']:<18} {row['cached']}")
+        if row["taps"]:
+            print(" " * 25 + "taps: " + ", ".join(f"{t} {d}" for t, d in row["taps"].items()))
+        if row["status"] != "available":
+            print(" " * 25 + row["note"])
 
 
 FLAGS = {"batch_size": "-b/--batch-size", "workers": "--workers", "normalize": "--normalize", "strict": "--strict",
@@ -67,6 +89,9 @@ FLAGS = {"batch_size": "-b/--batch-size", "workers": "--workers", "normalize": "
 def main(argv: Sequence[str] | None = None) -> int:
     """Run extract.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
+    if args.list_models:
+        print_models()
+        return 0
     import torch
 
     from featuresExtractor.backbones import load_backbone, resolve_spec

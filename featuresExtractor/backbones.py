@@ -60,6 +60,7 @@ class BackboneSpec:
     arch: str
     pretrained: str | None
     taps: tuple[str, ...] | None = None  # None: the family default, decided once the model is built
+    library: str = "open_clip"  # or "timm" / "torchvision": built by featuresExtractor.zoo, `arch` is its model name
 
 
 BACKBONES: dict[str, BackboneSpec] = {
@@ -76,16 +77,22 @@ def resolve_spec(name: str, layers: Sequence[str] | None = None, pretrained: str
     """
     import open_clip
 
+    from . import zoo
+
     register_local_configs()
     if name in BACKBONES:
         spec = BACKBONES[name]
+    elif name in zoo.ZOO:
+        spec = zoo.zoo_spec(name)
     elif name in open_clip.list_models():
         tags = open_clip.list_pretrained_tags_by_model(name)
         spec = BackboneSpec(name, name, "openai" if "openai" in tags else (tags[0] if tags else None))
+    elif (other := zoo.other_spec(name)) is not None:
+        spec = other
     else:
         raise UserError(
-            f"unknown model {name!r}: use one of {sorted(BACKBONES)} or an open_clip architecture "
-            f"(python -c 'import open_clip; print(open_clip.list_models())')"
+            f"unknown model {name!r}: use one of the paper's names (extract.py --list-models), an open_clip "
+            f"architecture, or a timm/torchvision model name (timm:NAME[.TAG], torchvision:NAME)"
         )
     if pretrained != "default":
         spec = replace(spec, pretrained=None if pretrained in (None, "none") else pretrained)
@@ -254,6 +261,10 @@ def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
         >>> bb.transform.transforms[0].size
         64
     """
+    if spec.library != "open_clip":
+        from .zoo import load_zoo_backbone
+
+        return load_zoo_backbone(spec, weights=weights, device=device, init_seed=init_seed)
     import open_clip
 
     register_local_configs()

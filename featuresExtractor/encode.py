@@ -67,6 +67,9 @@ class Encoder:
             raise UserError(f"{features_path.name} is not a features file listed in its manifest")
         model = manifest["model"]
         spec = resolve_spec(model["name"], model_taps(manifest), pretrained=model["pretrained"] or "none")
+        if (model.get("library", "open_clip"), model.get("identifier", model["arch"])) != (spec.library, spec.arch):
+            raise UserError(f"--model {model['name']} now means {spec.library} {spec.arch}, but the features were "
+                            f"extracted with {model.get('library', 'open_clip')} {model.get('identifier', model['arch'])}")
         source = model["weights"]
         if source["source"] == "file":
             path = Path(weights or source["path"])

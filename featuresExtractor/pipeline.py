@@ -267,6 +267,7 @@ def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
         "config": fingerprint,
         "random_init": backbone.weights["source"] == "random-init",
         "model": {"name": backbone.spec.name, "arch": backbone.spec.arch, "pretrained": backbone.spec.pretrained,
+                  "library": backbone.spec.library, "identifier": backbone.spec.arch,
                   "weights": backbone.weights, "embedding_tap": fx.info.embedding,
                   "taps": [{"name": t.name, "shape": list(t.shape), "pooled_dim": t.pooled_dim} for t in fx.info.taps],
                   "transform": repr(backbone.transform)},

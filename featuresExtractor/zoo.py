@@ -1,0 +1,469 @@
+"""The paper's backbone zoo: its 37 extractor names mapped to open_clip, timm and torchvision.
+
+The paper's code defined 37 extractors, most loaded through `torch.hub`
+repositories with taps picked by child index. `ZOO` maps each name to the
+maintained equivalent: an open_clip architecture and tag, a timm model and
+pretrained tag, or a torchvision builder and weights enum, with the taps named by
+module path (ResNet stages `layer1`..`layer4`, the pre-logits features where the
+paper took index -2, DINO's head output). `zoo_table()` renders the table below
+from `ZOO`, so the docs cannot drift from the code.
+
+Beyond the 37 names, any timm model (`timm:NAME[.TAG]` or a bare timm name) and
+any torchvision model (`torchvision:NAME`, or a bare name timm does not know)
+works, with `--layers` choosing the taps (default: the last four stages timm's
+`feature_info` lists; for torchvision, `layer1`..`layer4` when the model has them).
+
+Weights: timm's come from the Hugging Face cache (`HF_HUB_OFFLINE=1` honoured),
+torchvision's from the torch hub cache (`TORCH_HOME`), or from `--weights FILE`
+for both (read with `weights_only=True`); `--pretrained none` is a random
+initialisation from a fixed seed. The eval transform is always the library's own:
+`timm.data.resolve_model_data_config` + `timm.data.create_transform`, or the
+torchvision weights enum's `transforms()`.
+
+Example:
+    >>> ZOO["resnet50_swsl"].identifier, ZOO["resnet50_swsl"].tag
+    ('resnet50', 'fb_swsl_ig1b_ft_in1k')
+    >>> ZOO["dino_vitb16"].taps
+    ('head',)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .models import EMBEDDING, Backbone, BackboneSpec, file_sha256, hf_cache_dir, read_state_dict, validate_taps
+from .utils import UserError
+
+__all__ = ["ZooEntry", "ZOO", "FILE_ONLY", "zoo_spec", "other_spec", "load_zoo_backbone", "weights_location",
+           "probe_dims", "zoo_table", "list_models"]
+
+#: The `pretrained` value of a spec whose weights exist only as a file the user passes with --weights.
+FILE_ONLY = "file"
+
+RESNET = ("layer1", "layer2", "layer3", "layer4")
+EFFICIENTNET = ("blocks.1", "blocks.2", "blocks.4", "blocks.6", "global_pool")
+BIT = ("stages.0", "stages.1", "stages.2", "norm")
+VIT = ("head_drop",)  # the pre-logits: pooled class token after the final norm
+DINO_VIT = ("head",)  # timm's .dino weights have no classifier: the head is DINO's own output (the class token)
+CLIP_RN = ("layer1", "layer2", "layer3", "layer4", "attnpool")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One of the paper's extractors and its maintained equivalent.
+
+    `library` is open_clip, timm, torchvision or "" (no maintained equivalent);
+    `identifier` the open_clip architecture, timm model or torchvision builder;
+    `tag` the open_clip/timm pretrained tag or the torchvision weights enum member
+    (`FILE_ONLY`: no package ships the weights, pass them with --weights).
+    """
+
+    name: str
+    family: str
+    library: str
+    identifier: str
+    tag: str | None
+    taps: tuple[str, ...]
+    paper: str  # how the paper's code loaded it
+    note: str = ""  # differences from the paper's model, or why there is no equivalent
+    alternative: str = ""  # what to use instead when `library` is ""
+
+    @property
+    def status(self) -> str:
+        if not self.library:
+            return "unavailable"
+        return "weights file only" if self.tag == FILE_ONLY else "available"
+
+
+def _e(*args, **kw) -> tuple[str, ZooEntry]:
+    entry = ZooEntry(*args, **kw)
+    return entry.name, entry
+
+
+_SWSL = "torch.hub facebookresearch/semi-supervised-ImageNet1K-models"
+_WSL = "torch.hub facebookresearch/WSL-Images"
+_DINO = "torch.hub facebookresearch/dino"
+_EFF = ("TF-ported AutoAugment ImageNet weights, the checkpoints efficientnet_pytorch's from_pretrained loads; "
+        "pre-logits = global_pool after conv_head")
+
+ZOO: dict[str, ZooEntry] = dict([
+    _e("clip_rn50", "CLIP", "open_clip", "RN50", "openai", CLIP_RN, "clip.load('RN50')"),
+    _e("clip_rn101", "CLIP", "open_clip", "RN101", "openai", CLIP_RN, "clip.load('RN101')"),
+    _e("clip_rn50x4", "CLIP", "open_clip", "RN50x4", "openai", CLIP_RN, "clip.load('RN50x4')",
+       "the published pipeline"),
+    _e("clip_vit32_b", "CLIP", "open_clip", "ViT-B-32", "openai", (EMBEDDING,), "clip.load('ViT-B/32')"),
+    *[_e(f"resnet{d}", "torchvision ImageNet", "torchvision", f"resnet{d}", f"ResNet{d}_Weights.IMAGENET1K_V1",
+         RESNET, f"torchvision.models.resnet{d}(pretrained=True)") for d in (18, 34, 50, 101, 152)],
+    _e("alexnet", "torchvision ImageNet", "torchvision", "alexnet", "AlexNet_Weights.IMAGENET1K_V1",
+       ("features", "classifier.5"), "torchvision.models.alexnet(pretrained=True)",
+       "classifier.5 is the 4096-d pre-logits (fc7 after its ReLU)"),
+    *[_e(f"efficientnet_b{i}", "EfficientNet", "timm", f"tf_efficientnet_b{i}", "aa_in1k", EFFICIENTNET,
+         f"efficientnet_pytorch EfficientNet.from_pretrained('efficientnet-b{i}')", _EFF) for i in range(4)],
+    *[_e(f"BiT-M-{arch}_in21k", "Big Transfer", "timm", f"resnetv2_{arch[1:].lower()}_bit", "goog_in21k", BIT,
+         f"big_transfer BiT-M-{arch} ImageNet-21k checkpoint", "norm is the pre-activation output of the last stage "
+         "(timm's forward_features)")
+      for arch in ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")],
+    _e("ViT", "ViT", "timm", "vit_base_patch16_224", "orig_in21k_ft_in1k", VIT, "timm vit_base_patch16_224 (2021)",
+       "the 2021 default weights (Google's in21k fine-tuned on in1k); timm's default tag is now augreg2"),
+    _e("resnet50_swsl", "semi/weakly supervised", "timm", "resnet50", "fb_swsl_ig1b_ft_in1k", RESNET, _SWSL),
+    _e("resnext101_32x8d_swsl", "semi/weakly supervised", "timm", "resnext101_32x8d", "fb_swsl_ig1b_ft_in1k",
+       RESNET, _SWSL),
+    _e("resnext101_32x16d_swsl", "semi/weakly supervised", "timm", "resnext101_32x16d", "fb_swsl_ig1b_ft_in1k",
+       RESNET, _SWSL),
+    _e("resnet50_ssl", "semi/weakly supervised", "timm", "resnet50", "fb_ssl_yfcc100m_ft_in1k", RESNET, _SWSL),
+    _e("resnext101_32x8d_ssl", "semi/weakly supervised", "timm", "resnext101_32x16d", "fb_ssl_yfcc100m_ft_in1k",
+       RESNET, _SWSL, "the paper's code defines this key twice and the second, which wins, loads the 32x16d model: "
+       "mapped to what the paper ran; timm:resnext101_32x8d.fb_ssl_yfcc100m_ft_in1k is the 32x8d"),
+    *[_e(f"resnext101_32x{w}d_wsl", "semi/weakly supervised", "timm", f"resnext101_32x{w}d", "fb_wsl_ig1b_ft_in1k",
+         RESNET, _WSL) for w in (8, 16, 32)],
+    _e("resnext101_32x48d_wsl", "semi/weakly supervised", "", "resnext101_32x48d", None, RESNET, _WSL,
+       "neither timm (which dropped ig_resnext101_32x48d) nor torchvision ships the 32x48d WSL model",
+       "resnext101_32x32d_wsl, the largest WSL model timm ships"),
+    _e("barlow", "self-supervised", "torchvision", "resnet50", FILE_ONLY, RESNET,
+       "torch.hub facebookresearch/barlowtwins resnet50",
+       "a torchvision ResNet-50 whose weights only Facebook's repository publishes (neither timm nor torchvision "
+       "ships them): pass --weights with https://dl.fbaipublicfiles.com/barlowtwins/"
+       "ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth"),
+    _e("dino_resnet50", "self-supervised", "torchvision", "resnet50", FILE_ONLY, RESNET, f"{_DINO} dino_resnet50",
+       "a torchvision ResNet-50 whose DINO weights neither timm nor torchvision ships: pass --weights with "
+       "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"),
+    _e("dino_vitb16", "self-supervised", "timm", "vit_base_patch16_224", "dino", DINO_VIT, f"{_DINO} dino_vitb16"),
+    _e("dino_vitb8", "self-supervised", "timm", "vit_base_patch8_224", "dino", DINO_VIT, f"{_DINO} dino_vitb8"),
+    _e("deits16", "self-supervised", "timm", "vit_small_patch16_224", "dino", DINO_VIT, f"{_DINO} dino_vits16"),
+    _e("deits8", "self-supervised", "timm", "vit_small_patch8_224", "dino", DINO_VIT, f"{_DINO} dino_vits8"),
+    _e("facenet", "faces", "", "InceptionResnetV1", None, (), "facenet_pytorch InceptionResnetV1(pretrained='vggface2')",
+       "only facenet-pytorch ships the VGGFace2 InceptionResnetV1, and it pins an old torch (<2.3) this toolkit "
+       "cannot share; timm's inception_resnet_v2 is a different network trained on ImageNet, not faces",
+       "facenet-pytorch in its own environment, or --model timm:inception_resnet_v2.tf_in1k for a generic "
+       "ImageNet Inception-ResNet"),
+])
+
+
+# ---------------------------------------------------------------- name resolution
+
+def zoo_spec(name: str) -> BackboneSpec:
+    """The `BackboneSpec` of a zoo name, or a `UserError` saying why it has no equivalent."""
+    entry = ZOO[name]
+    if not entry.library:
+        raise UserError(f"--model {name} has no maintained equivalent: {entry.note}; use {entry.alternative}")
+    return BackboneSpec(name, entry.identifier, entry.tag, entry.taps, library=entry.library)
+
+
+def _split(identifier: str) -> tuple[str, str | None]:
+    model, _, tag = identifier.partition(".")
+    return model, tag or None
+
+
+def other_spec(name: str) -> BackboneSpec | None:
+    """A spec for a timm or torchvision name outside the zoo (`timm:NAME[.TAG]`, `torchvision:NAME`, or bare), else None."""
+    import timm
+    import torchvision
+
+    library, sep, ident = name.partition(":")
+    if not sep:
+        library, ident = "", name
+    if library not in ("", "timm", "torchvision"):
+        return None
+    model, tag = _split(ident)
+    if library in ("", "timm") and model in timm.list_models():
+        if tag is None:
+            # timm's default tag for the model, as timm.create_model(model, pretrained=True) would pick
+            cfg = timm.models.get_pretrained_cfg(model)
+            tag = getattr(cfg, "tag", None) or None
+        return BackboneSpec(name, model, tag, None, library="timm")
+    if library in ("", "torchvision") and ident in torchvision.models.list_models():
+        weights = torchvision.models.get_model_weights(ident).DEFAULT
+        return BackboneSpec(name, ident, str(weights), None, library="torchvision")
+    if library:
+        raise UserError(f"unknown {library} model {ident!r}; list them with "
+                        f"python -c 'import {library}; print({library}.{'models.' if library == 'torchvision' else ''}"
+                        f"list_models())'")
+    return None
+
+
+def default_taps(model: nn.Module, library: str) -> tuple[str, ...]:
+    """Taps for a model outside the zoo: timm's feature_info stages (the last four), or ResNet stages."""
+    names = dict(model.named_modules())
+    info = getattr(model, "feature_info", None)
+    if library == "timm" and info:
+        stages = [f["module"] for f in info if f.get("reduction", 1) >= 4 and f["module"] in names]
+        if stages:
+            return tuple(stages[-4:])
+    if all(t in names for t in RESNET):
+        return RESNET
+    return (EMBEDDING,)
+
+
+# ---------------------------------------------------------------- weights
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _missing(spec: BackboneSpec, where: str, err: str) -> UserError:
+    return UserError(
+        f"cannot get the {spec.library} {spec.arch} '{spec.pretrained}' weights ({err}): they are not in {where}. "
+        f"Either pass --weights FILE, or run once online to fill the Hugging Face cache ({hf_cache_dir()}, timm) or "
+        f"the torch hub cache ({_hub_checkpoints()}, torchvision; TORCH_HOME moves it) and then set HF_HUB_OFFLINE=1, "
+        f"or pass --pretrained none for random weights")
+
+
+def _hub_checkpoints() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _timm_cfg(spec: BackboneSpec):
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.pretrained}")
+    if cfg is None:
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{spec.arch}.*")]
+        raise UserError(f"timm has no pretrained tag {spec.pretrained!r} for {spec.arch}; known tags: "
+                        f"{tags or 'none'}, or --pretrained none")
+    return cfg
+
+
+def _tv_weights(spec: BackboneSpec):
+    import torchvision
+
+    try:
+        return torchvision.models.get_weight(spec.pretrained if "." in spec.pretrained
+                                             else f"{type(torchvision.models.get_model_weights(spec.arch).DEFAULT).__name__}.{spec.pretrained}")
+    except (ValueError, KeyError, AttributeError):
+        enum = torchvision.models.get_model_weights(spec.arch)
+        raise UserError(f"torchvision has no weights {spec.pretrained!r} for {spec.arch}; known: "
+                        f"{[str(w) for w in enum]}, or --pretrained none") from None
+
+
+def weights_location(spec: BackboneSpec) -> tuple[str, str, str | None]:
+    """(kind, where, cached path or None) for a spec's packaged weights, without touching the network.
+
+    kind is "hf" (where = "repo/filename", timm) or "url" (where = the URL, torch hub cache).
+    """
+    if spec.library == "timm":
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = _timm_cfg(spec)
+        if cfg.hf_hub_id:
+            repo = cfg.hf_hub_id.split("@")[0]
+            names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else \
+                ["model.safetensors", "pytorch_model.bin"]
+            for filename in names:
+                found = try_to_load_from_cache(repo, filename)
+                if isinstance(found, str):
+                    return "hf", f"{repo}/{filename}", found
+            return "hf", f"{repo}/{names[0]}", None
+        url = cfg.url
+    else:
+        url = _tv_weights(spec).url
+    path = _hub_checkpoints() / os.path.basename(url)
+    return "url", url, str(path) if path.is_file() else None
+
+
+def _fetch(spec: BackboneSpec) -> str:
+    kind, where, cached = weights_location(spec)
+    if cached:
+        return cached
+    if _offline():
+        raise _missing(spec, "the local caches", "HF_HUB_OFFLINE is set")
+    try:
+        if kind == "hf":
+            from huggingface_hub import hf_hub_download
+
+            repo, filename = where.rsplit("/", 1)
+            try:
+                return hf_hub_download(repo, filename)
+            except OSError:
+                if filename != "model.safetensors":
+                    raise
+                return hf_hub_download(repo, "pytorch_model.bin")
+        path = _hub_checkpoints() / os.path.basename(where)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(where, str(path))  # writes a temporary file and renames it when complete
+        return str(path)
+    except OSError as err:  # hub misses, URL errors and network failures are all OSError subclasses
+        raise _missing(spec, "the local caches", f"download failed: {type(err).__name__}") from None
+
+
+# ---------------------------------------------------------------- building
+
+_HEADS = ("fc.", "classifier.", "head.")  # classifier weights a backbone-only checkpoint may lack
+
+
+def _load_file_into(model: nn.Module, path: Path, spec: BackboneSpec) -> list[str]:
+    """Load a plain state dict into a torchvision model; returns the classifier keys the file lacked."""
+    state = read_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    bad = [k for k in missing if not k.startswith(_HEADS)]
+    if unexpected or bad:
+        raise UserError(f"cannot load weights from {path} into torchvision {spec.arch}: missing "
+                        f"{bad[:5]}, unexpected {unexpected[:5]}")
+    return list(missing)
+
+
+@contextlib.contextmanager
+def _quiet():
+    previous = logging.root.manager.disable
+    logging.disable(max(logging.WARNING, previous))
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _build(spec: BackboneSpec, file: str | None, model_kwargs: dict | None = None) -> tuple[nn.Module, object, list]:
+    """(model, eval transform, missing classifier keys) with weights from `file` or random init."""
+    kwargs = dict(model_kwargs or {})
+    if spec.library == "timm":
+        import timm
+        from timm.data import create_transform, resolve_model_data_config
+
+        # A random init still takes the tag's configuration (DINO's tags have no classifier, BiT's 21k classes).
+        tag = spec.pretrained or (ZOO[spec.name].tag if spec.name in ZOO else None)
+        name = f"{spec.arch}.{tag}" if tag and tag != FILE_ONLY else spec.arch
+        try:
+            with _quiet():
+                model = timm.create_model(name, pretrained=file is not None,
+                                          pretrained_cfg_overlay=dict(file=file) if file else None, **kwargs)
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise UserError(f"cannot build timm {name} from {file or 'random init'}: "
+                            f"{' '.join(str(err).split())[:300]}") from None
+        return model, create_transform(**resolve_model_data_config(model), is_training=False), []
+    import torchvision
+
+    model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+    tv = _tv_weights(spec) if spec.pretrained and spec.pretrained != FILE_ONLY else \
+        torchvision.models.get_model_weights(spec.arch).DEFAULT
+    missing = _load_file_into(model, Path(file), spec) if file else []
+    return model, tv.transforms(), missing
+
+
+def load_zoo_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
+                      device: str | torch.device = "cpu", init_seed: int = 0,
+                      model_kwargs: dict | None = None) -> Backbone:
+    """Build a timm or torchvision backbone, its eval transform and its weights record.
+
+    Weights come from `weights` (a local file), else the spec's pretrained tag or
+    weights enum (from the cache, downloaded once unless `HF_HUB_OFFLINE=1`), else a
+    random initialisation drawn from `init_seed`. `model_kwargs` go to the
+    library's builder (tests: `img_size` for a small ViT). The whole classifier is
+    `Backbone.visual`, in eval mode with gradients off; taps are module paths in it.
+
+    Example:
+        >>> from dataclasses import replace
+        >>> bb = load_zoo_backbone(replace(zoo_spec("resnet18"), pretrained=None))   # random init, no download
+        >>> bb.spec.taps, type(bb.transform).__name__
+        (('layer1', 'layer2', 'layer3', 'layer4'), 'ImageClassification')
+    """
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"--weights {path}: no such file")
+        file: str | None = str(path)
+        source = {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
+    elif spec.pretrained == FILE_ONLY:
+        entry = ZOO.get(spec.name)
+        raise UserError(f"--model {spec.name}: no package ships these weights; {entry.note if entry else ''}; "
+                        f"or --pretrained none for random weights")
+    elif spec.pretrained:
+        file = _fetch(spec)
+        source = {"source": "pretrained", "tag": spec.pretrained, "sha256": file_sha256(file)}
+    else:
+        file = None
+        source = {"source": "random-init", "seed": int(init_seed),
+                  "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        model, transform, missing = _build(spec, file, model_kwargs)
+    if missing:
+        source["missing_classifier_keys"] = len(missing)
+    model = model.eval().requires_grad_(False).to(device)
+    taps = spec.taps or default_taps(model, spec.library)
+    validate_taps(model, taps)
+    return Backbone(replace(spec, taps=tuple(taps)), model, transform, source)
+
+
+# ---------------------------------------------------------------- listing and docs
+
+def probe_dims(spec: BackboneSpec) -> dict[str, int]:
+    """Tap -> pooled dimension, from a forward pass on the meta device (no weights, no compute)."""
+    from .pooling import global_avg_pool
+    from .taps import Taps
+
+    with torch.device("meta"), _quiet():
+        if spec.library == "open_clip":
+            import open_clip
+
+            from .models import _register_local_configs, default_taps as clip_taps
+
+            _register_local_configs()
+            model = open_clip.create_model(spec.arch, pretrained=None, device="meta").visual
+            size = model.image_size if isinstance(model.image_size, tuple) else (model.image_size,) * 2
+            taps = spec.taps or clip_taps(model)
+        else:
+            model, transform, _ = _build(spec, None)
+            if spec.library == "timm":
+                from timm.data import resolve_model_data_config
+
+                size = resolve_model_data_config(model)["input_size"][1:]
+            else:
+                size = (transform.crop_size[0],) * 2
+            taps = spec.taps or default_taps(model, spec.library)
+        validate_taps(model, taps)
+        with Taps(model, taps, reduce=global_avg_pool) as t:
+            out = t(torch.zeros(1, 3, *size))
+    return {k: int(v.shape[1]) for k, v in out.items()}
+
+
+def _cached(spec: BackboneSpec) -> str:
+    if spec.pretrained in (None, FILE_ONLY):
+        return "--weights only" if spec.pretrained == FILE_ONLY else "random init"
+    if spec.library == "open_clip":
+        from .models import cached_weights
+
+        return "cached" if cached_weights(spec) else "not cached"
+    return "cached" if weights_location(spec)[2] else "not cached"
+
+
+def list_models(with_dims: bool = True) -> list[dict]:
+    """One row per zoo name (and the registry's extra names): library, identifier, tag, taps, dims, cache status."""
+    from .models import BACKBONES
+
+    rows = []
+    names = list(ZOO) + [n for n in BACKBONES if n not in ZOO]
+    for name in names:
+        entry = ZOO.get(name)
+        if entry is not None and not entry.library:
+            rows.append({"name": name, "library": "-", "identifier": entry.identifier, "tag": "-", "taps": {},
+                         "status": entry.status, "cached": "-", "note": f"{entry.note}; use {entry.alternative}"})
+            continue
+        spec = zoo_spec(name) if entry is not None else BACKBONES[name]
+        dims = probe_dims(spec) if with_dims else {t: None for t in spec.taps or ()}
+        rows.append({"name": name, "library": spec.library, "identifier": spec.arch, "tag": spec.pretrained or "-",
+                     "taps": dims, "status": entry.status if entry else "available", "cached": _cached(spec),
+                     "note": entry.note if entry else ""})
+    return rows
+
+
+def zoo_table() -> str:
+    """The 37 names as a Markdown table (name, family, library, identifier, tag, taps, status, paper's source, note)."""
+    lines = ["| name | family | library | identifier | pretrained tag / weights | taps | status | paper's source | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in ZOO.values():
+        note = e.note + (f"; instead: {e.alternative}" if e.alternative else "")
+        lines.append(f"| `{e.name}` | {e.family} | {e.library or '-'} | `{e.identifier}` | "
+                     f"{f'`{e.tag}`' if e.tag else '-'} | {', '.join(f'`{t}`' for t in e.taps) or '-'} | "
+                     f"{e.status} | {e.paper} | {note} |")
+    return "\n".join(lines)
+
+
+# The docs' table of the 37 names is rendered from ZOO itself, so it cannot drift from the code.
+__doc__ += "\n## The 37 names\n\n" + zoo_table() + "\n"
