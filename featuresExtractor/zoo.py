@@ -223,7 +223,10 @@ def _hub_checkpoints() -> Path:
 def _timm_cfg(spec: BackboneSpec):
     import timm
 
-    cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.pretrained}")
+    try:
+        cfg = timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.pretrained}")
+    except RuntimeError:  # timm's answer to a tag the architecture does not have
+        cfg = None
     if cfg is None:
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{spec.arch}.*")]
         raise UserError(f"timm has no pretrained tag {spec.pretrained!r} for {spec.arch}; known tags: "
@@ -301,7 +304,11 @@ _HEADS = ("fc.", "classifier.", "head.")  # classifier weights a backbone-only c
 def _load_file_into(model: nn.Module, path: Path, spec: BackboneSpec) -> list[str]:
     """Load a plain state dict into a torchvision model; returns the classifier keys the file lacked."""
     state = read_state_dict(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches are raised even when strict=False
+        raise UserError(f"cannot load weights from {path} into torchvision {spec.arch}: "
+                        f"{' '.join(str(err).split())[:300]}") from None
     bad = [k for k in missing if not k.startswith(_HEADS)]
     if unexpected or bad:
         raise UserError(f"cannot load weights from {path} into torchvision {spec.arch}: missing "
