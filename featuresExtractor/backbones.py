@@ -42,7 +42,7 @@ from toolkit.utils import UserError, first_line
 
 __all__ = [
     "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
-    "load_backbone", "read_state_dict", "file_sha256", "hf_cache_dir", "cached_weights",
+    "load_backbone", "read_state_dict", "file_sha256", "hf_cache_dir", "cached_weights", "weights_source",
 ]
 
 #: The tap name that stands for the visual tower's own output (the image embedding).
@@ -235,6 +235,25 @@ def _load_visual_weights(visual: nn.Module, state_dict: dict, path: Path, arch: 
         raise UserError(f"cannot load weights from {path} into {arch}: {detail}") from None
 
 
+def weights_source(spec: BackboneSpec, weights: str | os.PathLike | None, fetch: Callable[[BackboneSpec], str],
+                   init_seed: int) -> tuple[Path | None, dict]:
+    """(file to load or None, the manifest's record of where the weights came from).
+
+    `weights` (a local file) wins; else `fetch(spec)` gives the pretrained tag's file;
+    else the model will be randomly initialised from `init_seed`.
+    """
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"weights file {path}: no such file")
+        return path, {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
+    if spec.pretrained:
+        path = Path(fetch(spec))
+        return path, {"source": "pretrained", "tag": spec.pretrained, "sha256": file_sha256(path)}
+    return None, {"source": "random-init", "seed": int(init_seed),
+                  "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
+
+
 @contextlib.contextmanager
 def _logging_disabled(level: int):
     previous = logging.root.manager.disable
@@ -273,18 +292,7 @@ def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
         cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}
         # The tag's preprocessing, so a local file is read exactly as the tag would be.
         preprocess = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise UserError(f"weights file {path}: no such file")
-        source = {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
-    elif spec.pretrained:
-        path = _download(spec)
-        source = {"source": "pretrained", "tag": spec.pretrained, "sha256": file_sha256(path)}
-    else:
-        path = None
-        source = {"source": "random-init", "seed": int(init_seed),
-                  "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
+    path, source = weights_source(spec, weights, _download, init_seed)
 
     # open_clip logs its own "initialized randomly" warning; ours is printed by extract.py.
     quiet = logging.WARNING if path is None else logging.NOTSET

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -39,7 +38,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .models import EMBEDDING, Backbone, BackboneSpec, file_sha256, hf_cache_dir, read_state_dict, validate_taps
+from .models import (EMBEDDING, Backbone, BackboneSpec, _logging_disabled, hf_cache_dir, read_state_dict, validate_taps,
+                     weights_source)
 from .utils import UserError
 
 __all__ = ["ZooEntry", "ZOO", "FILE_ONLY", "zoo_spec", "other_spec", "load_zoo_backbone", "weights_location",
@@ -316,16 +316,6 @@ def _load_file_into(model: nn.Module, path: Path, spec: BackboneSpec) -> list[st
     return list(missing)
 
 
-@contextlib.contextmanager
-def _quiet():
-    previous = logging.root.manager.disable
-    logging.disable(max(logging.WARNING, previous))
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 def _build(spec: BackboneSpec, file: str | None, model_kwargs: dict | None = None) -> tuple[nn.Module, object, list]:
     """(model, eval transform, missing classifier keys) with weights from `file` or random init."""
     kwargs = dict(model_kwargs or {})
@@ -337,7 +327,7 @@ def _build(spec: BackboneSpec, file: str | None, model_kwargs: dict | None = Non
         tag = spec.pretrained or (ZOO[spec.name].tag if spec.name in ZOO else None)
         name = f"{spec.arch}.{tag}" if tag and tag != FILE_ONLY else spec.arch
         try:
-            with _quiet():
+            with _logging_disabled(logging.WARNING):
                 model = timm.create_model(name, pretrained=file is not None,
                                           pretrained_cfg_overlay=dict(file=file) if file else None, **kwargs)
         except (RuntimeError, ValueError, KeyError) as err:
@@ -370,23 +360,12 @@ def load_zoo_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = No
         >>> bb.spec.taps, type(bb.transform).__name__
         (('layer1', 'layer2', 'layer3', 'layer4'), 'ImageClassification')
     """
-    if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise UserError(f"--weights {path}: no such file")
-        file: str | None = str(path)
-        source = {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
-    elif spec.pretrained == FILE_ONLY:
+    if weights is None and spec.pretrained == FILE_ONLY:
         entry = ZOO.get(spec.name)
         raise UserError(f"--model {spec.name}: no package ships these weights; {entry.note if entry else ''}; "
                         f"or --pretrained none for random weights")
-    elif spec.pretrained:
-        file = _fetch(spec)
-        source = {"source": "pretrained", "tag": spec.pretrained, "sha256": file_sha256(file)}
-    else:
-        file = None
-        source = {"source": "random-init", "seed": int(init_seed),
-                  "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
+    path, source = weights_source(spec, weights, _fetch, init_seed)
+    file = str(path) if path is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         model, transform, missing = _build(spec, file, model_kwargs)
@@ -405,7 +384,7 @@ def probe_dims(spec: BackboneSpec) -> dict[str, int]:
     from .pooling import global_avg_pool
     from .taps import Taps
 
-    with torch.device("meta"), _quiet():
+    with torch.device("meta"), _logging_disabled(logging.WARNING):
         if spec.library == "open_clip":
             import open_clip
 
