@@ -80,6 +80,10 @@ def test_docs_table_is_generated_from_the_registry():
     table = zoo_table()
     assert table in zoo.__doc__
     assert len(table.splitlines()) == 2 + 37
+    counts = {s: sum(e.status == s for e in ZOO.values()) for s in ("available", "weights file only", "unavailable")}
+    assert counts == {"available": 33, "weights file only": 2, "unavailable": 2}
+    readme = (ROOT / "README.md").read_text()
+    assert f"{counts['available']} names are available" in " ".join(readme.split())
     page = (ROOT / "docs" / "featuresExtractor" / "zoo.html").read_text()
     for name in PAPER_NAMES:
         assert f"<code>{name}</code>" in page, name
