@@ -326,10 +326,13 @@ def _build(spec: BackboneSpec, file: str | None, model_kwargs: dict | None = Non
         # A random init still takes the tag's configuration (DINO's tags have no classifier, BiT's 21k classes).
         tag = spec.pretrained or (ZOO[spec.name].tag if spec.name in ZOO else None)
         name = f"{spec.arch}.{tag}" if tag and tag != FILE_ONLY else spec.arch
+        # Read here (safetensors, or torch.load with weights_only=True, one-line errors); timm then applies
+        # its own checkpoint filter for the model, as for its downloads.
+        state = read_state_dict(file) if file else None
         try:
             with _logging_disabled(logging.WARNING):
-                model = timm.create_model(name, pretrained=file is not None,
-                                          pretrained_cfg_overlay=dict(file=file) if file else None, **kwargs)
+                model = timm.create_model(name, pretrained=state is not None,
+                                          pretrained_cfg_overlay=dict(state_dict=state) if state else None, **kwargs)
         except (RuntimeError, ValueError, KeyError) as err:
             raise UserError(f"cannot build timm {name} from {file or 'random init'}: "
                             f"{' '.join(str(err).split())[:300]}") from None

@@ -273,6 +273,12 @@ def test_weights_file_for_timm_and_a_backbone_only_checkpoint_for_barlow(tmp_pat
     torch.save(donor.state_dict(), tmp_path / "eff.pth")
     bb = load_backbone(resolve_spec("efficientnet_b0"), weights=tmp_path / "eff.pth")
     assert bb.weights["source"] == "file" and _same_weights(bb.visual, donor)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read weights file"):
+        load_backbone(resolve_spec("efficientnet_b0"), weights=tmp_path / "junk.pth")
+    torch.save({"conv_stem.weight": torch.zeros(1)}, tmp_path / "small.pth")
+    with pytest.raises(UserError, match="cannot build timm tf_efficientnet_b0.aa_in1k"):
+        load_backbone(resolve_spec("efficientnet_b0"), weights=tmp_path / "small.pth")
 
     donor = load_backbone(resolve_spec("barlow", pretrained="none"), init_seed=9).visual
     torch.save({k: v for k, v in donor.state_dict().items() if not k.startswith("fc.")}, tmp_path / "barlow.pth")
