@@ -53,7 +53,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default=None, help="local checkpoint, no download: an open_clip state dict or .safetensors (read without "
                         "pickle), or an OpenAI TorchScript archive (read with torch.jit.load; use files you trust)")
     p.add_argument("--layers", nargs="+", default=None, metavar="MODULE",
-                   help="module paths in model.visual to tap, overriding the model's defaults ('embedding' = output)")
+                   help="module paths to tap (in model.visual for open_clip, in the model for timm/torchvision), "
+                        "overriding the model's defaults ('embedding' = output)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader decode workers")

@@ -2,7 +2,8 @@
 
 The pipeline behind `extract.py`:
 
-1. `backbones`: the backbone registry and loader (open_clip model + its eval transform);
+1. `backbones`: the backbone registry and loader (open_clip model + its eval transform), and `zoo`:
+   the paper's 37 extractors mapped to open_clip, timm and torchvision;
 2. `dataset`, `transforms`: dataset discovery, decoding to RGB, the horizontal flip;
 3. `taps`: named forward hooks on `model.visual` (layer1 ... attnpool);
 4. `pooling`: global average pooling, L2 normalisation, concatenation;

@@ -17,6 +17,9 @@ default taps by family: ResNets get layer1-4 plus attnpool, other towers get the
 image embedding only. A tap is a module path inside `model.visual`; the special
 name `embedding` is the tower's own output.
 
+The paper's other extractors (timm and torchvision models) are in `featuresExtractor.zoo`;
+`resolve_spec` and `load_backbone` hand those names to it.
+
 Example:
     >>> spec = resolve_spec("clip_rn50x4")
     >>> spec.arch, spec.taps
