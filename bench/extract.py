@@ -24,6 +24,13 @@ every repeat so that load from other processes hits them alike; medians over
 repeats are reported. A table is
 printed and the numbers go to bench/results/extract-TIMESTAMP.json.
 
+`--compare MODEL ...` measures the forward pass alone for several backbones instead (random
+weights, channels_last, fp32 and bf16, at each model's own input size from its transform),
+interleaved over repeats so load hits them alike, and reports each model's images/s and its
+ratio to the first one:
+
+    python bench/extract.py --compare clip_rn50x4 resnet50 efficientnet_b0 ViT --repeats 3
+
 Usage:
     python bench/extract.py                                   # quick: about 2 minutes on 2 cores
     python bench/extract.py --pairs 12 --repeats 3            # the README figures (~10 min)
@@ -72,7 +79,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--model", default="clip_rn50x4", help="registry name; random weights are used")
     p.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temporary folder)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
+                   help="forward-only images/s of these backbones (random weights), relative to the first")
     return p.parse_args(argv)
+
+
+def compare(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Forward-only images/s per (model, precision), channels_last, models interleaved in every repeat."""
+    gen = torch.Generator().manual_seed(0)
+    backbones, inputs = {}, {}
+    for name in args.compare:
+        backbones[name] = load_backbone(resolve_spec(name, pretrained="none"), device=device)
+        backbones[name].visual.to(memory_format=torch.channels_last)
+        inputs[name] = torch.randn(args.batch, *backbone_shape(backbones[name]), generator=gen).to(device) \
+            .contiguous(memory_format=torch.channels_last)
+        for precision in args.precisions:  # warm-up: oneDNN builds its kernels on the first call
+            forward_only(backbones[name].visual, inputs[name], 1, precision, device)
+    times: dict = {(n, p): [] for n in args.compare for p in args.precisions}
+    for r in range(args.repeats):
+        for name in args.compare:
+            for precision in args.precisions:
+                print(f"... repeat {r + 1}/{args.repeats}: {name} {precision}", file=sys.stderr)
+                times[(name, precision)].append(forward_only(backbones[name].visual, inputs[name], 2, precision,
+                                                             device))
+    rows = []
+    for (name, precision), ts in times.items():
+        rate = benchlib.median(2 * args.batch / t for t in ts)
+        base = benchlib.median(2 * args.batch / t for t in times[(args.compare[0], precision)])
+        fp32 = times.get((name, "fp32"))
+        rows.append({"model": name, "input": "x".join(map(str, inputs[name].shape[2:])), "precision": precision,
+                     "forward_img_s": rate, "vs_first": rate / base,
+                     "vs_fp32": rate / benchlib.median(2 * args.batch / t for t in fp32) if fp32 else None,
+                     "raw_s": ts})
+    return rows
 
 
 def _check(args: argparse.Namespace, device: torch.device) -> None:
@@ -261,6 +300,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = benchlib.machine()
+    if args.compare:
+        rows = compare(args, device)
+        print()
+        print(benchlib.table(rows, [("model", "model", "s"), ("input", "input", "s"), ("precision", "prec", "s"),
+                                    ("forward_img_s", "fwd img/s", ".2f"), ("vs_first", f"x {args.compare[0]}", ".2f"),
+                                    ("vs_fp32", "x fp32", ".2f")]))
+        print(f"\nforward only, random weights, channels_last, batch {args.batch}, {args.repeats} repeat(s) of 2 "
+              f"batches, device {args.device} ({info['cpu']}), {torch.get_num_threads()} threads; load avg {os.getloadavg()[0]:.2f} "
+              f"(start {info['load_avg_start'][0]:.2f}); medians")
+        path = benchlib.save_results("extract-compare", {"args": vars(args), "machine": info, "rows": rows})
+        print(f"wrote {path}")
+        return 0
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         data, one_pair = work / "pairs", work / "one_pair"

@@ -235,13 +235,13 @@ def _timm_cfg(spec: BackboneSpec):
 
 
 def _tv_weights(spec: BackboneSpec):
+    """The torchvision weights enum member a spec names ("ResNet50_Weights.IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT")."""
     import torchvision
 
+    enum = torchvision.models.get_model_weights(spec.arch)
     try:
-        return torchvision.models.get_weight(spec.pretrained if "." in spec.pretrained
-                                             else f"{type(torchvision.models.get_model_weights(spec.arch).DEFAULT).__name__}.{spec.pretrained}")
-    except (ValueError, KeyError, AttributeError):
-        enum = torchvision.models.get_model_weights(spec.arch)
+        return enum[spec.pretrained.rsplit(".", 1)[-1]]
+    except KeyError:
         raise UserError(f"torchvision has no weights {spec.pretrained!r} for {spec.arch}; known: "
                         f"{[str(w) for w in enum]}, or --pretrained none") from None
 

@@ -196,6 +196,8 @@ def test_any_timm_or_torchvision_name_with_layers():
         resolve_spec("timm:no_such_net")
     with pytest.raises(UserError, match="timm has no pretrained tag 'nope'"):
         load_backbone(resolve_spec("timm:resnet18.nope"))
+    with pytest.raises(UserError, match="torchvision has no weights 'nope' for resnet18; known"):
+        load_backbone(resolve_spec("resnet18", pretrained="nope"))
 
 
 RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
