@@ -38,9 +38,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .models import (EMBEDDING, Backbone, BackboneSpec, _logging_disabled, hf_cache_dir, read_state_dict, validate_taps,
+from .backbones import (EMBEDDING, Backbone, BackboneSpec, _logging_disabled, hf_cache_dir, read_state_dict, validate_taps,
                      weights_source)
-from .utils import UserError
+from toolkit.utils import UserError
 
 __all__ = ["ZooEntry", "ZOO", "FILE_ONLY", "zoo_spec", "other_spec", "load_zoo_backbone", "weights_location",
            "probe_dims", "zoo_table", "list_models"]
@@ -391,9 +391,9 @@ def probe_dims(spec: BackboneSpec) -> dict[str, int]:
         if spec.library == "open_clip":
             import open_clip
 
-            from .models import _register_local_configs, default_taps as clip_taps
+            from .backbones import register_local_configs, default_taps as clip_taps
 
-            _register_local_configs()
+            register_local_configs()
             model = open_clip.create_model(spec.arch, pretrained=None, device="meta").visual
             size = model.image_size if isinstance(model.image_size, tuple) else (model.image_size,) * 2
             taps = spec.taps or clip_taps(model)
@@ -416,7 +416,7 @@ def _cached(spec: BackboneSpec) -> str:
     if spec.pretrained in (None, FILE_ONLY):
         return "--weights only" if spec.pretrained == FILE_ONLY else "random init"
     if spec.library == "open_clip":
-        from .models import cached_weights
+        from .backbones import cached_weights
 
         return "cached" if cached_weights(spec) else "not cached"
     return "cached" if weights_location(spec)[2] else "not cached"
@@ -424,7 +424,7 @@ def _cached(spec: BackboneSpec) -> str:
 
 def list_models(with_dims: bool = True) -> list[dict]:
     """One row per zoo name (and the registry's extra names): library, identifier, tag, taps, dims, cache status."""
-    from .models import BACKBONES
+    from .backbones import BACKBONES
 
     rows = []
     names = list(ZOO) + [n for n in BACKBONES if n not in ZOO]

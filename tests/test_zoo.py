@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import ROOT, make_pairs
-from featuresExtractor.models import EMBEDDING, load_backbone, resolve_spec
+from featuresExtractor.backbones import EMBEDDING, load_backbone, resolve_spec
 from featuresExtractor.pipeline import ExtractConfig, extract
 from featuresExtractor.pooling import global_avg_pool
 from featuresExtractor.taps import Taps
-from featuresExtractor.utils import UserError, run_cli
+from toolkit.utils import UserError, run_cli
 from featuresExtractor.zoo import FILE_ONLY, ZOO, list_models, load_zoo_backbone, probe_dims, zoo_spec, zoo_table
 
 # The paper's models.py keys (resnext101_32x8d_ssl is defined twice there, so 37 keys).
@@ -236,7 +236,7 @@ def test_missing_cache_offline_is_one_line_naming_the_three_ways(tmp_path, monke
 def test_torchvision_weights_from_the_torch_hub_cache(tmp_path, monkeypatch):
     from torchvision.models import ResNet18_Weights
 
-    import featuresExtractor.models as models
+    import featuresExtractor.backbones as models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
