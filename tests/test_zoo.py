@@ -217,7 +217,8 @@ def test_random_init_is_seeded_and_reproducible():
     assert _same_weights(a.visual, b.visual) and not _same_weights(a.visual, c.visual)
 
 
-def test_missing_cache_offline_is_one_line_naming_the_three_ways(tmp_path, monkeypatch):
+def test_missing_cache_offline_is_one_line_naming_the_three_ways(tmp_path, monkeypatch, capsys):
+    import extract
     from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -231,6 +232,10 @@ def test_missing_cache_offline_is_one_line_naming_the_three_ways(tmp_path, monke
         for way in ("--weights FILE", "HF_HUB_OFFLINE=1", str(tmp_path / "hf"), str(tmp_path / "torch"),
                     "--pretrained none"):
             assert way in msg, (name, way)
+    make_pairs(tmp_path / "tll", 1)
+    assert run_cli(extract.main, ["-d", str(tmp_path / "tll"), "-s", str(tmp_path / "o"), "--model", "BiT-M-R50x1_in21k"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HF_HUB_OFFLINE is set" in err and not (tmp_path / "o").exists()
 
 
 def test_torchvision_weights_from_the_torch_hub_cache(tmp_path, monkeypatch):
