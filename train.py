@@ -16,6 +16,13 @@ Each run `i` writes to `RUNS/run{i}/`:
 - `metrics.json`: every epoch's figures;
 - `model_and_optimizer.pt`: see `adaptation.checkpoint`.
 
+`--batch-size B` trains on minibatches of B pairs (shuffled each epoch, one Adam step each,
+in-batch negatives) instead of the whole training set at once; the default is the whole set,
+the paper's recipe. The same flags run data-parallel under torchrun (gloo on the CPU, NCCL with
+`--gpu`, one GPU per rank); only rank 0 writes:
+
+    torchrun --nproc_per_node 2 train.py -d FEATURES.npy -s RUNS --batch-size 4096 ...
+
 With `-r` above 1, `RUNS/avg/` holds the mean curves. `RUNS/summary.json` holds the final test
 (and train) figures as mean and std over runs, and the same table is printed.
 
@@ -37,19 +44,23 @@ import numpy as np
 import torch
 
 from adaptation.checkpoint import CHECKPOINT, save_checkpoint
+from adaptation.distributed import Dist, all_reduce_min, broadcast_int, from_env, init_group, run_ranked_cli
 from adaptation.metrics import metric_names
 from adaptation.models import MODELS, build_model, model_kwargs
 from adaptation.runs import AVERAGE, average_curves, check_save_to, replacing, run_dir, summarise, write_summary
 from adaptation.split import split_data, split_indices
-from adaptation.training import PRECISIONS, TrainConfig, make_optimizer, train
+from adaptation.training import PRECISIONS, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 from featuresExtractor.pairs_file import load_pairs
-from toolkit.utils import flag_names, read_json, run_cli, write_json
+from toolkit.utils import UserError, flag_names, read_json, write_json
 
 PROG = "train.py"
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -77,7 +88,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="output folder: run1/, run2/, ... (TensorBoard, checkpoint, metrics), avg/, summary.json")
     p.add_argument("--model", choices=sorted(MODELS), default="original",
                    help="original: Linear(D,1024,no bias)+ReLU; peterson: x*relu(w); dummy: raw features, no training (default: original)")
-    p.add_argument("-e", "--epochs", type=_positive_int, default=150, help="full-batch epochs (default: 150)")
+    p.add_argument("-e", "--epochs", type=_positive_int, default=150, help="epochs (default: 150)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="pairs per Adam step (the global batch under torchrun), shuffled each epoch; "
+                        "default: all training pairs, one full-batch step per epoch (the paper's recipe)")
     p.add_argument("-r", "--runs", type=_positive_int, default=1,
                    help="independent runs, each with its own initialisation, on the same split (default: 1)")
     p.add_argument("-t", "--temperature", type=_float_check(lambda v: v > 0, "a positive number"), default=1.0,
@@ -105,12 +119,66 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _select_device(gpu: bool) -> torch.device:
+def _select_device(gpu: bool, dist: Dist) -> torch.device:
+    """CUDA (`cuda:LOCAL_RANK` under torchrun) with --gpu when present, else the CPU."""
     if gpu and torch.cuda.is_available():
-        return torch.device("cuda")
-    if gpu:
+        if not dist.active:
+            return torch.device("cuda")
+        count = torch.cuda.device_count()
+        if count < dist.local_world_size:
+            raise UserError(f"--gpu with {dist.local_world_size} ranks on this machine needs {dist.local_world_size} "
+                            f"GPUs, found {count}; use torchrun --nproc_per_node {count}, or --cpu")
+        local_rank = int(__import__("os").environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local_rank)
+    if gpu and dist.rank == 0:
         print(f"{PROG}: --gpu given but CUDA is not available; training on the CPU", file=sys.stderr)
     return torch.device("cpu")
+
+
+def _available_bytes(device: torch.device) -> float:
+    """What the device can still hold: free GPU memory, or MemAvailable on the CPU (infinite when unknown)."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def _batch_size(requested: int | None, n_train: int, dist: Dist) -> int | None:
+    """The global batch to train with (None: the whole set), or a UserError naming the nearest valid one."""
+    if dist.world_size > n_train:
+        raise UserError(f"{dist.world_size} ranks but only {n_train} training pairs; use at most "
+                        f"--nproc_per_node {n_train}")
+    if requested is None or requested >= n_train:
+        return None
+    if requested % dist.world_size:
+        k = dist.world_size
+        nearest = max(k, min(n_train - n_train % k, k * round(requested / k)))
+        raise UserError(f"--batch-size {requested} is not a multiple of the {k} ranks (each rank takes an equal "
+                        f"share); use --batch-size {nearest}")
+    return requested
+
+
+def _check_memory(batch: int | None, n_train: int, in_dim: int, out_dim: int, n_test: int, device: torch.device,
+                  dist: Dist) -> None:
+    """Refuse, before the first step, a batch whose estimated memory exceeds what the device has."""
+    b = batch or n_train
+    sharing = dist.local_world_size if device.type == "cpu" else 1
+    need = sharing * step_bytes(b, in_dim, out_dim, n_test, dist.world_size)
+    available = all_reduce_min(_available_bytes(device), dist)
+    if need <= available:
+        return
+    fits = largest_fitting_batch(available, in_dim, out_dim, n_test, dist.world_size, sharing, upper=b)
+    what = f"--batch-size {b}" if batch else f"the full batch ({b} pairs)"
+    where = f"{device.type}" + (f", {sharing} ranks" if sharing > 1 else "")
+    advice = (f"the largest --batch-size that fits is {fits}" if fits else
+              "not even the smallest batch fits; free memory or use a machine with more")
+    raise UserError(f"training at {what} needs about {need / 2**30:.1f} GiB ({where}), {available / 2**30:.1f} GiB "
+                    f"available; {advice}")
 
 
 def _config_text(config: dict[str, Any]) -> str:
@@ -156,7 +224,7 @@ FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--te
 
 
 def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, manifest: Path, pairs, data,
-                 seed: int, device: torch.device) -> dict[str, Any]:
+                 seed: int, device: torch.device, dist: Dist = Dist()) -> dict[str, Any]:
     """What every run of this invocation shares, as written to config.json and summary.json."""
     return {
         "data": str(data_path),
@@ -172,6 +240,7 @@ def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, ma
         "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0]),
         "n_test": len(data.test_names),
         "device": device.type,
+        "world_size": dist.world_size,
         "allow_pickle": args.allow_pickle,
         "torch": str(torch.__version__),
         **cfg.to_dict(),
@@ -179,17 +248,23 @@ def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, ma
 
 
 def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], data,
-             device: torch.device, images_root: Path | None) -> list[dict[str, float]]:
-    """Train run number `run`, logging to TensorBoard, and write its folder; returns its history."""
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed from here on
-    from tqdm.auto import tqdm
+             device: torch.device, images_root: Path | None, dist: Dist = Dist()) -> list[dict[str, float]]:
+    """Train run number `run`, logging to TensorBoard, and write its folder; returns its history.
 
+    Under torchrun every rank trains; only rank 0 writes anything.
+    """
     folder = run_dir(args.save_to, run)
     run_seed = base_config["seed"] + run - 1
     torch.manual_seed(run_seed)
     model = build_model(args.model, base_config["in_dim"]).to(device)
     optimizer = make_optimizer(model, cfg)
     config = {**base_config, "run": run, "run_seed": run_seed}
+    if dist.rank != 0:
+        return train(model, data, cfg, optimizer, dist=dist)
+
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed from here on
+    from tqdm.auto import tqdm
+
     write_json(folder / "config.json", config)
 
     writer = SummaryWriter(str(folder))
@@ -206,7 +281,7 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
 
     start = time.perf_counter()
     try:
-        history = train(model, data, cfg, optimizer, on_epoch=log)
+        history = train(model, data, cfg, optimizer, on_epoch=log, dist=dist)
         if images_root is not None:
             _log_retrieval_grid(writer, model, data, images_root, cfg.epochs)
     finally:
@@ -237,27 +312,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     save_to = Path(args.save_to)
     topk = tuple(dict.fromkeys(args.topk))
-    # Everything that can be wrong with the input is found before anything is written.
-    with flag_names(FLAGS):
-        to_remove = check_save_to(save_to, args.overwrite)
-        data_path = Path(args.data).resolve()
-        pairs = load_pairs(data_path, allow_pickle=args.allow_pickle)
-        seed = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
-        train_idx, test_idx = split_indices(len(pairs), args.test_split, seed, topk)
-        cfg = TrainConfig(epochs=args.epochs, temperature=args.temperature, lr=args.lr,
-                          weight_decay=args.weight_decay, topk=topk, precision=args.precision)
-    device = _select_device(args.gpu)
+    dist = from_env()
+    device = _select_device(args.gpu, dist)
+    init_group(dist, device)
+    # Everything that can be wrong with the input is found before anything is written; under
+    # torchrun every rank checks, and none goes on until all have (rank 0 then writes).
+    failure = None
+    try:
+        with flag_names(FLAGS):
+            to_remove = check_save_to(save_to, args.overwrite)
+            data_path = Path(args.data).resolve()
+            pairs = load_pairs(data_path, allow_pickle=args.allow_pickle)
+            drawn = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+            seed = broadcast_int(drawn, dist)  # every rank must draw the same split and batches
+            train_idx, test_idx = split_indices(len(pairs), args.test_split, seed, topk)
+            batch_size = _batch_size(args.batch_size, len(train_idx), dist)
+            cfg = TrainConfig(epochs=args.epochs, temperature=args.temperature, lr=args.lr,
+                              weight_decay=args.weight_decay, topk=topk, precision=args.precision,
+                              batch_size=batch_size, seed=seed)
+    except UserError as err:
+        failure = err
+    if all_reduce_min(0.0 if failure else 1.0, dist) < 1.0:
+        raise failure or UserError("another rank refused the input")
     data = split_data(pairs, train_idx, test_idx, device)
+    out_dim = build_model(args.model, pairs.in_dim).out_dim
+    _check_memory(batch_size, len(train_idx), pairs.in_dim, out_dim, len(test_idx), device, dist)
 
     manifest = data_path.parent / "manifest.json"
     images_root = _dataset_root(manifest) if args.images else None
+    base_config = _base_config(args, cfg, data_path, manifest, pairs, data, seed, device, dist)
+    if dist.rank != 0:
+        for run in range(1, args.runs + 1):
+            _one_run(run, args, cfg, base_config, data, device, None, dist)
+        return 0
     save_to.mkdir(parents=True, exist_ok=True)
     with replacing(save_to, to_remove):
-        base_config = _base_config(args, cfg, data_path, manifest, pairs, data, seed, device)
         print(f"{PROG}: {len(pairs)} pairs of {pairs.in_dim}-d features ({base_config['n_train']} train + "
               f"{base_config['n_train_flipped']} flipped copies, {base_config['n_test']} test), "
-              f"model {args.model}, {device.type}, {args.precision}, seed {seed}", file=sys.stderr)
-        histories = [_one_run(run, args, cfg, base_config, data, device, images_root) for run in range(1, args.runs + 1)]
+              f"model {args.model}, {device.type}" + (f" x {dist.world_size} ranks" if dist.active else "") +
+              f", {args.precision}, batch {batch_size or 'full'}, seed {seed}", file=sys.stderr)
+        histories = [_one_run(run, args, cfg, base_config, data, device, images_root, dist)
+                     for run in range(1, args.runs + 1)]
         if args.runs > 1:
             _log_average(save_to, histories)
         summary = summarise([{k: v for k, v in h[-1].items() if k != "epoch"} for h in histories])
@@ -267,4 +362,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_ranked_cli(main, PROG, from_env()))

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["partner_ranks", "retrieval_metrics", "metric_names"]
+__all__ = ["partner_ranks", "retrieval_metrics", "metrics_from_ranks", "metric_names"]
 
 
 def partner_ranks(sim: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,20 @@ def retrieval_metrics(
         >>> m["top 1"].item(), m["MRR"].item()
         (1.0, 1.0)
     """
-    l2r, r2l = partner_ranks(sim, scratch)
+    return metrics_from_ranks(*partner_ranks(sim, scratch), topk)
+
+
+@torch.no_grad()
+def metrics_from_ranks(l2r: torch.Tensor, r2l: torch.Tensor, topk: Sequence[int]) -> dict[str, torch.Tensor]:
+    """`retrieval_metrics` from the partner ranks themselves (as `partner_ranks` returns them).
+
+    Args:
+        l2r, r2l: `(N,)` 1-based ranks of each pair's partner, left-to-right and right-to-left.
+        topk: the k values.
+
+    Returns:
+        `{name: 0-d fp32 tensor}`, names from `metric_names(topk)`, means over the N pairs.
+    """
     either = torch.minimum(l2r, r2l)
     values = (
         [(either <= k).float().mean() for k in topk]

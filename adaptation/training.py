@@ -1,6 +1,6 @@
-"""The training recipe: full-batch Adam on the contrastive loss, evaluated every epoch.
+"""The training recipe: Adam on the contrastive loss, full batch or minibatches, evaluated every epoch.
 
-Each epoch:
+With the default `batch_size=None` each epoch is one full-batch step, the paper's recipe:
 
 1. For each training set (the original training pairs, then their flipped copies), compute
    the adapted vectors, the N x N cosine matrix and the contrastive loss; backpropagate half
@@ -12,6 +12,21 @@ Each epoch:
 3. Read the train metrics off the originals' similarity matrix from step 1, which the loss
    already paid for (so they describe the model *before* this epoch's step, as the paper's code's
    train loss did), and evaluate the test originals with the updated model, in fp32.
+
+With `batch_size=B` smaller than a training set, each epoch shuffles each set (seeded by
+`config.seed` and the epoch) and cuts it into batches of B; step s takes batch s of each set
+(the originals and the flipped copies, never mixed), so in-batch negatives replace the
+full set's, and makes one Adam step. The train figures are then the in-batch ones, averaged over
+the epoch's batches weighted by their size; memory is O(B x B) instead of O(N x N).
+
+The per-batch objective is a seam: `train(..., batch_loss=...)` takes any function
+`(model, left, right, ctx) -> BatchOutput`; `contrastive_batch_loss` is the paper's.
+
+Under `torchrun` (`dist` with several ranks) each rank takes its share of every global batch and
+the adapted vectors are gathered with gradient (`adaptation.distributed`); the parameters stay
+those of one process at the same global batch. Test figures come from
+`adaptation.evaluation.evaluate_vectors`, which never holds an N x N matrix beyond its block
+budget.
 
 Nothing leaves the device inside an epoch except one small vector of metric values. A model
 without parameters (`dummy`) is evaluated once and its figures repeated for every epoch, so
@@ -35,18 +50,25 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import itertools
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .split import TrainData
-from ._fused import Workspace, similarity_and_loss, symmetric_cross_entropy
-from .losses import similarity_matrix
-from .metrics import retrieval_metrics
+from ._fused import Workspace, similarity_and_loss
+from .distributed import Dist, all_reduce_sum, gather_rows
+from .evaluation import evaluate_vectors
+from .losses import EPS
+from .metrics import metric_names, metrics_from_ranks, partner_ranks
 
-__all__ = ["PRECISIONS", "TrainConfig", "make_optimizer", "evaluate", "train"]
+__all__ = ["PRECISIONS", "TrainConfig", "BatchContext", "BatchOutput", "BatchLoss", "contrastive_batch_loss",
+           "make_optimizer", "evaluate", "epoch_batches", "train", "step_bytes", "largest_fitting_batch"]
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -56,11 +78,13 @@ class TrainConfig:
     """The recipe's hyper-parameters (defaults: the paper's code's, except its per-run learning rates).
 
     Attributes:
-        epochs: full-batch steps.
+        epochs: passes over the training sets.
         temperature: the paper's `-t`: the loss's `logit_scale`, which multiplies the cosines before the softmax.
         lr, weight_decay: Adam's.
         topk: the k values of the retrieval metrics.
         precision: `fp32`, or `bf16` for autocast of the model and the similarity products.
+        batch_size: pairs per step (the global batch under torchrun); None: the whole set, one step per epoch.
+        seed: seeds each epoch's shuffle (used only with a `batch_size` smaller than a set).
     """
 
     epochs: int = 150
@@ -69,12 +93,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     topk: tuple[int, ...] = (1, 3)
     precision: str = "fp32"
+    batch_size: int | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.epochs < 1 or not self.topk or min(self.topk) < 1:
             raise ValueError("epochs and every k must be at least 1")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size
+                                            or self.batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
 
     def to_dict(self) -> dict:
         """Plain values (lists, not tuples), for JSON and for `torch.load(weights_only=True)`."""
@@ -93,59 +122,167 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam | 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, left: torch.Tensor, right: torch.Tensor, config: TrainConfig
+    model: nn.Module, left: torch.Tensor, right: torch.Tensor, config: TrainConfig,
+    dist: Dist = Dist(), block_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss and retrieval metrics of `model` on pairs `(left[i], right[i])`, in fp32.
 
     Evaluation stays in fp32 whatever `config.precision`: bf16 rounding of the cosines would
-    create ties, which count against the query, and the test product is small next to training.
+    create ties, which count against the query. The similarities are scored in blocks of queries
+    (`adaptation.evaluation.evaluate_vectors`), shared among the ranks under torchrun.
 
     Returns:
         `{"Loss": ..., "top k": ..., ...}` as 0-d tensors on the data's device.
     """
     model.eval()
-    sim = similarity_matrix(model(left), model(right))
-    out = {"Loss": symmetric_cross_entropy(sim, config.temperature)}
-    out.update(retrieval_metrics(sim, config.topk))
-    return out
+    return evaluate_vectors(model(left), model(right), config.temperature, config.topk, block_rows, dist)
 
 
-def _train_step(
-    model: nn.Module,
-    data: TrainData,
-    config: TrainConfig,
-    optimizer: torch.optim.Optimizer | None,
-    workspace: Workspace,
-) -> dict[str, torch.Tensor]:
-    model.train()
-    sets = data.train_sets
-    device = data.train[0].device
-    bf16 = config.precision == "bf16"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+@dataclass
+class BatchContext:
+    """What a per-batch objective may need beside the model and the batch.
+
+    Attributes:
+        config: the recipe.
+        n: the global batch size (this rank holds rows `dist.share(n)` of it).
+        dist: the data-parallel group (`Dist()` for one process).
+        workspace: scratch matrices kept between steps (`adaptation._fused.Workspace`).
+        want_ranks: whether the caller reads train metrics from this batch.
+    """
+
+    config: TrainConfig
+    n: int
+    dist: Dist = field(default_factory=Dist)
+    workspace: Workspace = field(default_factory=Workspace)
+    want_ranks: bool = False
+
+
+@dataclass
+class BatchOutput:
+    """A per-batch objective's result.
+
+    Attributes:
+        loss: 0-d; its mean over ranks is the batch's loss, and its backward (with the ranks'
+            gradients averaged, as DDP does) gives that loss's gradient.
+        ranks: `(l2r, r2l)` partner ranks of this rank's rows within the global batch, or None
+            (an objective without a similarity matrix has no train retrieval figures).
+    """
+
+    loss: torch.Tensor
+    ranks: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchContext], BatchOutput]
+"""`(model, left rows, right rows, ctx) -> BatchOutput`: the seam another objective plugs into."""
+
+
+def _forward_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, ctx: BatchContext):
+    device = left.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.config.precision == "bf16"):
+        if ctx.dist.active:
+            # One forward for both sides: DDP expects one forward per backward.
+            out = model(torch.cat([left, right]))
+            return out[: len(left)], out[len(left):]
+        return model(left), model(right)
+
+
+def contrastive_batch_loss(model: nn.Module, left: torch.Tensor, right: torch.Tensor, ctx: BatchContext) -> BatchOutput:
+    """The paper's symmetric contrastive loss over one (global) batch, in-batch negatives.
+
+    One process: the fused square computation (`adaptation._fused.similarity_and_loss`), exactly
+    the full-batch recipe's when the batch is the whole set. Several ranks: this rank's rows
+    against every gathered column in both directions (open_clip's `local_loss` with
+    `gather_with_grad`), scaled so that the ranks' mean is the global batch's loss.
+    """
+    cfg, dist = ctx.config, ctx.dist
+    bf16 = cfg.precision == "bf16"
+    out_left, out_right = _forward_pair(model, left, right, ctx)
+    if not dist.active:
+        sim, loss = similarity_and_loss(out_left, out_right, cfg.temperature, torch.bfloat16 if bf16 else None,
+                                        ctx.workspace)
+        ranks = None
+        if ctx.want_ranks:
+            # Read now: the next set of the same size overwrites `sim` in the workspace.
+            ranks = partner_ranks(sim, ctx.workspace.get("ranks", tuple(sim.shape), torch.float32, sim.device))
+        return BatchOutput(loss, ranks)
+    with torch.autocast(left.device.type, enabled=False):
+        a = F.normalize(out_left.float(), dim=1, eps=EPS)
+        b = F.normalize(out_right.float(), dim=1, eps=EPS)
+        all_a, all_b = gather_rows(a, dist, ctx.n), gather_rows(b, dist, ctx.n)
+        product = torch.bfloat16 if bf16 else torch.float32
+        l2r_sim = (a.to(product) @ all_b.to(product).T).float()
+        r2l_sim = (b.to(product) @ all_a.to(product).T).float()
+        start, stop = dist.share(ctx.n)
+        labels = torch.arange(start, stop, device=left.device)
+        ce = (F.cross_entropy(l2r_sim * cfg.temperature, labels, reduction="sum")
+              + F.cross_entropy(r2l_sim * cfg.temperature, labels, reduction="sum"))
+        loss = ce * (0.5 * dist.world_size / ctx.n)
+    ranks = None
+    if ctx.want_ranks:
+        ranks = (_local_ranks(l2r_sim.detach(), labels, ctx.n), _local_ranks(r2l_sim.detach(), labels, ctx.n))
+    return BatchOutput(loss, ranks)
+
+
+def _local_ranks(sim: torch.Tensor, partner_cols: torch.Tensor, n: int) -> torch.Tensor:
+    """Partner ranks of the rows of a rectangular block (as `partner_ranks`: ties against the query, NaN worst)."""
+    partner = sim[torch.arange(len(sim), device=sim.device), partner_cols]
+    count = torch.ge(sim, partner[:, None]).sum(dim=1)
+    return torch.where(torch.isnan(partner), torch.full_like(count, n), count)
+
+
+def epoch_batches(sizes: list[int], batch_size: int | None, seed: int, epoch: int) -> list[list[np.ndarray | None]]:
+    """The global batches of one epoch: for each step, one index array per training set (None: the whole set).
+
+    Each set too large for one batch is shuffled with a generator seeded by `(seed, epoch, set)`
+    and cut into batches of `batch_size` (the last one smaller); step s takes batch s of each set.
+    A set with fewer batches than another sits out the remaining steps.
+    """
+    per_set: list[list[np.ndarray | None]] = []
+    for i, n in enumerate(sizes):
+        if batch_size is None or batch_size >= n:
+            per_set.append([None])
+        else:
+            perm = np.random.default_rng([seed, epoch, i]).permutation(n)
+            per_set.append([perm[s:s + batch_size] for s in range(0, n, batch_size)])
+    return [list(step) for step in itertools.zip_longest(*per_set, fillvalue=False)]
+
+
+def _step(model, sets, step, config, optimizer, ctx_base: dict, batch_loss: BatchLoss, ddp) -> tuple[torch.Tensor, int, dict | None]:
+    """One optimiser step over the sets' batches; returns (loss on this rank, originals batch size, metrics means or None)."""
+    dist: Dist = ctx_base["dist"]
+    present = [(i, idx) for i, idx in enumerate(step) if idx is not False]
+    total = torch.zeros((), device=sets[0][0].device)
+    n_orig, metrics = 0, None
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
-    metrics: dict[str, torch.Tensor] = {}
-    for i, (left, right) in enumerate(sets):
-        with torch.set_grad_enabled(optimizer is not None):
-            with autocast:
-                out_left, out_right = model(left), model(right)
-            # The cosine product (and its backward) in bf16 as autocast would run it; the loss in fp32.
-            sim, loss = similarity_and_loss(
-                out_left, out_right, config.temperature, torch.bfloat16 if bf16 else None, workspace
-            )
-            loss = loss / len(sets)
+    for j, (i, idx) in enumerate(present):
+        left, right = sets[i]
+        n = len(left) if idx is None else len(idx)
+        start, stop = dist.share(n)
+        if idx is None:
+            left_b, right_b = (left, right) if not dist.active else (left[start:stop], right[start:stop])
+        else:
+            rows = torch.as_tensor(idx[start:stop], device=left.device)
+            left_b, right_b = left.index_select(0, rows), right.index_select(0, rows)
+        ctx = BatchContext(config, n, dist, ctx_base["workspace"], want_ranks=(i == 0))
+        last = j == len(present) - 1
+        sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
+        with sync, torch.set_grad_enabled(optimizer is not None):
+            out = batch_loss(ddp if ddp is not None else model, left_b, right_b, ctx)
+            loss = out.loss / len(present)
             # Backward per set frees each graph before the next set reuses the workspace.
             if optimizer is not None:
                 loss.backward()
         total += loss.detach()
         if i == 0:
-            # Read now: the next set overwrites `sim` in the workspace.
-            scratch = workspace.get("ranks", tuple(sim.shape), torch.float32, device)
-            metrics = retrieval_metrics(sim, config.topk, scratch)
+            n_orig = n
+            if out.ranks is not None:
+                metrics = metrics_from_ranks(*out.ranks, config.topk)
+                if dist.active:  # this rank's share of the counts, summed over ranks at the epoch's end
+                    metrics = {k: v * (stop - start) / n for k, v in metrics.items()}
     if optimizer is not None:
         optimizer.step()
-    return {"Loss": total, **metrics}
+    return total, n_orig, metrics
 
 
 def train(
@@ -154,6 +291,8 @@ def train(
     config: TrainConfig,
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    dist: Dist = Dist(),
+    batch_loss: BatchLoss = contrastive_batch_loss,
 ) -> list[dict[str, float]]:
     """Run the recipe for `config.epochs` epochs; see the module docstring for what an epoch does.
 
@@ -164,25 +303,85 @@ def train(
         optimizer: from `make_optimizer(model, config)`; None trains nothing and evaluates once.
         on_epoch: called after every epoch with `(epoch, metrics)`, e.g. to write TensorBoard
             scalars or move a progress bar.
+        dist: under torchrun, this process's place in the group (its process group already
+            initialised); the model is then wrapped in DistributedDataParallel here.
+        batch_loss: the per-batch objective (default: the paper's contrastive loss).
 
     Returns:
         One dict per epoch: `epoch` (1-based) and floats `Train/Loss`, `Train/top k`,
         `Train/left2right top k`, `Train/right2left top k`, `Train/MRR` (on the original
-        training pairs), and the same under `Test/` (on the test pairs). Train/Loss is the
-        mean over the training sets, the quantity minimised.
+        training pairs: the whole set at full batch, in-batch figures averaged over the epoch
+        otherwise), and the same under `Test/` (on the test pairs). Train/Loss is the
+        mean over the training sets, the quantity minimised. Every rank gets the same figures.
     """
     history: list[dict[str, float]] = []
     row: dict[str, float] = {}
-    workspace = Workspace()  # the N x N training matrices, allocated once for the whole run
+    sets = data.train_sets
+    device = sets[0][0].device
+    ddp = None
+    if dist.active and optimizer is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ctx_base = {"dist": dist, "workspace": Workspace()}  # the training matrices, allocated once per size
+    names = metric_names(config.topk)
     for epoch in range(1, config.epochs + 1):
         if optimizer is not None or epoch == 1:
-            tr = _train_step(model, data, config, optimizer, workspace)
-            te = evaluate(model, *data.test, config)
-            names = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te]
+            model.train()
+            steps = epoch_batches([len(s[0]) for s in sets], config.batch_size, config.seed, epoch)
+            parts = [_step(model, sets, step, config, optimizer, ctx_base, batch_loss, ddp) for step in steps]
+            te = evaluate(model, *data.test, config, dist)
+            n_total = sum(n for _, n, _ in parts)
+            if len(parts) == 1 and not dist.active:
+                # The full batch: the figures as they are (no weighting to round).
+                loss, _, means = parts[0]
+                tr = {"Loss": loss, **(means or {})}
+            else:
+                # Size-weighted sums over the steps (and ranks), one collective per epoch.
+                has_metrics = parts[0][2] is not None
+                sums = torch.stack([torch.stack([loss * n] + ([m[k] * n for k in names] if has_metrics else []))
+                                    for loss, n, m in parts]).sum(0).double()
+                sums = all_reduce_sum(sums, dist) / n_total
+                sums[0] /= dist.world_size  # each rank's loss is its share times world_size
+                tr = dict(zip(["Loss"] + (names if has_metrics else []), sums.float()))
+            keys = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te]
             # One device-to-host transfer per epoch, not one per metric.
             values = torch.stack([v.float() for v in (*tr.values(), *te.values())]).tolist()
-            row = dict(zip(names, values))
+            row = dict(zip(keys, values))
         history.append({"epoch": epoch, **row})
         if on_epoch is not None:
             on_epoch(epoch, dict(row))
     return history
+
+
+def step_bytes(batch: int, in_dim: int, out_dim: int, n_test: int, world_size: int = 1) -> int:
+    """Estimated peak bytes one rank needs for a step at global batch `batch`, and for the test figures.
+
+    Counted: the batch's similarity-sized matrices (one process: cosines, exponentials, gradient
+    and rank comparisons, `batch x batch` fp32 each; a rank under torchrun: its rows against
+    all columns in both directions, with their softmax, gradient and comparison copies), the
+    model's activations and gradients on the batch, and the test evaluation (adapted test vectors
+    and the block of similarities, `adaptation.evaluation.BLOCK_BYTES`). The training data itself
+    is already in memory when this is called and is not counted.
+    """
+    from .evaluation import BLOCK_BYTES
+
+    rows = -(-batch // world_size)
+    square = 5 * 4 * batch * batch if world_size == 1 else 8 * 4 * rows * batch
+    activations = 4 * 8 * batch * (in_dim + out_dim)
+    test = 4 * 2 * n_test * (in_dim + out_dim) + min(BLOCK_BYTES, 4 * 3 * n_test * n_test)
+    return int(square + activations + test)
+
+
+def largest_fitting_batch(available: float, in_dim: int, out_dim: int, n_test: int, world_size: int = 1,
+                          ranks_sharing: int = 1, upper: int | None = None) -> int:
+    """The largest global batch (a multiple of `world_size`, at most `upper`) whose estimate fits in `available`
+    bytes shared by `ranks_sharing` ranks; 0 when not even `world_size` fits."""
+    def fits(b: int) -> bool:
+        return ranks_sharing * step_bytes(b, in_dim, out_dim, n_test, world_size) <= available
+
+    lo, hi = 0, (upper or 1 << 24) // world_size  # in units of world_size
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid * world_size) else (lo, mid - 1)
+    return lo * world_size

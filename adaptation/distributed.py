@@ -1,0 +1,189 @@
+"""Data parallelism over `torchrun` processes: who this process is, its share of a batch, gathers.
+
+`train.py` under `torchrun --nproc_per_node K` runs K copies of itself; each holds the whole
+(small) features file, draws the same global batches and takes a contiguous share of each.
+The adapted vectors of the shares are all-gathered *with gradient*
+(`torch.distributed.nn.functional.all_gather`, whose backward sums each share's gradient over
+the ranks), so each rank scores its own rows against every column of the global batch, as
+open_clip's `ClipLoss(local_loss=True, gather_with_grad=True)` does. Shares may differ in size
+(a last, smaller batch): each is padded to the largest for the collective and the padding is
+dropped from the result.
+
+A single process is `Dist()`: rank 0 of 1, and every helper here is then the identity.
+
+Example:
+    >>> d = Dist()
+    >>> d.share(10)
+    (0, 10)
+    >>> Dist(rank=1, world_size=3).share(10)
+    (4, 7)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Dist", "share_bounds", "gather_rows", "all_reduce_sum", "all_reduce_min", "broadcast_int", "from_env",
+           "init_group", "run_ranked_cli", "Terminated"]
+
+
+def share_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows `[start, stop)` of `n` that rank `rank` of `world_size` holds: contiguous, sizes differing by at most 1."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel group (`world_size == 1`: no group at all).
+
+    Attributes:
+        rank, world_size: as torch.distributed numbers them.
+        local_world_size: ranks sharing this machine (for the memory check on the CPU).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+
+    @property
+    def active(self) -> bool:
+        """Whether collectives are needed (more than one rank)."""
+        return self.world_size > 1
+
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's rows `[start, stop)` of a global batch of `n`."""
+        return share_bounds(n, self.rank, self.world_size)
+
+
+def gather_rows(x: torch.Tensor, dist: Dist, n: int) -> torch.Tensor:
+    """All ranks' shares of a global batch of `n` rows, in rank order, differentiable.
+
+    Args:
+        x: this rank's share, `(stop - start, D)` as `dist.share(n)` gives.
+        dist: the group.
+        n: the global batch size.
+
+    Returns:
+        `(n, D)`: row i is global row i. The gradient reaching each row flows back to the rank
+        that holds it (summed over the ranks that used it).
+    """
+    if not dist.active:
+        return x
+    import torch.distributed.nn.functional as dnn
+
+    sizes = [share_bounds(n, r, dist.world_size) for r in range(dist.world_size)]
+    longest = max(stop - start for start, stop in sizes)
+    padded = x if x.shape[0] == longest else torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
+    parts = dnn.all_gather(padded)
+    return torch.cat([part[: stop - start] for part, (start, stop) in zip(parts, sizes)])
+
+
+def all_reduce_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """`x` summed over the ranks (in place; `x` itself for a single process)."""
+    if dist.active:
+        import torch.distributed as tdist
+
+        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+    return x
+
+
+def from_env(environ: dict[str, str] | None = None) -> Dist:
+    """This process's place as `torchrun` describes it (`RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`); `Dist()` outside torchrun."""
+    import os
+
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(rank=int(env.get("RANK", "0")), world_size=world,
+                local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def broadcast_int(value: int, dist: Dist) -> int:
+    """Rank 0's `value` on every rank (e.g. a seed drawn at random)."""
+    if not dist.active:
+        return value
+    import torch.distributed as tdist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    tdist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def all_reduce_min(value: float, dist: Dist) -> float:
+    """The smallest `value` over the ranks."""
+    if not dist.active:
+        return value
+    import torch.distributed as tdist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return float(t.item())
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (torchrun stopping the ranks after one failed): unwind, cleaning up as for an error."""
+
+
+def run_ranked_cli(main, prog: str, dist: Dist) -> int:
+    """`toolkit.utils.run_cli` for a script that may run as one rank of several.
+
+    - Bad input (`UserError`) is printed by rank 0 only: every rank checks the same input and
+      finds the same fault, so one line says it; all ranks exit 2.
+    - Any other failure prints one line naming the rank (`prog: rank 1 of 2 failed: ...`) and
+      exits 1; the other ranks, which then lose their peer (a torch.distributed error) or get
+      SIGTERM from torchrun, stop quietly after their own clean-up.
+    """
+    import signal
+    import sys
+
+    from toolkit.utils import UserError, first_line, run_cli
+
+    if not dist.active:
+        return run_cli(main, prog=prog)
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        return int(main(None) or 0)
+    except UserError as err:
+        if dist.rank == 0:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except (Terminated, KeyboardInterrupt):
+        return 143
+    except Exception as err:  # noqa: BLE001 - the top of a rank: one line instead of a traceback per rank
+        import torch.distributed as tdist
+
+        if isinstance(err, tdist.DistError):
+            return 1  # a peer went away; that rank says why
+        print(f"{prog}: rank {dist.rank} of {dist.world_size} failed: {first_line(err)}", file=sys.stderr)
+        return 1
+    finally:
+        _destroy_group()
+
+
+def init_group(dist: Dist, device: torch.device, timeout_s: float = 600.0) -> None:
+    """Join the torchrun group: gloo for CPU tensors, plus NCCL for CUDA ones when training on CUDA."""
+    if not dist.active:
+        return
+    import datetime
+
+    import torch.distributed as tdist
+
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+def _destroy_group() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
