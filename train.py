@@ -34,6 +34,8 @@ is this figure. See `adaptation.metrics` for the exact definitions.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import sys
 import time
@@ -309,10 +311,12 @@ def _log_average(save_to: Path, histories: list[list[dict[str, float]]]) -> None
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Train, log and save as described in the module docstring. Returns the exit status."""
-    args = parse_args(argv)
+    dist = from_env()
+    # Under torchrun every rank parses the same command line; rank 0 alone says what is wrong with it.
+    with contextlib.redirect_stderr(io.StringIO()) if dist.rank else contextlib.nullcontext():
+        args = parse_args(argv)
     save_to = Path(args.save_to)
     topk = tuple(dict.fromkeys(args.topk))
-    dist = from_env()
     device = _select_device(args.gpu, dist)
     init_group(dist, device)
     # Everything that can be wrong with the input is found before anything is written; under

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,10 @@ def gather_rows(x: torch.Tensor, dist: Dist, n: int) -> torch.Tensor:
     sizes = [share_bounds(n, r, dist.world_size) for r in range(dist.world_size)]
     longest = max(stop - start for start, stop in sizes)
     padded = x if x.shape[0] == longest else torch.cat([x, x.new_zeros((longest - x.shape[0], *x.shape[1:]))])
-    parts = dnn.all_gather(padded)
+    with warnings.catch_warnings():
+        # Deprecated in favour of a private API (_functional_collectives); this one is public and differentiable.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = dnn.all_gather(padded)
     return torch.cat([part[: stop - start] for part, (start, stop) in zip(parts, sizes)])
 
 
@@ -125,6 +129,10 @@ def all_reduce_min(value: float, dist: Dist) -> float:
     return float(t.item())
 
 
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
+"""What gloo's RuntimeError says when another rank's process has gone (it raises no DistError for it)."""
+
+
 class Terminated(Exception):
     """SIGTERM arrived (torchrun stopping the ranks after one failed): unwind, cleaning up as for an error."""
 
@@ -161,7 +169,7 @@ def run_ranked_cli(main, prog: str, dist: Dist) -> int:
     except Exception as err:  # noqa: BLE001 - the top of a rank: one line instead of a traceback per rank
         import torch.distributed as tdist
 
-        if isinstance(err, tdist.DistError):
+        if isinstance(err, tdist.DistError) or any(m in str(err) for m in _PEER_LOST):
             return 1  # a peer went away; that rank says why
         print(f"{prog}: rank {dist.rank} of {dist.world_size} failed: {first_line(err)}", file=sys.stderr)
         return 1

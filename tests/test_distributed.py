@@ -1,0 +1,192 @@
+"""Data-parallel training on 2 gloo ranks (CPU) gives one process's weights; rank 0 alone writes; failures stop all."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from adaptation.distributed import Dist, share_bounds
+from adaptation.models import build_model
+from adaptation.planted import planted_array, planted_pairs
+from adaptation.split import split_data, split_indices
+from adaptation.training import TrainConfig, epoch_batches, make_optimizer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    # 41 pairs: 31 train (an odd count, so the full batch splits 16/15) and 10 test.
+    pairs = planted_pairs(41, 8, signal_dim=4, nuisance=2.0, seed=0)
+    return split_data(pairs, *split_indices(len(pairs), 0.25, seed=0))
+
+
+def _fit(cfg, dist=Dist()):
+    torch.manual_seed(0)
+    model = build_model("original", 8, out_dim=64)
+    history = train(model, _data(), cfg, make_optimizer(model, cfg), dist=dist)
+    return model, history
+
+
+def _rank_worker(rank, port, cfg, out_dir):
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, history = _fit(cfg, Dist(rank, WORLD, WORLD))
+        torch.save({"state": model.state_dict(), "history": history}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        tdist.destroy_process_group()
+
+
+def _spawn(fn, args, timeout=120):
+    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("ranks did not finish in time")
+    return ctx
+
+
+@pytest.mark.parametrize("batch_size,epochs", [(None, 3), (12, 1)], ids=["full-batch", "B12"])
+def test_two_ranks_give_one_process_weights(tmp_path, batch_size, epochs):
+    # B = 12 of 31 pairs: batches of 12, 12 and 7 (shares 4/3), so 1 epoch is 3 steps, as 3 full-batch epochs are.
+    cfg = TrainConfig(epochs=epochs, temperature=15.0, lr=1e-2, topk=(1, 3), batch_size=batch_size, seed=5)
+    assert len(epoch_batches([31, 31], batch_size, 5, 1)) * epochs == 3
+    torch.set_num_threads(1)
+    single, single_history = _fit(cfg)
+    _spawn(_rank_worker, (_free_port(), cfg, str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    torch.manual_seed(0)
+    start = build_model("original", 8, out_dim=64).state_dict()
+    for name, value in single.state_dict().items():
+        assert (value - start[name]).abs().max().item() > 1e-3  # the steps did move the weights
+    for r in ranks:
+        for name, value in single.state_dict().items():
+            assert (r["state"][name] - value).abs().max().item() <= 1e-5, name
+        for mine, theirs in zip(single_history, r["history"]):
+            assert mine.keys() == theirs.keys()
+            for k in mine:
+                assert theirs[k] == pytest.approx(mine[k], abs=1e-5), k
+
+
+def test_shares_cover_the_batch_in_order():
+    for n in (1, 2, 7, 12, 31):
+        bounds = [share_bounds(n, r, 3) for r in range(3)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+# --- train.py under torchrun -------------------------------------------------------------------------
+
+def _torchrun(args, nproc=WORLD, timeout=180):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_free_port()), "train.py", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "features.npy"
+    np.save(path, planted_array(60, 16, signal_dim=4, nuisance=2.0, seed=0))
+    return path
+
+
+def test_torchrun_rank0_writes_and_matches_one_process(features, tmp_path):
+    common = ["-d", features, "-e", "2", "-t", "15", "--seed", "3", "--batch-size", "16", "--no-images", "-k", "1", "3"]
+    proc = _torchrun(["-s", tmp_path / "two", *common])
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "train.py", "-s", tmp_path / "one", *map(str, common)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert one.returncode == 0, one.stderr
+    assert {p.name for p in (tmp_path / "two").iterdir()} == {"run1", "summary.json"}
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert two["config"]["world_size"] == 2 and single["config"]["world_size"] == 1
+    assert two["config"]["batch_size"] == 16
+    config = json.loads((tmp_path / "two" / "run1" / "config.json").read_text())
+    assert config["batch_size"] == 16 and config["world_size"] == 2
+    for name, fig in single["final"].items():
+        assert two["final"][name]["mean"] == pytest.approx(fig["mean"], abs=1e-4), name
+
+
+@pytest.mark.parametrize("args,nproc,expected", [
+    (["--batch-size", "15"], 2, "use --batch-size 16"),
+    (["--batch-size", "0"], 2, "--batch-size: must be at least 1"),
+    (["--batch-size", "1.5"], 2, "must be a whole number"),
+    (["--test-split", "0.97"], 3, "3 ranks but only 2 training pairs"),
+])
+def test_bad_input_under_torchrun_one_line_exit_2(features, tmp_path, args, nproc, expected):
+    proc = _torchrun(["-d", features, "-s", tmp_path / "r", "-e", "1", "--no-images", *args], nproc=nproc)
+    # The ranks print no traceback; torchrun itself reports failed workers with one of its own (ChildFailedError).
+    assert proc.stderr.count("Traceback") <= 1
+    if "Traceback" in proc.stderr:
+        assert "ChildFailedError" in proc.stderr.split("Traceback", 1)[1]
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error")]
+    assert len(ours) == 1 and expected in ours[0], proc.stderr
+    # Ranks exited 2 (or were stopped by torchrun once one had), none 1 (which would be a crash).
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert codes and set(codes) <= {"2", "-15"} and "2" in codes, proc.stderr
+    assert proc.returncode != 0
+    assert not (tmp_path / "r").exists()
+
+
+def _failing_worker(rank, port, features, save_to, log_dir):
+    import train as train_script
+    import adaptation.training as training
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    sys.stderr = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
+    if rank == 1:
+        real = training.evaluate
+        calls = []
+
+        def broken(*a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected failure")
+            return real(*a, **k)
+
+        training.evaluate = broken
+    from adaptation.distributed import from_env, run_ranked_cli
+
+    argv = ["-d", features, "-s", save_to, "-e", "5", "--no-images", "-k", "1", "--batch-size", "16"]
+    rc = run_ranked_cli(lambda _: train_script.main(argv), "train.py", from_env())
+    (Path(log_dir) / f"rank{rank}.rc").write_text(str(rc))
+
+
+def test_a_failing_rank_stops_all_and_leaves_no_run(features, tmp_path):
+    save_to = tmp_path / "runs"
+    _spawn(_failing_worker, (_free_port(), str(features), str(save_to), str(tmp_path)), timeout=120)
+    rcs = [int((tmp_path / f"rank{r}.rc").read_text()) for r in range(WORLD)]
+    logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)]
+    assert rcs[1] == 1 and rcs[0] != 0
+    failed = [line for log in logs for line in log.splitlines() if "failed" in line]
+    assert failed == ["train.py: rank 1 of 2 failed: RuntimeError: injected failure"]
+    assert not any("Traceback" in log for log in logs)
+    assert not save_to.exists() or not any(save_to.iterdir())
