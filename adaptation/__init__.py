@@ -11,7 +11,10 @@ image's partner. The pieces, all pure (no files, no devices chosen, no global st
 - `adaptation.split`: the train/test split and the three sets a run uses (features files are
   read by `featuresExtractor.pairs_file`, which owns that format; `Pairs` and `load_pairs` are
   re-exported here).
-- `adaptation.training`: the epoch loop, `train(model, data, config, optimizer, on_epoch)`.
+- `adaptation.training`: the epoch loop, `train(model, data, config, optimizer, on_epoch)`: full
+  batch or minibatches (`TrainConfig.batch_size`), with a per-batch objective that can be swapped.
+- `adaptation.evaluation`: the test figures over blocks of queries, never an N x N matrix.
+- `adaptation.distributed`: data parallelism under torchrun (shares of a batch, gathers with gradient).
 - `adaptation.planted`: planted feature pairs for tests and benchmarks.
 
 And the files a training run writes, each format with one owner:
