@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ._fused import symmetric_cross_entropy
 from .distributed import Dist, all_reduce_sum
 from .losses import EPS, similarity_matrix
-from .metrics import metrics_from_ranks, retrieval_metrics
+from .metrics import block_partner_ranks, metrics_from_ranks, retrieval_metrics
 
 __all__ = ["BLOCK_BYTES", "block_rows_for", "evaluate_vectors"]
 
@@ -62,12 +62,9 @@ def _one_direction(
             continue
         stop = min(n, start + block_rows)
         sim = queries[start:stop] @ keys.T
-        rows = torch.arange(stop - start, device=sim.device)
-        partner = sim[rows, rows + start]
-        # `>=` counts the partner itself, so ranks start at 1 and ties fall against the query.
-        count = torch.ge(sim, partner[:, None]).sum(dim=1)
-        # A NaN partner compares False with everything, which would read as a perfect rank.
-        ranks[start:stop] = torch.where(torch.isnan(partner), torch.full_like(count, n), count)
+        cols = torch.arange(start, stop, device=sim.device)
+        ranks[start:stop] = block_partner_ranks(sim, cols, n)
+        partner = sim[cols - start, cols]
         logits = sim.mul_(logit_scale)
         ce[start:stop] = (torch.logsumexp(logits, dim=1) - partner * logit_scale).double()
     return all_reduce_sum(ranks, dist), all_reduce_sum(ce, dist)

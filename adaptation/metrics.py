@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["partner_ranks", "retrieval_metrics", "metrics_from_ranks", "metric_names"]
+__all__ = ["partner_ranks", "block_partner_ranks", "retrieval_metrics", "metrics_from_ranks", "metric_names"]
 
 
 def partner_ranks(sim: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,6 +64,23 @@ def partner_ranks(sim: torch.Tensor, scratch: torch.Tensor | None = None) -> tup
     worst = torch.full_like(l2r, sim.shape[0])
     nan = torch.isnan(diag)
     return torch.where(nan, worst, l2r), torch.where(nan, worst, r2l)
+
+
+def block_partner_ranks(sim: torch.Tensor, partner_cols: torch.Tensor, n_worst: int) -> torch.Tensor:
+    """Ranks of the rows of a block of queries, as `partner_ranks` counts them along rows.
+
+    Args:
+        sim: `(R, M)` similarities of R queries against all M candidates.
+        partner_cols: `(R,)` the column of each query's partner.
+        n_worst: the rank given to a query whose partner similarity is NaN (the number of candidates).
+
+    Returns:
+        `(R,)` int64: `#{j : sim[r, j] >= sim[r, partner_cols[r]]}`, ties counting against the query.
+    """
+    partner = sim[torch.arange(len(sim), device=sim.device), partner_cols]
+    count = torch.ge(sim, partner[:, None]).sum(dim=1)
+    # A NaN partner compares False with everything, which would read as a perfect rank.
+    return torch.where(torch.isnan(partner), torch.full_like(count, n_worst), count)
 
 
 def metric_names(topk: Sequence[int]) -> list[str]:

@@ -65,7 +65,7 @@ from ._fused import Workspace, similarity_and_loss
 from .distributed import Dist, all_reduce_sum, gather_rows
 from .evaluation import evaluate_vectors
 from .losses import EPS
-from .metrics import metric_names, metrics_from_ranks, partner_ranks
+from .metrics import block_partner_ranks, metric_names, metrics_from_ranks, partner_ranks
 
 __all__ = ["PRECISIONS", "TrainConfig", "BatchContext", "BatchOutput", "BatchLoss", "contrastive_batch_loss",
            "make_optimizer", "evaluate", "epoch_batches", "train", "step_bytes", "largest_fitting_batch"]
@@ -219,15 +219,8 @@ def contrastive_batch_loss(model: nn.Module, left: torch.Tensor, right: torch.Te
         loss = ce * (0.5 * dist.world_size / ctx.n)
     ranks = None
     if ctx.want_ranks:
-        ranks = (_local_ranks(l2r_sim.detach(), labels, ctx.n), _local_ranks(r2l_sim.detach(), labels, ctx.n))
+        ranks = (block_partner_ranks(l2r_sim.detach(), labels, ctx.n), block_partner_ranks(r2l_sim.detach(), labels, ctx.n))
     return BatchOutput(loss, ranks)
-
-
-def _local_ranks(sim: torch.Tensor, partner_cols: torch.Tensor, n: int) -> torch.Tensor:
-    """Partner ranks of the rows of a rectangular block (as `partner_ranks`: ties against the query, NaN worst)."""
-    partner = sim[torch.arange(len(sim), device=sim.device), partner_cols]
-    count = torch.ge(sim, partner[:, None]).sum(dim=1)
-    return torch.where(torch.isnan(partner), torch.full_like(count, n), count)
 
 
 def epoch_batches(sizes: list[int], batch_size: int | None, seed: int, epoch: int) -> list[list[np.ndarray | None]]:

@@ -185,3 +185,13 @@ def test_memory_check_refuses_with_the_largest_batch(features, tmp_path, capsys,
     assert not (tmp_path / "r").exists()
     rc, _, err = cli(["-d", features, "-s", tmp_path / "r", "-e", "1", "--no-images", "--batch-size", "40"], capsys)
     assert rc == 0, err
+
+
+def test_block_ranks_are_the_row_ranks():
+    from adaptation.metrics import block_partner_ranks, partner_ranks
+
+    sim = torch.randint(0, 3, (9, 9)).float()  # small integers: many ties
+    sim[2, 2] = float("nan")
+    l2r, _ = partner_ranks(sim)
+    assert torch.equal(block_partner_ranks(sim, torch.arange(9), 9), l2r)
+    assert torch.equal(block_partner_ranks(sim[3:6], torch.arange(3, 6), 9), l2r[3:6])
