@@ -269,10 +269,12 @@ def _step(model, sets, step, config, optimizer, ctx_base: dict, batch_loss: Batc
         total += loss.detach()
         if i == 0:
             n_orig = n
-            if out.ranks is not None:
+            if out.ranks is not None and stop > start:
                 metrics = metrics_from_ranks(*out.ranks, config.topk)
                 if dist.active:  # this rank's share of the counts, summed over ranks at the epoch's end
                     metrics = {k: v * (stop - start) / n for k, v in metrics.items()}
+            elif out.ranks is not None:  # this rank holds none of a batch smaller than the group
+                metrics = {k: torch.zeros((), device=total.device) for k in metric_names(config.topk)}
     if optimizer is not None:
         optimizer.step()
     return total, n_orig, metrics
@@ -331,8 +333,10 @@ def train(
                 tr = {"Loss": loss, **(means or {})}
             else:
                 # Size-weighted sums over the steps (and ranks), one collective per epoch.
-                has_metrics = parts[0][2] is not None
-                sums = torch.stack([torch.stack([loss * n] + ([m[k] * n for k in names] if has_metrics else []))
+                has_metrics = any(m is not None for _, _, m in parts)
+                # A step without originals (a set with more batches than they have) weighs 0.
+                sums = torch.stack([torch.stack([loss * n] + ([m[k] * n if m else loss * 0 for k in names]
+                                                              if has_metrics else []))
                                     for loss, n, m in parts]).sum(0).double()
                 sums = all_reduce_sum(sums, dist) / n_total
                 sums[0] /= dist.world_size  # each rank's loss is its share times world_size
