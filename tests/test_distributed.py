@@ -136,7 +136,6 @@ def test_torchrun_rank0_writes_and_matches_one_process(features, tmp_path):
 
 @pytest.mark.parametrize("args,nproc,expected", [
     (["--batch-size", "15"], 2, "use --batch-size 16"),
-    (["--batch-size", "0"], 2, "--batch-size: must be at least 1"),
     (["--batch-size", "1.5"], 2, "must be a whole number"),
     (["--test-split", "0.97"], 3, "3 ranks but only 2 training pairs"),
 ])
