@@ -214,7 +214,8 @@ def _log_retrieval_grid(writer, model: torch.nn.Module, data, root: Path, epoch:
 
     model.eval()
     with torch.no_grad():
-        sim = similarity_matrix(model(data.test[0]), model(data.test[1]))
+        # Only the shown queries' rows: a large test set's full matrix would not fit.
+        sim = similarity_matrix(model(data.test[0][:6]), model(data.test[1]))
     grid = pair_retrieval_grid(sim, data.test_names, root, n_queries=6, k=5)
     writer.add_image("Test/retrieval", np.asarray(grid), epoch, dataformats="HWC")
 
