@@ -195,3 +195,29 @@ def test_block_ranks_are_the_row_ranks():
     l2r, _ = partner_ranks(sim)
     assert torch.equal(block_partner_ranks(sim, torch.arange(9), 9), l2r)
     assert torch.equal(block_partner_ranks(sim[3:6], torch.arange(3, 6), 9), l2r[3:6])
+
+
+def test_gpu_under_torchrun_needs_a_gpu_per_rank(monkeypatch):
+    from adaptation.distributed import Dist
+    from toolkit.utils import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="needs 2 GPUs, found 1; use torchrun --nproc_per_node 1"):
+        train._select_device(True, Dist(rank=0, world_size=2, local_world_size=2))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert train._select_device(True, Dist(rank=1, world_size=2, local_world_size=2)) == torch.device("cuda", 1)
+
+
+def test_batch_size_checks_against_ranks_and_pairs():
+    from adaptation.distributed import Dist
+    from toolkit.utils import UserError
+
+    two = Dist(rank=0, world_size=2, local_world_size=2)
+    assert train._batch_size(None, 100, two) is None and train._batch_size(500, 100, two) is None
+    assert train._batch_size(64, 100, two) == 64
+    with pytest.raises(UserError, match="use --batch-size 64"):
+        train._batch_size(63, 100, two)
+    with pytest.raises(UserError, match="3 ranks but only 2 training pairs"):
+        train._batch_size(None, 2, Dist(rank=0, world_size=3, local_world_size=3))
