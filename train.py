@@ -16,6 +16,14 @@ Each run `i` writes to `RUNS/run{i}/`:
 - `metrics.json`: every epoch's figures;
 - `model_and_optimizer.pt`: see `adaptation.checkpoint`.
 
+With `--val-split F`, a share F of the training pairs is held out as validation pairs (the
+test pairs are drawn first and do not change; F = 0, the default, is exactly the run without
+it). Each run then also logs `Val/...` scalars, keeps `best.pt`, the checkpoint of the best
+validation epoch (see `adaptation.selection`), and stores in both checkpoints a cosine
+threshold calibrated on the validation pairs (`adaptation.calibration`); `summary.json` adds
+the test figures at the best validation epoch under `best_val`. `--patience P` stops a run
+once P epochs pass without a better validation epoch. The test set never chooses anything.
+
 `--batch-size B` trains on minibatches of B pairs (shuffled each epoch, one Adam step each,
 in-batch negatives) instead of the whole training set at once; the default is the whole set,
 the paper's recipe. The same flags run data-parallel under torchrun (gloo on the CPU, NCCL with
@@ -34,6 +42,7 @@ is this figure. See `adaptation.metrics` for the exact definitions.
 from __future__ import annotations
 
 import argparse
+import copy
 import contextlib
 import io
 import math
@@ -45,11 +54,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from adaptation.checkpoint import CHECKPOINT, save_checkpoint
+from adaptation.calibration import calibrate
+from adaptation.checkpoint import BEST_CHECKPOINT, CHECKPOINT, save_checkpoint
+from adaptation.losses import similarity_matrix
 from adaptation.distributed import Dist, all_reduce_min, broadcast_int, from_env, init_group, run_ranked_cli
 from adaptation.metrics import metric_names
 from adaptation.models import MODELS, build_model, model_kwargs
 from adaptation.runs import AVERAGE, average_curves, check_save_to, replacing, run_dir, summarise, write_summary
+from adaptation.selection import best_epoch, patience_exhausted, split_validation
 from adaptation.split import split_data, split_indices
 from adaptation.training import PRECISIONS, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 from featuresExtractor.pairs_file import load_pairs
@@ -100,6 +112,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="multiplies the cosines before the softmax, as in the paper's code (default: 1; the paper's command uses 15)")
     p.add_argument("--test-split", type=_float_check(lambda v: True, "a number"), default=0.25,
                    help="fraction of pairs held out for testing, in (0, 1) (default: 0.25)")
+    p.add_argument("--val-split", type=_float_check(lambda v: 0 <= v < 1, "at least 0 and below 1"), default=0.0,
+                   help="share of the training pairs held out for validation: best.pt, a calibrated threshold, "
+                        "--patience (default: 0, none)")
+    p.add_argument("--patience", type=_positive_int, default=None, metavar="P",
+                   help="stop a run after P epochs without a better validation top-1 (needs --val-split)")
     p.add_argument("-k", "--topk", type=_positive_int, nargs="+", default=[1, 3], metavar="K",
                    help="k values of the top-k metrics (default: 1 3)")
     dev = p.add_mutually_exclusive_group()
@@ -188,10 +205,10 @@ def _config_text(config: dict[str, Any]) -> str:
     return "| setting | value |\n|---|---|\n" + rows
 
 
-def _table(summary: dict[str, dict], topk: Sequence[int], runs: int) -> str:
+def _table(summary: dict[str, dict], topk: Sequence[int], runs: int, title: str = "final metric") -> str:
     """The test figures, then the train loss and top-k, as percentages (losses as they are)."""
     shown = [f"Test/{m}" for m in metric_names(topk)] + ["Test/Loss", "Train/Loss"] + [f"Train/top {k}" for k in topk]
-    lines = [f"{'final metric':<26}{'mean':>9}{'std':>9}   (over {runs} run{'s' if runs > 1 else ''}; top-k and MRR in %)"]
+    lines = [f"{title:<26}{'mean':>9}{'std':>9}   (over {runs} run{'s' if runs > 1 else ''}; top-k and MRR in %)"]
     for name in shown:
         scale = 1.0 if name.endswith("Loss") else 100.0
         lines.append(f"{name:<26}{summary[name]['mean'] * scale:>9.2f}{summary[name]['std'] * scale:>9.2f}")
@@ -220,7 +237,43 @@ def _log_retrieval_grid(writer, model: torch.nn.Module, data, root: Path, epoch:
     writer.add_image("Test/retrieval", np.asarray(grid), epoch, dataformats="HWC")
 
 
-FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--test-split", "topk": "-k/--topk",
+@torch.no_grad()
+def _calibrated(model: torch.nn.Module, data) -> dict[str, Any]:
+    """The cosine threshold calibrated on the validation pairs with `model` as it is now, as a dict."""
+    model.eval()
+    return calibrate(similarity_matrix(model(data.val[0]), model(data.val[1]))).to_dict()
+
+
+class _BestKeeper:
+    """Follows a run's validation figures: keeps the best epoch's weights and threshold, says when to stop.
+
+    With `keep=False` (ranks other than 0 under torchrun) it only says when to stop: every rank
+    sees the same figures, so all stop at the same epoch.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer, data, k: int, patience: int | None, keep: bool = True):
+        self.model, self.optimizer_now, self.data, self.k, self.patience = model, optimizer, data, k, patience
+        self.keep = keep
+        self.rows: list[dict[str, float]] = []
+        self.epoch, self.state, self.optimizer, self.threshold = 0, None, None, None
+
+    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Record an epoch; returns True when the run should stop."""
+        self.rows.append(metrics)
+        if self.keep and best_epoch(self.rows, self.k) == epoch:
+            self.epoch = epoch
+            self.state = copy.deepcopy(self.model.state_dict())
+            self.optimizer = copy.deepcopy(self.optimizer_now.state_dict()) if self.optimizer_now is not None else None
+            self.threshold = _calibrated(self.model, self.data)
+        return self.patience is not None and patience_exhausted(self.rows, self.patience, self.k)
+
+    def summary(self, epochs_run: int, epochs: int) -> dict[str, Any]:
+        """What metrics.json records about the selection."""
+        return {"best_epoch": self.epoch, "patience": self.patience, "epochs_run": epochs_run,
+                "stopped_early": epochs_run < epochs, "best_threshold": self.threshold}
+
+
+FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--test-split", "val_split": "--val-split", "topk": "-k/--topk",
          "allow_pickle": "--allow-pickle", "epochs": "-e/--epochs", "temperature": "-t/--temperature",
          "lr": "--lr", "weight_decay": "--weight-decay", "precision": "--precision"}
 """Library parameter names as this script's flags, for error messages."""
@@ -242,6 +295,9 @@ def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, ma
         "n_train": len(data.train_names),
         "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0]),
         "n_test": len(data.test_names),
+        "val_split": args.val_split,
+        "n_val": len(data.val_names),
+        "patience": args.patience,
         "device": device.type,
         "world_size": dist.world_size,
         "allow_pickle": args.allow_pickle,
@@ -251,9 +307,11 @@ def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, ma
 
 
 def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], data,
-             device: torch.device, images_root: Path | None, dist: Dist = Dist()) -> list[dict[str, float]]:
-    """Train run number `run`, logging to TensorBoard, and write its folder; returns its history.
+             device: torch.device, images_root: Path | None,
+             dist: Dist = Dist()) -> tuple[list[dict[str, float]], dict[str, float] | None]:
+    """Train run number `run`, logging to TensorBoard, and write its folder.
 
+    Returns its history, and its row at the best validation epoch (None without validation pairs).
     Under torchrun every rank trains; only rank 0 writes anything.
     """
     folder = run_dir(args.save_to, run)
@@ -262,8 +320,12 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
     model = build_model(args.model, base_config["in_dim"]).to(device)
     optimizer = make_optimizer(model, cfg)
     config = {**base_config, "run": run, "run_seed": run_seed}
+    first_k = cfg.topk[0]
+    keeper = _BestKeeper(model, optimizer, data, first_k, args.patience, keep=dist.rank == 0) \
+        if data.val is not None else None
     if dist.rank != 0:
-        return train(model, data, cfg, optimizer, dist=dist)
+        stop = (lambda epoch, metrics: keeper.update(epoch, metrics)) if keeper is not None else None
+        return train(model, data, cfg, optimizer, on_epoch=stop, dist=dist), None
 
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed from here on
     from tqdm.auto import tqdm
@@ -274,29 +336,43 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
     writer.add_text("config", _config_text(config))
     writer.add_text("model", f"```\n{model}\n```")
     bar = tqdm(total=cfg.epochs, desc=f"run {run}/{args.runs}", unit="epoch", file=sys.stderr)
-    first_k = cfg.topk[0]
 
-    def log(epoch: int, metrics: dict[str, float]) -> None:
+    def log(epoch: int, metrics: dict[str, float]) -> bool:
         for name, value in metrics.items():
             writer.add_scalar(name, value, epoch)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['Train/Loss']:.3f}", test_top1=f"{metrics[f'Test/top {first_k}']:.3f}", refresh=False)
+        return keeper is not None and keeper.update(epoch, metrics)
 
     start = time.perf_counter()
     try:
         history = train(model, data, cfg, optimizer, on_epoch=log, dist=dist)
         if images_root is not None:
-            _log_retrieval_grid(writer, model, data, images_root, cfg.epochs)
+            _log_retrieval_grid(writer, model, data, images_root, len(history))
     finally:
         bar.close()
         writer.close()
     seconds = time.perf_counter() - start
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
-    write_json(folder / "metrics.json", {"run": run, "seconds": seconds, "epochs": history})
-    save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=args.model, epoch=cfg.epochs, config=config,
-                    test_names=data.test_names, final_metrics=final)
+    record: dict[str, Any] = {"run": run, "seconds": seconds, "epochs": history}
+    extra: dict[str, Any] = {}
+    best_row = None
+    if keeper is not None:
+        threshold = _calibrated(model, data)
+        record.update(keeper.summary(len(history), cfg.epochs), threshold=threshold)
+        extra = {"val_names": list(data.val_names), "threshold": threshold}
+        best_row = history[keeper.epoch - 1]
+        best_model = copy.deepcopy(model)
+        best_model.load_state_dict(keeper.state)
+        save_checkpoint(folder / BEST_CHECKPOINT, best_model, None, model_name=args.model, epoch=keeper.epoch,
+                        config=config, test_names=data.test_names,
+                        final_metrics={k: v for k, v in best_row.items() if k != "epoch"},
+                        optimizer_state=keeper.optimizer, **{**extra, "threshold": keeper.threshold})
+    write_json(folder / "metrics.json", record)
+    save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=args.model, epoch=len(history), config=config,
+                    test_names=data.test_names, final_metrics=final, **extra)
     print(f"{PROG}: run {run}: {seconds:.1f} s, test top {first_k} {100 * final[f'Test/top {first_k}']:.2f}%", file=sys.stderr)
-    return history
+    return history, best_row
 
 
 def _log_average(save_to: Path, histories: list[list[dict[str, float]]]) -> None:
@@ -331,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             drawn = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
             seed = broadcast_int(drawn, dist)  # every rank must draw the same split and batches
             train_idx, test_idx = split_indices(len(pairs), args.test_split, seed, topk)
+            if args.patience is not None and args.val_split == 0:
+                raise UserError("--patience needs validation pairs; add --val-split (e.g. 0.1)")
+            train_idx, val_idx = split_validation(train_idx, args.val_split, seed)
             batch_size = _batch_size(args.batch_size, len(train_idx), dist)
             cfg = TrainConfig(epochs=args.epochs, temperature=args.temperature, lr=args.lr,
                               weight_decay=args.weight_decay, topk=topk, precision=args.precision,
@@ -339,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failure = err
     if all_reduce_min(0.0 if failure else 1.0, dist) < 1.0:
         raise failure or UserError("another rank refused the input")
-    data = split_data(pairs, train_idx, test_idx, device)
+    data = split_data(pairs, train_idx, test_idx, device, val_idx)
     out_dim = build_model(args.model, pairs.in_dim).out_dim
     _check_memory(batch_size, len(train_idx), pairs.in_dim, out_dim, len(test_idx), device, dist)
 
@@ -356,13 +435,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{base_config['n_train_flipped']} flipped copies, {base_config['n_test']} test), "
               f"model {args.model}, {device.type}" + (f" x {dist.world_size} ranks" if dist.active else "") +
               f", {args.precision}, batch {batch_size or 'full'}, seed {seed}", file=sys.stderr)
-        histories = [_one_run(run, args, cfg, base_config, data, device, images_root, dist)
-                     for run in range(1, args.runs + 1)]
+        results = [_one_run(run, args, cfg, base_config, data, device, images_root, dist)
+                   for run in range(1, args.runs + 1)]
+        histories = [history for history, _ in results]
         if args.runs > 1:
-            _log_average(save_to, histories)
+            _log_average(save_to, histories)  # early-stopped runs: the epochs all of them reached
         summary = summarise([{k: v for k, v in h[-1].items() if k != "epoch"} for h in histories])
-        write_summary(save_to, base_config, summary)
+        best_rows = [row for _, row in results if row is not None]
+        best_val = None
+        if best_rows:
+            best_val = {"epochs": [int(r["epoch"]) for r in best_rows],
+                        **summarise([{k: v for k, v in r.items() if k != "epoch"} for r in best_rows])}
+        write_summary(save_to, base_config, summary, best_val=best_val)
         print(_table(summary, topk, args.runs))
+        if best_val is not None:
+            print(_table(best_val, topk, args.runs, f"at best val epoch {best_val['epochs']}"))
         return 0
 
 

@@ -15,6 +15,11 @@ so `torch.load(weights_only=True)` reads it without running code):
 | `model_kwargs`   | the extra `build_model` arguments that rebuild the model                |
 | `test_names`     | the held-out pairs' names (the split)                                   |
 | `final_metrics`  | the last epoch's figures                                                |
+| `val_names`      | only with a validation split: the validation pairs' names               |
+| `threshold`      | only with a validation split: `adaptation.calibration.Threshold.to_dict()` of this model on them |
+
+`model_and_optimizer.pt` holds the last epoch; with a validation split, `best.pt` (`BEST_CHECKPOINT`)
+beside it holds the best validation epoch, in the same format.
 
 Example:
     >>> model, ckpt = load_checkpoint("runs/run1/model_and_optimizer.pt")   # doctest: +SKIP
@@ -34,23 +39,30 @@ from toolkit.utils import UserError, atomic_path, first_line
 
 from .models import build_model, model_kwargs
 
-__all__ = ["CHECKPOINT", "FORMAT_VERSION", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT", "BEST_CHECKPOINT", "FORMAT_VERSION", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT = "model_and_optimizer.pt"
 """The checkpoint's file name in a run folder."""
+BEST_CHECKPOINT = "best.pt"
+"""The best validation epoch's checkpoint in a run folder (runs with a validation split)."""
 FORMAT_VERSION = 1
 """Written into every checkpoint as `format_version`."""
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                     model_name: str, epoch: int, config: Mapping[str, Any], test_names: Sequence[str],
-                    final_metrics: Mapping[str, float]) -> None:
-    """Atomically write a checkpoint of `model` (and `optimizer`) that `load_checkpoint` rebuilds."""
+                    final_metrics: Mapping[str, float], optimizer_state: Mapping[str, Any] | None = None,
+                    val_names: Sequence[str] | None = None, threshold: Mapping[str, Any] | None = None) -> None:
+    """Atomically write a checkpoint of `model` (and `optimizer`) that `load_checkpoint` rebuilds.
+
+    `optimizer_state` stands in for `optimizer` when the state was kept from an earlier epoch;
+    `val_names` and `threshold` are written only when given (runs with a validation split).
+    """
     checkpoint = {
         "format_version": FORMAT_VERSION,
         "epoch": int(epoch),
         "state_dict": model.state_dict(),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else optimizer_state,
         "config": dict(config),
         "model_name": model_name,
         "in_dim": int(model.in_dim),
@@ -58,6 +70,10 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "test_names": list(test_names),
         "final_metrics": dict(final_metrics),
     }
+    if val_names is not None:
+        checkpoint["val_names"] = list(val_names)
+    if threshold is not None:
+        checkpoint["threshold"] = dict(threshold)
     with atomic_path(path, suffix=".pt") as tmp:
         torch.save(checkpoint, tmp)
 

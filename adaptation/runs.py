@@ -119,9 +119,14 @@ def average_curves(histories: Sequence[Sequence[dict[str, float]]]) -> list[dict
     return curves
 
 
-def write_summary(save_to: Path, config: dict[str, Any], summary: dict[str, dict]) -> None:
-    """Atomically write `RUNS/summary.json`."""
-    write_json(Path(save_to) / SUMMARY, {"config": config, "final": summary})
+def write_summary(save_to: Path, config: dict[str, Any], summary: dict[str, dict],
+                  best_val: dict[str, Any] | None = None) -> None:
+    """Atomically write `RUNS/summary.json`: `config`, `final` (the last epochs) and, with a
+    validation split, `best_val` (each run's best validation epoch under `epochs`, and the figures there)."""
+    report: dict[str, Any] = {"config": config, "final": summary}
+    if best_val is not None:
+        report["best_val"] = best_val
+    write_json(Path(save_to) / SUMMARY, report)
 
 
 def read_summary(save_to: str | Path) -> dict[str, Any]:

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -36,6 +36,9 @@ class TrainData:
         flipped: `(left, right)` of those pairs' flipped copies, or None when the file has none.
         test: `(left, right)` of the original test pairs, each `(N_test, D)`.
         train_names, test_names: the pairs' names, in row order.
+        val: `(left, right)` of the original validation pairs (held out of training, see
+            `adaptation.selection.split_validation`), or None without a validation split.
+        val_names: their names.
     """
 
     train: tuple[torch.Tensor, torch.Tensor]
@@ -43,6 +46,8 @@ class TrainData:
     test: tuple[torch.Tensor, torch.Tensor]
     train_names: list[str]
     test_names: list[str]
+    val: tuple[torch.Tensor, torch.Tensor] | None = None
+    val_names: list[str] = field(default_factory=list)
 
     @property
     def train_sets(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -90,11 +95,14 @@ def split_indices(
 
 
 def split_data(
-    pairs: Pairs, train_idx: np.ndarray, test_idx: np.ndarray, device: str | torch.device = "cpu"
+    pairs: Pairs, train_idx: np.ndarray, test_idx: np.ndarray, device: str | torch.device = "cpu",
+    val_idx: np.ndarray | None = None,
 ) -> TrainData:
     """Gather the train originals, their flipped copies and the test originals as tensors on `device`.
 
-    Only flipped copies of training pairs are kept; a test pair's copy never reaches training.
+    Only flipped copies of training pairs are kept; a test or validation pair's copy never
+    reaches training. `val_idx` (pairs in neither `train_idx` nor `test_idx`), when given and
+    not empty, become `TrainData.val`.
     """
     train_idx, test_idx = np.asarray(train_idx), np.asarray(test_idx)
     in_train = np.zeros(len(pairs), dtype=bool)
@@ -113,4 +121,6 @@ def split_data(
         test=tensors(pairs.left[test_idx], pairs.right[test_idx]),
         train_names=[pairs.names[i] for i in train_idx],
         test_names=[pairs.names[i] for i in test_idx],
+        val=tensors(pairs.left[val_idx], pairs.right[val_idx]) if val_idx is not None and len(val_idx) else None,
+        val_names=[pairs.names[i] for i in val_idx] if val_idx is not None else [],
     )

@@ -11,7 +11,8 @@ With the default `batch_size=None` each epoch is one full-batch step, the paper'
 2. One Adam step.
 3. Read the train metrics off the originals' similarity matrix from step 1, which the loss
    already paid for (so they describe the model *before* this epoch's step, as the paper's code's
-   train loss did), and evaluate the test originals with the updated model, in fp32.
+   train loss did), and evaluate the test originals with the updated model, in fp32; the
+   validation pairs too when the data has some (`Val/...`, for model selection).
 
 With `batch_size=B` smaller than a training set, each epoch shuffles each set (seeded by
 `config.seed` and the epoch) and cuts it into batches of B; step s takes batch s of each set
@@ -285,7 +286,7 @@ def train(
     data: TrainData,
     config: TrainConfig,
     optimizer: torch.optim.Optimizer | None = None,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
     dist: Dist = Dist(),
     batch_loss: BatchLoss = contrastive_batch_loss,
 ) -> list[dict[str, float]]:
@@ -297,7 +298,7 @@ def train(
         config: hyper-parameters.
         optimizer: from `make_optimizer(model, config)`; None trains nothing and evaluates once.
         on_epoch: called after every epoch with `(epoch, metrics)`, e.g. to write TensorBoard
-            scalars or move a progress bar.
+            scalars or move a progress bar; returning True stops training there (early stopping).
         dist: under torchrun, this process's place in the group (its process group already
             initialised); the model is then wrapped in DistributedDataParallel here.
         batch_loss: the per-batch objective (default: the paper's contrastive loss).
@@ -306,8 +307,10 @@ def train(
         One dict per epoch: `epoch` (1-based) and floats `Train/Loss`, `Train/top k`,
         `Train/left2right top k`, `Train/right2left top k`, `Train/MRR` (on the original
         training pairs: the whole set at full batch, in-batch figures averaged over the epoch
-        otherwise), and the same under `Test/` (on the test pairs). Train/Loss is the
-        mean over the training sets, the quantity minimised. Every rank gets the same figures.
+        otherwise), and the same under `Test/` (on the test pairs) and, when `data.val` is set,
+        `Val/` (on the validation pairs). Train/Loss is the mean over the training sets, the
+        quantity minimised. Every rank gets the same figures. Fewer than `config.epochs` rows
+        when `on_epoch` stopped it.
     """
     history: list[dict[str, float]] = []
     row: dict[str, float] = {}
@@ -326,6 +329,7 @@ def train(
             steps = epoch_batches([len(s[0]) for s in sets], config.batch_size, config.seed, epoch)
             parts = [_step(model, sets, step, config, optimizer, ctx_base, batch_loss, ddp) for step in steps]
             te = evaluate(model, *data.test, config, dist)
+            va = evaluate(model, *data.val, config, dist) if data.val is not None else {}
             n_total = sum(n for _, n, _ in parts)
             if len(parts) == 1 and not dist.active:
                 # The full batch: the figures as they are (no weighting to round).
@@ -341,13 +345,13 @@ def train(
                 sums = all_reduce_sum(sums, dist) / n_total
                 sums[0] /= dist.world_size  # each rank's loss is its share times world_size
                 tr = dict(zip(["Loss"] + (names if has_metrics else []), sums.float()))
-            keys = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te]
+            keys = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te] + [f"Val/{k}" for k in va]
             # One device-to-host transfer per epoch, not one per metric.
-            values = torch.stack([v.float() for v in (*tr.values(), *te.values())]).tolist()
+            values = torch.stack([v.float() for v in (*tr.values(), *te.values(), *va.values())]).tolist()
             row = dict(zip(keys, values))
         history.append({"epoch": epoch, **row})
-        if on_epoch is not None:
-            on_epoch(epoch, dict(row))
+        if on_epoch is not None and on_epoch(epoch, dict(row)):
+            break
     return history
 
 
