@@ -7,11 +7,14 @@
     python similarity.py --run RUNS/run1 search Q1.jpg Q2.jpg QUERY_DIR --index INDEX_DIR -k 10 --json hits.json --html hits.html
     python similarity.py --run RUNS/run1 pairs --index INDEX_DIR --threshold 0.9 -o look_alikes
 
-`pair` prints the adapted similarity of two images and, for comparison, the cosine
-of their raw features. `search` ranks a gallery (a folder of images, extracted on
+`pair` prints the adapted similarity of two images, the cosine of their raw features
+for comparison and, when the run was trained with `--val-split`, the threshold calibrated
+on its validation pairs and the verdict (alike or not); without one it says that no
+calibrated threshold exists. `--best` uses the best validation epoch's model (`best.pt`).
+`search` ranks a gallery (a folder of images, extracted on
 the fly, or a flat features file from extract.py), or a persistent index built once
 with `index build`, for one or many queries (image files, folders, list files); it
-prints a table and can write `--json`, `--csv` and a self-contained `--html` page.
+prints a table (marking the results at or above the calibrated threshold) and can write `--json`, `--csv` and a self-contained `--html` page.
 `pairs` lists the look-alike pairs of an indexed gallery (each pair once) as
 PREFIX.csv and PREFIX.html. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
@@ -23,6 +26,8 @@ Example:
     >>> similarity.main(["--run", "runs/run1", "pair", "a.jpg", "b.jpg"])   # doctest: +SKIP
     adapted similarity  0.8123
     raw cosine          0.6543
+    threshold           0.7412 (max F1 on 30 validation pairs; 0.8630 for 95% precision)
+    verdict             alike
     0
 """
 
@@ -41,6 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="similarity.py", description="Score or search images with a trained adaptation.")
     p.add_argument("--run", required=True, help="a run folder of train.py (holding model_and_optimizer.pt)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--best", action="store_true", help="use best.pt, the best validation epoch (runs with --val-split)")
     p.add_argument("--weights", default=None, help="the backbone checkpoint, if the extraction used --weights and it moved")
     sub = p.add_subparsers(dest="command", required=True)
     pair = sub.add_parser("pair", help="similarity of two images")
@@ -133,10 +139,21 @@ def _check_outputs(paths: Sequence[str | None], overwrite: bool) -> None:
             raise UserError(f"{path} already exists; pass --overwrite or choose another name")
 
 
-def _print_matches(matches) -> None:
-    print(f"{'rank':>4}  {'score':>8}  name")
+def _print_matches(matches, sim) -> None:
+    print(f"{'rank':>4}  {'score':>8}  {'alike':>5}  name")
     for i, m in enumerate(matches, start=1):
-        print(f"{i:>4}  {m.score:>8.4f}  {m.name}")
+        alike = sim.verdict(m.score).alike
+        print(f"{i:>4}  {m.score:>8.4f}  {'-' if alike is None else ('yes' if alike else 'no'):>5}  {m.name}")
+
+
+def _threshold_text(threshold) -> str:
+    from adaptation.similarity import NO_THRESHOLD
+
+    if threshold is None:
+        return NO_THRESHOLD
+    at = ("no threshold reaches 95% precision" if threshold.at_precision is None
+          else f"{threshold.at_precision:.4f} for {100 * threshold.target_precision:.0f}% precision")
+    return f"{threshold.max_f1:.4f} (max F1 on {threshold.n_pairs} validation pairs; {at})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,13 +193,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from adaptation.similarity import VisualSimilarity
 
-    sim = VisualSimilarity.from_run(args.run, device=args.device, weights=args.weights)
+    sim = VisualSimilarity.from_run(args.run, device=args.device, weights=args.weights, best=args.best)
     if args.command == "pair":
         a, b = _query_image(args.a), _query_image(args.b)
         raw = sim.raw([a, b])
         cos = float(raw[0] @ raw[1] / max(np.linalg.norm(raw[0]) * np.linalg.norm(raw[1]), 1e-12))
-        print(f"adapted similarity  {sim.score_raw(raw):.4f}")
+        verdict = sim.verdict(sim.score_raw(raw))
+        print(f"adapted similarity  {verdict.score:.4f}")
         print(f"raw cosine          {cos:.4f}")
+        print(f"threshold           {_threshold_text(sim.threshold)}")
+        if verdict.alike is not None:
+            print(f"verdict             {'alike' if verdict.alike else 'not alike'}")
         return 0
     if args.command == "index":
         return _index(sim, args, params if args.index_command == "build" else None)
@@ -199,11 +220,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not queries:
         raise UserError(f"no query image in {' '.join(args.query)}")
     hits = sim.search(queries, gallery, args.k)
+    threshold = sim.threshold
+    print(f"threshold: {_threshold_text(threshold)}")
     for h in hits:
         if h.error is None:
             if len(hits) > 1:
                 print(f"query: {h.query}")
-            _print_matches(h.matches)
+            _print_matches(h.matches, sim)
     if args.json or args.csv:
         from adaptation.results import write_search_results
 
@@ -217,7 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = Path(args.index or args.gallery).name
         title = f"{Path(hits[0].query).name}: top {args.k} in {where}" if len(hits) == 1 else \
             f"{len(hits)} queries: top {args.k} in {where}"
-        page = search_page(hits, title=title)
+        page = search_page(hits, title=title, threshold=None if threshold is None else threshold.max_f1,
+                           threshold_note=_threshold_text(threshold))
         with atomic_path(args.html) as tmp:
             tmp.write_text(page, encoding="utf-8")
         print(f"wrote {args.html}")

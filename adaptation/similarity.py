@@ -10,6 +10,8 @@ Example:
     >>> sim = VisualSimilarity.from_run("runs/run1")                    # doctest: +SKIP
     >>> sim.score("cat.jpg", "cloud.jpg")                               # doctest: +SKIP
     0.8123
+    >>> sim.judge("cat.jpg", "cloud.jpg")     # with the run's calibrated threshold  # doctest: +SKIP
+    Verdict(score=0.8123, threshold=0.7412, alike=True)
     >>> [m.name for m in sim.search("cat.jpg", "gallery/", k=3)]        # doctest: +SKIP
     ['cloud.jpg', 'rock.jpg', 'dog.jpg']
 """
@@ -35,11 +37,14 @@ from featuresExtractor.transforms import BadImage, load_image
 from toolkit.utils import UserError, first_line
 
 from . import index as ix_format
-from .checkpoint import CHECKPOINT, load_checkpoint
+from .calibration import Threshold
+from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, load_checkpoint
 from .index import IndexParams, SimilarityIndex
 
-__all__ = ["VisualSimilarity", "Gallery", "Match", "Hits", "gallery_items"]
+__all__ = ["VisualSimilarity", "Gallery", "Match", "Hits", "Verdict", "NO_THRESHOLD", "gallery_items"]
 
+NO_THRESHOLD = ("no calibrated threshold: this run was trained without --val-split, so nothing says which "
+                "score means alike")
 GALLERY_CHUNK = 64
 INDEX_CHUNK = 1024  # images per resumable chunk of an index build
 ADAPT_BATCH = 8192
@@ -53,6 +58,22 @@ class Match:
     name: str
     score: float
     image: str | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """An adapted cosine with the run's calibrated decision.
+
+    Attributes:
+        score: the adapted cosine.
+        threshold: the max-F1 threshold calibrated on the run's validation pairs, or None when
+            the run had no validation split (then `alike` is None too: nothing says what is alike).
+        alike: `score >= threshold`, or None.
+    """
+
+    score: float
+    threshold: float | None
+    alike: bool | None
 
 
 @dataclass
@@ -110,17 +131,20 @@ class VisualSimilarity:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None,
-                 weights: str | os.PathLike | None = None) -> "VisualSimilarity":
-        """Load `run_dir/model_and_optimizer.pt` and the extraction its features came from.
+                 weights: str | os.PathLike | None = None, best: bool = False) -> "VisualSimilarity":
+        """Load `run_dir/model_and_optimizer.pt` (or, with `best`, `best.pt`) and the extraction its features came from.
 
         `device` defaults to CUDA when available. `weights` points at the backbone
         checkpoint when the extraction used `--weights` and the file has moved.
         Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch.
         """
         run_dir = Path(run_dir)
-        ckpt_path = run_dir / CHECKPOINT
+        name = BEST_CHECKPOINT if best else CHECKPOINT
+        ckpt_path = run_dir / name
+        if best and not ckpt_path.is_file() and (run_dir / CHECKPOINT).is_file():
+            raise UserError(f"no {BEST_CHECKPOINT} in {run_dir}: the run was trained without --val-split")
         if not ckpt_path.is_file():
-            raise UserError(f"no {CHECKPOINT} in {run_dir}: pass a run folder written by train.py, e.g. RUNS/run1")
+            raise UserError(f"no {name} in {run_dir}: pass a run folder written by train.py, e.g. RUNS/run1")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, ckpt = load_checkpoint(ckpt_path, device)
         data = ckpt["config"].get("data")
@@ -145,9 +169,32 @@ class VisualSimilarity:
         """Adapted vectors for images (paths or PIL images): (n, out_dim), not normalised."""
         return self.adapt(self.raw(images))
 
+    @property
+    def threshold(self) -> Threshold | None:
+        """The thresholds calibrated on the run's validation pairs, or None (trained without --val-split)."""
+        stored = self.checkpoint.get("threshold")
+        if stored is None:
+            return None
+        try:
+            return Threshold.from_dict(stored)
+        except (KeyError, TypeError):
+            raise UserError("the checkpoint's threshold is damaged; retrain the run") from None
+
     def score(self, a: ImageLike, b: ImageLike) -> float:
-        """The adapted cosine similarity of two images (the method's similarity function)."""
+        """The adapted cosine similarity of two images (the method's similarity function).
+
+        `judge` gives the same score with the run's calibrated verdict.
+        """
         return self.score_raw(self.raw([a, b]))
+
+    def judge(self, a: ImageLike, b: ImageLike) -> Verdict:
+        """`score(a, b)` with the max-F1 threshold and whether it is reached (None, None without one)."""
+        return self.verdict(self.score(a, b))
+
+    def verdict(self, score: float) -> Verdict:
+        """The decision for an adapted cosine already computed (e.g. a search result's score)."""
+        t = self.threshold
+        return Verdict(score, None, None) if t is None else Verdict(score, t.max_f1, score >= t.max_f1)
 
     def score_raw(self, raw: np.ndarray) -> float:
         """The adapted cosine of two raw feature rows, (2, in_dim) as `raw` returns them."""

@@ -110,7 +110,8 @@ def pair_retrieval_grid(sim, names: Sequence[str], dataset_root: str | os.PathLi
 
 _TABLE_STYLE = """<style>body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse}
 td{padding:4px;vertical-align:top;text-align:center;font-size:12px;border-bottom:1px solid #ddd}
-td.query img{outline:4px solid #2858dc} .error{color:#b00020;text-align:left}</style>"""
+td.query img{outline:4px solid #2858dc} td.alike img{outline:4px solid #1eaa3c}
+.error{color:#b00020;text-align:left}</style>"""
 
 
 def _cell(image: ImageLike | None, caption: str, size: int, cls: str = "") -> str:
@@ -119,21 +120,30 @@ def _cell(image: ImageLike | None, caption: str, size: int, cls: str = "") -> st
             f"{html.escape(caption)}</td>")
 
 
-def search_page(hits: Sequence, title: str = "search results", size: int = 128) -> str:
+def search_page(hits: Sequence, title: str = "search results", size: int = 128,
+                threshold: float | None = None, threshold_note: str = "") -> str:
     """A self-contained HTML page with one row per query: the query, then its top-k thumbnails and scores.
 
     `hits` are `adaptation.similarity.Hits`; a query that failed shows its error instead of results.
+    Results scoring at least `threshold` (the run's calibrated one) are framed green and
+    labelled "alike"; `threshold_note` says what the threshold is, or that there is none.
     """
+    def result(r: int, m) -> str:
+        alike = threshold is not None and m.score >= threshold
+        return _cell(m.image, f"#{r} {m.name} {m.score:.4f}" + (" alike" if alike else ""), size,
+                     "alike" if alike else "")
+
     rows = []
     for h in hits:
         cells = [_cell(h.image, f"query: {Path(h.query).name}", size, "query")]
         if h.error is not None:
             cells.append(f'<td class="error">cannot read: {html.escape(h.error)}</td>')
-        cells += [_cell(m.image, f"#{r} {m.name} {m.score:.4f}", size) for r, m in enumerate(h.matches, start=1)]
+        cells += [result(r, m) for r, m in enumerate(h.matches, start=1)]
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"{_TABLE_STYLE}</head>\n<body><h1>{html.escape(title)}</h1>\n<table>\n" + "\n".join(rows)
-            + "\n</table>\n</body></html>\n")
+            f"{_TABLE_STYLE}</head>\n<body><h1>{html.escape(title)}</h1>\n"
+            + (f"<p>threshold: {html.escape(threshold_note)}</p>\n" if threshold_note else "")
+            + "<table>\n" + "\n".join(rows) + "\n</table>\n</body></html>\n")
 
 
 def pairs_page(pairs: Sequence[tuple[str, str, float, ImageLike | None, ImageLike | None]], total: int | None = None,

@@ -198,3 +198,54 @@ def test_training_logs_a_retrieval_grid_to_tensorboard(run, tmp_path):
     assert train.main(["-d", str(run["features"]), "--model", "dummy", "-s", str(no_images), "-e", "1",
                        "--test-split", "0.25", "-k", "1", "--seed", "0", "--no-images"]) == 0
     assert "Test/retrieval" not in EventAccumulator(str(no_images / "run1")).Reload().Tags()["images"]
+
+
+@pytest.fixture(scope="module")
+def val_run(run):
+    """The same features trained with a validation split (8 pairs: 2 test, 3 validation, 3 train)."""
+    runs = run["root"] / "val_runs"
+    assert train.main(["-d", str(run["features"]), "--model", "original", "-s", str(runs), "-e", "3", "-t", "15",
+                       "--test-split", "0.25", "--val-split", "0.5", "-k", "1", "--seed", "0", "--no-images"]) == 0
+    return runs / "run1"
+
+
+def test_pair_without_validation_says_no_threshold_exists(run, capsys):
+    from adaptation.similarity import VisualSimilarity
+
+    a, b = run["root"] / "tll" / "left" / "pair000.png", run["root"] / "tll" / "right" / "pair000.png"
+    code, out, err = cli(["--run", str(run["run"]), "pair", str(a), str(b)], capsys)
+    assert code == 0, err
+    assert "no calibrated threshold" in out and "--val-split" in out and "verdict" not in out
+    sim = VisualSimilarity.from_run(run["run"], device="cpu")
+    v = sim.judge(a, b)
+    assert sim.threshold is None and v.threshold is None and v.alike is None and v.score == sim.score(a, b)
+    code, _, err = cli(["--run", str(run["run"]), "--best", "pair", str(a), str(b)], capsys)
+    assert code == 2 and "without --val-split" in err
+
+
+def test_pair_and_search_with_a_calibrated_threshold(run, val_run, capsys, tmp_path):
+    from adaptation.similarity import VisualSimilarity
+
+    a, b = run["root"] / "tll" / "left" / "pair000.png", run["root"] / "tll" / "right" / "pair000.png"
+    sim = VisualSimilarity.from_run(val_run, device="cpu")
+    t = sim.threshold
+    assert t is not None and t.n_pairs == 3 and -1 <= t.max_f1 <= 1
+    v = sim.judge(a, b)
+    assert v.threshold == t.max_f1 and v.alike == (v.score >= t.max_f1)
+    assert sim.judge(a, a).alike  # an image is as alike as it gets
+    code, out, err = cli(["--run", str(val_run), "pair", str(a), str(b)], capsys)
+    assert code == 0, err
+    assert f"threshold           {t.max_f1:.4f} (max F1 on 3 validation pairs" in out
+    assert f"verdict             {'alike' if v.alike else 'not alike'}" in out
+
+    page = tmp_path / "r.html"
+    code, out, err = cli(["--run", str(val_run), "search", str(run["gallery"] / "g2.png"), "--gallery",
+                          str(run["gallery"]), "-k", "6", "--html", str(page)], capsys)
+    assert code == 0, err
+    rows = [l.split() for l in out.splitlines() if l.strip()[:1].isdigit()]
+    above = [r for r in rows if float(r[1]) >= t.max_f1]
+    assert [r[2] for r in rows] == ["yes" if float(r[1]) >= t.max_f1 else "no" for r in rows] and above
+    text = page.read_text()
+    assert text.count('<td class="alike">') == len(above) and f"threshold: {t.max_f1:.4f}" in text
+    best = VisualSimilarity.from_run(val_run, device="cpu", best=True)
+    assert best.checkpoint["epoch"] <= 3 and best.threshold is not None
