@@ -1,13 +1,14 @@
 """Synthetic look-alike pairs drawn with Pillow: an offline stand-in for Totally-Looks-Like.
 
-Each pair starts from one *composition*: a few shapes (ellipses, rectangles,
-triangles, stars, hexagons, crosses) with a position, size, rotation, fill colour
-and texture (solid, stripes, dots, checker), all drawn from the random seed. The left
-image renders it in one *style*; the right image renders the same composition in
-another: the layout is jittered, the background has another colour and pattern,
-the outlines another width and colour, and the textures another scale. The shapes
-and their colours are what the two sides share, so a decent feature extractor can
-pair them, while a pixel-wise comparison cannot do it trivially.
+Each pair starts from one *composition*, its identity: 2 to 4 large shapes (ellipses,
+rectangles, triangles, stars, hexagons, crosses) with strong colours, textures (solid,
+stripes, dots, checker) and an arrangement, all drawn from the seed. Each side renders it
+in its own *style*, the nuisance that varies within a pair: a grey background pattern,
+the outline width and grey, the texture scale, where the whole arrangement sits and how
+large it is, and per-pixel noise; the right side's shapes are also slightly moved and
+turned. What partners share (shapes, colours, arrangement) is what a learned adaptation
+can pick out of the features; what changes within a pair is large enough that raw
+features confuse pairs (see `demo` for the measured difference).
 
 Everything is a function of `(seed, index)`: the same seed gives byte-identical
 files on the same Pillow build, and pair `i` does not depend on how many pairs are
@@ -31,6 +32,7 @@ From the shell (refuses a non-empty OUT_DIR unless `--overwrite`):
 from __future__ import annotations
 
 import argparse
+import colorsys
 import math
 import os
 import re
@@ -88,13 +90,22 @@ class Composition:
 
 @dataclass(frozen=True)
 class Style:
-    """How a composition is drawn: background, outlines and texture scale."""
+    """How one side draws a composition: the nuisance that varies within a pair.
+
+    Background (a grey pattern), outlines, texture scale, where the whole arrangement sits
+    (`offset`, relative to the image) and how large it is (`scale`), and per-pixel noise
+    (std `noise` in grey levels, drawn from `noise_seed`).
+    """
 
     background: str
     bg_colours: tuple[tuple[int, int, int], tuple[int, int, int]]
     outline_width: int  # relative to 200 px; scaled with the image
     outline_colour: tuple[int, int, int]
     texture_scale: float
+    offset: tuple[float, float] = (0.0, 0.0)
+    scale: float = 1.0
+    noise: float = 0.0
+    noise_seed: int = 0
 
 
 def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
@@ -107,16 +118,29 @@ def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
     return tuple(int(v) for v in rng.integers(0, 256, size=3))
 
 
+def _saturated(rng: np.random.Generator) -> tuple[int, int, int]:
+    # Strong colours, kept apart from the grey backgrounds: the identity lives in the hue.
+    hue, sat, val = rng.uniform(0, 1), rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0)
+    rgb = colorsys.hsv_to_rgb(hue, sat, val)
+    return tuple(int(round(255 * c)) for c in rgb)
+
+
+def _grey(rng: np.random.Generator) -> tuple[int, int, int]:
+    level = int(rng.integers(30, 226))
+    return (level, level, level)
+
+
 def compose(seed: int, index: int) -> Composition:
-    """The composition of pair `index` under `seed`: 3 to 6 shapes with colours and textures."""
+    """The identity of pair `index` under `seed`: 2 to 4 large shapes, their strong colours,
+    textures and arrangement."""
     rng = _rng(seed, index, 0)
     shapes = []
-    for _ in range(int(rng.integers(3, 7))):
+    for _ in range(int(rng.integers(2, 5))):
         shapes.append(Shape(
             kind=KINDS[int(rng.integers(len(KINDS)))],
-            cx=float(rng.uniform(0.2, 0.8)), cy=float(rng.uniform(0.2, 0.8)),
-            radius=float(rng.uniform(0.12, 0.3)), aspect=float(rng.uniform(0.6, 1.6)),
-            angle=float(rng.uniform(0, 360)), colour=_colour(rng),
+            cx=float(rng.uniform(0.25, 0.75)), cy=float(rng.uniform(0.25, 0.75)),
+            radius=float(rng.uniform(0.15, 0.28)), aspect=float(rng.uniform(0.6, 1.6)),
+            angle=float(rng.uniform(0, 360)), colour=_saturated(rng),
             texture=TEXTURES[int(rng.integers(len(TEXTURES)))],
             period=float(rng.uniform(0.04, 0.1)), texture_angle=float(rng.uniform(0, 180)),
         ))
@@ -124,15 +148,19 @@ def compose(seed: int, index: int) -> Composition:
 
 
 def styles(seed: int, index: int) -> tuple[Style, Style]:
-    """The left and right styles of pair `index`: different backgrounds, outlines and texture scales."""
+    """The left and right styles of pair `index`: each side draws its own background (grey
+    pattern), outline, texture scale, position, scale and noise."""
     rng = _rng(seed, index, 1)
     kinds = rng.permutation(len(BACKGROUNDS))[:2]  # two different background patterns
     # Left: thin or no outline; right: a thick one, so stroke width always differs.
     widths = (int(rng.integers(0, 3)), int(rng.integers(4, 8)))
     scales = (1.0, float(rng.choice([0.7, 1.4])))
     return tuple(
-        Style(background=BACKGROUNDS[int(k)], bg_colours=(_colour(rng), _colour(rng)), outline_width=w,
-              outline_colour=_colour(rng), texture_scale=s)
+        Style(background=BACKGROUNDS[int(k)], bg_colours=(_grey(rng), _grey(rng)), outline_width=w,
+              outline_colour=_grey(rng), texture_scale=s,
+              offset=(float(rng.uniform(-0.12, 0.12)), float(rng.uniform(-0.12, 0.12))),
+              scale=float(rng.uniform(0.7, 1.2)), noise=float(rng.uniform(0, 40)),
+              noise_seed=int(rng.integers(2**31)))
         for k, w, s in zip(kinds, widths, scales)
     )
 
@@ -141,11 +169,18 @@ def jitter(comp: Composition, seed: int, index: int) -> Composition:
     """The same shapes, slightly moved, resized and turned (the right side's layout)."""
     rng = _rng(seed, index, 2)
     return Composition(tuple(
-        replace(s, cx=float(np.clip(s.cx + rng.uniform(-0.06, 0.06), 0.1, 0.9)),
-                cy=float(np.clip(s.cy + rng.uniform(-0.06, 0.06), 0.1, 0.9)),
-                radius=s.radius * float(rng.uniform(0.88, 1.12)), angle=s.angle + float(rng.uniform(-12, 12)))
+        replace(s, cx=float(np.clip(s.cx + rng.uniform(-0.04, 0.04), 0.1, 0.9)),
+                cy=float(np.clip(s.cy + rng.uniform(-0.04, 0.04), 0.1, 0.9)),
+                radius=s.radius * float(rng.uniform(0.9, 1.1)), angle=s.angle + float(rng.uniform(-12, 12)))
         for s in comp.shapes
     ))
+
+
+def _placed(shape: Shape, style: Style) -> Shape:
+    """`shape` moved and scaled with the whole arrangement (about the image centre)."""
+    dx, dy = style.offset
+    return replace(shape, cx=0.5 + (shape.cx - 0.5) * style.scale + dx, cy=0.5 + (shape.cy - 0.5) * style.scale + dy,
+                   radius=shape.radius * style.scale)
 
 
 def _outline(shape: Shape, size: tuple[int, int]) -> list[tuple[float, float]]:
@@ -233,6 +268,7 @@ def render(comp: Composition, style: Style, size: tuple[int, int] = (200, 250)) 
     img = _background(style, size)
     stroke = round(style.outline_width * min(size) / 200) if style.outline_width else 0
     for shape in comp.shapes:
+        shape = _placed(shape, style)
         poly = _outline(shape, size)
         mask = Image.new("L", size, 0)
         ImageDraw.Draw(mask).polygon(poly, fill=255)
@@ -243,6 +279,9 @@ def render(comp: Composition, style: Style, size: tuple[int, int] = (200, 250)) 
         img.paste(_texture(shape, style.texture_scale, size, box), box, mask.crop(box))
         if stroke:
             ImageDraw.Draw(img).polygon(poly, outline=style.outline_colour, width=stroke)
+    if style.noise > 0:
+        noise = np.random.default_rng(style.noise_seed).normal(0.0, style.noise, (size[1], size[0], 1))
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise + 0.5, 0, 255).astype(np.uint8))
     return img
 
 

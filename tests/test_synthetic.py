@@ -126,3 +126,24 @@ def test_cli_flat_folder_and_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # argparse's own usage errors exit 2 as well
         synthetic.parse_args([str(tmp_path / "y"), "--size", "big"])
     assert exc.value.code == 2
+
+
+def test_nuisance_varies_within_a_pair_and_identity_does_not():
+    for i in range(6):
+        left_style, right_style = synthetic.styles(0, i)
+        assert left_style.offset != right_style.offset and left_style.scale != right_style.scale
+        assert left_style.noise != right_style.noise
+        # Backgrounds are grey and shape colours strong: nuisance and identity live apart.
+        for style in (left_style, right_style):
+            assert all(len(set(c)) == 1 for c in style.bg_colours)
+        for shape in synthetic.compose(0, i).shapes:
+            assert max(shape.colour) - min(shape.colour) >= 0.75 * 0.7 * 255 - 1
+    comp = synthetic.compose(0, 0)
+    plain = synthetic.Style("flat", ((128,) * 3, (128,) * 3), 0, (0, 0, 0), 1.0)
+    moved = synthetic.replace(plain, offset=(0.1, 0.0))
+    a, b = (np.asarray(synthetic.render(comp, st, (64, 80)), dtype=np.float64) for st in (plain, moved))
+    # The same colours, placed elsewhere: the colour histogram hardly changes, the pixels do.
+    assert np.abs(a - b).mean() > 5 and np.abs(a.mean(axis=(0, 1)) - b.mean(axis=(0, 1))).max() < 5
+    noisy = synthetic.render(comp, synthetic.replace(plain, noise=30.0, noise_seed=1), (64, 80))
+    assert noisy.tobytes() == synthetic.render(comp, synthetic.replace(plain, noise=30.0, noise_seed=1), (64, 80)).tobytes()
+    assert np.asarray(noisy, dtype=np.float64).std() > a.std()
