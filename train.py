@@ -273,7 +273,8 @@ class _BestKeeper:
                 "stopped_early": epochs_run < epochs, "best_threshold": self.threshold}
 
 
-FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--test-split", "val_split": "--val-split", "topk": "-k/--topk",
+FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--test-split", "topk": "-k/--topk",
+         "val_split": "--val-split",
          "allow_pickle": "--allow-pickle", "epochs": "-e/--epochs", "temperature": "-t/--temperature",
          "lr": "--lr", "weight_decay": "--weight-decay", "precision": "--precision"}
 """Library parameter names as this script's flags, for error messages."""

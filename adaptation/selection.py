@@ -52,15 +52,15 @@ def split_validation(train_idx: np.ndarray, val_split: float, seed: int) -> tupl
     """
     train_idx = np.asarray(train_idx, dtype=np.int64)
     if math.isnan(val_split) or not 0.0 <= val_split < 1.0:
-        raise UserError(f"--val-split must be at least 0 and below 1, got {val_split}")
+        raise UserError(f"val_split must be at least 0 and below 1, got {val_split}")
     if val_split == 0:
         return train_idx, np.empty(0, dtype=np.int64)
     n_val = int(math.floor(val_split * len(train_idx)))
     if n_val < 2:
-        raise UserError(f"--val-split {val_split} of {len(train_idx)} training pairs leaves {n_val} validation "
-                        "pairs; retrieval and calibration need at least 2 (raise --val-split)")
+        raise UserError(f"val_split {val_split} of {len(train_idx)} training pairs leaves {n_val} validation "
+                        "pairs; retrieval and calibration need at least 2 (raise val_split)")
     if n_val >= len(train_idx):
-        raise UserError(f"--val-split {val_split} of {len(train_idx)} training pairs leaves none to train on")
+        raise UserError(f"val_split {val_split} of {len(train_idx)} training pairs leaves none to train on")
     perm = np.random.default_rng([seed, _VAL_STREAM]).permutation(len(train_idx))
     return np.sort(train_idx[perm[n_val:]]), np.sort(train_idx[perm[:n_val]])
 
