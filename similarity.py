@@ -11,10 +11,11 @@
 for comparison and, when the run was trained with `--val-split`, the threshold calibrated
 on its validation pairs and the verdict (alike or not); without one it says that no
 calibrated threshold exists. `--best` uses the best validation epoch's model (`best.pt`).
-`search` ranks a gallery (a folder of images, extracted on
-the fly, or a flat features file from extract.py), or a persistent index built once
-with `index build`, for one or many queries (image files, folders, list files); it
-prints a table (marking the results at or above the calibrated threshold) and can write `--json`, `--csv` and a self-contained `--html` page.
+`search` ranks a gallery (a folder of images, extracted on the fly, or a flat features
+file from extract.py), or a persistent index built once with `index build`, for one or
+many queries (image files, folders, list files); it prints a table (marking the results
+at or above the calibrated threshold) and can write `--json`, `--csv` and a
+self-contained `--html` page (the same marks).
 `pairs` lists the look-alike pairs of an indexed gallery (each pair once) as
 PREFIX.csv and PREFIX.html. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
