@@ -10,7 +10,8 @@ STAMP  := $(VENV)/.installed
 # adaptation/__init__ has an __all__, which hides its submodules from pdoc: list them.
 DOC_MODULES := extract train similarity demo toolkit featuresExtractor adaptation \
 	$(sort $(patsubst %.py,%,$(subst /,.,$(wildcard adaptation/[a-z]*.py))))
-PDOC = PYTHONHASHSEED=0 $(BIN)/python -m pdoc --docformat google --footer-text "featuresExtractor + adaptation" -o
+# COLUMNS fixes the width of the argparse help in the scripts' pages (.ci/pdoc shows it), whatever the terminal.
+PDOC = PYTHONHASHSEED=0 COLUMNS=100 $(BIN)/python -m pdoc -t .ci/pdoc --docformat google --footer-text "featuresExtractor + adaptation" -o
 
 # The venv is rebuilt only when a requirements file or pyproject.toml changes; the project itself is
 # installed editable, so `featuresExtractor` and `adaptation` import from any directory.

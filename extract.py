@@ -22,24 +22,26 @@ import argparse
 import sys
 from typing import Sequence
 
-__all__ = ["parse_args", "main"]
+__all__ = ["build_parser", "parse_args", "main"]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse extract.py's command line (see `python extract.py -h`)."""
-    from toolkit.utils import default_workers
-
+def build_parser() -> argparse.ArgumentParser:
+    """extract.py's argument parser; its help is also the command-line reference of the HTML docs."""
     p = argparse.ArgumentParser(
         prog="extract.py", description="Extract CLIP multi-layer image features for the adaptation function.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-d", "--dataset", help="folder with left/ and right/ (pairs), or a folder of images (required)")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    # -d/--data as the paper's extract.py spells it; --dataset kept as an alias.
+    p.add_argument("-d", "--data", "--dataset", dest="dataset", metavar="DIR",
+                   help="folder with left/ and right/ (pairs), or a folder of images (required)")
     p.add_argument("-s", "--save-to", help="output folder; files go to SAVE_TO/MODEL/ (required)")
     p.add_argument("--list-models", action="store_true",
                    help="print the backbone registry (the paper's 37 names and more): library, identifier, taps "
                         "with pooled dims, whether the weights are cached; then exit")
     p.add_argument("-b", "--batch-size", type=int, default=2048,
                    help="images per forward pass on CUDA (halved on out-of-memory); the CPU runs slices of at most 32")
-    p.add_argument("--data-aug", action="store_true", help="also extract horizontally flipped copies")
+    aug = p.add_mutually_exclusive_group()
+    aug.add_argument("--data-aug", dest="data_aug", action="store_true", help="also extract horizontally flipped copies")
+    aug.add_argument("--no-data-aug", dest="data_aug", action="store_false", help="only the images as they are (the default)")
     p.add_argument("-p", "--processor", nargs="+", default=["adapt-pca", "256"], metavar="NAME [N]",
                    help="adapt | adapt-pca N | pca N | save")
     p.add_argument("--normalize", choices=("none", "layers", "all"), default=None,
@@ -56,16 +58,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="module paths to tap (in model.visual for open_clip, in the model for timm/torchvision), "
                         "overriding the model's defaults ('embedding' = output)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="DataLoader decode workers")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    # None, not the number: the help (and the HTML docs made from it) must not depend on the machine.
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader decode workers (default: None = one per CPU core but one, at most 8)")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep the default NCHW memory format")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping its pair")
     p.add_argument("--overwrite", action="store_true", help="replace results of another configuration in SAVE_TO/MODEL")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse extract.py's command line (see `python extract.py -h`)."""
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.list_models and (args.dataset is None or args.save_to is None):
-        p.error("the following arguments are required: -d/--dataset, -s/--save-to")
+        p.error("the following arguments are required: -d/--data, -s/--save-to")
     return args
 
 
@@ -93,25 +103,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_models:
         print_models()
         return 0
-    import torch
-
     from featuresExtractor.backbones import load_backbone, resolve_spec
     from featuresExtractor.pipeline import ExtractConfig, extract
-    from toolkit.utils import UserError, flag_names
+    from toolkit.utils import check_writable, default_workers, flag_names, require_utf8, resolve_device
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    require_utf8({"-d": args.dataset, "-s": args.save_to, "--weights": args.weights})
+
+    device = resolve_device(args.device)
     with flag_names(FLAGS):
         cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
                             normalize=args.normalize, data_aug=args.data_aug, precision=args.precision,
-                            batch_size=args.batch_size, workers=args.workers, device=str(device),
+                            batch_size=args.batch_size,
+                            workers=default_workers() if args.workers is None else args.workers, device=str(device),
                             channels_last=args.channels_last, strict=args.strict, overwrite=args.overwrite,
                             progress=args.progress)
     # The config has checked its values; the dataset is checked too before a large model loads.
     from featuresExtractor.dataset import discover
 
     discover(cfg.dataset)
+    check_writable(cfg.save_to, "-s")
     spec = resolve_spec(args.model, args.layers, args.pretrained)
     backbone = load_backbone(spec, weights=args.weights, device=device)
     if backbone.weights["source"] == "random-init":

@@ -39,21 +39,22 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["parse_args", "main"]
+__all__ = ["build_parser", "parse_args", "main"]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse similarity.py's command line (see `python similarity.py -h`)."""
-    p = argparse.ArgumentParser(prog="similarity.py", description="Score or search images with a trained adaptation.")
+def build_parser() -> argparse.ArgumentParser:
+    """similarity.py's argument parser; its help is also the command-line reference of the HTML docs."""
+    p = argparse.ArgumentParser(prog="similarity.py", description="Score or search images with a trained adaptation.",
+                                allow_abbrev=False)
     p.add_argument("--run", required=True, help="a run folder of train.py (holding model_and_optimizer.pt)")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--best", action="store_true", help="use best.pt, the best validation epoch (runs with --val-split)")
     p.add_argument("--weights", default=None, help="the backbone checkpoint, if the extraction used --weights and it moved")
     sub = p.add_subparsers(dest="command", required=True)
-    pair = sub.add_parser("pair", help="similarity of two images")
-    pair.add_argument("a")
-    pair.add_argument("b")
-    search = sub.add_parser("search", help="rank a gallery or an index against query images")
+    pair = sub.add_parser("pair", help="similarity of two images", allow_abbrev=False)
+    pair.add_argument("a", metavar="A", help="first image")
+    pair.add_argument("b", metavar="B", help="second image")
+    search = sub.add_parser("search", help="rank a gallery or an index against query images", allow_abbrev=False)
     search.add_argument("query", nargs="+", help="query images, folders of images, or image list files")
     where = search.add_mutually_exclusive_group(required=True)
     where.add_argument("--gallery", help="folder of images, image list file, or a flat features file from extract.py")
@@ -65,9 +66,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     search.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates explored (default: the index's)")
     search.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited (default: the index's)")
     search.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    index = sub.add_parser("index", help="build or extend a persistent faiss index of a gallery")
+    index = sub.add_parser("index", help="build or extend a persistent faiss index of a gallery", allow_abbrev=False)
     isub = index.add_subparsers(dest="index_command", required=True)
-    build = isub.add_parser("build", help="encode a gallery and write an index folder")
+    build = isub.add_parser("build", help="encode a gallery and write an index folder", allow_abbrev=False)
     build.add_argument("gallery", help="folder of images (flat or left/right), image list file, or features.npy")
     build.add_argument("-o", "--out", required=True, help="the index folder to write")
     build.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
@@ -85,12 +86,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     build.add_argument("--nbits", type=int, default=d.nbits, help=f"ivfpq: bits per code part (default {d.nbits})")
     build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivfpq: lists visited per query (default {d.nprobe})")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
-    add = isub.add_parser("add", help="append images to an index (those already in it are skipped)")
-    add.add_argument("index_dir")
+    add = isub.add_parser("add", help="append images to an index (those already in it are skipped)", allow_abbrev=False)
+    add.add_argument("index_dir", metavar="INDEX_DIR", help="an index folder built with: index build")
     add.add_argument("gallery", help="folder of images, image list file, or features.npy")
     for q in (build, add):
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
-    pairs = sub.add_parser("pairs", help="look-alike pairs across an indexed gallery, as CSV and HTML")
+    pairs = sub.add_parser("pairs", help="look-alike pairs across an indexed gallery, as CSV and HTML",
+                           allow_abbrev=False)
     pairs.add_argument("--index", required=True, help="an index folder built with: index build")
     which = pairs.add_mutually_exclusive_group(required=True)
     which.add_argument("--threshold", type=float, help="every pair scoring at least this")
@@ -100,7 +102,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="with --threshold: neighbours looked at per image (default 100)")
     pairs.add_argument("--html-rows", type=int, default=200, help="pairs shown in the HTML page (default 200)")
     pairs.add_argument("--overwrite", action="store_true", help="replace existing OUT.csv / OUT.html")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse similarity.py's command line (see `python similarity.py -h`)."""
+    return build_parser().parse_args(argv)
 
 
 def _query_image(path: str):
@@ -133,11 +140,15 @@ def _queries(args: Sequence[str]) -> list[str]:
 
 
 def _check_outputs(paths: Sequence[str | None], overwrite: bool) -> None:
-    from toolkit.utils import UserError
+    from toolkit.utils import UserError, check_writable
 
     for path in paths:
+        if path and Path(path).is_dir():
+            raise UserError(f"{path} is a folder; give a file name")
         if path and Path(path).exists() and not overwrite:
             raise UserError(f"{path} already exists; pass --overwrite or choose another name")
+        if path:
+            check_writable(Path(path).parent, "output")  # before the model loads
 
 
 def _print_matches(matches, sim) -> None:
@@ -160,8 +171,14 @@ def _threshold_text(threshold) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
-    from toolkit.utils import UserError, atomic_path
+    from toolkit.utils import UserError, atomic_path, check_writable, require_utf8, resolve_device
 
+    named = {"a": "first image", "b": "second image", "gallery": "gallery", "index": "--index", "json": "--json",
+             "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder"}
+    require_utf8({"--run": args.run, "--weights": args.weights,
+                  **{label: getattr(args, name) for name, label in named.items() if hasattr(args, name)},
+                  **{f"query {i + 1}": q for i, q in enumerate(getattr(args, "query", []))}})
+    device = resolve_device(args.device)
     if args.command == "search":
         if args.k < 1:
             raise UserError(f"-k must be at least 1 (got {args.k})")
@@ -189,12 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  args.nbits, args.nprobe)
             if Path(args.out).exists() and not args.overwrite:
                 raise UserError(f"{args.out} already exists; pass --overwrite or choose another folder")
+            check_writable(args.out, "-o")
 
     import numpy as np
 
     from adaptation.similarity import VisualSimilarity
 
-    sim = VisualSimilarity.from_run(args.run, device=args.device, weights=args.weights, best=args.best)
+    sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
     if args.command == "pair":
         a, b = _query_image(args.a), _query_image(args.b)
         raw = sim.raw([a, b])

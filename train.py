@@ -26,13 +26,24 @@ once P epochs pass without a better validation epoch. The test set never chooses
 
 `--batch-size B` trains on minibatches of B pairs (shuffled each epoch, one Adam step each,
 in-batch negatives) instead of the whole training set at once; the default is the whole set,
-the paper's recipe. The same flags run data-parallel under torchrun (gloo on the CPU, NCCL with
-`--gpu`, one GPU per rank); only rank 0 writes:
+the paper's recipe. The same flags run data-parallel under torchrun (gloo on the CPU, NCCL on
+CUDA, one GPU per rank: `cuda:LOCAL_RANK`); only rank 0 writes, and only rank 0 checks and
+locks the output folder:
 
     torchrun --nproc_per_node 2 train.py -d FEATURES.npy -s RUNS --batch-size 4096 ...
 
-With `-r` above 1, `RUNS/avg/` holds the mean curves. `RUNS/summary.json` holds the final test
-(and train) figures as mean and std over runs, and the same table is printed.
+With `-r` above 1, each run draws its own train/test split, as the paper's train.py does (it
+re-splits after every run): run `i` splits with seed `SEED+i-1` and initialises with the same seed,
+so the whole command is reproducible from `--seed`, and each run's checkpoint records its split
+(`test_names`, `train_names`, `config["split_seed"]`). `--same-split` keeps run 1's split for every
+run instead, which isolates the effect of the initialisation. Run i's validation pairs (with
+`--val-split`) are drawn from its own training pairs with the same seed. With `--batch-size`, every run
+shuffles its batches from `SEED`.
+
+`RUNS/avg/` holds the mean curves. `RUNS/summary.json` holds the final test (and train) figures as
+mean and std (sample std, ddof=1) over runs, and the same table is printed. Without `--same-split`
+they describe what the paper's "Avg top1 accuracy" describes: the spread over random splits and
+initialisations together; with `--same-split`, over initialisations on one split only.
 
 "top k" is the paper's figure: a test pair counts as found when its partner ranks within the
 first k left-to-right OR right-to-left among all test pairs; the paper's 39.39% average top-1
@@ -42,22 +53,24 @@ is this figure. See `adaptation.metrics` for the exact definitions.
 from __future__ import annotations
 
 import argparse
-import copy
 import contextlib
+import copy
 import io
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from adaptation.calibration import calibrate
 from adaptation.checkpoint import BEST_CHECKPOINT, CHECKPOINT, save_checkpoint
+from adaptation.distributed import (Dist, agree_on_failure, all_reduce_min, broadcast_int, from_env, init_group,
+                                    run_ranked_cli)
 from adaptation.losses import similarity_matrix
-from adaptation.distributed import Dist, all_reduce_min, broadcast_int, from_env, init_group, run_ranked_cli
 from adaptation.metrics import metric_names
 from adaptation.models import MODELS, build_model, model_kwargs
 from adaptation.runs import AVERAGE, average_curves, check_save_to, replacing, run_dir, summarise, write_summary
@@ -65,7 +78,8 @@ from adaptation.selection import best_epoch, patience_exhausted, split_validatio
 from adaptation.split import split_data, split_indices
 from adaptation.training import PRECISIONS, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 from featuresExtractor.pairs_file import load_pairs
-from toolkit.utils import UserError, flag_names, read_json, write_json
+from toolkit.lock import folder_lock
+from toolkit.utils import UserError, check_writable, flag_names, os_error_line, read_json, require_utf8, write_json
 
 PROG = "train.py"
 
@@ -80,6 +94,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32-1, got {value}")
+    return value
+
+
 def _float_check(predicate, what: str):
     def parse(text: str) -> float:
         value = float(text)
@@ -90,11 +111,12 @@ def _float_check(predicate, what: str):
     return parse
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line (argparse exits 2 on a malformed one)."""
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's argument parser; its help is also the command-line reference of the HTML docs."""
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train an adaptation function on pairs of features; log top-k retrieval to TensorBoard.",
+        allow_abbrev=False,
     )
     p.add_argument("-d", "--data", required=True, metavar="FILE",
                    help="features file of pairs written by extract.py (DIR/MODEL/features.npy), or the original implementation's with --allow-pickle")
@@ -107,7 +129,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="pairs per Adam step (the global batch under torchrun), shuffled each epoch; "
                         "default: all training pairs, one full-batch step per epoch (the paper's recipe)")
     p.add_argument("-r", "--runs", type=_positive_int, default=1,
-                   help="independent runs, each with its own initialisation, on the same split (default: 1)")
+                   help="independent runs, each with its own split and initialisation, as in the paper (default: 1)")
+    p.add_argument("--same-split", action="store_true",
+                   help="train every run on run 1's split, so runs differ only in their initialisation")
     p.add_argument("-t", "--temperature", type=_float_check(lambda v: v > 0, "a positive number"), default=1.0,
                    help="multiplies the cosines before the softmax, as in the paper's code (default: 1; the paper's command uses 15)")
     p.add_argument("--test-split", type=_float_check(lambda v: True, "a number"), default=0.25,
@@ -120,10 +144,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("-k", "--topk", type=_positive_int, nargs="+", default=[1, 3], metavar="K",
                    help="k values of the top-k metrics (default: 1 3)")
     dev = p.add_mutually_exclusive_group()
-    dev.add_argument("--gpu", dest="gpu", action="store_true", help="train on CUDA if present, else on the CPU (said on stderr)")
-    dev.add_argument("--cpu", dest="gpu", action="store_false", help="train on the CPU (default)")
-    p.add_argument("--seed", type=int, default=None,
-                   help="fixes the split and the initialisations (run i uses SEED+i-1); default: drawn at random and recorded")
+    # As in the paper's train.py: CUDA when present unless --cpu; None = not asked either way.
+    dev.add_argument("--gpu", dest="gpu", action="store_true", default=None,
+                     help="train on CUDA (the default when CUDA is available; without it, the CPU, said on stderr)")
+    dev.add_argument("--cpu", dest="gpu", action="store_false", help="train on the CPU even when CUDA is available")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="fixes the splits and the initialisations (run i uses SEED+i-1), 0 to 2**32-1; "
+                        "default: drawn at random and recorded")
     p.add_argument("--lr", type=_float_check(lambda v: v > 0, "a positive number"), default=1e-3, help="Adam learning rate (default: 1e-3)")
     p.add_argument("--weight-decay", type=_float_check(lambda v: v >= 0, "zero or more"), default=0.0,
                    help="Adam weight decay (default: 0)")
@@ -135,23 +162,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="skip the TensorBoard retrieval grid (test queries with their top 5)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the runs (run*/, avg/, summary.json) already in --save-to; other files there are kept")
-    return p.parse_args(argv)
+    return p
 
 
-def _select_device(gpu: bool, dist: Dist) -> torch.device:
-    """CUDA (`cuda:LOCAL_RANK` under torchrun) with --gpu when present, else the CPU."""
-    if gpu and torch.cuda.is_available():
-        if not dist.active:
-            return torch.device("cuda")
-        count = torch.cuda.device_count()
-        if count < dist.local_world_size:
-            raise UserError(f"--gpu with {dist.local_world_size} ranks on this machine needs {dist.local_world_size} "
-                            f"GPUs, found {count}; use torchrun --nproc_per_node {count}, or --cpu")
-        local_rank = int(__import__("os").environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local_rank)
-    if gpu and dist.rank == 0:
-        print(f"{PROG}: --gpu given but CUDA is not available; training on the CPU", file=sys.stderr)
-    return torch.device("cpu")
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (argparse exits 2 on a malformed one)."""
+    return build_parser().parse_args(argv)
+
+
+def _select_device(gpu: bool | None, dist: Dist = Dist()) -> tuple[torch.device, str | None]:
+    """CUDA when available unless --cpu (the paper's default), `cuda:LOCAL_RANK` under torchrun.
+
+    Returns the device and the line that says the choice on stderr (None: nothing to say), which
+    main prints once the input has been checked (rank 0 alone under torchrun).
+    """
+    if gpu is False:
+        return torch.device("cpu"), None
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        if dist.active:
+            count = torch.cuda.device_count()
+            if count < dist.local_world_size:
+                raise UserError(f"CUDA with {dist.local_world_size} ranks on this machine needs {dist.local_world_size} "
+                                f"GPUs, found {count}; use torchrun --nproc_per_node {count}, or --cpu")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        where = ", one GPU per rank: cuda:LOCAL_RANK" if dist.active else ""
+        return device, (f"{PROG}: training on CUDA ({torch.cuda.get_device_name(device)}{where}); pass --cpu to "
+                        f"train on the CPU")
+    return torch.device("cpu"), f"{PROG}: {'--gpu given but ' if gpu else ''}CUDA is not available; training on the CPU"
 
 
 def _available_bytes(device: torch.device) -> float:
@@ -219,9 +257,13 @@ def _dataset_root(manifest: Path) -> Path | None:
     """The pairs folder an extract.py manifest records, when it is still there."""
     if not manifest.is_file():
         return None
-    dataset = read_json(manifest).get("dataset", {})
-    root = Path(dataset.get("path", ""))
-    return root if dataset.get("kind") == "pairs" and (root / "left").is_dir() and (root / "right").is_dir() else None
+    obj = read_json(manifest)
+    # Only for the optional image grid: a manifest without usable dataset facts just means no grid.
+    dataset = obj.get("dataset") if isinstance(obj, dict) else None
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str) or dataset.get("kind") != "pairs":
+        return None
+    root = Path(dataset["path"])
+    return root if (root / "left").is_dir() and (root / "right").is_dir() else None
 
 
 def _log_retrieval_grid(writer, model: torch.nn.Module, data, root: Path, epoch: int) -> None:
@@ -280,7 +322,7 @@ FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--te
 """Library parameter names as this script's flags, for error messages."""
 
 
-def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, manifest: Path, pairs, data,
+def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, manifest: Path, pairs, splits,
                  seed: int, device: torch.device, dist: Dist = Dist()) -> dict[str, Any]:
     """What every run of this invocation shares, as written to config.json and summary.json."""
     return {
@@ -291,13 +333,13 @@ def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, ma
         "model_kwargs": model_kwargs(build_model(args.model, pairs.in_dim)),
         "runs": args.runs,
         "seed": seed,
+        "same_split": args.same_split,
         "test_split": args.test_split,
         "n_pairs": len(pairs),
-        "n_train": len(data.train_names),
-        "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0]),
-        "n_test": len(data.test_names),
+        "n_train": len(splits[0][0]),
+        "n_test": len(splits[0][1]),
         "val_split": args.val_split,
-        "n_val": len(data.val_names),
+        "n_val": len(splits[0][2]),
         "patience": args.patience,
         "device": device.type,
         "world_size": dist.world_size,
@@ -307,30 +349,47 @@ def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, ma
     }
 
 
-def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], data,
-             device: torch.device, images_root: Path | None,
+def _check_finite(run: int, epoch: int, metrics: dict[str, float], temperature: float) -> None:
+    """Stop the run (a `UserError`) at the first epoch with a non-finite figure, before anything looks complete."""
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if bad:
+        # e.g. a temperature that overflows float32
+        raise UserError(f"run {run}: the training loss is {metrics['Train/Loss']} ({bad[0]} is not finite) "
+                        f"at epoch {epoch}; -t {temperature} may overflow float32: lower -t or --lr")
+
+
+def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], pairs, split,
+             split_seed: int, device: torch.device, images_root: Path | None,
              dist: Dist = Dist()) -> tuple[list[dict[str, float]], dict[str, float] | None]:
-    """Train run number `run`, logging to TensorBoard, and write its folder.
+    """Train run number `run` on its `split` (train, test, validation indices), logging to TensorBoard,
+    and write its folder.
 
     Returns its history, and its row at the best validation epoch (None without validation pairs).
     Under torchrun every rank trains; only rank 0 writes anything.
     """
     folder = run_dir(args.save_to, run)
     run_seed = base_config["seed"] + run - 1
+    train_idx, test_idx, val_idx = split
+    data = split_data(pairs, train_idx, test_idx, device, val_idx)
     torch.manual_seed(run_seed)
     model = build_model(args.model, base_config["in_dim"]).to(device)
     optimizer = make_optimizer(model, cfg)
-    config = {**base_config, "run": run, "run_seed": run_seed}
     first_k = cfg.topk[0]
     keeper = _BestKeeper(model, optimizer, data, first_k, args.patience, keep=dist.rank == 0) \
         if data.val is not None else None
     if dist.rank != 0:
-        stop = (lambda epoch, metrics: keeper.update(epoch, metrics)) if keeper is not None else None
-        return train(model, data, cfg, optimizer, on_epoch=stop, dist=dist), None
+        # Every rank gets the same figures, so every rank stops at the same epoch (non-finite, or patience).
+        def follow(epoch: int, metrics: dict[str, float]) -> bool:
+            _check_finite(run, epoch, metrics, args.temperature)
+            return keeper is not None and keeper.update(epoch, metrics)
+
+        return train(model, data, cfg, optimizer, on_epoch=follow, dist=dist), None
 
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed from here on
     from tqdm.auto import tqdm
 
+    config = {**base_config, "run": run, "run_seed": run_seed, "split_seed": split_seed,
+              "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0])}
     write_json(folder / "config.json", config)
 
     writer = SummaryWriter(str(folder))
@@ -339,6 +398,7 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
     bar = tqdm(total=cfg.epochs, desc=f"run {run}/{args.runs}", unit="epoch", file=sys.stderr)
 
     def log(epoch: int, metrics: dict[str, float]) -> bool:
+        _check_finite(run, epoch, metrics, args.temperature)
         for name, value in metrics.items():
             writer.add_scalar(name, value, epoch)
         bar.update(1)
@@ -366,12 +426,12 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
         best_model = copy.deepcopy(model)
         best_model.load_state_dict(keeper.state)
         save_checkpoint(folder / BEST_CHECKPOINT, best_model, None, model_name=args.model, epoch=keeper.epoch,
-                        config=config, test_names=data.test_names,
+                        config=config, test_names=data.test_names, train_names=data.train_names,
                         final_metrics={k: v for k, v in best_row.items() if k != "epoch"},
                         optimizer_state=keeper.optimizer, **{**extra, "threshold": keeper.threshold})
     write_json(folder / "metrics.json", record)
     save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=args.model, epoch=len(history), config=config,
-                    test_names=data.test_names, final_metrics=final, **extra)
+                    test_names=data.test_names, train_names=data.train_names, final_metrics=final, **extra)
     print(f"{PROG}: run {run}: {seconds:.1f} s, test top {first_k} {100 * final[f'Test/top {first_k}']:.2f}%", file=sys.stderr)
     return history, best_row
 
@@ -394,50 +454,85 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.redirect_stderr(io.StringIO()) if dist.rank else contextlib.nullcontext():
         args = parse_args(argv)
     save_to = Path(args.save_to)
-    topk = tuple(dict.fromkeys(args.topk))
-    device = _select_device(args.gpu, dist)
+    require_utf8({"-d": args.data, "-s": args.save_to})  # every rank finds the same; rank 0 says it
+    device, device_note = _select_device(args.gpu, dist)
     init_group(dist, device)
+    with _output_folder(save_to, dist):
+        return _run(args, save_to, device, device_note, dist)
+
+
+@contextlib.contextmanager
+def _output_folder(save_to: Path, dist: Dist) -> Iterator[None]:
+    """Hold the output folder for the whole command: one run at a time per folder.
+
+    The check that it can be written and the OS lock (released by the kernel however the
+    process ends) are rank 0's alone under torchrun, the one rank that writes; the other ranks
+    wait for it, and when it refuses, every rank stops (exit 2) and rank 0 alone says why.
+    """
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if dist.rank == 0:
+            try:
+                check_writable(save_to, "-s")
+                stack.enter_context(folder_lock(save_to, "-s"))
+            except OSError as err:  # e.g. a folder that check_writable's probe could create but the lock cannot
+                failure = UserError(f"-s {save_to}: {os_error_line(err)}")
+            except UserError as err:
+                failure = err
+        agree_on_failure(failure, dist, "rank 0 cannot use -s")
+        yield
+
+
+def _run(args: argparse.Namespace, save_to: Path, device: torch.device, device_note: str | None, dist: Dist) -> int:
+    topk = tuple(dict.fromkeys(args.topk))
     # Everything that can be wrong with the input is found before anything is written; under
     # torchrun every rank checks, and none goes on until all have (rank 0 then writes).
+    drawn = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+    seed = broadcast_int(drawn, dist)  # every rank must draw the same splits and batches
     failure = None
     try:
         with flag_names(FLAGS):
             to_remove = check_save_to(save_to, args.overwrite)
             data_path = Path(args.data).resolve()
             pairs = load_pairs(data_path, allow_pickle=args.allow_pickle)
-            drawn = args.seed if args.seed is not None else int(np.random.SeedSequence().entropy % 2**31)
-            seed = broadcast_int(drawn, dist)  # every rank must draw the same split and batches
-            train_idx, test_idx = split_indices(len(pairs), args.test_split, seed, topk)
+            # Run i draws its split from SEED+i-1 (the paper re-splits for every run), unless --same-split.
+            split_seeds = [seed if args.same_split else seed + run for run in range(args.runs)]
             if args.patience is not None and args.val_split == 0:
                 raise UserError("--patience needs validation pairs; add --val-split (e.g. 0.1)")
-            train_idx, val_idx = split_validation(train_idx, args.val_split, seed)
-            batch_size = _batch_size(args.batch_size, len(train_idx), dist)
+            splits = []
+            for s in split_seeds:  # (train, test, validation) indices, validation drawn from the training pairs
+                train_idx, test_idx = split_indices(len(pairs), args.test_split, s, topk)
+                train_idx, val_idx = split_validation(train_idx, args.val_split, s)
+                splits.append((train_idx, test_idx, val_idx))
+            n_train, n_test = len(splits[0][0]), len(splits[0][1])  # the same for every split
+            batch_size = _batch_size(args.batch_size, n_train, dist)
             cfg = TrainConfig(epochs=args.epochs, temperature=args.temperature, lr=args.lr,
                               weight_decay=args.weight_decay, topk=topk, precision=args.precision,
                               batch_size=batch_size, seed=seed)
     except UserError as err:
         failure = err
-    if all_reduce_min(0.0 if failure else 1.0, dist) < 1.0:
-        raise failure or UserError("another rank refused the input")
-    data = split_data(pairs, train_idx, test_idx, device, val_idx)
+    agree_on_failure(failure, dist, "another rank refused the input")
+    if device_note and dist.rank == 0:
+        print(device_note, file=sys.stderr)
     out_dim = build_model(args.model, pairs.in_dim).out_dim
-    _check_memory(batch_size, len(train_idx), pairs.in_dim, out_dim, len(test_idx), device, dist)
+    _check_memory(batch_size, n_train, pairs.in_dim, out_dim, n_test, device, dist)
 
     manifest = data_path.parent / "manifest.json"
     images_root = _dataset_root(manifest) if args.images else None
-    base_config = _base_config(args, cfg, data_path, manifest, pairs, data, seed, device, dist)
+    base_config = _base_config(args, cfg, data_path, manifest, pairs, splits, seed, device, dist)
     if dist.rank != 0:
         for run in range(1, args.runs + 1):
-            _one_run(run, args, cfg, base_config, data, device, None, dist)
+            _one_run(run, args, cfg, base_config, pairs, splits[run - 1], split_seeds[run - 1], device, None, dist)
         return 0
-    save_to.mkdir(parents=True, exist_ok=True)
     with replacing(save_to, to_remove):
-        print(f"{PROG}: {len(pairs)} pairs of {pairs.in_dim}-d features ({base_config['n_train']} train + "
-              f"{base_config['n_train_flipped']} flipped copies, {base_config['n_test']} test), "
-              f"model {args.model}, {device.type}" + (f" x {dist.world_size} ranks" if dist.active else "") +
+        n_val = base_config["n_val"]
+        print(f"{PROG}: {len(pairs)} pairs of {pairs.in_dim}-d features ({n_train} train, "
+              f"{f'{n_val} validation, ' if n_val else ''}{n_test} test, "
+              f"{'one split' if args.same_split else 'a new split per run'}), model {args.model}, {device.type}"
+              + (f" x {dist.world_size} ranks" if dist.active else "") +
               f", {args.precision}, batch {batch_size or 'full'}, seed {seed}", file=sys.stderr)
-        results = [_one_run(run, args, cfg, base_config, data, device, images_root, dist)
-                   for run in range(1, args.runs + 1)]
+        results = [_one_run(run, args, cfg, base_config, pairs, splits[run - 1], split_seeds[run - 1], device,
+                            images_root, dist) for run in range(1, args.runs + 1)]
         histories = [history for history, _ in results]
         if args.runs > 1:
             _log_average(save_to, histories)  # early-stopped runs: the epochs all of them reached

@@ -14,6 +14,7 @@ so `torch.load(weights_only=True)` reads it without running code):
 | `in_dim`         | the feature dimension                                                   |
 | `model_kwargs`   | the extra `build_model` arguments that rebuild the model                |
 | `test_names`     | the held-out pairs' names (the split)                                   |
+| `train_names`    | the training pairs' names (with `test_names` and `val_names`, the split) |
 | `final_metrics`  | the last epoch's figures                                                |
 | `val_names`      | only with a validation split: the validation pairs' names               |
 | `threshold`      | only with a validation split: `adaptation.calibration.Threshold.to_dict()` of this model on them |
@@ -51,8 +52,9 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                     model_name: str, epoch: int, config: Mapping[str, Any], test_names: Sequence[str],
-                    final_metrics: Mapping[str, float], optimizer_state: Mapping[str, Any] | None = None,
-                    val_names: Sequence[str] | None = None, threshold: Mapping[str, Any] | None = None) -> None:
+                    final_metrics: Mapping[str, float], train_names: Sequence[str] = (),
+                    optimizer_state: Mapping[str, Any] | None = None, val_names: Sequence[str] | None = None,
+                    threshold: Mapping[str, Any] | None = None) -> None:
     """Atomically write a checkpoint of `model` (and `optimizer`) that `load_checkpoint` rebuilds.
 
     `optimizer_state` stands in for `optimizer` when the state was kept from an earlier epoch;
@@ -68,18 +70,21 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         "in_dim": int(model.in_dim),
         "model_kwargs": model_kwargs(model),
         "test_names": list(test_names),
+        "train_names": list(train_names),
         "final_metrics": dict(final_metrics),
     }
     if val_names is not None:
         checkpoint["val_names"] = list(val_names)
     if threshold is not None:
         checkpoint["threshold"] = dict(threshold)
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(checkpoint, tmp)
+    with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
+        torch.save(checkpoint, fh)  # a file object: a full disk is then an OSError naming the file
 
 
 CHECKPOINT_KEYS = ("epoch", "state_dict", "optimizer", "config", "model_name", "in_dim", "model_kwargs", "test_names")
 """Keys every checkpoint written by train.py holds (see `load_checkpoint`)."""
+_CHECKPOINT_TYPES = {"epoch": int, "state_dict": dict, "optimizer": (dict, type(None)), "config": dict,
+                     "model_name": str, "in_dim": int, "model_kwargs": dict, "test_names": list}
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -96,10 +101,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         the keys of `CHECKPOINT_KEYS`: `epoch` (int), `state_dict`, `optimizer` (the Adam state,
         None for `dummy`), `config` (plain dict; `config["data"]` is the absolute path of the
         features file it was trained on), `model_name`, `in_dim`, `model_kwargs`, `test_names`
-        (list of str), plus `final_metrics` (dict of floats).
+        (list of str), plus `final_metrics` (dict of floats) and `train_names` (the run's training
+        pairs: with `test_names`, its split).
 
     Raises:
-        UserError: a missing or unreadable file, or one that is not a train.py checkpoint.
+        UserError: a missing or unreadable file, one that is not a train.py checkpoint, or one whose
+        entries have the wrong types.
 
     Example:
         >>> model, ckpt = load_checkpoint("runs/run1/model_and_optimizer.pt")   # doctest: +SKIP
@@ -118,6 +125,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
+    # The structure, checked here where the format is read, so a damaged file is one line, not a KeyError.
+    wrong = [k for k, kind in _CHECKPOINT_TYPES.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
+    if not wrong and not all(isinstance(n, str) for n in ckpt["test_names"]):
+        wrong = ["test_names"]
+    if wrong:
+        raise UserError(f"{path} is damaged: {', '.join(wrong)} "
+                        f"{'has' if len(wrong) == 1 else 'have'} the wrong type; retrain, or use another run")
     model = build_model(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"])
     try:
         model.load_state_dict(ckpt["state_dict"])

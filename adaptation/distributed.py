@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Dist", "share_bounds", "gather_rows", "all_reduce_sum", "all_reduce_min", "broadcast_int", "from_env",
-           "init_group", "run_ranked_cli", "Terminated"]
+__all__ = ["Dist", "share_bounds", "gather_rows", "all_reduce_sum", "all_reduce_min", "broadcast_int",
+           "agree_on_failure", "from_env", "init_group", "run_ranked_cli", "Terminated"]
 
 
 def share_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -129,6 +129,24 @@ def all_reduce_min(value: float, dist: Dist) -> float:
     return float(t.item())
 
 
+def agree_on_failure(failure: Exception | None, dist: Dist, elsewhere: str) -> None:
+    """Raise on every rank when any rank failed a check, so that all stop together (no rank waits alone).
+
+    Every rank calls this at the same point (it is a collective). The rank that failed raises its
+    own `failure`; the others raise a `UserError(elsewhere)`, which `run_ranked_cli` prints only
+    on rank 0 (so with a failure on rank 0, its line is the one printed, once). A single process
+    just raises `failure`.
+    """
+    if not dist.active:
+        if failure is not None:
+            raise failure
+        return
+    from toolkit.utils import UserError
+
+    if all_reduce_min(0.0 if failure else 1.0, dist) < 1.0:
+        raise failure or UserError(elsewhere)
+
+
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
 """What gloo's RuntimeError says when another rank's process has gone (it raises no DistError for it)."""
 
@@ -141,7 +159,8 @@ def run_ranked_cli(main, prog: str, dist: Dist) -> int:
     """`toolkit.utils.run_cli` for a script that may run as one rank of several.
 
     - Bad input (`UserError`) is printed by rank 0 only: every rank checks the same input and
-      finds the same fault, so one line says it; all ranks exit 2.
+      finds the same fault, so one line says it; all ranks exit 2. An `OSError` (disk full,
+      read-only place) is one line naming the path, exit 2, from the rank that met it.
     - Any other failure prints one line naming the rank (`prog: rank 1 of 2 failed: ...`) and
       exits 1; the other ranks, which then lose their peer (a torch.distributed error) or get
       SIGTERM from torchrun, stop quietly after their own clean-up.
@@ -149,7 +168,7 @@ def run_ranked_cli(main, prog: str, dist: Dist) -> int:
     import signal
     import sys
 
-    from toolkit.utils import UserError, first_line, run_cli
+    from toolkit.utils import UserError, first_line, os_error_line, run_cli
 
     if not dist.active:
         return run_cli(main, prog=prog)
@@ -171,6 +190,9 @@ def run_ranked_cli(main, prog: str, dist: Dist) -> int:
 
         if isinstance(err, tdist.DistError) or any(m in str(err) for m in _PEER_LOST):
             return 1  # a peer went away; that rank says why
+        if isinstance(err, OSError):  # disk full, read-only place...: one line naming the path, as run_cli does
+            print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
+            return 2
         print(f"{prog}: rank {dist.rank} of {dist.world_size} failed: {first_line(err)}", file=sys.stderr)
         return 1
     finally:

@@ -148,7 +148,7 @@ class VisualSimilarity:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, ckpt = load_checkpoint(ckpt_path, device)
         data = ckpt["config"].get("data")
-        if not data:
+        if not isinstance(data, str) or not data:
             raise UserError(f"{ckpt_path} does not record its features file; retrain with this toolkit's train.py")
         encoder = Encoder.from_features_file(data, device=device, weights=weights)
         if encoder.dim != int(ckpt["in_dim"]):
@@ -254,6 +254,13 @@ class VisualSimilarity:
             raise UserError(f"use the gallery's concatenated features.npy extracted with: -p adapt --normalize "
                             f"{proc.normalize} (this run projects them with its own PCA)")
         rows = rec[~rec["augmented"]]
+        want = self.encoder.concatenation_dim
+        got = rows["feature"].shape[1] if rows["feature"].ndim == 2 else None
+        if got != want:
+            raise UserError(f"{path} holds {got}-d vectors but this run's extraction concatenates {want}-d ones; "
+                            f"extract the gallery with the run's model and taps")
+        if not np.isfinite(rows["feature"]).all():
+            raise UserError(f"{path} holds NaN or inf values; extract the gallery again")
         vectors = self.encoder.from_concatenation(rows["feature"])
         root = Path(theirs["dataset"]["path"])
         names = [str(n) for n in rows["name"]]

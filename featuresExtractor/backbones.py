@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from toolkit.utils import UserError, first_line
+from toolkit.utils import UserError, first_line, require_regular_file
 
 __all__ = [
     "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
@@ -203,9 +203,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:  # truncated or corrupt header, bad offsets
+            raise UserError(f"cannot read weights file {path} as safetensors: {first_line(err)}") from None
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as zf:
             is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
@@ -247,8 +251,9 @@ def weights_source(spec: BackboneSpec, weights: str | os.PathLike | None, fetch:
     """
     if weights is not None:
         path = Path(weights)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"weights file {path}: no such file")
+        require_regular_file(path, "weights file")  # a FIFO would block the hash and the read
         return path, {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
     if spec.pretrained:
         path = Path(fetch(spec))

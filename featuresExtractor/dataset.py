@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,6 +51,12 @@ class Layout:
 def _listing(folder: Path) -> tuple[list[str], list[str]]:
     images, ignored = [], []
     for p in sorted(folder.iterdir()):
+        try:
+            p.name.encode("utf-8")
+        except UnicodeEncodeError:
+            # Names are stored in JSON and .npy files and printed: they must be text.
+            raise UserError(f"the file name {ascii(os.fsencode(p.name))[2:-1]!s} in {folder} is not valid UTF-8; "
+                            f"rename it (e.g. with convmv) and re-run") from None
         (images if is_image_file(p) else ignored).append(p.name)
     return images, ignored
 

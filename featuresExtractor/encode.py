@@ -62,7 +62,7 @@ class Encoder:
         """
         features_path = Path(features_path)
         manifest = read_manifest(features_path)
-        info = manifest.get("outputs", {}).get(features_path.name)
+        info = manifest["outputs"].get(features_path.name)
         if not info or info.get("kind") != "features":
             raise UserError(f"{features_path.name} is not a features file listed in its manifest")
         model = manifest["model"]
@@ -92,6 +92,11 @@ class Encoder:
     def pooled(self, images: Sequence[str | os.PathLike | Image.Image], batch_size: int = CPU_SLICE) -> dict[str, np.ndarray]:
         """Tap -> (n, dim) pooled vectors for images (paths or PIL images), unflipped."""
         return self.extractor.pooled(images, slice_size=batch_size)
+
+    @property
+    def concatenation_dim(self) -> int:
+        """The width of the concatenated vectors (`features.npy`) of this extraction."""
+        return int(sum(t["pooled_dim"] for t in self.manifest["model"]["taps"]))
 
     def from_concatenation(self, full: np.ndarray) -> np.ndarray:
         """This encoder's vectors from rows of an `adapt`/`adapt-pca` `features.npy` (the concatenation)."""

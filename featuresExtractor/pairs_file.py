@@ -39,7 +39,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from toolkit.utils import UserError, first_line
+from toolkit.utils import UserError, first_line, require_regular_file
 
 __all__ = [
     "PAIR_FIELDS",
@@ -114,6 +114,8 @@ def load_pairs(path: str | os.PathLike, allow_pickle: bool = False) -> Pairs:
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; give the features file itself (e.g. DIR/MODEL/features.npy)")
+    if os.path.exists(path):
+        require_regular_file(path, "features file")  # a FIFO would block the read forever
     try:
         with open(path, "rb") as fh:
             magic = fh.read(len(_NPY_MAGIC))

@@ -31,16 +31,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .dataset import ImageItems, Layout, discover
-from .backbones import Backbone
+from .backbones import Backbone, file_sha256
 from .extractor import FeatureExtractor
+from toolkit.lock import folder_lock
 from .pca import save_pca
 from .processor import Processor, check_components, parse_processor, process
 from .pairs_file import make_records
 from .store import ChunkStore
-from .transforms import hflip
+from .transforms import DECODE, hflip
 from toolkit.utils import UserError, default_workers, read_json, save_npy, write_json
 
-__all__ = ["ExtractConfig", "Report", "extract", "MANIFEST", "read_manifest"]
+__all__ = ["ExtractConfig", "Report", "extract", "MANIFEST", "read_manifest", "file_digest"]
 
 MANIFEST = "manifest.json"
 FORMAT = "featuresExtractor/1"
@@ -104,7 +105,7 @@ def _fingerprint(cfg: ExtractConfig, backbone: Backbone, proc: Processor, layout
     return {"dataset": str(layout.root.resolve()), "items": {"count": len(layout), "names_sha256": items}, "model": backbone.spec.name, "arch": backbone.spec.arch,
             "weights": weights, "taps": list(backbone.spec.taps), "processor": proc.name,
             "n_components": proc.n_components, "normalize": proc.normalize, "data_aug": cfg.data_aug,
-            "precision": cfg.precision}
+            "precision": cfg.precision, "exif_orientation": True}
 
 
 def _check_disk(out_dir: Path, n_items: int, per_item_values: int) -> int:
@@ -118,6 +119,109 @@ def _check_disk(out_dir: Path, n_items: int, per_item_values: int) -> int:
         raise UserError(f"not enough disk for processor save: need {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free "
                         f"under {probe}; free some space or pick another -s")
     return need
+
+
+#: What a reader may rely on in a manifest: key -> type, nested for dicts (checked by `_checked_manifest`).
+_MANIFEST_SHAPE = {
+    "config": dict, "outputs": dict,
+    "processor": {"name": str, "n_components": (int, type(None)), "normalize": (str, type(None))},
+    "model": {"name": str, "pretrained": (str, type(None)), "weights": {"source": str}, "taps": list},
+    "dataset": {"path": str, "kind": str},
+}
+
+
+def _check_shape(obj, shape, where: str, path) -> None:
+    for key, want in shape.items():
+        if key not in obj:
+            raise UserError(f"{path} is not an extract.py manifest: {where}{key} is missing; delete the folder it "
+                            f"describes (or pass --overwrite) and extract again")
+        if isinstance(want, dict):
+            if not isinstance(obj[key], dict):
+                raise UserError(f"{path} is damaged: {where}{key} should be an object, not {type(obj[key]).__name__}")
+            _check_shape(obj[key], want, f"{where}{key}.", path)
+        elif not isinstance(obj[key], want):
+            raise UserError(f"{path} is damaged: {where}{key} has the wrong type ({type(obj[key]).__name__})")
+
+
+def _checked_manifest(path: Path) -> dict:
+    """Read `path` (a manifest.json) and check the structure its readers rely on.
+
+    Raises `UserError`, naming the file, for a damaged file or one of the wrong shape: not an
+    object, a missing or mistyped key, an output that is not a plain name inside the folder.
+    """
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is damaged: it holds a JSON {type(obj).__name__}, not an object")
+    _check_shape(obj, _MANIFEST_SHAPE, "", path)
+    for rel, info in obj["outputs"].items():
+        if not isinstance(info, dict) or not _inside(Path(path).parent, rel):
+            raise UserError(f"{path} is damaged: output {rel!r} is not a file inside {Path(path).parent}")
+    taps = obj["model"]["taps"]
+    if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("pooled_dim"), int)
+               for t in taps):
+        raise UserError(f"{path} is damaged: model.taps should list objects with a name and a pooled_dim")
+    weights = obj["model"]["weights"]
+    if weights["source"] == "file" and not all(isinstance(weights.get(k), str) for k in ("path", "sha256")):
+        raise UserError(f"{path} is damaged: model.weights should record the file's path and sha256")
+    if obj.get("precision", "fp32") not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"{path} is damaged: precision {obj.get('precision')!r} is not fp32, bf16 or fp16")
+    for rel, info in obj["outputs"].items():
+        if info.get("kind") == "features" and not isinstance(info.get("dim"), int):
+            raise UserError(f"{path} is damaged: output {rel!r} has no integer dim")
+        if info.get("kind") == "raw" and not (isinstance(info.get("rows"), dict) and isinstance(info.get("shapes"), dict)):
+            raise UserError(f"{path} is damaged: output {rel!r} should list its rows and shapes")
+    return obj
+
+
+def _inside(folder: Path, rel: str) -> bool:
+    """True when `rel` names something strictly inside `folder` (no absolute path, no `..`, no link out)."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        return False
+    base = folder.resolve()
+    target = (folder / rel).resolve()
+    return target != base and base in target.parents
+
+
+def file_digest(path: Path) -> dict:
+    """Size and sha256 of an output file, as the manifest records them."""
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _damaged_outputs(out_dir: Path, manifest: dict) -> list[str]:
+    """Outputs the manifest lists that are missing or differ from what it recorded."""
+    bad = []
+    for rel, info in manifest["outputs"].items():
+        target = out_dir / rel
+        if info.get("kind") == "raw":
+            rows, taps = info["rows"], info["shapes"]
+            if not all((target / tap / f"{row}.npy").is_file() for tap in taps for row in rows):
+                bad.append(f"{rel} (missing row files)")
+        elif not target.is_file():
+            bad.append(f"{rel} (missing)")
+        elif "bytes" in info and target.stat().st_size != info["bytes"]:
+            bad.append(f"{rel} (size changed)")
+        elif "sha256" in info and file_digest(target)["sha256"] != info["sha256"]:
+            bad.append(f"{rel} (contents changed)")
+    return bad
+
+
+def _swap_in(out_dir: Path, staged: Path, raw: Path, outputs: dict, replaced: list[str]) -> None:
+    """Put the staged outputs and manifest in place of the earlier ones: renames only, no new disk.
+
+    The old manifest goes first, so an interruption in between leaves a folder without a manifest
+    (never reported done) whose .partial still holds every chunk: a re-run resumes and finishes.
+    """
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for rel in set(replaced) - set(outputs):
+        if _inside(out_dir, rel):  # never anything outside the output folder, whatever a manifest says
+            _remove(out_dir / rel)
+    for rel in outputs:
+        source, target = (raw if rel == "raw" else staged / rel), out_dir / rel
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+    os.replace(staged / MANIFEST, out_dir / MANIFEST)
 
 
 def _remove(target: Path) -> None:
@@ -135,15 +239,21 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple
     """
     manifest = out_dir / MANIFEST
     replaced: list[str] = []
-    if manifest.is_file():
-        old = read_json(manifest)
-        if old.get("config") == fingerprint and not overwrite:
-            return True, []
+    if manifest.is_file() or manifest.is_symlink():
+        old = _checked_manifest(manifest)
+        if old["config"] == fingerprint and not overwrite:
+            damaged = _damaged_outputs(out_dir, old)
+            if not damaged:
+                return True, []
+            # Not done after all: say so, and rebuild them (the old files stay until the new ones are whole).
+            print(f"{out_dir}: the manifest's outputs are not intact ({'; '.join(damaged[:3])}); "
+                  f"extracting again", file=sys.stderr)
+            return False, list(old["outputs"])
         if not overwrite:
-            changed = sorted(k for k in fingerprint if old.get("config", {}).get(k) != fingerprint[k])
+            changed = sorted(k for k in fingerprint if old["config"].get(k) != fingerprint[k])
             raise UserError(f"{out_dir} already holds features from another configuration (differs in: "
                             f"{', '.join(changed)}); pass --overwrite to replace them or choose another -s")
-        replaced = list(old.get("outputs", {}))
+        replaced = list(old["outputs"])
     store = ChunkStore(out_dir / ".partial")
     previous = store.config()
     if previous is not None and previous != fingerprint:
@@ -175,7 +285,7 @@ def _loader(cfg: ExtractConfig, fx: FeatureExtractor, layout: Layout, todo: list
 
 def _store_batch(batch: dict, forward, cfg: ExtractConfig, layout: Layout, store: ChunkStore, pooled: bool,
                  out_dir: Path) -> Path:
-    """Forward one batch (with flipped copies) and write its chunk; raw outputs go to `raw/` as they come."""
+    """Forward one batch (with flipped copies) and write its chunk; raw outputs go to `.partial/raw/` as they come."""
     indices = batch["index"].tolist()
     skipped = [(i, e) for i, e in zip(indices, batch["error"]) if e]
     x = batch["images"]  # (B, sides, 3, H, W)
@@ -188,7 +298,8 @@ def _store_batch(batch: dict, forward, cfg: ExtractConfig, layout: Layout, store
     for row, i in enumerate(indices):
         if i not in bad:
             for tap, v in feats.items():
-                save_npy(out_dir / "raw" / tap / f"{i:06d}.npy", v[row].numpy())
+                # Into .partial until the run is complete, so earlier raw/ results survive a failure.
+                save_npy(store.folder / "raw" / tap / f"{i:06d}.npy", v[row].numpy())
     return store.write(indices, {}, skipped)
 
 
@@ -207,6 +318,8 @@ def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layo
     """
     store = ChunkStore(out_dir / ".partial")
     done = store.done()
+    for name, reason in store.discarded:
+        print(f"{store.folder / name} was damaged ({reason}); its items are extracted again", file=sys.stderr)
     todo = [i for i in range(len(layout)) if i not in done]
     images_per_item = len(layout.sides) * (2 if cfg.data_aug else 1)
     if not proc.pooled:
@@ -229,7 +342,6 @@ def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layo
             path.unlink(missing_ok=True)
         if fresh:
             store.remove()
-            shutil.rmtree(out_dir / "raw", ignore_errors=True)
             if out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()
         raise
@@ -240,7 +352,7 @@ def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layo
 
 def _write_features(proc: Processor, fx: FeatureExtractor, pooled: dict, names: list[str], layout: Layout,
                      n_flips: int, out_dir: Path) -> dict[str, dict]:
-    """Process the pooled taps and write the features files and PCA files; their manifest entries."""
+    """Process the pooled taps and write the features files and PCA files into `out_dir`; their manifest entries."""
     outputs: dict[str, dict] = {}
     check_components(proc, len(names) * len(layout.sides) * n_flips, fx.info.dims)
     result = process(proc, pooled, fx.info.embedding)
@@ -248,13 +360,14 @@ def _write_features(proc: Processor, fx: FeatureExtractor, pooled: dict, names: 
         save_npy(out_dir / file, make_records(names, vectors, layout.sides))
         outputs[file] = {"kind": "features", "rows": len(names) * n_flips, "dim": int(vectors.shape[-1]),
                          "fields": ["name", "augmented", *layout.sides],
-                         "parts": {k: list(v) for k, v in result.parts.get(file, {}).items()}}
+                         "parts": {k: list(v) for k, v in result.parts.get(file, {}).items()},
+                         **file_digest(out_dir / file)}
     for stem, pca in result.pcas.items():
         for path in save_pca(out_dir / stem, pca):
             rel = str(path.relative_to(out_dir))
             outputs[rel] = {"kind": "pca", "n_components": proc.n_components, "in_dim": int(pca.n_features_in_),
                             "explained_variance": float(np.sum(pca.explained_variance_ratio_)),
-                            "pickle": path.suffix == ".pkl"}
+                            "pickle": path.suffix == ".pkl", **file_digest(path)}
     return outputs
 
 
@@ -273,6 +386,7 @@ def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
                   "transform": repr(backbone.transform)},
         "processor": {"name": proc.name, "n_components": proc.n_components, "normalize": proc.normalize},
         "augmentation": {"hflip": cfg.data_aug, "applied_to": "preprocessed tensor"},
+        "decode": DECODE,
         "precision": cfg.precision, "device": str(fx.device), "channels_last": cfg.channels_last,
         "batch_size": cfg.batch_size,
         "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "sides": list(layout.sides),
@@ -303,17 +417,18 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
         store.remove()
         raise UserError(f"every item of {layout.root} was unreadable; nothing to save")
     n_flips = 2 if cfg.data_aug else 1
-    # From here the folder holds a mix until the new manifest is written: drop the old one first.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    # The new files are written into .partial/staged first: the earlier results stay whole until
+    # every new file is (a full disk or a late check leaves them as they were).
+    staged = store.folder / "staged"
+    shutil.rmtree(staged, ignore_errors=True)
     if proc.pooled:
-        outputs = _write_features(proc, fx, pooled, [layout.names[i] for i in kept_list], layout, n_flips, out_dir)
+        outputs = _write_features(proc, fx, pooled, [layout.names[i] for i in kept_list], layout, n_flips, staged)
     else:
         outputs = {"raw": {"kind": "raw", "dtype": "float16", "layout": "raw/{tap}/{row:06d}.npy",
                            "axes": ["side", "flip", "..."], "shapes": {k: list(v) for k, v in fx.info.shapes.items()},
                            "rows": {f"{i:06d}": layout.names[i] for i in kept_list}}}
-    write_json(out_dir / MANIFEST, _manifest(cfg, fx, proc, layout, fingerprint, kept_list, skipped, outputs))
-    for rel in set(replaced) - set(outputs):
-        _remove(out_dir / rel)
+    write_json(staged / MANIFEST, _manifest(cfg, fx, proc, layout, fingerprint, kept_list, skipped, outputs))
+    _swap_in(out_dir, staged, store.folder / "raw", outputs, replaced)
     store.remove()
     report.outputs = [str(out_dir / rel) for rel in outputs] + [str(out_dir / MANIFEST)]
 
@@ -325,8 +440,18 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     (`MODEL/.partial/`, so an interrupted run resumes), write the outputs, write the manifest.
 
     Returns a `Report`. Raises `UserError` for bad input, before anything is written
-    (with `strict`, also for an unreadable image, removing what this run wrote).
+    (with `strict`, also for an unreadable image, removing what this run wrote), and when
+    another process is writing into the same folder (an OS lock is held for the whole run).
+    Earlier results stay in place until the new ones are complete.
     """
+    blocking = next((p for p in (Path(cfg.save_to), *Path(cfg.save_to).parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UserError(f"-s {cfg.save_to}: {blocking} is a file, not a folder; choose another -s")
+    with folder_lock(Path(cfg.save_to) / backbone.spec.name, "-s"):
+        return _extract(cfg, backbone)
+
+
+def _extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     proc = parse_processor(cfg.processor, cfg.normalize)
     layout = discover(cfg.dataset)
     fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
@@ -337,19 +462,16 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     if done_before:
         report.already_done = True
         return report
-    if not proc.pooled and "raw" in replaced:
-        # processor save writes raw/ file by file while it runs, so old raw outputs cannot wait.
-        _remove(out_dir / "raw")
-        replaced.remove("raw")
     report.resumed_items = _run_batches(cfg, fx, proc, layout, out_dir, fingerprint)
     _finish(cfg, fx, proc, layout, out_dir, fingerprint, replaced, report)
     return report
 
 
 def read_manifest(features_path: str | os.PathLike) -> dict:
-    """The extraction manifest beside a features file, or a `UserError` saying it is missing."""
+    """The extraction manifest beside a features file, its structure checked; a `UserError` naming it if it
+    is missing, damaged or of the wrong shape."""
     path = Path(features_path).parent / MANIFEST
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         raise UserError(f"no {MANIFEST} beside {features_path}: it was not written by extract.py, or was moved "
                         f"without its manifest")
-    return read_json(path)
+    return _checked_manifest(path)

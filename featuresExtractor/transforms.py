@@ -4,7 +4,13 @@ The resize, crop and normalisation are never written here: they come with the
 model, from open_clip (`models.load_backbone` returns the eval transform; for
 RN50x4 that is a 288 px bicubic resize of the shortest side, a centre crop and the
 OpenAI mean/std). This module only makes sure every image reaches that transform
-as 8-bit RGB, and flips the *preprocessed* tensor for `--data-aug`.
+as 8-bit RGB, upright, and flips the *preprocessed* tensor for `--data-aug`.
+
+Upright means the EXIF orientation tag is applied (`PIL.ImageOps.exif_transpose`), so a
+phone photo is encoded as it is displayed. This is a deliberate difference from the
+paper's code, which ignores the tag and encodes such photos sideways; on images without an
+orientation tag (the TLL dataset) both decode the same pixels. The manifest records it
+(`decode.exif_orientation`).
 
 Example:
     >>> from PIL import Image
@@ -19,12 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "to_rgb", "load_image", "hflip", "BadImage"]
+__all__ = ["IMAGE_EXTENSIONS", "DECODE", "is_image_file", "to_rgb", "load_image", "hflip", "BadImage"]
 
 #: File extensions treated as images; anything else in a dataset folder is ignored.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+#: How `load_image` decodes, as recorded in the manifest.
+DECODE = {"exif_orientation": "applied (PIL.ImageOps.exif_transpose)", "mode": "RGB, alpha composited on white"}
 
 
 class BadImage(Exception):
@@ -62,10 +72,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Decode `path` fully into an RGB image, or raise `BadImage` with the reason.
+    """Decode `path` fully into an upright RGB image, or raise `BadImage` with the reason.
 
-    Pillow's decompression-bomb warning is treated as an error, and the image is
-    decoded eagerly so a truncated file fails here, not later in a worker.
+    The EXIF orientation is applied (see the module docstring). Pillow's
+    decompression-bomb warning is treated as an error, and the image is decoded
+    eagerly so a truncated file fails here, not later in a worker.
     """
     path = Path(path)
     try:
@@ -75,7 +86,7 @@ def load_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()
-                return to_rgb(img)
+                return to_rgb(ImageOps.exif_transpose(img))
     except BadImage:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:

@@ -54,3 +54,38 @@ def test_processor_page_documents_the_four_processors():
     for row in ("<code>adapt</code>", "<code>adapt-pca N</code>", "<code>pca N</code>", "<code>save</code>",
                 "<code>layers</code>", "<code>all</code>"):
         assert row in page, row
+
+
+def _visible_text(page: str) -> str:
+    """The page's text without the source listings (pdoc's collapsed `pdoc-code codehilite` blocks, which
+    hold only spans inside their `<pre>`) and without tags."""
+    import html
+
+    page = re.sub(r'<div class="pdoc-code codehilite">.*?</div>', " ", page, flags=re.S)
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def test_each_scripts_page_shows_its_full_command_line_outside_the_source():
+    import argparse
+
+    import extract
+    import similarity
+    import train
+
+    for module in (extract, train, similarity):
+        page = (ROOT / "docs" / f"{module.__name__}.html").read_text()
+        text = _visible_text(page)
+        assert "def build_parser" not in text and "add_argument" not in text  # the source is really gone
+        parsers = [module.build_parser()]
+        for parser in parsers:  # grows while it is walked: nested subcommands too
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers += list(action.choices.values())
+                    for sub in action.choices.values():
+                        assert f"python {sub.prog} -h" in text
+        for parser in parsers:
+            for action in parser._actions:
+                for flag in action.option_strings:
+                    assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), (module.__name__, flag)
+                if action.help and action.help != argparse.SUPPRESS and len(action.help) > 20:
+                    assert " ".join(action.help.split()[:3]) in " ".join(text.split()), (module.__name__, action.help)

@@ -422,3 +422,49 @@ def test_per_tap_pca_with_dotted_tap_names(tmp_path, pairs_dir):
     enc = Encoder.from_features_file(tmp_path / "o" / "tiny_rn" / "features_pca3.npy")
     rec = np.load(tmp_path / "o" / "tiny_rn" / "features_pca3.npy")
     np.testing.assert_allclose(enc.encode([pairs_dir / "left" / rec["name"][0]])[0], rec["left"][0], atol=1e-5)
+
+
+def _tagged_jpeg(path, orientation):
+    """A JPEG whose pixels are stored sideways, with the EXIF tag that says how to turn them upright."""
+    from PIL import Image
+
+    upright = Image.open(draw_image(path.with_suffix(".png"), 7, size=(64, 40))).convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 asks to rotate 270 (= undo ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(path, quality=95, exif=exif)
+    return upright, stored
+
+
+def test_exif_orientation_is_applied_and_recorded(tmp_path, tiny_backbone):
+    from PIL import Image
+
+    _tagged_jpeg(tmp_path / "flat" / "photo.jpg", 6)
+    (tmp_path / "flat" / "photo.png").unlink()
+    img = load_image(tmp_path / "flat" / "photo.jpg")
+    assert img.size == (64, 40)  # upright: as displayed, not as stored (40 x 64)
+    raw = Image.open(tmp_path / "flat" / "photo.jpg").convert("RGB")
+    assert raw.size == (40, 64)
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(raw.transpose(Image.Transpose.ROTATE_270)))
+    cfg = ExtractConfig(dataset=str(tmp_path / "flat"), save_to=str(tmp_path / "o"), processor=("adapt",),
+                        workers=0, progress=False)
+    run_extract(cfg, tiny_backbone)
+    model_dir = tmp_path / "o" / "tiny_rn"
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert "exif_transpose" in manifest["decode"]["exif_orientation"] and manifest["config"]["exif_orientation"]
+    # what reaches the model is the upright image, not the stored pixels
+    upright_x, stored_x = tiny_backbone.transform(img), tiny_backbone.transform(raw)
+    assert (upright_x - stored_x).abs().max() > 0.1
+
+
+def test_decoding_without_orientation_tag_matches_the_papers_plain_decode(tmp_path):
+    """Parity with the paper's code (`Image.open(p).convert("RGB")`) on images without an orientation tag."""
+    from PIL import Image
+
+    for i, (ext, mode) in enumerate([(".jpg", "RGB"), (".png", "RGB"), (".png", "L"), (".jpg", "L")]):
+        path = draw_image(tmp_path / f"im{i}{ext}", i, mode=mode)
+        np.testing.assert_array_equal(np.asarray(load_image(path)), np.asarray(Image.open(path).convert("RGB")))
+    # a JPEG with EXIF but orientation 1 (upright) decodes as the plain decode too
+    _tagged_jpeg(tmp_path / "one.jpg", 1)
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "one.jpg")),
+                                  np.asarray(Image.open(tmp_path / "one.jpg").convert("RGB")))

@@ -254,3 +254,84 @@ def test_failed_overwrite_puts_earlier_runs_back(tmp_path, monkeypatch):
 
     with pytest.raises(UserError, match="set aside by an interrupted --overwrite"):
         train_script.main(args + ["--overwrite"])
+
+
+def test_each_run_draws_its_own_split_unless_same_split(features, tmp_path, capsys):
+    argv = ["-d", features, "-e", "2", "-r", "3", "--seed", "5", "--no-images"]
+    assert cli(argv + ["-s", tmp_path / "a"], capsys)[0] == 0
+    assert cli(argv + ["-s", tmp_path / "b"], capsys)[0] == 0
+    assert cli(argv + ["-s", tmp_path / "c", "--same-split"], capsys)[0] == 0
+
+    def splits(folder):
+        ckpts = [torch.load(tmp_path / folder / f"run{i}" / "model_and_optimizer.pt", weights_only=True) for i in (1, 2, 3)]
+        return [(c["test_names"], c["train_names"], c["config"]["split_seed"]) for c in ckpts]
+
+    a, b, c = splits("a"), splits("b"), splits("c")
+    assert a == b  # reproducible from --seed
+    assert [s[2] for s in a] == [5, 6, 7] and len({tuple(s[0]) for s in a}) == 3
+    for test, train_names, _ in a:
+        assert not set(test) & set(train_names) and len(test) + len(train_names) == 200
+    assert len({tuple(s[0]) for s in c}) == 1 and [s[2] for s in c] == [5, 5, 5]
+    assert c[0][0] == a[0][0]  # run 1 splits the same way either way
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["config"]["same_split"] is True
+
+
+def test_device_default_is_cuda_when_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device, note = train._select_device(None)
+    assert device.type == "cpu" and "CUDA is not available" in note and "--gpu" not in note
+    assert train._select_device(False) == (torch.device("cpu"), None)
+    device, note = train._select_device(True)
+    assert device.type == "cpu" and "--gpu given" in note
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    device, note = train._select_device(None)
+    assert device.type == "cuda" and "Fake GPU" in note and "--cpu" in note
+    assert train._select_device(False) == (torch.device("cpu"), None)
+    assert train.parse_args(["-d", "f", "-s", "s"]).gpu is None
+    assert train.parse_args(["-d", "f", "-s", "s", "--cpu"]).gpu is False
+
+
+@pytest.mark.parametrize("temperature", ["1e39", "3e38"])
+def test_non_finite_loss_stops_the_run_and_leaves_nothing(features, tmp_path, capsys, temperature):
+    out = tmp_path / "out"
+    rc, _, err = cli(["-d", features, "-s", out, "-e", "3", "-t", temperature, "--seed", "0", "--no-images"], capsys)
+    assert rc == 2 and "training loss is" in err and "-t" in err
+    assert err.strip().splitlines()[-1].startswith("train.py: error:") and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "1e3"])
+def test_bad_seed_is_refused_by_the_parser(features, tmp_path, seed):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["-d", str(features), "-s", str(tmp_path / "o"), "--seed", seed])
+    assert exc.value.code == 2 and not (tmp_path / "o").exists()
+
+
+def test_largest_seed_with_several_runs(features, tmp_path, capsys):
+    rc, _, err = cli(["-d", features, "-s", tmp_path / "o", "-e", "1", "-r", "2", "--seed", str(2**32 - 1),
+                      "--no-images"], capsys)
+    assert rc == 0, err
+
+
+def test_each_run_holds_out_validation_pairs_from_its_own_split(features, tmp_path, capsys):
+    argv = ["-d", features, "-e", "1", "-r", "2", "--seed", "5", "--no-images", "--val-split", "0.2"]
+    assert cli(argv + ["-s", tmp_path / "a"], capsys)[0] == 0
+    assert cli(argv + ["-s", tmp_path / "c", "--same-split"], capsys)[0] == 0
+
+    def names(folder):
+        out = []
+        for i in (1, 2):
+            for name in ("model_and_optimizer.pt", "best.pt"):
+                c = torch.load(tmp_path / folder / f"run{i}" / name, weights_only=True)
+                out.append((set(c["train_names"]), set(c["val_names"]), set(c["test_names"])))
+        return out
+
+    a, c = names("a"), names("c")
+    assert a[0] == a[1] and a[2] == a[3]  # best.pt and the last checkpoint record the same split
+    assert a[0][1] != a[2][1] and a[0][2] != a[2][2]  # run 2: other test and validation pairs
+    for train_names, val, test in a:
+        assert len(val) == int(0.2 * 150) and not (train_names & val or train_names & test or val & test)
+        assert len(train_names | val | test) == 200
+    assert c[0] == c[2] == a[0]  # --same-split: run 1's split, validation pairs included, for every run

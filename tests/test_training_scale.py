@@ -197,17 +197,25 @@ def test_block_ranks_are_the_row_ranks():
     assert torch.equal(block_partner_ranks(sim[3:6], torch.arange(3, 6), 9), l2r[3:6])
 
 
-def test_gpu_under_torchrun_needs_a_gpu_per_rank(monkeypatch):
+@pytest.mark.parametrize("gpu", [True, None], ids=["--gpu", "default"])
+def test_cuda_under_torchrun_needs_a_gpu_per_rank(monkeypatch, gpu):
     from adaptation.distributed import Dist
     from toolkit.utils import UserError
 
+    two = [Dist(rank=r, world_size=2, local_world_size=2) for r in range(2)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"Fake GPU {torch.device(d).index}")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(UserError, match="needs 2 GPUs, found 1; use torchrun --nproc_per_node 1"):
-        train._select_device(True, Dist(rank=0, world_size=2, local_world_size=2))
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="needs 2 GPUs, found 1; use torchrun --nproc_per_node 1, or --cpu"):
+        train._select_device(gpu, two[0])
+    # --cpu needs no GPU at all, under torchrun as alone.
+    assert train._select_device(False, two[0]) == (torch.device("cpu"), None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert train._select_device(True, Dist(rank=1, world_size=2, local_world_size=2)) == torch.device("cuda", 1)
+    for rank in range(2):
+        monkeypatch.setenv("LOCAL_RANK", str(rank))
+        device, note = train._select_device(gpu, two[rank])
+        assert device == torch.device("cuda", rank)
+        assert f"Fake GPU {rank}" in note and "cuda:LOCAL_RANK" in note
 
 
 def test_batch_size_checks_against_ranks_and_pairs():

@@ -2,6 +2,8 @@
 
 - `toolkit.utils`: `UserError` (bad input: one line, exit 2), `run_cli` (a script's `main` with
   that rule applied), atomic file writes (`atomic_path`, `write_json`, `save_npy`) and `read_json`.
+- `toolkit.lock`: `folder_lock`, the operating-system lock extract.py and train.py hold on their output
+  folder, so two runs never write into the same one.
 
 Nothing is loaded at import time.
 """

@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "read_json", "write_json", "save_npy", "run_cli", "flag_names"]
+__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "read_json", "write_json", "save_npy", "run_cli",
+           "flag_names", "resolve_device", "check_writable", "os_error_line", "require_regular_file", "require_utf8"]
 
 
 class UserError(Exception):
@@ -26,6 +27,35 @@ class UserError(Exception):
 def default_workers() -> int:
     """Decode workers by default: one per core but one, which the model's threads use."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def resolve_device(name: str | None):
+    """`--device` as a `torch.device`: None means CUDA when available, else the CPU.
+
+    An unknown name, or a CUDA device that is not there, is a `UserError` (torch would only
+    fail later, after a model has loaded).
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"--device {name!r} is not a torch device ({first_line(err)}); use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UserError(f"--device {name}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
 
 
 def first_line(err: BaseException) -> str:
@@ -56,6 +86,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
+    except OSError as err:
+        if err.filename is None:  # e.g. ENOSPC from a write through a file object: say which file
+            raise OSError(err.errno, err.strerror or str(err), str(target)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -67,8 +101,56 @@ def _umask() -> int:
     return mask
 
 
+def require_regular_file(path: str | os.PathLike, what: str = "file") -> None:
+    """A `UserError` unless `path` is a regular file: a FIFO or device would block or never end a read."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        raise UserError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise UserError(f"{what} {path} is {kind}; give a regular file")
+
+
+def require_utf8(values: dict[str, str | None]) -> None:
+    """A `UserError` for a path argument that is not valid UTF-8 (flag -> value; None is skipped).
+
+    Such names cannot be written into JSON, HTML or the terminal as text, so they are refused
+    before anything is done rather than failing at the end of a run.
+    """
+    for flag, value in values.items():
+        if value is None:
+            continue
+        try:
+            os.fspath(value).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = ascii(os.fsencode(value))[2:-1]
+            raise UserError(f"{flag} {shown}: the path is not valid UTF-8; rename it or use another path") from None
+
+
+def check_writable(folder: str | os.PathLike, flag: str) -> None:
+    """Fail early, before a model loads, when `folder` (to be created if missing) cannot be written.
+
+    Finds the nearest part of the path that exists: it must be a folder in which a file can be
+    created (tried for real, then removed: this also catches read-only file systems).
+    """
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists() or p.is_symlink()), Path("."))
+    if not probe.is_dir():
+        raise UserError(f"{flag} {folder}: {probe} is a file, not a folder; choose another {flag}")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".write-check."):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {folder}: cannot write in {probe} ({err.strerror or err}); "
+                        f"choose another {flag} or fix its permissions") from None
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file this toolkit wrote; a damaged one is a `UserError` naming it."""
+    require_regular_file(path, "JSON file")
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
@@ -89,6 +171,15 @@ def save_npy(path: str | os.PathLike, array: Any) -> None:
         np.save(tmp, np.asarray(array), allow_pickle=False)
 
 
+def os_error_line(err: OSError) -> str:
+    """An operating-system error as one line naming the path and the reason."""
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    reason = err.strerror or first_line(err)
+    hint = {28: "free some space", 30: "write somewhere else", 13: "fix the permissions or write elsewhere",
+            20: "a part of the path is a file, not a folder"}.get(err.errno or 0)
+    return f"{where or 'an output file'}: {reason}" + (f" ({hint})" if hint else "")
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
             prog: str | None = None) -> int:
     """Run a script's `main`, turning `UserError` into one line on stderr and exit 2.
@@ -100,6 +191,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         return int(main(argv) or 0)
     except UserError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # Disk full, read-only place, a path component that is a file...: one line, path and reason.
+        print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
