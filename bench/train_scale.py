@@ -68,7 +68,8 @@ def _run(cmd: list[str], timeout: float, env: dict) -> tuple[int, float, str]:
 def train_row(features: Path, pairs: int, batch: str, ranks: int, args, work: Path) -> dict:
     save_to = work / f"runs-{pairs}-{batch}-{ranks}"
     cmd = ["train.py", "-d", str(features), "-s", str(save_to), "-e", str(args.epochs), "-t", "15",
-           "--test-split", str(args.test_split), "--no-images", "--seed", str(args.seed), "-k", "1"]
+           "--test-split", str(args.test_split), "--no-images", "--seed", str(args.seed), "-k", "1",
+           "--cpu"]  # a CPU benchmark; train.py would take CUDA where there is one
     if batch != "full":
         cmd += ["--batch-size", batch]
     if ranks > 1:

@@ -1,5 +1,6 @@
 """Data-parallel training on 2 gloo ranks (CPU) gives one process's weights; rank 0 alone writes; failures stop all."""
 
+import contextlib
 import json
 import os
 import re
@@ -101,9 +102,10 @@ def test_shares_cover_the_batch_in_order():
 # --- train.py under torchrun -------------------------------------------------------------------------
 
 def _torchrun(args, nproc=WORLD, timeout=180):
+    # --cpu: these are gloo tests; where CUDA is available train.py would take it (one GPU per rank).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), "train.py", *map(str, args)]
+           str(_free_port()), "train.py", "--cpu", *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -120,7 +122,7 @@ def test_torchrun_rank0_writes_and_matches_one_process(features, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "train.py", "-s", tmp_path / "one", *map(str, common)], cwd=ROOT,
+    one = subprocess.run([sys.executable, "train.py", "--cpu", "-s", tmp_path / "one", *map(str, common)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=env)
     assert one.returncode == 0, one.stderr
     assert {p.name for p in (tmp_path / "two").iterdir()} == {"run1", "summary.json"}
@@ -138,6 +140,8 @@ def test_torchrun_rank0_writes_and_matches_one_process(features, tmp_path):
     (["--batch-size", "15"], 2, "use --batch-size 16"),
     (["--batch-size", "1.5"], 2, "must be a whole number"),
     (["--test-split", "0.97"], 3, "3 ranks but only 2 training pairs"),
+    # Found during training: every rank gets the same figures, so every rank stops at the same epoch.
+    (["-t", "1e39", "--seed", "0"], 2, "the training loss is"),
 ])
 def test_bad_input_under_torchrun_one_line_exit_2(features, tmp_path, args, nproc, expected):
     proc = _torchrun(["-d", features, "-s", tmp_path / "r", "-e", "1", "--no-images", *args], nproc=nproc)
@@ -175,7 +179,7 @@ def _failing_worker(rank, port, features, save_to, log_dir):
         training.evaluate = broken
     from adaptation.distributed import from_env, run_ranked_cli
 
-    argv = ["-d", features, "-s", save_to, "-e", "5", "--no-images", "-k", "1", "--batch-size", "16"]
+    argv = ["-d", features, "-s", save_to, "-e", "5", "--no-images", "-k", "1", "--batch-size", "16", "--cpu"]
     rc = run_ranked_cli(lambda _: train_script.main(argv), "train.py", from_env())
     (Path(log_dir) / f"rank{rank}.rc").write_text(str(rc))
 
@@ -190,3 +194,44 @@ def test_a_failing_rank_stops_all_and_leaves_no_run(features, tmp_path):
     assert failed == ["train.py: rank 1 of 2 failed: RuntimeError: injected failure"]
     assert not any("Traceback" in log for log in logs)
     assert not save_to.exists() or not any(save_to.iterdir())
+
+
+def _refused_worker(rank, port, features, save_to, log_dir):
+    import train as train_script
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    sys.stderr = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
+    from adaptation.distributed import from_env, run_ranked_cli
+
+    argv = ["-d", features, "-s", save_to, "-e", "1", "--no-images", "--cpu"]
+    rc = run_ranked_cli(lambda _: train_script.main(argv), "train.py", from_env())
+    (Path(log_dir) / f"rank{rank}.rc").write_text(str(rc))
+
+
+@pytest.mark.parametrize("case", ["locked", "not writable"])
+def test_rank0_alone_checks_and_locks_the_output_folder(features, tmp_path, case):
+    # Rank 0 alone checks -s and takes its lock (were rank 1 to lock it too, the 2-rank run above would
+    # refuse itself); when rank 0 refuses, every rank exits 2 and one line says why.
+    from toolkit.lock import folder_lock
+
+    logs_dir = tmp_path / "logs"
+    logs_dir.mkdir()
+    if case == "locked":
+        save_to, expected = tmp_path / "runs", f"is being written by process {os.getpid()}"
+        held = folder_lock(save_to, "-s")
+    else:
+        (tmp_path / "afile").write_text("x")
+        save_to, expected = tmp_path / "afile" / "runs", "is a file, not a folder"
+        held = contextlib.nullcontext()
+    with held:
+        _spawn(_refused_worker, (_free_port(), str(features), str(save_to), str(logs_dir)), timeout=120)
+        if case == "locked":
+            assert not any(save_to.iterdir())  # nothing written into the folder another run holds
+    rcs = [int((logs_dir / f"rank{r}.rc").read_text()) for r in range(WORLD)]
+    logs = [(logs_dir / f"rank{r}.log").read_text() for r in range(WORLD)]
+    assert rcs == [2, 2], logs
+    lines = [line for log in logs for line in log.splitlines()]
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: -s ") and expected in lines[0], logs
+    assert not any("Traceback" in log for log in logs)
