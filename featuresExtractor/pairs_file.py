@@ -50,6 +50,7 @@ __all__ = [
     "pairs_from_structured",
     "pairs_from_paper_dict",
     "make_records",
+    "RecordsWriter",
     "to_structured",
 ]
 
@@ -260,6 +261,63 @@ def make_records(names: Sequence[str], vectors: np.ndarray, sides: Sequence[str]
         for s, side in enumerate(sides):
             rec[side][rows] = vectors[:, s, f]
     return rec
+
+
+class RecordsWriter:
+    """Write a features file block by block, as `make_records` would lay it out, in bounded memory.
+
+    The file is a `np.lib.format.open_memmap` under a temporary name beside `path`; blocks of
+    items are written into place (their original rows, then their flipped copies), and `close`
+    flushes, fsyncs and renames it onto `path`. Until then `path` is untouched, and on an error
+    (`abort`, or leaving the `with` block by an exception) the temporary file is removed.
+
+    Example:
+        >>> import numpy as np
+        >>> with RecordsWriter("f.npy", ["a", "b"], ("feature",), dim=4, n_flips=1) as w:   # doctest: +SKIP
+        ...     w.write(0, np.zeros((2, 1, 1, 4)))
+    """
+
+    def __init__(self, path: str | os.PathLike, names: Sequence[str], sides: Sequence[str], dim: int, n_flips: int):
+        import tempfile
+        from pathlib import Path
+
+        self.path, self.names, self.sides, self.n_flips = Path(path), names, tuple(sides), n_flips
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.npy", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.rec = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=_record_dtype(names, sides, (dim,)),
+                                             shape=(len(names) * n_flips,))
+
+    def write(self, start: int, vectors: np.ndarray) -> None:
+        """Rows for items `start .. start + len(vectors)` from their (n, sides, flips, D) vectors."""
+        n, total = len(vectors), len(self.names)
+        for f in range(self.n_flips):
+            rows = slice(f * total + start, f * total + start + n)
+            self.rec["name"][rows] = self.names[start:start + n]
+            self.rec["augmented"][rows] = f > 0
+            for s, side in enumerate(self.sides):
+                self.rec[side][rows] = vectors[:, s, f]
+
+    def close(self) -> None:
+        """Flush, fsync and put the file in place."""
+        self.rec.flush()
+        del self.rec
+        with open(self.tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(self.tmp, 0o644)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the unfinished file."""
+        self.__dict__.pop("rec", None)
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RecordsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.abort() if exc_type is not None else self.close()
 
 
 def to_structured(names: Sequence[str], augmented: Sequence[bool], left: np.ndarray, right: np.ndarray) -> np.ndarray:

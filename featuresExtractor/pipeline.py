@@ -33,9 +33,8 @@ from tqdm.auto import tqdm
 from .dataset import ImageItems, Layout, discover
 from .backbones import Backbone
 from .extractor import FeatureExtractor
-from .pca import save_pca
-from .processor import Processor, check_components, parse_processor, process
-from .pairs_file import make_records
+from .merge import write_outputs
+from .processor import Processor, check_components, parse_processor
 from .store import ChunkStore
 from .transforms import hflip
 from toolkit.utils import UserError, default_workers, read_json, save_npy, write_json
@@ -238,26 +237,6 @@ def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layo
     return len(done)
 
 
-def _write_features(proc: Processor, fx: FeatureExtractor, pooled: dict, names: list[str], layout: Layout,
-                     n_flips: int, out_dir: Path) -> dict[str, dict]:
-    """Process the pooled taps and write the features files and PCA files; their manifest entries."""
-    outputs: dict[str, dict] = {}
-    check_components(proc, len(names) * len(layout.sides) * n_flips, fx.info.dims)
-    result = process(proc, pooled, fx.info.embedding)
-    for file, vectors in result.vectors.items():
-        save_npy(out_dir / file, make_records(names, vectors, layout.sides))
-        outputs[file] = {"kind": "features", "rows": len(names) * n_flips, "dim": int(vectors.shape[-1]),
-                         "fields": ["name", "augmented", *layout.sides],
-                         "parts": {k: list(v) for k, v in result.parts.get(file, {}).items()}}
-    for stem, pca in result.pcas.items():
-        for path in save_pca(out_dir / stem, pca):
-            rel = str(path.relative_to(out_dir))
-            outputs[rel] = {"kind": "pca", "n_components": proc.n_components, "in_dim": int(pca.n_features_in_),
-                            "explained_variance": float(np.sum(pca.explained_variance_ratio_)),
-                            "pickle": path.suffix == ".pkl"}
-    return outputs
-
-
 def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, fingerprint: dict,
               kept: list[int], skipped: dict[int, str], outputs: dict[str, dict]) -> dict:
     """The manifest.json of a finished extraction (written last: its presence means done)."""
@@ -293,8 +272,8 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
     store = ChunkStore(out_dir / ".partial")
     if not store.folder.exists():  # nothing left to do and no chunks: an empty resume
         store.start(fingerprint)
-    kept, pooled, skipped = store.load()
-    kept_list = kept.tolist() if len(kept) else []
+    rows = store.rows()
+    kept_list, skipped = rows.kept.tolist(), rows.skipped
     if not proc.pooled:
         kept_list = sorted(set(range(len(layout))) - set(skipped))
     report.n_kept = len(kept_list)
@@ -306,7 +285,9 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
     # From here the folder holds a mix until the new manifest is written: drop the old one first.
     (out_dir / MANIFEST).unlink(missing_ok=True)
     if proc.pooled:
-        outputs = _write_features(proc, fx, pooled, [layout.names[i] for i in kept_list], layout, n_flips, out_dir)
+        check_components(proc, len(kept_list) * len(layout.sides) * n_flips, fx.info.dims)
+        outputs = write_outputs(proc, rows, [layout.names[i] for i in kept_list], layout.sides, n_flips,
+                                fx.info.embedding, fx.info.dims, out_dir)
     else:
         outputs = {"raw": {"kind": "raw", "dtype": "float16", "layout": "raw/{tap}/{row:06d}.npy",
                            "axes": ["side", "flip", "..."], "shapes": {k: list(v) for k, v in fx.info.shapes.items()},

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from toolkit.utils import atomic_path, read_json, write_json
 
-__all__ = ["ChunkStore"]
+__all__ = ["ChunkStore", "StoredRows"]
 
 
 class ChunkStore:
@@ -79,5 +79,65 @@ class ChunkStore:
         order = np.argsort(order_idx, kind="stable")
         return order_idx[order], {k: np.concatenate(v)[order] for k, v in parts.items()}, skipped
 
+    def rows(self) -> "StoredRows":
+        """The kept items of every chunk, readable in item order block by block (see `StoredRows`)."""
+        return StoredRows(self.chunks())
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class StoredRows:
+    """The kept items of a set of chunks, in item order, read a block of items at a time.
+
+    Only the item indices of every chunk are held (8 bytes an item, three times); the pooled
+    values are read from the chunks a block at a time, so merging needs memory for one block
+    (and the chunks it touches), not for the dataset. Blocks are cut by item position, never by
+    chunk, so the blocks, and whatever is computed from them, do not depend on how the items
+    were batched or sharded over ranks. An item found in two chunks is taken from the first.
+    """
+
+    def __init__(self, chunks: Sequence[Path]):
+        self.chunks = list(chunks)
+        items, where, skipped = [], [], {}
+        for c, path in enumerate(self.chunks):
+            with np.load(path, allow_pickle=False) as z:
+                idx, skip = z["indices"], z["skip_index"]
+                skipped.update(zip(skip.tolist(), z["skip_reason"].tolist()))
+            rows = np.flatnonzero(~np.isin(idx, skip))
+            items.append(idx[rows])
+            where.append(np.stack([np.full(len(rows), c), rows], axis=1))
+        self.skipped: dict[int, str] = skipped
+        if not items:
+            self.kept = np.zeros(0, dtype=np.int64)
+            self._where = np.zeros((0, 2), dtype=np.int64)
+            return
+        all_items, all_where = np.concatenate(items), np.concatenate(where)
+        # np.unique returns the first occurrence of each item, in sorted item order.
+        self.kept, first = np.unique(all_items, return_index=True)
+        self._where = all_where[first]
+        kept = set(self.kept.tolist())
+        self.skipped = {i: r for i, r in skipped.items() if i not in kept}
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def blocks(self, block_items: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield (position of the block's first kept item, tap -> pooled values of the block's items)."""
+        cache: dict[int, dict[str, np.ndarray]] = {}
+        for start in range(0, len(self.kept), block_items):
+            where = self._where[start:start + block_items]
+            needed = np.unique(where[:, 0]).tolist()
+            cache = {c: cache[c] if c in cache else self._read(c) for c in needed}
+            parts = {}
+            for name in cache[needed[0]]:
+                parts[name] = np.concatenate([cache[c][name][where[where[:, 0] == c, 1]] for c in needed])
+            # Rows came grouped by chunk; put them back in item order.
+            order = np.concatenate([np.flatnonzero(where[:, 0] == c) for c in needed])
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            yield start, {k: v[inverse] for k, v in parts.items()}
+
+    def _read(self, c: int) -> dict[str, np.ndarray]:
+        with np.load(self.chunks[c], allow_pickle=False) as z:
+            return {name: z[f"part_{i}"] for i, name in enumerate(z["names"].tolist())}
