@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .dataset import ImageItems, Layout, discover
+from .distributed import Ranks
 from .backbones import Backbone
 from .extractor import FeatureExtractor
 from .merge import write_outputs
@@ -199,42 +200,51 @@ def _check_strict(batch: dict, layout: Layout) -> None:
 
 
 def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
-                 fingerprint: dict) -> int:
-    """Forward every item not yet in the chunk store into it; returns how many were there before.
+                 ranks: Ranks) -> int:
+    """Forward every item of this rank's shard not yet in the chunk store into it; returns how many were there.
 
-    On a `UserError` (`strict`), what this run wrote is removed again.
+    On a `UserError` (`strict`), the chunks this rank wrote are removed again.
     """
     store = ChunkStore(out_dir / ".partial")
+    shard = ranks.shard(len(layout))
     done = store.done()
-    todo = [i for i in range(len(layout)) if i not in done]
+    todo = [i for i in shard if i not in done]
     images_per_item = len(layout.sides) * (2 if cfg.data_aug else 1)
-    if not proc.pooled:
-        _check_disk(out_dir, len(todo), sum(int(np.prod(s)) for s in fx.info.shapes.values()) * images_per_item)
-    fresh = not store.folder.exists()
     written: list[Path] = []
-    bar = tqdm(total=len(layout) * images_per_item, initial=len(done) * images_per_item, unit="img",
-               desc=f"extract {fx.backbone.spec.name}", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(shard) * images_per_item, initial=(len(shard) - len(todo)) * images_per_item, unit="img",
+               desc=" ".join(filter(None, [f"extract {fx.backbone.spec.name}", ranks.label])),
+               disable=not cfg.progress, dynamic_ncols=True, position=ranks.rank)
     try:
         with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward:
             for batch in _loader(cfg, fx, layout, todo, images_per_item):
                 if cfg.strict:
                     _check_strict(batch, layout)
-                if not written and not store.folder.exists():
-                    store.start(fingerprint)
                 written.append(_store_batch(batch, forward, cfg, layout, store, proc.pooled, out_dir))
                 bar.update(len(batch["index"]) * images_per_item)
     except UserError:
         for path in written:
             path.unlink(missing_ok=True)
-        if fresh:
-            store.remove()
-            shutil.rmtree(out_dir / "raw", ignore_errors=True)
-            if out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()
         raise
     finally:
         bar.close()
-    return len(done)
+    return len(shard) - len(todo)
+
+
+def _start_store(out_dir: Path, fingerprint: dict) -> bool:
+    """Create the chunk store before any rank writes into it; whether it is new."""
+    store = ChunkStore(out_dir / ".partial")
+    if store.folder.exists():
+        return False
+    store.start(fingerprint)
+    return True
+
+
+def _drop_fresh_store(out_dir: Path) -> None:
+    """After a failed first run: remove what it created, so nothing looks like a run to resume."""
+    ChunkStore(out_dir / ".partial").remove()
+    shutil.rmtree(out_dir / "raw", ignore_errors=True)
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, fingerprint: dict,
@@ -267,7 +277,7 @@ def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
 
 
 def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
-            fingerprint: dict, replaced: list[str], report: Report) -> None:
+            fingerprint: dict, replaced: list[str], report: Report, ranks: Ranks) -> None:
     """Turn the chunk store into the output files and the manifest; remove what they replace."""
     store = ChunkStore(out_dir / ".partial")
     if not store.folder.exists():  # nothing left to do and no chunks: an empty resume
@@ -292,38 +302,64 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
         outputs = {"raw": {"kind": "raw", "dtype": "float16", "layout": "raw/{tap}/{row:06d}.npy",
                            "axes": ["side", "flip", "..."], "shapes": {k: list(v) for k, v in fx.info.shapes.items()},
                            "rows": {f"{i:06d}": layout.names[i] for i in kept_list}}}
-    write_json(out_dir / MANIFEST, _manifest(cfg, fx, proc, layout, fingerprint, kept_list, skipped, outputs))
+    manifest = _manifest(cfg, fx, proc, layout, fingerprint, kept_list, skipped, outputs)
+    manifest["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
+                               "shards": ranks.layout(len(layout)), "shard_rule": "contiguous ranges of the sorted items"}
+    write_json(out_dir / MANIFEST, manifest)
     for rel in set(replaced) - set(outputs):
         _remove(out_dir / rel)
     store.remove()
     report.outputs = [str(out_dir / rel) for rel in outputs] + [str(out_dir / MANIFEST)]
 
 
-def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
+def extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks = Ranks()) -> Report:
     """Extract features for `cfg.dataset` with `backbone` and write them under `cfg.save_to/MODEL/`.
 
     Steps: check the input and prepare the output folder, run the batches into the chunk store
     (`MODEL/.partial/`, so an interrupted run resumes), write the outputs, write the manifest.
+
+    Under torchrun, pass `ranks` (`featuresExtractor.distributed.init`): each rank extracts its
+    shard of the sorted items into the chunk store, and rank 0 alone writes the outputs and the
+    manifest once every rank is done; the other ranks return a `Report` without outputs.
 
     Returns a `Report`. Raises `UserError` for bad input, before anything is written
     (with `strict`, also for an unreadable image, removing what this run wrote).
     """
     proc = parse_processor(cfg.processor, cfg.normalize)
     layout = discover(cfg.dataset)
+    ranks.check_items(len(layout))
     fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
     out_dir = _out_dir(cfg, fx, proc, layout, 2 if cfg.data_aug else 1)
     fingerprint = _fingerprint(cfg, backbone, proc, layout)
     report = Report(out_dir=out_dir, n_items=len(layout))
-    done_before, replaced = _prepare_out_dir(out_dir, fingerprint, cfg.overwrite)
+
+    def prepare() -> tuple[bool, list[str], bool]:
+        done_before, replaced = _prepare_out_dir(out_dir, fingerprint, cfg.overwrite)
+        if done_before:
+            return True, [], False
+        if not proc.pooled and "raw" in replaced:
+            # processor save writes raw/ file by file while it runs, so old raw outputs cannot wait.
+            _remove(out_dir / "raw")
+            replaced.remove("raw")
+        if not proc.pooled:
+            left = len(layout) - len(ChunkStore(out_dir / ".partial").done())
+            _check_disk(out_dir, left, sum(int(np.prod(s)) for s in fx.info.shapes.values())
+                        * len(layout.sides) * (2 if cfg.data_aug else 1))
+        return False, replaced, _start_store(out_dir, fingerprint)
+
+    # Rank 0 alone looks at and prepares the output folder; the others wait for its verdict.
+    done_before, replaced, fresh = ranks.agree(prepare)
     if done_before:
         report.already_done = True
         return report
-    if not proc.pooled and "raw" in replaced:
-        # processor save writes raw/ file by file while it runs, so old raw outputs cannot wait.
-        _remove(out_dir / "raw")
-        replaced.remove("raw")
-    report.resumed_items = _run_batches(cfg, fx, proc, layout, out_dir, fingerprint)
-    _finish(cfg, fx, proc, layout, out_dir, fingerprint, replaced, report)
+    try:
+        report.resumed_items = sum(ranks.all_succeed(lambda: _run_batches(cfg, fx, proc, layout, out_dir, ranks)))
+    except UserError:
+        if fresh and ranks.rank == 0:
+            _drop_fresh_store(out_dir)
+        raise
+    if ranks.rank == 0:
+        _finish(cfg, fx, proc, layout, out_dir, fingerprint, replaced, report, ranks)
     return report
 
 

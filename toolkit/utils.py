@@ -99,7 +99,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         return int(main(argv) or 0)
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # quiet: another process (rank 0) has printed it
+            print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
