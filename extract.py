@@ -4,7 +4,8 @@ Usage (the published recipe):
 
     python extract.py -d PATH/TO/DATASET -s PATH/WHERE/TO/SAVE -b 2048 --data-aug --processor adapt-pca 256
 
-`DATASET` holds `left/` and `right/` (pairs matched by file name) or just images.
+`DATASET` holds `left/` and `right/` (pairs matched by file name) or just images; or it is a
+`PAIRS.csv` (left,right[,name]) or an `IMAGES.txt` list (see `featuresExtractor.image_lists`).
 Several processes (GPUs, or CPU ranks with gloo) share one extraction under torchrun:
 
     torchrun --nproc_per_node K extract.py <the same flags>
@@ -38,7 +39,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="extract.py", description="Extract CLIP multi-layer image features for the adaptation function.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-d", "--dataset", help="folder with left/ and right/ (pairs), or a folder of images (required)")
+    p.add_argument("-d", "--dataset", help="folder with left/ and right/ (pairs), a folder of images, a PAIRS.csv "
+                        "(columns left,right[,name]) or an IMAGES.txt (one path a line); list paths are relative to "
+                        "the list or absolute (required)")
     p.add_argument("-s", "--save-to", help="output folder; files go to SAVE_TO/MODEL/ (required)")
     p.add_argument("--list-models", action="store_true",
                    help="print the backbone registry (the paper's 37 names and more): library, identifier, taps "

@@ -100,8 +100,10 @@ def _fingerprint(cfg: ExtractConfig, backbone: Backbone, proc: Processor, layout
     weights = {k: v for k, v in backbone.weights.items() if k in ("source", "tag", "sha256", "seed")}
     # Chunks refer to items by position in the sorted name list, so the list itself must not change
     # under a resumed run: its hash is part of the configuration.
-    items = hashlib.sha256("\n".join(layout.names).encode()).hexdigest()
-    return {"dataset": str(layout.root.resolve()), "items": {"count": len(layout), "names_sha256": items}, "model": backbone.spec.name, "arch": backbone.spec.arch,
+    items = {"count": len(layout), "names_sha256": hashlib.sha256("\n".join(layout.names).encode()).hexdigest()}
+    if layout.paths is not None:  # a list: where each item's files are is part of what was extracted
+        items["paths_sha256"] = hashlib.sha256("\n".join("\t".join(p) for p in layout.paths).encode()).hexdigest()
+    return {"dataset": str(layout.root.resolve()), "items": items, "model": backbone.spec.name, "arch": backbone.spec.arch,
             "weights": weights, "taps": list(backbone.spec.taps), "processor": proc.name,
             "n_components": proc.n_components, "normalize": proc.normalize, "data_aug": cfg.data_aug,
             "precision": cfg.precision}
@@ -264,7 +266,8 @@ def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
         "augmentation": {"hflip": cfg.data_aug, "applied_to": "preprocessed tensor"},
         "precision": cfg.precision, "device": str(fx.device), "channels_last": cfg.channels_last,
         "batch_size": cfg.batch_size,
-        "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "sides": list(layout.sides),
+        "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "source": layout.source,
+                    "sides": list(layout.sides),
                     "ignored_files": list(layout.ignored)},
         "counts": {"items_found": len(layout), "items_kept": len(kept), "items_skipped": len(skipped),
                    "rows_per_file": len(kept) * n_flips,
