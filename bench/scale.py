@@ -16,9 +16,15 @@ image size would be a leak.
 To keep generation short, `--unique` distinct images are drawn and the rest of
 each folder are hard links to them (decoding costs the same).
 
+With `--ranks K`, it measures throughput instead: the same extraction of `--sizes N` images
+as one `extract.py` process and as `torchrun --nproc_per_node K extract.py` (gloo), wall clock
+of each whole command (start-up, extraction, rank 0's merge), and their ratio.
+
 Usage:
     python bench/scale.py                          # 1k, 4k, 16k: a few minutes on 2 cores
+    python bench/scale.py --sizes 1000 4000 16000 64000
     python bench/scale.py --sizes 500 2000 --processor adapt
+    python bench/scale.py --ranks 2 --sizes 2000   # 2 gloo ranks against 1 process
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                    help="DataLoader decode workers (extract.py's default)")
     p.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temporary folder)")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="measure K torchrun ranks (gloo) against one process on --sizes N images instead")
     p.add_argument("--child", nargs=2, metavar=("DATASET", "SAVE_TO"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -110,10 +118,52 @@ def run_child(args: argparse.Namespace, dataset: Path, save_to: Path) -> dict:
     return json.loads(lines[-1][len(CHILD_MARK):])
 
 
+def timed_command(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=benchlib.ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(benchlib.ROOT)})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def ranks_throughput(args: argparse.Namespace) -> int:
+    """One process against K gloo ranks on the same images: wall clock of each whole command."""
+    info = benchlib.machine()
+    n = args.sizes[0]
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-ranks-"))
+    try:
+        src = work / "src"
+        names = make_images(src, min(args.unique, n), seed=0, size=(200, 250), fmt="jpg")
+        make_dataset(src, names, work / "data", n)
+        flags = ["-d", str(work / "data"), "-b", str(args.batch), "-p", *args.processor, "--model", args.model,
+                 "--pretrained", "none", "--no-progress", "--workers", str(args.workers)]
+        one = timed_command([sys.executable, "extract.py", *flags, "-s", str(work / "one")])
+        many = timed_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                              str(args.ranks), "extract.py", *flags, "-s", str(work / "many")])
+        same = all((work / "one" / args.model / f).read_bytes() == (work / "many" / args.model / f).read_bytes()
+                   for f in ("features.npy",))
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {"n": n, "ranks": args.ranks, "one_process_s": one, "ranks_s": many, "ratio": one / many,
+              "same_features_bytes": same}
+    print(f"N={n} images, model {args.model}: 1 process {one:.1f} s ({n / one:.1f} img/s), {args.ranks} gloo ranks "
+          f"{many:.1f} s ({n / many:.1f} img/s): throughput ratio {one / many:.2f}; features.npy identical: {same}; "
+          f"workers {args.workers} per process; load avg {os.getloadavg()[0]:.2f} (start {info['load_avg_start'][0]:.2f})")
+    path = benchlib.save_results("ranks", {"args": vars(args), "machine": info, "result": result})
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child(args)
+    if args.ranks is not None:
+        if args.ranks < 1 or len(args.sizes) != 1 or args.sizes[0] < args.ranks:
+            raise UserError("--ranks K needs K >= 1 and one --sizes N with N >= K")
+        return ranks_throughput(args)
     if min(args.sizes) < 1 or args.unique < 1:
         raise UserError("--sizes and --unique must be positive")
     if len(set(args.sizes)) < 2:
@@ -137,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             r["growth"] = r["peak_rss"] - r["base_rss"]
             r["growth_per_vector"] = r["growth"] / r["n"]
             rows.append(r)
+            # Each size as it finishes, so a run stopped before the largest size still reports the others.
+            print(f"    N={r['n']}: {r['seconds']:.1f} s, {r['img_s']:.0f} img/s, peak RSS {r['peak_rss'] / 2**20:.0f} MiB "
+                  f"(base {r['base_rss'] / 2**20:.0f}, growth {r['growth'] / 2**20:.1f} MiB); load avg "
+                  f"{os.getloadavg()[0]:.2f}", file=sys.stderr, flush=True)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
