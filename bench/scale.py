@@ -64,6 +64,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temporary folder)")
     p.add_argument("--ranks", type=int, default=None,
                    help="measure K torchrun ranks (gloo) against one process on --sizes N images instead")
+    p.add_argument("--merge-only", action="store_true",
+                   help="measure only the end of a run (chunk store -> outputs) on chunks of random vectors of "
+                        "the model's dims, no images: the part whose memory could grow with N, at sizes the "
+                        "whole pipeline would take too long for here")
     p.add_argument("--child", nargs=2, metavar=("DATASET", "SAVE_TO"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -78,6 +82,8 @@ def child(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     backbone = load_backbone(resolve_spec(args.model, pretrained="none"))
     dataset, save_to = args.child
+    if args.merge_only:
+        return merge_child(args, backbone, int(dataset), Path(save_to))
     cfg = ExtractConfig(dataset=dataset, save_to=save_to, processor=tuple(args.processor), batch_size=args.batch,
                         workers=args.workers, progress=False)
     base = benchlib.rss_bytes()
@@ -95,6 +101,33 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
+def merge_child(args: argparse.Namespace, backbone, n: int, folder: Path) -> int:
+    """Fill a chunk store with n items of random pooled vectors (32 a chunk), then time and measure the merge."""
+    from featuresExtractor.extractor import FeatureExtractor
+    from featuresExtractor.merge import write_outputs
+    from featuresExtractor.processor import parse_processor
+    from featuresExtractor.store import ChunkStore
+
+    info = FeatureExtractor(backbone, "fp32", True).info
+    proc = parse_processor(args.processor)
+    store = ChunkStore(folder / ".partial")
+    store.start({"bench": True})
+    rng = np.random.default_rng(0)
+    for start in range(0, n, 32):
+        idx = list(range(start, min(n, start + 32)))
+        store.write(idx, {k: rng.normal(size=(len(idx), 1, 1, d)).astype(np.float32) for k, d in info.dims.items()}, [])
+    names = [name_of(i, "jpg") for i in range(n)]
+    base = benchlib.rss_bytes()
+    benchlib.reset_peak_rss()
+    start = time.perf_counter()
+    outputs = write_outputs(proc, store.rows(), names, ("feature",), 1, info.embedding, info.dims, folder)
+    elapsed = time.perf_counter() - start
+    dims = [o["dim"] for o in outputs.values() if o["kind"] == "features"]
+    print(CHILD_MARK + json.dumps({"n": n, "seconds": elapsed, "base_rss": base, "peak_rss": benchlib.peak_rss_bytes(),
+                                   "workers_peak_rss": 0, "vector_bytes": 4 * sum(dims), "dims": dims}))
+    return 0
+
+
 def make_dataset(src: Path, names: list[str], folder: Path, n: int) -> None:
     """A flat folder of `n` images: links to the generated ones, cycling through them."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,7 +141,8 @@ def make_dataset(src: Path, names: list[str], folder: Path, n: int) -> None:
 
 def run_child(args: argparse.Namespace, dataset: Path, save_to: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", str(dataset), str(save_to), "--model", args.model,
-           "--batch", str(args.batch), "--workers", str(args.workers), "--processor", *args.processor]
+           "--batch", str(args.batch), "--workers", str(args.workers), "--processor", *args.processor,
+           *(["--merge-only"] if args.merge_only else [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(CHILD_MARK)]
     if proc.returncode == 2:  # the pipeline refused the input (UserError): pass its one line on
@@ -174,14 +208,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         src = work / "src"
-        names = make_images(src, min(args.unique, max(args.sizes)), seed=0, size=(200, 250), fmt="jpg")
+        names = [] if args.merge_only else make_images(src, min(args.unique, max(args.sizes)), seed=0,
+                                                       size=(200, 250), fmt="jpg")
         print(f"generated {len(names)} images in {time.perf_counter() - t0:.1f} s under {work}", file=sys.stderr)
         for n in sorted(args.sizes):
             dataset = work / f"n{n}"
-            make_dataset(src, names, dataset, n)
+            if args.merge_only:
+                dataset = Path(str(n))  # the child makes its own chunks
+            else:
+                make_dataset(src, names, dataset, n)
             print(f"... N={n}", file=sys.stderr)
             r = run_child(args, dataset, work / f"out{n}")
-            shutil.rmtree(dataset)
+            if not args.merge_only:
+                shutil.rmtree(dataset)
             shutil.rmtree(work / f"out{n}")
             r["img_s"] = r["n"] / r["seconds"]
             r["growth"] = r["peak_rss"] - r["base_rss"]

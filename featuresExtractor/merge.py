@@ -7,7 +7,7 @@ a block of items at a time, twice when the processor fits a PCA:
    (float64 mean and covariance, one eigendecomposition at the end);
 2. the write pass projects each block (`featuresExtractor.processor.project`, the function
    similarity.py uses for new images) and writes it into the features files
-   (`featuresExtractor.pairs_file.RecordsWriter`, memory-mapped).
+   (`featuresExtractor.pairs_file.RecordsWriter`, positioned writes).
 
 Memory is one block (about `BLOCK_BYTES` of pooled values) plus the d x d covariance, whatever
 the number of images. Blocks are cut by item position, so a run sharded over any number of
@@ -33,7 +33,7 @@ from .store import StoredRows
 
 __all__ = ["BLOCK_BYTES", "block_items", "fit_pcas", "write_outputs"]
 
-BLOCK_BYTES = 32 * 2**20
+BLOCK_BYTES = 8 * 2**20
 """Pooled float32 values read per block while merging."""
 
 

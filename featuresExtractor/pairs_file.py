@@ -266,10 +266,12 @@ def make_records(names: Sequence[str], vectors: np.ndarray, sides: Sequence[str]
 class RecordsWriter:
     """Write a features file block by block, as `make_records` would lay it out, in bounded memory.
 
-    The file is a `np.lib.format.open_memmap` under a temporary name beside `path`; blocks of
-    items are written into place (their original rows, then their flipped copies), and `close`
-    flushes, fsyncs and renames it onto `path`. Until then `path` is untouched, and on an error
-    (`abort`, or leaving the `with` block by an exception) the temporary file is removed.
+    The `.npy` header is written first, then each block of items goes to its place in the file
+    (their original rows, then their flipped copies) with positioned writes: no memory map, so
+    the written pages stay in the page cache and out of the process's resident memory. The file
+    has a temporary name beside `path` until `close` fsyncs it and renames it onto `path`; on an
+    error (`abort`, or leaving the `with` block by an exception) it is removed and `path` is
+    untouched. The bytes equal `np.save(path, make_records(...))`.
 
     Example:
         >>> import numpy as np
@@ -282,35 +284,44 @@ class RecordsWriter:
         from pathlib import Path
 
         self.path, self.names, self.sides, self.n_flips = Path(path), names, tuple(sides), n_flips
+        self.dtype = _record_dtype(names, sides, (dim,))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.npy", dir=self.path.parent)
-        os.close(fd)
         self.tmp = Path(tmp)
-        self.rec = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=_record_dtype(names, sides, (dim,)),
-                                             shape=(len(names) * n_flips,))
+        self.fh = os.fdopen(fd, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (len(names) * n_flips,)}
+        try:
+            np.lib.format.write_array_header_1_0(self.fh, header)
+        except ValueError:  # a header too long for format 1.0, as np.save would fall back
+            np.lib.format.write_array_header_2_0(self.fh, header)
+        self.fh.flush()
+        self.offset = self.fh.tell()
+        self.fh.truncate(self.offset + self.dtype.itemsize * len(names) * n_flips)
 
     def write(self, start: int, vectors: np.ndarray) -> None:
         """Rows for items `start .. start + len(vectors)` from their (n, sides, flips, D) vectors."""
         n, total = len(vectors), len(self.names)
+        block = np.zeros(n, dtype=self.dtype)
+        block["name"] = self.names[start:start + n]
         for f in range(self.n_flips):
-            rows = slice(f * total + start, f * total + start + n)
-            self.rec["name"][rows] = self.names[start:start + n]
-            self.rec["augmented"][rows] = f > 0
+            block["augmented"] = f > 0
             for s, side in enumerate(self.sides):
-                self.rec[side][rows] = vectors[:, s, f]
+                block[side] = vectors[:, s, f]
+            os.pwrite(self.fh.fileno(), block.tobytes(), self.offset + (f * total + start) * self.dtype.itemsize)
 
     def close(self) -> None:
-        """Flush, fsync and put the file in place."""
-        self.rec.flush()
-        del self.rec
-        with open(self.tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(self.tmp, 0o644)
+        """Fsync and put the file in place."""
+        os.fsync(self.fh.fileno())
+        self.fh.close()
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp's 0600 would make results private by accident
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         """Drop the unfinished file."""
-        self.__dict__.pop("rec", None)
+        self.fh.close()
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "RecordsWriter":
