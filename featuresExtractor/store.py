@@ -62,23 +62,6 @@ class ChunkStore:
                      **arrays)
         return path
 
-    def load(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]:
-        """All chunks merged: kept item indices (sorted), tap -> pooled array, skipped index -> reason."""
-        indices, parts, skipped = [], {}, {}
-        for path in self.chunks():
-            with np.load(path, allow_pickle=False) as z:
-                ok = np.setdiff1d(z["indices"], z["skip_index"], assume_unique=False)
-                keep = np.isin(z["indices"], ok)
-                indices.append(z["indices"][keep])
-                for i, name in enumerate(z["names"].tolist()):
-                    parts.setdefault(name, []).append(z[f"part_{i}"][keep])
-                skipped.update(zip(z["skip_index"].tolist(), z["skip_reason"].tolist()))
-        if not indices:
-            return np.zeros(0, dtype=np.int64), {}, skipped
-        order_idx = np.concatenate(indices)
-        order = np.argsort(order_idx, kind="stable")
-        return order_idx[order], {k: np.concatenate(v)[order] for k, v in parts.items()}, skipped
-
     def rows(self) -> "StoredRows":
         """The kept items of every chunk, readable in item order block by block (see `StoredRows`)."""
         return StoredRows(self.chunks())
