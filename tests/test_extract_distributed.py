@@ -123,3 +123,43 @@ def test_shards_cover_the_items_once_and_refuse_empty_ones():
             assert Ranks(world_size=k).layout(n) == [[s[0], s[-1] + 1] for s in shards]
     with pytest.raises(UserError, match="3 ranks for 2 item"):
         Ranks(world_size=3).check_items(2)
+
+
+def _collectives(rank: int, store: str, results: str) -> None:
+    """Rank body for the spawn test: what agree/all_succeed raise where."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    ranks = Ranks(rank=rank, world_size=2, backend="gloo")
+    seen = {}
+
+    def failing_on(bad_rank, message):
+        def fn():
+            if rank == bad_rank:
+                raise UserError(message)
+            return rank * 10
+        return fn
+
+    for label, call in [("agree_ok", lambda: ranks.agree(lambda: ("verdict", rank))),
+                        ("agree_error", lambda: ranks.agree(failing_on(0, "folder is busy"))),
+                        ("all_ok", lambda: ranks.all_succeed(failing_on(-1, ""))),
+                        ("all_error", lambda: ranks.all_succeed(failing_on(1, "unreadable image")))]:
+        try:
+            seen[label] = ["ok", call()]
+        except UserError as err:
+            seen[label] = ["error", str(err), getattr(err, "quiet", False)]
+    dist.destroy_process_group()
+    Path(results, f"{rank}.json").write_text(json.dumps(seen))
+
+
+def test_errors_reach_every_rank_and_rank_0_alone_prints(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
+    assert r0["agree_ok"] == r1["agree_ok"] == ["ok", ["verdict", 0]]  # rank 0's answer, everywhere
+    assert r0["agree_error"] == ["error", "folder is busy", False]
+    assert r1["agree_error"] == ["error", "folder is busy", True]
+    assert r0["all_ok"] == r1["all_ok"] == ["ok", [0, 10]]
+    assert r0["all_error"] == ["error", "rank 1: unreadable image", False]  # rank 0 prints rank 1's error
+    assert r1["all_error"] == ["error", "rank 1: unreadable image", True]
