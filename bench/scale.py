@@ -152,10 +152,10 @@ def run_child(args: argparse.Namespace, dataset: Path, save_to: Path) -> dict:
     return json.loads(lines[-1][len(CHILD_MARK):])
 
 
-def timed_command(cmd: list[str]) -> float:
+def timed_command(cmd: list[str], **env: str) -> float:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=benchlib.ROOT, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(benchlib.ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(benchlib.ROOT), **env})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return time.perf_counter() - start
@@ -173,6 +173,8 @@ def ranks_throughput(args: argparse.Namespace) -> int:
         flags = ["-d", str(work / "data"), "-b", str(args.batch), "-p", *args.processor, "--model", args.model,
                  "--pretrained", "none", "--no-progress", "--workers", str(args.workers)]
         one = timed_command([sys.executable, "extract.py", *flags, "-s", str(work / "one")])
+        # torchrun gives each rank OMP_NUM_THREADS=1; the same for one process separates the thread count.
+        one_1t = timed_command([sys.executable, "extract.py", *flags, "-s", str(work / "one1t")], OMP_NUM_THREADS="1")
         many = timed_command([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                               str(args.ranks), "extract.py", *flags, "-s", str(work / "many")])
         same = all((work / "one" / args.model / f).read_bytes() == (work / "many" / args.model / f).read_bytes()
@@ -180,10 +182,11 @@ def ranks_throughput(args: argparse.Namespace) -> int:
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"n": n, "ranks": args.ranks, "one_process_s": one, "ranks_s": many, "ratio": one / many,
-              "same_features_bytes": same}
+    result = {"n": n, "ranks": args.ranks, "one_process_s": one, "one_process_1_thread_s": one_1t, "ranks_s": many,
+              "ratio": one / many, "ratio_vs_1_thread": one_1t / many, "same_features_bytes": same}
     print(f"N={n} images, model {args.model}: 1 process {one:.1f} s ({n / one:.1f} img/s), {args.ranks} gloo ranks "
-          f"{many:.1f} s ({n / many:.1f} img/s): throughput ratio {one / many:.2f}; features.npy identical: {same}; "
+          f"{many:.1f} s ({n / many:.1f} img/s): throughput ratio {one / many:.2f}; 1 process with OMP_NUM_THREADS=1 "
+          f"{one_1t:.1f} s, ratio {one_1t / many:.2f}; features.npy identical: {same}; "
           f"workers {args.workers} per process; load avg {os.getloadavg()[0]:.2f} (start {info['load_avg_start'][0]:.2f})")
     path = benchlib.save_results("ranks", {"args": vars(args), "machine": info, "result": result})
     print(f"wrote {path}")
