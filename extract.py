@@ -98,14 +98,20 @@ FLAGS = {"batch_size": "-b/--batch-size", "workers": "--workers", "normalize": "
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run extract.py; returns the exit status (0 on success, 2 on bad input)."""
-    args = parse_args(argv)
-    if args.list_models:
-        print_models()
-        return 0
+    import contextlib
+    import io
+
     from featuresExtractor import distributed
     from toolkit.utils import UserError
 
     ranks = distributed.Ranks.from_env()
+    # Under torchrun every rank parses the same command line; rank 0 alone says what is wrong with it.
+    with contextlib.redirect_stderr(io.StringIO()) if ranks.rank else contextlib.nullcontext():
+        args = parse_args(argv)
+    if args.list_models:
+        if ranks.rank == 0:
+            print_models()
+        return 0
     try:
         return _run(args, ranks)
     except UserError as err:
