@@ -4,7 +4,14 @@ Usage (the published recipe):
 
     python extract.py -d PATH/TO/DATASET -s PATH/WHERE/TO/SAVE -b 2048 --data-aug --processor adapt-pca 256
 
-`DATASET` holds `left/` and `right/` (pairs matched by file name) or just images.
+`DATASET` holds `left/` and `right/` (pairs matched by file name) or just images; or it is a
+`PAIRS.csv` (left,right[,name]) or an `IMAGES.txt` list (see `featuresExtractor.image_lists`).
+Several processes (GPUs, or CPU ranks with gloo) share one extraction under torchrun:
+
+    torchrun --nproc_per_node K extract.py <the same flags>
+
+(see `featuresExtractor.distributed`; rank 0 writes the outputs and prints the summary).
+
 Outputs land in `SAVE/MODEL/`: `features.npy`, `features_pca256.npy`,
 `pca256.npz` (+ `.pkl`) and `manifest.json`. See `featuresExtractor.processor`
 for the processors and `featuresExtractor.store` for the file format.
@@ -31,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="extract.py", description="Extract CLIP multi-layer image features for the adaptation function.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     # -d/--data as the paper's extract.py spells it; --dataset kept as an alias.
-    p.add_argument("-d", "--data", "--dataset", dest="dataset", metavar="DIR",
-                   help="folder with left/ and right/ (pairs), or a folder of images (required)")
+    p.add_argument("-d", "--data", "--dataset", dest="dataset", metavar="PATH",
+                   help="folder with left/ and right/ (pairs), a folder of images, a PAIRS.csv (columns "
+                        "left,right[,name]) or an IMAGES.txt (one path a line); list paths are relative to the "
+                        "list or absolute (required)")
     p.add_argument("-s", "--save-to", help="output folder; files go to SAVE_TO/MODEL/ (required)")
     p.add_argument("--list-models", action="store_true",
                    help="print the backbone registry (the paper's 37 names and more): library, identifier, taps "
@@ -99,10 +108,33 @@ FLAGS = {"batch_size": "-b/--batch-size", "workers": "--workers", "normalize": "
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run extract.py; returns the exit status (0 on success, 2 on bad input)."""
-    args = parse_args(argv)
+    import contextlib
+    import io
+
+    from featuresExtractor import distributed
+    from toolkit.utils import UserError
+
+    ranks = distributed.Ranks.from_env()
+    # Under torchrun every rank parses the same command line; rank 0 alone says what is wrong with it.
+    with contextlib.redirect_stderr(io.StringIO()) if ranks.rank else contextlib.nullcontext():
+        args = parse_args(argv)
     if args.list_models:
-        print_models()
+        if ranks.rank == 0:
+            print_models()
         return 0
+    try:
+        return _run(args, ranks)
+    except UserError as err:
+        # Bad input is found alike on every rank: rank 0 says it once.
+        raise distributed.quiet(err) if ranks.rank != 0 else err
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace, ranks) -> int:
+    import torch
+
+    from featuresExtractor import distributed
     from featuresExtractor.backbones import load_backbone, resolve_spec
     from featuresExtractor.pipeline import ExtractConfig, extract
     from toolkit.utils import check_writable, default_workers, flag_names, require_utf8, resolve_device
@@ -110,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     require_utf8({"-d": args.dataset, "-s": args.save_to, "--weights": args.weights})
 
     device = resolve_device(args.device)
+    if ranks.distributed and device.type == "cuda":
+        device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
     with flag_names(FLAGS):
         cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
                             normalize=args.normalize, data_aug=args.data_aug, precision=args.precision,
@@ -120,24 +154,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The config has checked its values; the dataset is checked too before a large model loads.
     from featuresExtractor.dataset import discover
 
-    discover(cfg.dataset)
+    ranks.check_items(len(discover(cfg.dataset)))
     check_writable(cfg.save_to, "-s")
+    ranks = distributed.init(device.type)
     spec = resolve_spec(args.model, args.layers, args.pretrained)
     backbone = load_backbone(spec, weights=args.weights, device=device)
-    if backbone.weights["source"] == "random-init":
+    if backbone.weights["source"] == "random-init" and ranks.rank == 0:
         print("WARNING: the backbone is RANDOMLY INITIALISED (--pretrained none): the features say nothing "
               "about the method", file=sys.stderr)
     try:
         with flag_names(FLAGS):
-            report = extract(cfg, backbone)
+            report = extract(cfg, backbone, ranks)
     except KeyboardInterrupt:
         print("extract.py: interrupted; finished batches are kept: re-run the same command to resume", file=sys.stderr)
         return 130
+    if ranks.rank != 0:  # rank 0 prints the summary
+        return 0
     if report.already_done:
         print(f"already done: {report.out_dir} holds this configuration's results (manifest.json); nothing to do")
         return 0
     print(f"kept {report.n_kept}/{report.n_items} items"
-          + (f" (resumed after {report.resumed_items})" if report.resumed_items else ""))
+          + (f" (resumed after {report.resumed_items})" if report.resumed_items else "")
+          + (f" on {ranks.world_size} ranks" if ranks.distributed else ""))
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable item(s), listed in manifest.json:")
         for name, reason in list(report.skipped.items())[:10]:

@@ -1,12 +1,19 @@
 """Dataset discovery and the image dataset fed to the DataLoader.
 
-Two layouts are understood:
+Four ways to give the images (`-d`):
 
 * pairs (Totally-Looks-Like style): `DIR/left/` and `DIR/right/`, pairs matched by
   identical file name, never by listing order;
-* flat: images directly in `DIR`, one vector per image (galleries).
+* flat: images directly in `DIR`, one vector per image (galleries);
+* a pair list, `PAIRS.csv`: a header with `left` and `right` (and optionally `name`), one pair
+  a line; paths relative to the CSV's folder or absolute; the name defaults to the left file's;
+* a gallery list, `IMAGES.txt`: one image path a line (relative to the file's folder or
+  absolute), named by file name.
 
-Hidden files and files without an image extension are ignored (and counted).
+In folders, hidden files and files without an image extension are ignored (and counted). In
+lists, a missing or unreadable file skips its item and is reported like an unreadable image;
+a duplicate name, the same pair twice, a path that is a folder, a missing column or no usable
+line at all is refused with the line numbers. Items are sorted by name.
 
 Example:
     >>> layout = discover("TLL")                      # doctest: +SKIP
@@ -39,11 +46,15 @@ class Layout:
     sides: tuple[str, ...]  # ("left", "right") or ("feature",)
     names: tuple[str, ...]
     ignored: tuple[str, ...] = ()
+    paths: tuple[tuple[str, ...], ...] | None = None  # lists only: each item's path per side
+    source: str = "folder"  # "folder", "csv" (pair list) or "txt" (gallery list)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def path(self, index: int, side: str) -> Path:
+        if self.paths is not None:
+            return Path(self.paths[index][self.sides.index(side)])
         name = self.names[index]
         return self.root / name if self.kind == "flat" else self.root / side / name
 
@@ -64,6 +75,13 @@ def _listing(folder: Path) -> tuple[list[str], list[str]]:
 def discover(root: str | Path) -> Layout:
     """Inspect `root` and return its `Layout`, or raise `UserError` saying what is wrong."""
     root = Path(root)
+    if root.is_file() and root.suffix.lower() in (".csv", ".txt"):
+        from .image_lists import read_list
+
+        return read_list(root)
+    if root.is_file():
+        raise UserError(f"dataset {root} is a file; give a folder, a .csv of pairs (left,right[,name]) or a .txt list "
+                        f"of images")
     if not root.is_dir():
         raise UserError(f"dataset folder {root} does not exist (expected DIR/left + DIR/right, or a folder of images)")
     left, right = root / "left", root / "right"

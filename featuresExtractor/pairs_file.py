@@ -50,6 +50,7 @@ __all__ = [
     "pairs_from_structured",
     "pairs_from_paper_dict",
     "make_records",
+    "RecordsWriter",
     "to_structured",
 ]
 
@@ -262,6 +263,84 @@ def make_records(names: Sequence[str], vectors: np.ndarray, sides: Sequence[str]
         for s, side in enumerate(sides):
             rec[side][rows] = vectors[:, s, f]
     return rec
+
+
+class RecordsWriter:
+    """Write a features file block by block, as `make_records` would lay it out, in bounded memory.
+
+    The `.npy` header is written first, then each block of items goes to its place in the file
+    (their original rows, then their flipped copies) with positioned writes: no memory map, so
+    the written pages stay in the page cache and out of the process's resident memory. The file
+    has a temporary name beside `path` until `close` fsyncs it and renames it onto `path`; on an
+    error (`abort`, or leaving the `with` block by an exception) it is removed and `path` is
+    untouched. The bytes equal `np.save(path, make_records(...))`.
+
+    Example:
+        >>> import numpy as np
+        >>> with RecordsWriter("f.npy", ["a", "b"], ("feature",), dim=4, n_flips=1) as w:   # doctest: +SKIP
+        ...     w.write(0, np.zeros((2, 1, 1, 4)))
+    """
+
+    def __init__(self, path: str | os.PathLike, names: Sequence[str], sides: Sequence[str], dim: int, n_flips: int):
+        import tempfile
+        from pathlib import Path
+
+        self.path, self.names, self.sides, self.n_flips = Path(path), names, tuple(sides), n_flips
+        self.dtype = _record_dtype(names, sides, (dim,))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.npy", dir=self.path.parent)
+        self.tmp = Path(tmp)
+        self.fh = os.fdopen(fd, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (len(names) * n_flips,)}
+        try:
+            np.lib.format.write_array_header_1_0(self.fh, header)
+        except ValueError:  # a header too long for format 1.0, as np.save would fall back
+            np.lib.format.write_array_header_2_0(self.fh, header)
+        self.fh.flush()
+        self.offset = self.fh.tell()
+        self.fh.truncate(self.offset + self.dtype.itemsize * len(names) * n_flips)
+
+    def write(self, start: int, vectors: np.ndarray) -> None:
+        """Rows for items `start .. start + len(vectors)` from their (n, sides, flips, D) vectors."""
+        n, total = len(vectors), len(self.names)
+        block = np.zeros(n, dtype=self.dtype)
+        block["name"] = self.names[start:start + n]
+        for f in range(self.n_flips):
+            block["augmented"] = f > 0
+            for s, side in enumerate(self.sides):
+                block[side] = vectors[:, s, f]
+            try:
+                os.pwrite(self.fh.fileno(), block.tobytes(), self.offset + (f * total + start) * self.dtype.itemsize)
+            except OSError as err:
+                raise self._named(err) from None
+
+    def _named(self, err: OSError) -> OSError:
+        # pwrite/fsync errors carry no file name; the one-line error should say which file (a full disk).
+        return err if err.filename else OSError(err.errno, err.strerror, str(self.path))
+
+    def close(self) -> None:
+        """Fsync and put the file in place."""
+        try:
+            os.fsync(self.fh.fileno())
+        except OSError as err:
+            raise self._named(err) from None
+        self.fh.close()
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(self.tmp, 0o666 & ~mask)  # mkstemp's 0600 would make results private by accident
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the unfinished file."""
+        self.fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "RecordsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.abort() if exc_type is not None else self.close()
 
 
 def to_structured(names: Sequence[str], augmented: Sequence[bool], left: np.ndarray, right: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import os
@@ -31,12 +32,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .dataset import ImageItems, Layout, discover
+from .distributed import Ranks
 from .backbones import Backbone, file_sha256
 from .extractor import FeatureExtractor
+from .merge import write_outputs
+from .processor import Processor, check_components, parse_processor
 from toolkit.lock import folder_lock
-from .pca import save_pca
-from .processor import Processor, check_components, parse_processor, process
-from .pairs_file import make_records
 from .store import ChunkStore
 from .transforms import DECODE, hflip
 from toolkit.utils import UserError, default_workers, read_json, save_npy, write_json
@@ -101,8 +102,10 @@ def _fingerprint(cfg: ExtractConfig, backbone: Backbone, proc: Processor, layout
     weights = {k: v for k, v in backbone.weights.items() if k in ("source", "tag", "sha256", "seed")}
     # Chunks refer to items by position in the sorted name list, so the list itself must not change
     # under a resumed run: its hash is part of the configuration.
-    items = hashlib.sha256("\n".join(layout.names).encode()).hexdigest()
-    return {"dataset": str(layout.root.resolve()), "items": {"count": len(layout), "names_sha256": items}, "model": backbone.spec.name, "arch": backbone.spec.arch,
+    items = {"count": len(layout), "names_sha256": hashlib.sha256("\n".join(layout.names).encode()).hexdigest()}
+    if layout.paths is not None:  # a list: where each item's files are is part of what was extracted
+        items["paths_sha256"] = hashlib.sha256("\n".join("\t".join(p) for p in layout.paths).encode()).hexdigest()
+    return {"dataset": str(layout.root.resolve()), "items": items, "model": backbone.spec.name, "arch": backbone.spec.arch,
             "weights": weights, "taps": list(backbone.spec.taps), "processor": proc.name,
             "n_components": proc.n_components, "normalize": proc.normalize, "data_aug": cfg.data_aug,
             "precision": cfg.precision, "exif_orientation": True}
@@ -311,64 +314,50 @@ def _check_strict(batch: dict, layout: Layout) -> None:
 
 
 def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
-                 fingerprint: dict) -> int:
-    """Forward every item not yet in the chunk store into it; returns how many were there before.
+                 ranks: Ranks) -> int:
+    """Forward every item of this rank's shard not yet in the chunk store into it; returns how many were there.
 
-    On a `UserError` (`strict`), what this run wrote is removed again.
+    On a `UserError` (`strict`), the chunks this rank wrote are removed again.
     """
     store = ChunkStore(out_dir / ".partial")
-    done = store.done()
-    for name, reason in store.discarded:
-        print(f"{store.folder / name} was damaged ({reason}); its items are extracted again", file=sys.stderr)
-    todo = [i for i in range(len(layout)) if i not in done]
+    shard = ranks.shard(len(layout))
+    done = store.done(discard=False)  # rank 0 discarded damaged chunks before the barrier
+    todo = [i for i in shard if i not in done]
     images_per_item = len(layout.sides) * (2 if cfg.data_aug else 1)
-    if not proc.pooled:
-        _check_disk(out_dir, len(todo), sum(int(np.prod(s)) for s in fx.info.shapes.values()) * images_per_item)
-    fresh = not store.folder.exists()
     written: list[Path] = []
-    bar = tqdm(total=len(layout) * images_per_item, initial=len(done) * images_per_item, unit="img",
-               desc=f"extract {fx.backbone.spec.name}", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(shard) * images_per_item, initial=(len(shard) - len(todo)) * images_per_item, unit="img",
+               desc=" ".join(filter(None, [f"extract {fx.backbone.spec.name}", ranks.label])),
+               disable=not cfg.progress, dynamic_ncols=True, position=ranks.rank)
     try:
         with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward:
             for batch in _loader(cfg, fx, layout, todo, images_per_item):
                 if cfg.strict:
                     _check_strict(batch, layout)
-                if not written and not store.folder.exists():
-                    store.start(fingerprint)
                 written.append(_store_batch(batch, forward, cfg, layout, store, proc.pooled, out_dir))
                 bar.update(len(batch["index"]) * images_per_item)
     except UserError:
         for path in written:
             path.unlink(missing_ok=True)
-        if fresh:
-            store.remove()
-            if out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()
         raise
     finally:
         bar.close()
-    return len(done)
+    return len(shard) - len(todo)
 
 
-def _write_features(proc: Processor, fx: FeatureExtractor, pooled: dict, names: list[str], layout: Layout,
-                     n_flips: int, out_dir: Path) -> dict[str, dict]:
-    """Process the pooled taps and write the features files and PCA files into `out_dir`; their manifest entries."""
-    outputs: dict[str, dict] = {}
-    check_components(proc, len(names) * len(layout.sides) * n_flips, fx.info.dims)
-    result = process(proc, pooled, fx.info.embedding)
-    for file, vectors in result.vectors.items():
-        save_npy(out_dir / file, make_records(names, vectors, layout.sides))
-        outputs[file] = {"kind": "features", "rows": len(names) * n_flips, "dim": int(vectors.shape[-1]),
-                         "fields": ["name", "augmented", *layout.sides],
-                         "parts": {k: list(v) for k, v in result.parts.get(file, {}).items()},
-                         **file_digest(out_dir / file)}
-    for stem, pca in result.pcas.items():
-        for path in save_pca(out_dir / stem, pca):
-            rel = str(path.relative_to(out_dir))
-            outputs[rel] = {"kind": "pca", "n_components": proc.n_components, "in_dim": int(pca.n_features_in_),
-                            "explained_variance": float(np.sum(pca.explained_variance_ratio_)),
-                            "pickle": path.suffix == ".pkl", **file_digest(path)}
-    return outputs
+def _start_store(out_dir: Path, fingerprint: dict) -> bool:
+    """Create the chunk store before any rank writes into it; whether it is new."""
+    store = ChunkStore(out_dir / ".partial")
+    if store.folder.exists():
+        return False
+    store.start(fingerprint)
+    return True
+
+
+def _drop_fresh_store(out_dir: Path) -> None:
+    """After a failed first run: remove what it created, so nothing looks like a run to resume."""
+    ChunkStore(out_dir / ".partial").remove()  # raw outputs are written inside it, so they go too
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, fingerprint: dict,
@@ -389,7 +378,8 @@ def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
         "decode": DECODE,
         "precision": cfg.precision, "device": str(fx.device), "channels_last": cfg.channels_last,
         "batch_size": cfg.batch_size,
-        "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "sides": list(layout.sides),
+        "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "source": layout.source,
+                    "sides": list(layout.sides),
                     "ignored_files": list(layout.ignored)},
         "counts": {"items_found": len(layout), "items_kept": len(kept), "items_skipped": len(skipped),
                    "rows_per_file": len(kept) * n_flips,
@@ -402,13 +392,13 @@ def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
 
 
 def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
-            fingerprint: dict, replaced: list[str], report: Report) -> None:
+            fingerprint: dict, replaced: list[str], report: Report, ranks: Ranks) -> None:
     """Turn the chunk store into the output files and the manifest; remove what they replace."""
     store = ChunkStore(out_dir / ".partial")
     if not store.folder.exists():  # nothing left to do and no chunks: an empty resume
         store.start(fingerprint)
-    kept, pooled, skipped = store.load()
-    kept_list = kept.tolist() if len(kept) else []
+    rows = store.rows()
+    kept_list, skipped = rows.kept.tolist(), rows.skipped
     if not proc.pooled:
         kept_list = sorted(set(range(len(layout))) - set(skipped))
     report.n_kept = len(kept_list)
@@ -422,22 +412,33 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
     staged = store.folder / "staged"
     shutil.rmtree(staged, ignore_errors=True)
     if proc.pooled:
-        outputs = _write_features(proc, fx, pooled, [layout.names[i] for i in kept_list], layout, n_flips, staged)
+        check_components(proc, len(kept_list) * len(layout.sides) * n_flips, fx.info.dims)
+        outputs = write_outputs(proc, rows, [layout.names[i] for i in kept_list], layout.sides, n_flips,
+                                fx.info.embedding, fx.info.dims, staged)
+        for rel, info in outputs.items():
+            info.update(file_digest(staged / rel))
     else:
         outputs = {"raw": {"kind": "raw", "dtype": "float16", "layout": "raw/{tap}/{row:06d}.npy",
                            "axes": ["side", "flip", "..."], "shapes": {k: list(v) for k, v in fx.info.shapes.items()},
                            "rows": {f"{i:06d}": layout.names[i] for i in kept_list}}}
-    write_json(staged / MANIFEST, _manifest(cfg, fx, proc, layout, fingerprint, kept_list, skipped, outputs))
+    manifest = _manifest(cfg, fx, proc, layout, fingerprint, kept_list, skipped, outputs)
+    manifest["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
+                               "shards": ranks.layout(len(layout)), "shard_rule": "contiguous ranges of the sorted items"}
+    write_json(staged / MANIFEST, manifest)
     _swap_in(out_dir, staged, store.folder / "raw", outputs, replaced)
     store.remove()
     report.outputs = [str(out_dir / rel) for rel in outputs] + [str(out_dir / MANIFEST)]
 
 
-def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
+def extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks = Ranks()) -> Report:
     """Extract features for `cfg.dataset` with `backbone` and write them under `cfg.save_to/MODEL/`.
 
     Steps: check the input and prepare the output folder, run the batches into the chunk store
     (`MODEL/.partial/`, so an interrupted run resumes), write the outputs, write the manifest.
+
+    Under torchrun, pass `ranks` (`featuresExtractor.distributed.init`): each rank extracts its
+    shard of the sorted items into the chunk store, and rank 0 alone writes the outputs and the
+    manifest once every rank is done; the other ranks return a `Report` without outputs.
 
     Returns a `Report`. Raises `UserError` for bad input, before anything is written
     (with `strict`, also for an unreadable image, removing what this run wrote), and when
@@ -447,23 +448,48 @@ def extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
     blocking = next((p for p in (Path(cfg.save_to), *Path(cfg.save_to).parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"-s {cfg.save_to}: {blocking} is a file, not a folder; choose another -s")
-    with folder_lock(Path(cfg.save_to) / backbone.spec.name, "-s"):
-        return _extract(cfg, backbone)
+    # Rank 0 takes the folder lock in its prepare step and holds it until the merge has ended.
+    with contextlib.ExitStack() as held:
+        return _extract(cfg, backbone, ranks, held)
 
 
-def _extract(cfg: ExtractConfig, backbone: Backbone) -> Report:
+def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: contextlib.ExitStack) -> Report:
     proc = parse_processor(cfg.processor, cfg.normalize)
     layout = discover(cfg.dataset)
+    ranks.check_items(len(layout))
     fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
     out_dir = _out_dir(cfg, fx, proc, layout, 2 if cfg.data_aug else 1)
     fingerprint = _fingerprint(cfg, backbone, proc, layout)
     report = Report(out_dir=out_dir, n_items=len(layout))
-    done_before, replaced = _prepare_out_dir(out_dir, fingerprint, cfg.overwrite)
+
+    def prepare() -> tuple[bool, list[str], bool]:
+        held.enter_context(folder_lock(out_dir, "-s"))
+        done_before, replaced = _prepare_out_dir(out_dir, fingerprint, cfg.overwrite)
+        if done_before:
+            return True, [], False
+        store = ChunkStore(out_dir / ".partial")
+        # Damaged chunks go before any other rank reads the store (agree() is the barrier).
+        left = len(layout) - len(store.done())
+        for name, reason in store.discarded:
+            print(f"{store.folder / name} was damaged ({reason}); its items are extracted again", file=sys.stderr)
+        if not proc.pooled:
+            _check_disk(out_dir, left, sum(int(np.prod(s)) for s in fx.info.shapes.values())
+                        * len(layout.sides) * (2 if cfg.data_aug else 1))
+        return False, replaced, _start_store(out_dir, fingerprint)
+
+    # Rank 0 alone looks at, locks and prepares the output folder; the others wait for its verdict.
+    done_before, replaced, fresh = ranks.agree(prepare)
     if done_before:
         report.already_done = True
         return report
-    report.resumed_items = _run_batches(cfg, fx, proc, layout, out_dir, fingerprint)
-    _finish(cfg, fx, proc, layout, out_dir, fingerprint, replaced, report)
+    try:
+        report.resumed_items = sum(ranks.all_succeed(lambda: _run_batches(cfg, fx, proc, layout, out_dir, ranks)))
+    except UserError:
+        if fresh and ranks.rank == 0:
+            _drop_fresh_store(out_dir)
+        raise
+    if ranks.rank == 0:
+        _finish(cfg, fx, proc, layout, out_dir, fingerprint, replaced, report, ranks)
     return report
 
 

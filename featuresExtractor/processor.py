@@ -22,11 +22,13 @@ L2-normalised before concatenation. The embedding (`attnpool`) is another story:
 * `none`: no normalisation; the default of `pca`, whose per-tap PCAs do not mix scales.
 
 **PCA** is fitted on every extracted vector (both sides of every pair, and the
-flipped copies with `--data-aug`), with the full, deterministic SVD.
+flipped copies with `--data-aug`), by `featuresExtractor.pca.StreamingPCA` (float64
+covariance, one eigendecomposition; deterministic).
 
 Processors are stateless: `process` is a pure function of the pooled parts, so
-nothing piles up between batches; the extraction loop stores pooled parts and the
-processor runs once at the end.
+nothing piles up between batches; the extraction loop stores pooled parts, and at the
+end `featuresExtractor.merge` runs the same steps (`pca_stems`, the streamed fit,
+`project`) block by block over the stored parts. `process` is the in-memory form.
 
 Example:
     >>> import numpy as np
@@ -43,7 +45,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .pca import PCAParams, fit_pca
+from .pca import PCAParams, StreamingPCA
 from .pooling import NORMALIZE_MODES, concat_parts, part_slices
 from toolkit.utils import UserError
 
@@ -147,7 +149,9 @@ def process(proc: Processor, pooled: Mapping[str, np.ndarray], embedding: str | 
     dims = {name: a.shape[-1] for name, a in pooled.items()}
     for stem, tap in pca_stems(proc, list(pooled)).items():
         fit_on = concat_parts(pooled if tap is None else {tap: pooled[tap]}, proc.normalize, embedding)
-        out.pcas[stem] = fit_pca(_flat(fit_on), proc.n_components)
+        fit = StreamingPCA(fit_on.shape[-1], proc.n_components)
+        fit.update(_flat(fit_on))
+        out.pcas[stem] = fit.fit()
     params = {stem: PCAParams.from_sklearn(pca) for stem, pca in out.pcas.items()}
     out.vectors = project(proc, pooled, embedding, params)
     for file in out.vectors:

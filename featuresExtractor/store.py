@@ -10,13 +10,13 @@ from __future__ import annotations
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from toolkit.utils import UserError, atomic_path, first_line, read_json, write_json
 
-__all__ = ["ChunkStore"]
+__all__ = ["ChunkStore", "StoredRows"]
 
 
 class ChunkStore:
@@ -78,14 +78,18 @@ class ChunkStore:
                 raise ValueError(f"part {i} missing or of the wrong length")
         return arrays
 
-    def done(self) -> set[int]:
+    def done(self, discard: bool = True) -> set[int]:
+        """Item indices held by whole chunks. A damaged chunk is removed (and listed in `discarded`)
+        when `discard`, else only left out: under torchrun rank 0 alone discards, before the other
+        ranks look (`featuresExtractor.pipeline`), so no rank removes a chunk another one reads."""
         done: set[int] = set()
         for path in self.chunks():
             try:
                 done.update(self._read(path)["indices"].tolist())
             except ValueError as err:
-                self.discarded.append((path.name, str(err)))
-                path.unlink()
+                if discard:
+                    self.discarded.append((path.name, str(err)))
+                    path.unlink()
         return done
 
     def write(self, indices: Sequence[int], parts: Mapping[str, np.ndarray],
@@ -99,25 +103,65 @@ class ChunkStore:
                      **arrays)
         return path
 
-    def load(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[int, str]]:
-        """All chunks merged: kept item indices (sorted), tap -> pooled array, skipped index -> reason."""
-        indices, parts, skipped = [], {}, {}
-        for path in self.chunks():
-            try:
-                z = self._read(path)
-            except ValueError as err:
-                raise UserError(f"{path} is damaged ({err}); re-run the same command to extract its items again") from None
-            ok = np.setdiff1d(z["indices"], z["skip_index"], assume_unique=False)
-            keep = np.isin(z["indices"], ok)
-            indices.append(z["indices"][keep])
-            for i, name in enumerate(z["names"].tolist()):
-                parts.setdefault(name, []).append(z[f"part_{i}"][keep])
-            skipped.update(zip(z["skip_index"].tolist(), z["skip_reason"].tolist()))
-        if not indices:
-            return np.zeros(0, dtype=np.int64), {}, skipped
-        order_idx = np.concatenate(indices)
-        order = np.argsort(order_idx, kind="stable")
-        return order_idx[order], {k: np.concatenate(v)[order] for k, v in parts.items()}, skipped
+    def rows(self) -> "StoredRows":
+        """The kept items of every chunk, readable in item order block by block (see `StoredRows`)."""
+        return StoredRows(self.chunks())
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class StoredRows:
+    """The kept items of a set of chunks, in item order, read a block of items at a time.
+
+    Only the item indices of every chunk are held (8 bytes an item, three times); the pooled
+    values are read from the chunks a block at a time, so merging needs memory for one block
+    (and the chunks it touches), not for the dataset. Blocks are cut by item position, never by
+    chunk, so the blocks, and whatever is computed from them, do not depend on how the items
+    were batched or sharded over ranks. An item found in two chunks is taken from the first.
+    """
+
+    def __init__(self, chunks: Sequence[Path]):
+        self.chunks = list(chunks)
+        items, where, skipped = [], [], {}
+        for c, path in enumerate(self.chunks):
+            with np.load(path, allow_pickle=False) as z:
+                idx, skip = z["indices"], z["skip_index"]
+                skipped.update(zip(skip.tolist(), z["skip_reason"].tolist()))
+            rows = np.flatnonzero(~np.isin(idx, skip))
+            items.append(idx[rows])
+            where.append(np.stack([np.full(len(rows), c), rows], axis=1))
+        self.skipped: dict[int, str] = skipped
+        if not items:
+            self.kept = np.zeros(0, dtype=np.int64)
+            self._where = np.zeros((0, 2), dtype=np.int64)
+            return
+        all_items, all_where = np.concatenate(items), np.concatenate(where)
+        # np.unique returns the first occurrence of each item, in sorted item order.
+        self.kept, first = np.unique(all_items, return_index=True)
+        self._where = all_where[first]
+        kept = set(self.kept.tolist())
+        self.skipped = {i: r for i, r in skipped.items() if i not in kept}
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def blocks(self, block_items: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Yield (position of the block's first kept item, tap -> pooled values of the block's items)."""
+        cache: dict[int, dict[str, np.ndarray]] = {}
+        for start in range(0, len(self.kept), block_items):
+            where = self._where[start:start + block_items]
+            needed = np.unique(where[:, 0]).tolist()
+            cache = {c: cache[c] if c in cache else self._read(c) for c in needed}
+            parts = {}
+            for name in cache[needed[0]]:
+                parts[name] = np.concatenate([cache[c][name][where[where[:, 0] == c, 1]] for c in needed])
+            # Rows came grouped by chunk; put them back in item order.
+            order = np.concatenate([np.flatnonzero(where[:, 0] == c) for c in needed])
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            yield start, {k: v[inverse] for k, v in parts.items()}
+
+    def _read(self, c: int) -> dict[str, np.ndarray]:
+        with np.load(self.chunks[c], allow_pickle=False) as z:
+            return {name: z[f"part_{i}"] for i, name in enumerate(z["names"].tolist())}

@@ -8,7 +8,7 @@ The paper's README writes:
                     --test-split SPLITTING_PERCENTAGE -k TOPK_VALS --gpu
     python train.py -h
 
-and its extract.py's `-h` reads `extract.py [-h] -d DIR -s DIR [-b N] [-p [PROCESSOR ...]] [--data-aug | --no-data-aug]`
+and its extract.py's `-h` reads `extract.py [-h] -d PATH -s DIR [-b N] [-p [PROCESSOR ...]] [--data-aug | --no-data-aug]`
 with long forms `--data`, `--save-to`, `--batch-size`, `--processor`. The tiny random-init backbone
 stands in for RN50x4 (the flags after the paper's are only those that choose it).
 """
@@ -138,7 +138,7 @@ def test_help_runs(argv):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage: ")
     if argv[0] == "extract.py":
-        assert "-d DIR, --data DIR, --dataset DIR" in proc.stdout and "--no-data-aug" in proc.stdout
+        assert "-d PATH, --data PATH, --dataset PATH" in proc.stdout and "--no-data-aug" in proc.stdout
     if argv[0] == "train.py":
         for flag in ("--gpu", "--cpu", "--same-split", "--seed", "--test-split", "--temperature", "--topk"):
             assert flag in proc.stdout, flag

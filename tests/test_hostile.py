@@ -138,16 +138,14 @@ def test_overwrite_never_deletes_outside_the_output_folder(done, tmp_path, capsy
 
 
 def test_failed_overwrite_on_a_full_disk_keeps_the_earlier_results(done, monkeypatch, capsys):
-    import featuresExtractor.pipeline as pipeline
-
     before = snapshot(done["dir"])
-    real = pipeline.save_npy
+    real = os.pwrite
 
-    def full(path, array):
-        real(path, array[:1])  # some bytes went out, then the disk filled
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    def full(fd, data, offset):
+        real(fd, data[:1], offset)  # some bytes went out, then the disk filled (pwrite names no file)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pipeline, "save_npy", full)
+    monkeypatch.setattr(os, "pwrite", full)  # the merge writes the features files with pwrite
     argv = [a if a != "4" else "3" for a in done["argv"]] + ["--overwrite"]
     code, _, err = run(extract, argv, capsys)
     line = one_line_error(code, err, "extract.py")

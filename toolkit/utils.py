@@ -190,7 +190,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         return int(main(argv) or 0)
     except UserError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # quiet: another process (rank 0) has printed it
+            print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         # Disk full, read-only place, a path component that is a file...: one line, path and reason.
