@@ -97,14 +97,12 @@ def all_reduce_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
 
 def from_env(environ: dict[str, str] | None = None) -> Dist:
     """This process's place as `torchrun` describes it (`RANK`, `WORLD_SIZE`, `LOCAL_WORLD_SIZE`); `Dist()` outside torchrun."""
-    import os
+    from toolkit.distributed import torchrun_env
 
-    env = os.environ if environ is None else environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    env = torchrun_env(environ)
+    if env["world_size"] <= 1:
         return Dist()
-    return Dist(rank=int(env.get("RANK", "0")), world_size=world,
-                local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))))
+    return Dist(rank=env["rank"], world_size=env["world_size"], local_world_size=env["local_world_size"])
 
 
 def broadcast_int(value: int, dist: Dist) -> int:
@@ -196,7 +194,9 @@ def run_ranked_cli(main, prog: str, dist: Dist) -> int:
         print(f"{prog}: rank {dist.rank} of {dist.world_size} failed: {first_line(err)}", file=sys.stderr)
         return 1
     finally:
-        _destroy_group()
+        from toolkit.distributed import destroy_group
+
+        destroy_group()
 
 
 def init_group(dist: Dist, device: torch.device, timeout_s: float = 600.0) -> None:
@@ -210,10 +210,3 @@ def init_group(dist: Dist, device: torch.device, timeout_s: float = 600.0) -> No
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-
-
-def _destroy_group() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.destroy_process_group()

@@ -23,10 +23,10 @@ Example:
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
+from toolkit.distributed import destroy_group, torchrun_env
 from toolkit.utils import UserError
 
 __all__ = ["Ranks", "init", "shutdown", "quiet"]
@@ -57,13 +57,8 @@ class Ranks:
     @classmethod
     def from_env(cls) -> "Ranks":
         """Read torchrun's RANK, WORLD_SIZE and LOCAL_RANK (a plain `python extract.py` has none)."""
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            rank = int(os.environ.get("RANK", "0"))
-            local = int(os.environ.get("LOCAL_RANK", str(rank)))
-        except ValueError:
-            raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
-        return cls(rank, world, local)
+        env = torchrun_env()
+        return cls(env["rank"], env["world_size"], env["local_rank"])
 
     @property
     def distributed(self) -> bool:
@@ -149,7 +144,4 @@ def init(device_type: str) -> Ranks:
 
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_group()

@@ -1,0 +1,46 @@
+"""What extract.py's and train.py's torchrun support share: where this process is, leaving the group.
+
+torchrun describes each process it starts in environment variables; `torchrun_env` reads them
+(a plain `python script.py` has none: rank 0 of 1). `destroy_group` leaves the process group,
+if this process joined one. The two scripts build their own views on top
+(`featuresExtractor.distributed.Ranks`, `adaptation.distributed.Dist`), since extraction shards
+items and training shares batches.
+
+Example:
+    >>> torchrun_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    {'rank': 1, 'world_size': 2, 'local_rank': 1, 'local_world_size': 2}
+    >>> torchrun_env({})
+    {'rank': 0, 'world_size': 1, 'local_rank': 0, 'local_world_size': 1}
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+from .utils import UserError
+
+__all__ = ["torchrun_env", "destroy_group"]
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> dict[str, int]:
+    """rank, world_size, local_rank and local_world_size as torchrun sets them (RANK, WORLD_SIZE,
+    LOCAL_RANK, LOCAL_WORLD_SIZE); a `UserError` when one is not an integer."""
+    env = os.environ if environ is None else environ
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (torchrun sets "
+                        "them)") from None
+    return {"rank": rank, "world_size": world, "local_rank": local, "local_world_size": local_world}
+
+
+def destroy_group() -> None:
+    """Leave the torch.distributed process group, if this process joined one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
