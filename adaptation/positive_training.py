@@ -1,20 +1,24 @@
 """The epoch loop for the positive-pair objectives (`adaptation.objectives`: SimSiam, BYOL).
 
-Each epoch:
+The batches (`epoch_batches`): with the default `batch_size=None` one step per epoch over the
+whole training set; with a smaller B each training set (the original pairs, then their flipped
+copies, never mixed) is shuffled each epoch, seeded by `seed`, the epoch and the set, and cut into
+batches of B, step s taking batch s of each set. Per step:
 
-1. The training pool is the original training pairs and their flipped copies, as one set of
-   `(left, right)` rows (with no negatives, the contrastive recipe's per-set averaging changes
-   nothing but the batch statistics). It is shuffled with a generator seeded once per run, and cut
-   into minibatches of `batch_size` rows (default: the whole pool, one step per epoch). A last
-   batch of a single row is skipped for that epoch: the predictor's BatchNorm needs two.
-2. Per minibatch: the objective's loss, one Adam step, then `objective.after_step` (BYOL's target
-   update). With `precision="bf16"` the forward runs under `torch.autocast(dtype=bfloat16)`.
-3. The figures, all with the updated model, in fp32 and eval mode: `Train/Loss` is the
-   objective's loss averaged over the epoch's rows; `Train/output std` the collapse monitor
-   (`adaptation.objectives.output_std`) of the encoder's outputs on the original training pairs,
-   both sides; `Train/top k` ... `Train/MRR` the retrieval figures on the original training pairs;
-   and the `Test/` figures of `adaptation.training.evaluate`, exactly those of a contrastive run
-   (`Test/Loss` is the contrastive loss at `config.temperature`, so the curves compare).
+1. For each set's batch, the objective's loss (its mean over the step's sets is the step's loss),
+   backpropagated. With `precision="bf16"` the forward runs under `torch.autocast(dtype=bfloat16)`.
+   A batch of a single row is left out (the predictor's BatchNorm needs two).
+2. One Adam step, then `objective.after_step` (BYOL's target update).
+
+After each epoch, with the updated model, in fp32 and eval mode:
+
+- `Train/Loss`: the objective's loss, averaged over the epoch's steps weighted by their number of
+  original pairs (as the contrastive loop weights its minibatches);
+- `Train/output std`: the collapse monitor (`adaptation.objectives.output_std`) of the encoder's
+  outputs on the original training pairs, both sides;
+- `Train/top k` ... `Train/MRR`: the retrieval figures on the original training pairs;
+- the `Test/` figures, computed as a contrastive run computes them (`Test/Loss` is the contrastive
+  loss at `config.temperature`), so the curves and summaries compare directly.
 
 Example:
     >>> import torch
@@ -29,52 +33,73 @@ Example:
     <torch._C.Generator object at ...>
     >>> objective = build_objective("byol", build_model("original", pairs.in_dim))
     >>> cfg = TrainConfig(epochs=2, temperature=15.0, topk=(1,))
-    >>> history = train_positive(objective, data, cfg, make_optimizer(objective, cfg), batch_size=32, seed=0)
+    >>> history = train_positive(objective, data, cfg, make_optimizer(objective, cfg), batch_size=16)
     >>> history[-1]["epoch"], "Train/output std" in history[-1]
     (2, True)
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .objectives import BYOL, SimSiam, output_std
 from .split import TrainData
 from .training import TrainConfig, evaluate
 
-__all__ = ["OUTPUT_STD", "minibatches", "steps_per_epoch", "train_positive"]
+__all__ = ["OUTPUT_STD", "epoch_batches", "train_positive"]
 
 OUTPUT_STD = "Train/output std"
 """The collapse monitor's metric name (TensorBoard tag and history key)."""
 
 
-def minibatches(n: int, batch_size: int | None, generator: torch.Generator) -> list[torch.Tensor]:
-    """Row indices of one epoch's minibatches: a shuffle of `range(n)` cut into `batch_size` pieces.
+def epoch_batches(sizes: list[int], batch_size: int | None, seed: int, epoch: int) -> list[list[np.ndarray | None]]:
+    """The batches of one epoch: for each step, one index array per training set (None: the whole set).
 
-    `batch_size` None (or >= n) gives one batch of all rows, unshuffled. A last piece of one row
-    is dropped (BatchNorm needs two rows).
+    Each set too large for one batch is shuffled with a generator seeded by `(seed, epoch, set)`
+    and cut into batches of `batch_size` (the last one smaller); step s takes batch s of each set.
+    A set with fewer batches than another sits out the remaining steps (`False`).
     """
-    if batch_size is None or batch_size >= n:
-        return [torch.arange(n)]
-    batches = list(torch.randperm(n, generator=generator).split(batch_size))
-    if len(batches[-1]) < 2:
-        batches.pop()
-    return batches
+    per_set: list[list[np.ndarray | None]] = []
+    for i, n in enumerate(sizes):
+        if batch_size is None or batch_size >= n:
+            per_set.append([None])
+        else:
+            perm = np.random.default_rng([seed, epoch, i]).permutation(n)
+            per_set.append([perm[s:s + batch_size] for s in range(0, n, batch_size)])
+    return [list(step) for step in itertools.zip_longest(*per_set, fillvalue=False)]
 
 
-def steps_per_epoch(n: int, batch_size: int | None) -> int:
-    """How many optimiser steps `minibatches` makes per epoch for `n` rows."""
-    if batch_size is None or batch_size >= n:
-        return 1
-    full, rest = divmod(n, batch_size)
-    return full + (1 if rest >= 2 else 0)
-
-
-def _pool(data: TrainData) -> tuple[torch.Tensor, torch.Tensor]:
-    sets = data.train_sets
-    return torch.cat([s[0] for s in sets]), torch.cat([s[1] for s in sets])
+def _step(objective: SimSiam | BYOL, sets, step, config: TrainConfig, optimizer) -> tuple[torch.Tensor, int] | None:
+    """One optimiser step over the sets' batches; (loss, originals in the batch), or None when no batch was usable."""
+    batches = []
+    for i, idx in enumerate(step):
+        if idx is False:  # this set has no batch left this epoch
+            continue
+        left, right = sets[i]
+        if idx is not None:
+            rows = torch.as_tensor(idx, device=left.device)
+            left, right = left.index_select(0, rows), right.index_select(0, rows)
+        if len(left) >= 2:
+            batches.append((i, left, right))
+    if not batches:
+        return None
+    device = batches[0][1].device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for _, left, right in batches:
+        with autocast:
+            loss, _ = objective(left, right)
+        loss = loss.float() / len(batches)
+        loss.backward()
+        total += loss.detach()
+    optimizer.step()
+    n_orig = next((len(left) for i, left, _ in batches if i == 0), 0)
+    return total, n_orig
 
 
 def train_positive(
@@ -92,49 +117,43 @@ def train_positive(
     Args:
         objective: from `adaptation.objectives.build_objective`, on the data's device.
         data: the three sets (see `adaptation.split.split_data`).
-        config: epochs, temperature (for the test loss), lr, topk, precision.
-        optimizer: from `make_optimizer(objective, config)`: the encoder's and predictor's parameters.
-        batch_size: rows per minibatch; None for the whole pool.
-        seed: seeds the per-epoch shuffles.
+        config: epochs, temperature (the test loss), lr, topk, precision.
+        optimizer: from `make_optimizer(objective, config)`: the encoder's and the predictor's parameters.
+        batch_size: pairs per batch of each set; None: the whole set, one step per epoch.
+        seed: seeds the epochs' shuffles.
         on_epoch: called after every epoch with `(epoch, metrics)`.
 
     Returns:
         One dict per epoch: `epoch` and the floats `Train/Loss`, `Train/output std`, the train
-        retrieval figures and the `Test/` figures of a contrastive run.
+        retrieval figures, and the `Test/` figures of a contrastive run.
     """
-    left, right = _pool(data)
-    n = len(left)
-    device = left.device
-    generator = torch.Generator().manual_seed(seed)
-    total_steps = config.epochs * steps_per_epoch(n, batch_size)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    sets = data.train_sets
+    sizes = [len(s[0]) for s in sets]
+    total_steps = config.epochs * len(epoch_batches(sizes, batch_size, seed, 1))
+    encoder = objective.encoder
     history: list[dict[str, float]] = []
-    step = 0
+    done = 0
     for epoch in range(1, config.epochs + 1):
         objective.train()
-        loss_sum, rows = torch.zeros((), device=device), 0
-        for idx in minibatches(n, batch_size, generator):
-            idx = idx.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast:
-                loss, _ = objective(left[idx], right[idx])
-            loss.float().backward()
-            optimizer.step()
-            step += 1
-            objective.after_step(step, total_steps)
-            loss_sum += loss.detach().float() * len(idx)
-            rows += len(idx)
-        encoder = objective.encoder
-        tr = evaluate(encoder, *data.train, config)
+        loss_sum, weight = torch.zeros((), dtype=torch.float64, device=sets[0][0].device), 0
+        for step in epoch_batches(sizes, batch_size, seed, epoch):
+            out = _step(objective, sets, step, config, optimizer)
+            if out is None:
+                continue
+            done += 1
+            objective.after_step(done, total_steps)
+            loss, n_orig = out
+            loss_sum += loss.double() * max(n_orig, 1)
+            weight += max(n_orig, 1)
+        tr = evaluate(encoder, *data.train, config)  # in eval mode, fp32
+        tr["Loss"] = (loss_sum / max(weight, 1)).float()
         with torch.no_grad():
             tr[OUTPUT_STD.removeprefix("Train/")] = output_std(torch.cat([encoder(data.train[0]), encoder(data.train[1])]))
-        tr["Loss"] = loss_sum / max(rows, 1)
         te = evaluate(encoder, *data.test, config)
         names = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te]
         values = torch.stack([v.float() for v in (*tr.values(), *te.values())]).tolist()
-        row = {"epoch": epoch, **dict(zip(names, values))}
-        history.append(row)
+        row = dict(zip(names, values))
+        history.append({"epoch": epoch, **row})
         if on_epoch is not None:
-            on_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
+            on_epoch(epoch, dict(row))
     return history
-

@@ -3,6 +3,7 @@
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from adaptation.objectives import (
     simsiam_loss,
 )
 from adaptation.planted import planted_pairs
-from adaptation.positive_training import OUTPUT_STD, minibatches, steps_per_epoch, train_positive
+from adaptation.positive_training import OUTPUT_STD, epoch_batches, train_positive
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, make_optimizer, train
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
@@ -204,12 +205,21 @@ def test_byol_target_moves_during_training(data):
     assert not torch.equal(fresh.weight_matrix.weight, obj2.target.weight_matrix.weight)
 
 
-def test_minibatches_cover_the_pool_once():
-    g = torch.Generator().manual_seed(0)
-    batches = minibatches(10, 4, g)
-    assert [len(b) for b in batches] == [4, 4, 2] and sorted(torch.cat(batches).tolist()) == list(range(10))
-    assert len(minibatches(9, 4, g)) == 2 == steps_per_epoch(9, 4)  # a single leftover row is dropped
-    assert minibatches(10, None, g)[0].tolist() == list(range(10)) and steps_per_epoch(10, None) == 1
+def test_epoch_batches_cover_each_set_once():
+    steps = epoch_batches([10, 7], 4, seed=0, epoch=1)
+    assert len(steps) == 3 and steps[2][1] is False  # the smaller set sits out the last step
+    for i, n in enumerate([10, 7]):
+        rows = np.concatenate([s[i] for s in steps if s[i] is not False])
+        assert sorted(rows.tolist()) == list(range(n))
+    assert epoch_batches([10, 7], None, 0, 1) == [[None, None]]
+    assert [b.tolist() for b in epoch_batches([10], 4, 0, 2)[0]] != [b.tolist() for b in epoch_batches([10], 4, 0, 1)[0]]
+
+
+def test_single_row_batches_are_left_out(data):
+    """A last batch of one row (BatchNorm cannot train on it) is skipped, not an error."""
+    n = len(data.train[0])
+    _, history = fit("simsiam", data, epochs=2, batch_size=n - 1)
+    assert all(math.isfinite(h["Train/Loss"]) for h in history)
 
 
 def test_dummy_and_unknown_objective_refused():
