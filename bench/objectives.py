@@ -14,7 +14,8 @@ shared 2-core CPU.
 "collapsed" is the collapse detector of `adaptation.objectives` on each run's final encoder
 outputs over the training pairs: read from summary.json for simsiam and byol, computed here
 from the checkpoint for contrastive, with the same function. The first row is `--model dummy`,
-the raw features' cosines (one run: nothing is trained or drawn).
+the raw features' cosines (one run: nothing is trained or drawn); the second the `original`
+model as each run starts, before any step: what a run that learns nothing would score.
 
 Prints a Markdown table and writes bench/results/objectives-TIMESTAMP.json.
 """
@@ -35,10 +36,12 @@ import numpy as np
 import torch
 
 from adaptation.checkpoint import CHECKPOINT, load_checkpoint
+from adaptation.models import build_model
 from adaptation.objectives import OBJECTIVES, is_collapsed, output_std
 from adaptation.planted import planted_array
 from adaptation.runs import read_summary
 from adaptation.split import split_data, split_indices
+from adaptation.training import TrainConfig, evaluate
 from featuresExtractor.pairs_file import load_pairs
 
 
@@ -56,6 +59,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1, the machine is shared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", default=None, help="keep the runs in this folder (default: a temporary one)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --keep: read runs already finished there instead of training them again")
     return p.parse_args(argv)
 
 
@@ -89,6 +94,23 @@ def contrastive_collapse(save_to: Path, runs: int, features: Path) -> tuple[list
     return stds, flags
 
 
+def untrained(features: Path, runs: int, seed: int) -> dict:
+    """The `original` model at its initialisation in each run (train.py seeds run i with SEED + i - 1), on the test pairs."""
+    pairs = load_pairs(features)
+    data = split_data(pairs, *split_indices(len(pairs), 0.25, seed))
+    cfg = TrainConfig(epochs=1, temperature=15.0, topk=(1, 3, 5))
+    top1, mrr, stds = [], [], []
+    for run in range(1, runs + 1):
+        torch.manual_seed(seed + run - 1)
+        model = build_model("original", pairs.in_dim)
+        figures = evaluate(model, *data.test, cfg)
+        top1.append(figures["top 1"].item())
+        mrr.append(figures["MRR"].item())
+        with torch.no_grad():
+            stds.append(output_std(torch.cat([model(data.train[0]), model(data.train[1])])).item())
+    return {"top1": top1, "mrr": mrr, "output_std": stds, "out_dim": model.out_dim}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -108,13 +130,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = command(features, save_to, objective, args)
         print(f"$ python train.py {' '.join(cmd)}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        done = subprocess.run([sys.executable, str(benchlib.ROOT / "train.py"), *cmd, "--overwrite"], env=env,
-                              cwd=benchlib.ROOT, stdout=subprocess.DEVNULL)
-        if done.returncode:
-            return done.returncode
-        seconds = time.perf_counter() - start
-        summary = read_summary(save_to)
+        if args.reuse and (save_to / "summary.json").is_file():
+            summary = read_summary(save_to)
+            seconds = None
+        else:
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            done = subprocess.run([sys.executable, str(benchlib.ROOT / "train.py"), *cmd, "--overwrite"], env=env,
+                                  cwd=benchlib.ROOT, stdout=subprocess.DEVNULL)
+            if done.returncode:
+                return done.returncode
+            seconds = time.perf_counter() - start
+            summary = read_summary(save_to)
         final = summary["final"]
         out_dim = summary["config"]["model_kwargs"].get("out_dim", summary["config"]["in_dim"])
         if "collapse" in summary:
@@ -130,6 +156,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             "output_std_x_sqrt_d": [s * out_dim ** 0.5 for s in stds], "command": "python train.py " + " ".join(cmd),
             "n_test": summary["config"]["n_test"],
         })
+    init = untrained(features, args.runs, args.seed)
+    std_dev = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+    rows.insert(1, {
+        "data": label, "objective": "none (original at its initialisation)", "runs": args.runs, "seconds": 0.0,
+        "top1_mean": float(np.mean(init["top1"])), "top1_std": std_dev(init["top1"]),
+        "mrr_mean": float(np.mean(init["mrr"])), "mrr_std": std_dev(init["mrr"]), "top1_values": init["top1"],
+        "output_std": init["output_std"], "collapsed": [is_collapsed(s, init["out_dim"]) for s in init["output_std"]],
+        "output_std_x_sqrt_d": [s * init["out_dim"] ** 0.5 for s in init["output_std"]],
+        "command": "(computed here: train.py's initialisation of each run, not trained)", "n_test": rows[0]["n_test"],
+    })
     print(f"\n{label}: {args.epochs} epochs, {args.runs} runs, test set {rows[0]['n_test']} pairs "
           f"(mean ± std over runs, %)\n")
     print("| data | objective | test top-1 | test MRR | collapsed (runs) | output std × √d |")
