@@ -230,3 +230,11 @@ def test_dummy_and_unknown_objective_refused():
     with pytest.raises(UserError, match="ema"):
         build_objective("byol", build_model("original", 8), ema=1.5)
     assert isinstance(build_objective("simsiam", build_model("peterson", 8)), SimSiam)
+
+
+def test_bf16_runs_and_stays_finite(data):
+    torch.manual_seed(0)
+    obj = build_objective("byol", build_model("original", 32))
+    cfg = TrainConfig(epochs=2, temperature=15.0, topk=(1,), precision="bf16")
+    history = train_positive(obj, data, cfg, make_optimizer(obj, cfg), batch_size=64)
+    assert all(math.isfinite(v) for h in history for v in h.values())
