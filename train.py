@@ -445,8 +445,7 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
         if objective is None:
             history = train(model, data, cfg, optimizer, on_epoch=log, dist=dist)
         else:
-            history = train_positive(objective, data, cfg, optimizer, batch_size=cfg.batch_size, seed=cfg.seed,
-                                     on_epoch=log)
+            history = train_positive(objective, data, cfg, optimizer, on_epoch=log)
         if images_root is not None:
             _log_retrieval_grid(writer, model, data, images_root, len(history))
     finally:

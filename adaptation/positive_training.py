@@ -1,9 +1,10 @@
 """The epoch loop for the positive-pair objectives (`adaptation.objectives`: SimSiam, BYOL).
 
-The batches (`epoch_batches`): with the default `batch_size=None` one step per epoch over the
-whole training set; with a smaller B each training set (the original pairs, then their flipped
-copies, never mixed) is shuffled each epoch, seeded by `seed`, the epoch and the set, and cut into
-batches of B, step s taking batch s of each set. Per step:
+The batches are the contrastive recipe's (`adaptation.training.epoch_batches`): with the default
+`config.batch_size=None` one step per epoch over the whole training set; with a smaller B each
+training set (the original pairs, then their flipped copies, never mixed) is shuffled each epoch,
+seeded by `config.seed`, the epoch and the set, and cut into batches of B, step s taking batch s of
+each set. Per step:
 
 1. For each set's batch, the objective's loss (its mean over the step's sets is the step's loss),
    backpropagated. With `precision="bf16"` the forward runs under `torch.autocast(dtype=bfloat16)`.
@@ -32,45 +33,26 @@ Example:
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> objective = build_objective("byol", build_model("original", pairs.in_dim))
-    >>> cfg = TrainConfig(epochs=2, temperature=15.0, topk=(1,))
-    >>> history = train_positive(objective, data, cfg, make_optimizer(objective, cfg), batch_size=16)
+    >>> cfg = TrainConfig(epochs=2, temperature=15.0, topk=(1,), batch_size=16)
+    >>> history = train_positive(objective, data, cfg, make_optimizer(objective, cfg))
     >>> history[-1]["epoch"], "Train/output std" in history[-1]
     (2, True)
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .objectives import BYOL, SimSiam, output_std
 from .split import TrainData
-from .training import TrainConfig, evaluate
+from .training import TrainConfig, epoch_batches, evaluate
 
-__all__ = ["OUTPUT_STD", "epoch_batches", "train_positive"]
+__all__ = ["OUTPUT_STD", "train_positive"]
 
 OUTPUT_STD = "Train/output std"
 """The collapse monitor's metric name (TensorBoard tag and history key)."""
-
-
-def epoch_batches(sizes: list[int], batch_size: int | None, seed: int, epoch: int) -> list[list[np.ndarray | None]]:
-    """The batches of one epoch: for each step, one index array per training set (None: the whole set).
-
-    Each set too large for one batch is shuffled with a generator seeded by `(seed, epoch, set)`
-    and cut into batches of `batch_size` (the last one smaller); step s takes batch s of each set.
-    A set with fewer batches than another sits out the remaining steps (`False`).
-    """
-    per_set: list[list[np.ndarray | None]] = []
-    for i, n in enumerate(sizes):
-        if batch_size is None or batch_size >= n:
-            per_set.append([None])
-        else:
-            perm = np.random.default_rng([seed, epoch, i]).permutation(n)
-            per_set.append([perm[s:s + batch_size] for s in range(0, n, batch_size)])
-    return [list(step) for step in itertools.zip_longest(*per_set, fillvalue=False)]
 
 
 def _step(objective: SimSiam | BYOL, sets, step, config: TrainConfig, optimizer) -> tuple[torch.Tensor, int] | None:
@@ -107,9 +89,6 @@ def train_positive(
     data: TrainData,
     config: TrainConfig,
     optimizer: torch.optim.Optimizer,
-    *,
-    batch_size: int | None = None,
-    seed: int = 0,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train `objective` (its encoder and predictor) for `config.epochs` epochs; see the module docstring.
@@ -117,10 +96,8 @@ def train_positive(
     Args:
         objective: from `adaptation.objectives.build_objective`, on the data's device.
         data: the three sets (see `adaptation.split.split_data`).
-        config: epochs, temperature (the test loss), lr, topk, precision.
+        config: epochs, batch_size and seed (the batches), temperature (the test loss), lr, topk, precision.
         optimizer: from `make_optimizer(objective, config)`: the encoder's and the predictor's parameters.
-        batch_size: pairs per batch of each set; None: the whole set, one step per epoch.
-        seed: seeds the epochs' shuffles.
         on_epoch: called after every epoch with `(epoch, metrics)`.
 
     Returns:
@@ -129,14 +106,14 @@ def train_positive(
     """
     sets = data.train_sets
     sizes = [len(s[0]) for s in sets]
-    total_steps = config.epochs * len(epoch_batches(sizes, batch_size, seed, 1))
+    total_steps = config.epochs * len(epoch_batches(sizes, config.batch_size, config.seed, 1))
     encoder = objective.encoder
     history: list[dict[str, float]] = []
     done = 0
     for epoch in range(1, config.epochs + 1):
         objective.train()
         loss_sum, weight = torch.zeros((), dtype=torch.float64, device=sets[0][0].device), 0
-        for step in epoch_batches(sizes, batch_size, seed, epoch):
+        for step in epoch_batches(sizes, config.batch_size, config.seed, epoch):
             out = _step(objective, sets, step, config, optimizer)
             if out is None:
                 continue

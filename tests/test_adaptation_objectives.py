@@ -3,7 +3,6 @@
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,7 +20,7 @@ from adaptation.objectives import (
     simsiam_loss,
 )
 from adaptation.planted import planted_pairs
-from adaptation.positive_training import OUTPUT_STD, epoch_batches, train_positive
+from adaptation.positive_training import OUTPUT_STD, train_positive
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, make_optimizer, train
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
@@ -172,8 +171,8 @@ def test_collapse_detector_silent_on_trained_models(data):
 def fit(name, data, epochs=20, batch_size=64, seed=0, **kw):
     torch.manual_seed(seed)
     obj = build_objective(name, build_model("original", 32), **kw)
-    cfg = TrainConfig(epochs=epochs, temperature=15.0, lr=1e-3, topk=(1, 3))
-    return obj, train_positive(obj, data, cfg, make_optimizer(obj, cfg), batch_size=batch_size, seed=seed)
+    cfg = TrainConfig(epochs=epochs, temperature=15.0, lr=1e-3, topk=(1, 3), batch_size=batch_size, seed=seed)
+    return obj, train_positive(obj, data, cfg, make_optimizer(obj, cfg))
 
 
 @pytest.mark.parametrize("name", ["simsiam", "byol"])
@@ -205,16 +204,6 @@ def test_byol_target_moves_during_training(data):
     assert not torch.equal(fresh.weight_matrix.weight, obj2.target.weight_matrix.weight)
 
 
-def test_epoch_batches_cover_each_set_once():
-    steps = epoch_batches([10, 7], 4, seed=0, epoch=1)
-    assert len(steps) == 3 and steps[2][1] is False  # the smaller set sits out the last step
-    for i, n in enumerate([10, 7]):
-        rows = np.concatenate([s[i] for s in steps if s[i] is not False])
-        assert sorted(rows.tolist()) == list(range(n))
-    assert epoch_batches([10, 7], None, 0, 1) == [[None, None]]
-    assert [b.tolist() for b in epoch_batches([10], 4, 0, 2)[0]] != [b.tolist() for b in epoch_batches([10], 4, 0, 1)[0]]
-
-
 def test_single_row_batches_are_left_out(data):
     """A last batch of one row (BatchNorm cannot train on it) is skipped, not an error."""
     n = len(data.train[0])
@@ -235,6 +224,6 @@ def test_dummy_and_unknown_objective_refused():
 def test_bf16_runs_and_stays_finite(data):
     torch.manual_seed(0)
     obj = build_objective("byol", build_model("original", 32))
-    cfg = TrainConfig(epochs=2, temperature=15.0, topk=(1,), precision="bf16")
-    history = train_positive(obj, data, cfg, make_optimizer(obj, cfg), batch_size=64)
+    cfg = TrainConfig(epochs=2, temperature=15.0, topk=(1,), precision="bf16", batch_size=64)
+    history = train_positive(obj, data, cfg, make_optimizer(obj, cfg))
     assert all(math.isfinite(v) for h in history for v in h.values())
