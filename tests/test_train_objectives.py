@@ -141,3 +141,14 @@ def test_collapse_verdict():
     assert v["collapsed"] == [False, True, True] and v["verdict"] == "collapsed in 2 of 3 runs"
     assert v["threshold"] == pytest.approx(0.1 / 32)
     assert collapse_verdict([0.03], 1024)["verdict"] == "no run collapsed"
+
+
+def test_positive_objectives_refused_under_torchrun(features):
+    from adaptation.distributed import Dist
+
+    args = train.parse_args(["-d", str(features), "-s", "x", "--objective", "simsiam"])
+    with pytest.raises(UserError, match="without torchrun"):
+        train._check_objective_flags(args, Dist(rank=0, world_size=2))
+    train._check_objective_flags(args, Dist())  # one process: accepted
+    contrastive = train.parse_args(["-d", str(features), "-s", "x"])
+    train._check_objective_flags(contrastive, Dist(rank=0, world_size=2))
