@@ -23,8 +23,8 @@ alone, with no negatives? Two answers from self-supervised learning, applied to 
 **The EMA schedule** (`byol_tau`) is BYOL's: `tau` rises from its base value to 1 along a
 half cosine over the run's optimiser steps, `tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2`.
 The base is 0.99 by default (`DEFAULT_EMA`), not BYOL's 0.996: BYOL tuned 0.996 for ImageNet
-runs of about 300,000 steps, while a run here is a few thousand steps at most (150 epochs of a
-few minibatches), so the target's time constant `1 / (1 - tau)` is 100 steps rather than 250.
+runs of about 300,000 steps, while a run here makes a few hundred to a few thousand (150 epochs
+of a few minibatches), so the target's time constant `1 / (1 - tau)` starts at 100 steps rather than 250.
 The paper being reproduced has no BYOL code to take a value from.
 
 In both, BYOL's projector is the adaptation model itself: its output is what similarity.py
