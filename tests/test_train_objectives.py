@@ -152,3 +152,19 @@ def test_positive_objectives_refused_under_torchrun(features):
     train._check_objective_flags(args, Dist())  # one process: accepted
     contrastive = train.parse_args(["-d", str(features), "-s", "x"])
     train._check_objective_flags(contrastive, Dist(rank=0, world_size=2))
+
+
+def test_load_objective_refuses_a_damaged_record(features, tmp_path, capsys):
+    runs = tmp_path / "r"
+    assert cli(["-d", features, "-s", runs, "-e", "1", "--seed", "0", "--objective", "byol"], capsys)[0] == 0
+    path = runs / "run1" / "model_and_optimizer.pt"
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["objective"]["target"]
+    torch.save(ckpt, tmp_path / "lacking.pt")
+    with pytest.raises(UserError, match="lacks target"):
+        load_objective(tmp_path / "lacking.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["objective"]["predictor"] = {"net.0.weight": torch.zeros(3, 3)}
+    torch.save(ckpt, tmp_path / "misfit.pt")
+    with pytest.raises(UserError, match="do not fit"):
+        load_objective(tmp_path / "misfit.pt")
