@@ -89,7 +89,7 @@ def train_positive(
     data: TrainData,
     config: TrainConfig,
     optimizer: torch.optim.Optimizer,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
 ) -> list[dict[str, float]]:
     """Train `objective` (its encoder and predictor) for `config.epochs` epochs; see the module docstring.
 
@@ -98,11 +98,12 @@ def train_positive(
         data: the three sets (see `adaptation.split.split_data`).
         config: epochs, batch_size and seed (the batches), temperature (the test loss), lr, topk, precision.
         optimizer: from `make_optimizer(objective, config)`: the encoder's and the predictor's parameters.
-        on_epoch: called after every epoch with `(epoch, metrics)`.
+        on_epoch: called after every epoch with `(epoch, metrics)`; returning True stops training there.
 
     Returns:
         One dict per epoch: `epoch` and the floats `Train/Loss`, `Train/output std`, the train
-        retrieval figures, and the `Test/` figures of a contrastive run.
+        retrieval figures, and the `Test/` (and, with validation pairs, `Val/`) figures of a
+        contrastive run. Fewer than `config.epochs` rows when `on_epoch` stopped it.
     """
     sets = data.train_sets
     sizes = [len(s[0]) for s in sets]
@@ -127,10 +128,13 @@ def train_positive(
         with torch.no_grad():
             tr[OUTPUT_STD.removeprefix("Train/")] = output_std(torch.cat([encoder(data.train[0]), encoder(data.train[1])]))
         te = evaluate(encoder, *data.test, config)
-        names = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te]
-        values = torch.stack([v.float() for v in (*tr.values(), *te.values())]).tolist()
+        # Validation pairs, where the data has them, are scored as the contrastive loop scores them.
+        val = getattr(data, "val", None)
+        va = evaluate(encoder, *val, config) if val is not None else {}
+        names = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te] + [f"Val/{k}" for k in va]
+        values = torch.stack([v.float() for v in (*tr.values(), *te.values(), *va.values())]).tolist()
         row = dict(zip(names, values))
         history.append({"epoch": epoch, **row})
-        if on_epoch is not None:
-            on_epoch(epoch, dict(row))
+        if on_epoch is not None and on_epoch(epoch, dict(row)):
+            break
     return history

@@ -227,3 +227,11 @@ def test_bf16_runs_and_stays_finite(data):
     cfg = TrainConfig(epochs=2, temperature=15.0, topk=(1,), precision="bf16", batch_size=64)
     history = train_positive(obj, data, cfg, make_optimizer(obj, cfg))
     assert all(math.isfinite(v) for h in history for v in h.values())
+
+
+def test_on_epoch_can_stop_a_run(data):
+    torch.manual_seed(0)
+    obj = build_objective("simsiam", build_model("original", 32))
+    cfg = TrainConfig(epochs=10, temperature=15.0, topk=(1,))
+    history = train_positive(obj, data, cfg, make_optimizer(obj, cfg), on_epoch=lambda epoch, row: epoch == 3)
+    assert [h["epoch"] for h in history] == [1, 2, 3]
