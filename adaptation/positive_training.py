@@ -128,9 +128,7 @@ def train_positive(
         with torch.no_grad():
             tr[OUTPUT_STD.removeprefix("Train/")] = output_std(torch.cat([encoder(data.train[0]), encoder(data.train[1])]))
         te = evaluate(encoder, *data.test, config)
-        # Validation pairs, where the data has them, are scored as the contrastive loop scores them.
-        val = getattr(data, "val", None)
-        va = evaluate(encoder, *val, config) if val is not None else {}
+        va = evaluate(encoder, *data.val, config) if data.val is not None else {}
         names = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te] + [f"Val/{k}" for k in va]
         values = torch.stack([v.float() for v in (*tr.values(), *te.values(), *va.values())]).tolist()
         row = dict(zip(names, values))

@@ -168,3 +168,17 @@ def test_load_objective_refuses_a_damaged_record(features, tmp_path, capsys):
     torch.save(ckpt, tmp_path / "misfit.pt")
     with pytest.raises(UserError, match="do not fit"):
         load_objective(tmp_path / "misfit.pt")
+
+
+def test_positive_objective_with_validation_split(features, tmp_path, capsys):
+    """--val-split works with simsiam: Val/ figures, best.pt (the encoder, for similarity) and the summary's best_val."""
+    runs = tmp_path / "r"
+    rc, out, err = cli(["-d", features, "-s", runs, "-e", "4", "--seed", "0", "-k", "1", "3", "--objective", "simsiam",
+                        "--val-split", "0.2", "--patience", "2"], capsys)
+    assert rc == 0, err
+    epochs = json.loads((runs / "run1" / "metrics.json").read_text())["epochs"]
+    assert "Val/top 1" in epochs[0] and "Train/output std" in epochs[0]
+    summary = json.loads((runs / "summary.json").read_text())
+    assert "best_val" in summary and "collapse" in summary
+    model, _ = load_checkpoint(runs / "run1" / "best.pt")
+    assert model(torch.zeros(1, 16)).shape == (1, 1024)
