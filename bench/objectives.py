@@ -4,7 +4,7 @@
     PYTHONPATH=. python bench/objectives.py --features demo_out/features/clip_rn50x4/features_pca64.npy --label demo
 
 Runs `train.py` itself once per objective with `-r RUNS` (3 runs: seeds SEED,
-SEED+1, SEED+2 for the initialisation, one split), 150 epochs and `-t 15`, the paper's command
+SEED+1, SEED+2 for the initialisation, one split: `--same-split`), 150 epochs and `-t 15`, the paper's command
 otherwise; simsiam and byol in minibatches of `--batch-size`. Without `--features` it trains on
 planted pairs with bench/train.py's planted settings (64 signal dimensions shared by a pair,
 per-image noise 1.0, 192 nuisance dimensions of std 2.0, a flipped copy per pair), at 600
@@ -71,10 +71,10 @@ BASELINE = "dummy"
 def command(features: Path, save_to: Path, objective: str, args: argparse.Namespace) -> list[str]:
     if objective == BASELINE:
         return ["-d", str(features), "--model", "dummy", "-s", str(save_to), "-e", "1", "-r", "1", "--test-split", "0.25",
-                "-k", "1", "3", "5", "--seed", str(args.seed), "--no-images"]
+                "-k", "1", "3", "5", "--seed", str(args.seed), "--same-split", "--no-images"]
     cmd = ["-d", str(features), "--model", "original", "-s", str(save_to), "-e", str(args.epochs), "-r", str(args.runs),
-           "-t", "15", "--test-split", "0.25", "-k", "1", "3", "5", "--seed", str(args.seed), "--no-images",
-           "--objective", objective]
+           "-t", "15", "--test-split", "0.25", "-k", "1", "3", "5", "--seed", str(args.seed), "--same-split",
+           "--no-images", "--objective", objective]
     if objective != "contrastive":
         cmd += ["--batch-size", str(args.batch_size)]
     return cmd + list(args.extra)
@@ -86,7 +86,7 @@ def contrastive_collapse(save_to: Path, runs: int, features: Path) -> tuple[list
     stds, flags = [], []
     for run in range(1, runs + 1):
         model, ckpt = load_checkpoint(save_to / f"run{run}" / CHECKPOINT)
-        data = split_data(pairs, *split_indices(len(pairs), ckpt["config"]["test_split"], ckpt["config"]["seed"]))
+        data = split_data(pairs, *split_indices(len(pairs), ckpt["config"]["test_split"], ckpt["config"]["split_seed"]))
         with torch.no_grad():
             std = output_std(torch.cat([model(data.train[0]), model(data.train[1])])).item()
         stds.append(std)
