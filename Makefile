@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/objectives.py
 	$(BIN)/python bench/index.py --threads 1
 	$(BIN)/python bench/train_scale.py
 

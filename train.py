@@ -48,6 +48,13 @@ initialisations together; with `--same-split`, over initialisations on one split
 "top k" is the paper's figure: a test pair counts as found when its partner ranks within the
 first k left-to-right OR right-to-left among all test pairs; the paper's 39.39% average top-1
 is this figure. See `adaptation.metrics` for the exact definitions.
+
+`--objective simsiam` or `byol` trains the same adaptation model from the positive pairs alone
+(no negatives), with a predictor MLP and, for byol, a momentum target (`adaptation.objectives`),
+in minibatches of `--batch-size` pairs (`adaptation.positive_training`). The Test figures are
+those above, so runs of all objectives compare directly; `Train/Loss` is the objective's own
+loss, and `Train/output std` the collapse monitor. `summary.json` then says whether each run
+collapsed (`"collapse"`), and the checkpoint keeps the predictor and target.
 """
 
 from __future__ import annotations
@@ -73,7 +80,10 @@ from adaptation.distributed import (Dist, agree_on_failure, all_reduce_min, broa
 from adaptation.losses import similarity_matrix
 from adaptation.metrics import metric_names
 from adaptation.models import MODELS, build_model, model_kwargs
-from adaptation.runs import AVERAGE, average_curves, check_save_to, replacing, run_dir, summarise, write_summary
+from adaptation.objectives import DEFAULT_EMA, OBJECTIVES, build_objective
+from adaptation.positive_training import OUTPUT_STD, train_positive
+from adaptation.runs import (AVERAGE, average_curves, check_save_to, collapse_verdict, replacing, run_dir, summarise,
+                             write_summary)
 from adaptation.selection import best_epoch, patience_exhausted, split_validation
 from adaptation.split import split_data, split_indices
 from adaptation.training import PRECISIONS, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
@@ -156,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam weight decay (default: 0)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32 (default: fp32)")
+    p.add_argument("--objective", choices=OBJECTIVES, default="contrastive",
+                   help="contrastive: the paper's loss with in-batch negatives; simsiam: positive pairs only, predictor + "
+                        "stop-gradient (Chen and He, 2021); byol: positive pairs only, predictor + momentum target "
+                        "(Grill et al., 2020) (default: contrastive)")
+    p.add_argument("--ema", type=_float_check(lambda v: 0 <= v <= 1, "in [0, 1]"), default=None,
+                   help=f"byol: base decay of the target, raised to 1 along a cosine over the steps (default: {DEFAULT_EMA})")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept the original implementation's pickled features file; unpickling can run code, so only for files you trust")
     p.add_argument("--no-images", dest="images", action="store_false",
@@ -163,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the runs (run*/, avg/, summary.json) already in --save-to; other files there are kept")
     return p
+
+
+def _check_objective_flags(args: argparse.Namespace, dist: Dist) -> None:
+    """Refuse flag combinations that would be silently ignored, or that the positive-pair objectives do not support."""
+    if args.ema is not None and args.objective != "byol":
+        raise UserError(f"--ema applies to --objective byol only (this run: {args.objective})")
+    if args.objective != "contrastive" and args.model == "dummy":
+        raise UserError(f"--objective {args.objective} trains the adaptation, and --model dummy has nothing to train; "
+                        f"use --model original or peterson")
+    if args.objective != "contrastive" and dist.active:
+        raise UserError(f"--objective {args.objective} trains in one process; run it without torchrun")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -246,10 +273,12 @@ def _config_text(config: dict[str, Any]) -> str:
 def _table(summary: dict[str, dict], topk: Sequence[int], runs: int, title: str = "final metric") -> str:
     """The test figures, then the train loss and top-k, as percentages (losses as they are)."""
     shown = [f"Test/{m}" for m in metric_names(topk)] + ["Test/Loss", "Train/Loss"] + [f"Train/top {k}" for k in topk]
+    shown += [OUTPUT_STD] if OUTPUT_STD in summary else []
     lines = [f"{title:<26}{'mean':>9}{'std':>9}   (over {runs} run{'s' if runs > 1 else ''}; top-k and MRR in %)"]
     for name in shown:
-        scale = 1.0 if name.endswith("Loss") else 100.0
-        lines.append(f"{name:<26}{summary[name]['mean'] * scale:>9.2f}{summary[name]['std'] * scale:>9.2f}")
+        scale = 1.0 if name.endswith(("Loss", "std")) else 100.0
+        digits = 4 if name == OUTPUT_STD else 2  # about 1/sqrt(d): 0.03 for 1024-d outputs
+        lines.append(f"{name:<26}{summary[name]['mean'] * scale:>9.{digits}f}{summary[name]['std'] * scale:>9.{digits}f}")
     return "\n".join(lines)
 
 
@@ -318,7 +347,7 @@ class _BestKeeper:
 FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--test-split", "topk": "-k/--topk",
          "val_split": "--val-split",
          "allow_pickle": "--allow-pickle", "epochs": "-e/--epochs", "temperature": "-t/--temperature",
-         "lr": "--lr", "weight_decay": "--weight-decay", "precision": "--precision"}
+         "lr": "--lr", "weight_decay": "--weight-decay", "precision": "--precision", "ema": "--ema"}
 """Library parameter names as this script's flags, for error messages."""
 
 
@@ -346,6 +375,9 @@ def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, ma
         "allow_pickle": args.allow_pickle,
         "torch": str(torch.__version__),
         **cfg.to_dict(),
+        "objective": args.objective,
+        **({"ema": args.ema if args.ema is not None else DEFAULT_EMA,
+            "ema_schedule": "cosine from ema to 1 over the optimiser steps (BYOL)"} if args.objective == "byol" else {}),
     }
 
 
@@ -373,7 +405,10 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
     data = split_data(pairs, train_idx, test_idx, device, val_idx)
     torch.manual_seed(run_seed)
     model = build_model(args.model, base_config["in_dim"]).to(device)
-    optimizer = make_optimizer(model, cfg)
+    objective = None
+    if args.objective != "contrastive":
+        objective = build_objective(args.objective, model, ema=base_config.get("ema", DEFAULT_EMA)).to(device)
+    optimizer = make_optimizer(model if objective is None else objective, cfg)
     first_k = cfg.topk[0]
     keeper = _BestKeeper(model, optimizer, data, first_k, args.patience, keep=dist.rank == 0) \
         if data.val is not None else None
@@ -407,7 +442,10 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
 
     start = time.perf_counter()
     try:
-        history = train(model, data, cfg, optimizer, on_epoch=log, dist=dist)
+        if objective is None:
+            history = train(model, data, cfg, optimizer, on_epoch=log, dist=dist)
+        else:
+            history = train_positive(objective, data, cfg, optimizer, on_epoch=log)
         if images_root is not None:
             _log_retrieval_grid(writer, model, data, images_root, len(history))
     finally:
@@ -431,7 +469,8 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
                         optimizer_state=keeper.optimizer, **{**extra, "threshold": keeper.threshold})
     write_json(folder / "metrics.json", record)
     save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=args.model, epoch=len(history), config=config,
-                    test_names=data.test_names, train_names=data.train_names, final_metrics=final, **extra)
+                    test_names=data.test_names, train_names=data.train_names, final_metrics=final, objective=objective,
+                    **extra)
     print(f"{PROG}: run {run}: {seconds:.1f} s, test top {first_k} {100 * final[f'Test/top {first_k}']:.2f}%", file=sys.stderr)
     return history, best_row
 
@@ -509,6 +548,7 @@ def _run(args: argparse.Namespace, save_to: Path, device: torch.device, device_n
             cfg = TrainConfig(epochs=args.epochs, temperature=args.temperature, lr=args.lr,
                               weight_decay=args.weight_decay, topk=topk, precision=args.precision,
                               batch_size=batch_size, seed=seed)
+            _check_objective_flags(args, dist)
     except UserError as err:
         failure = err
     agree_on_failure(failure, dist, "another rank refused the input")
@@ -542,10 +582,17 @@ def _run(args: argparse.Namespace, save_to: Path, device: torch.device, device_n
         if best_rows:
             best_val = {"epochs": [int(r["epoch"]) for r in best_rows],
                         **summarise([{k: v for k, v in r.items() if k != "epoch"} for r in best_rows])}
-        write_summary(save_to, base_config, summary, best_val=best_val)
+        collapse = None
+        if args.objective != "contrastive":
+            collapse = collapse_verdict([h[-1][OUTPUT_STD] for h in histories],
+                                        build_model(args.model, pairs.in_dim).out_dim)
+        write_summary(save_to, base_config, summary, best_val=best_val, collapse=collapse)
         print(_table(summary, topk, args.runs))
         if best_val is not None:
             print(_table(best_val, topk, args.runs, f"at best val epoch {best_val['epochs']}"))
+        if collapse is not None:
+            print(f"collapse: {collapse['verdict']} (final output std {', '.join(f'{s:.4f}' for s in collapse['output_std'])}; "
+                  f"healthy about {collapse['healthy']:.4f}, collapsed below {collapse['threshold']:.4f})")
         return 0
 
 

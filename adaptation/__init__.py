@@ -15,6 +15,9 @@ image's partner. The pieces, all pure (no files, no devices chosen, no global st
   batch or minibatches (`TrainConfig.batch_size`), with a per-batch objective that can be swapped.
 - `adaptation.evaluation`: the test figures over blocks of queries, never an N x N matrix.
 - `adaptation.distributed`: data parallelism under torchrun (shares of a batch, gathers with gradient).
+- `adaptation.objectives`: learning from positive pairs only: SimSiam and BYOL heads (predictor,
+  EMA target), their losses, and the output-std collapse detector; `adaptation.positive_training`
+  is their epoch loop, on the same batches, reporting the same test figures as `train`.
 - `adaptation.planted`: planted feature pairs for tests and benchmarks.
 
 And the files a training run writes, each format with one owner:

@@ -18,9 +18,15 @@ so `torch.load(weights_only=True)` reads it without running code):
 | `final_metrics`  | the last epoch's figures                                                |
 | `val_names`      | only with a validation split: the validation pairs' names               |
 | `threshold`      | only with a validation split: `adaptation.calibration.Threshold.to_dict()` of this model on them |
+| `objective`      | only for `simsiam` and `byol` runs: `name`, `predictor_hidden`, `ema`,  |
+|                  | `predictor` and `target` (state_dicts; `target` None for simsiam)       |
 
 `model_and_optimizer.pt` holds the last epoch; with a validation split, `best.pt` (`BEST_CHECKPOINT`)
 beside it holds the best validation epoch, in the same format.
+
+`state_dict` is always the model similarity uses (for simsiam and byol, the online encoder), so
+`load_checkpoint` and similarity.py read every run alike; a contrastive run's checkpoint has no
+`objective` key. `load_objective` rebuilds the predictor and target as well, to resume.
 
 Example:
     >>> model, ckpt = load_checkpoint("runs/run1/model_and_optimizer.pt")   # doctest: +SKIP
@@ -39,8 +45,10 @@ from torch import nn
 from toolkit.utils import UserError, atomic_path, first_line
 
 from .models import build_model, model_kwargs
+from .objectives import BYOL, DEFAULT_EMA, SimSiam, build_objective
 
-__all__ = ["CHECKPOINT", "BEST_CHECKPOINT", "FORMAT_VERSION", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT", "BEST_CHECKPOINT", "FORMAT_VERSION", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint",
+           "load_objective"]
 
 CHECKPOINT = "model_and_optimizer.pt"
 """The checkpoint's file name in a run folder."""
@@ -54,11 +62,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     model_name: str, epoch: int, config: Mapping[str, Any], test_names: Sequence[str],
                     final_metrics: Mapping[str, float], train_names: Sequence[str] = (),
                     optimizer_state: Mapping[str, Any] | None = None, val_names: Sequence[str] | None = None,
-                    threshold: Mapping[str, Any] | None = None) -> None:
+                    threshold: Mapping[str, Any] | None = None, objective: SimSiam | BYOL | None = None) -> None:
     """Atomically write a checkpoint of `model` (and `optimizer`) that `load_checkpoint` rebuilds.
 
     `optimizer_state` stands in for `optimizer` when the state was kept from an earlier epoch;
     `val_names` and `threshold` are written only when given (runs with a validation split).
+    With `objective` (a SimSiam or BYOL around `model`), its predictor and target are kept too.
     """
     checkpoint = {
         "format_version": FORMAT_VERSION,
@@ -77,6 +86,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         checkpoint["val_names"] = list(val_names)
     if threshold is not None:
         checkpoint["threshold"] = dict(threshold)
+    if objective is not None:
+        checkpoint["objective"] = {
+            "name": objective.name,
+            "predictor_hidden": objective.predictor.hidden,
+            "ema": getattr(objective, "ema", None),
+            "predictor": objective.predictor.state_dict(),
+            "target": objective.target.state_dict() if objective.target is not None else None,
+        }
     with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
         torch.save(checkpoint, fh)  # a file object: a full disk is then an OSError naming the file
 
@@ -138,3 +155,31 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     except RuntimeError as err:
         raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r}: {first_line(err)}") from None
     return model.to(device).eval(), ckpt
+
+
+def load_objective(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SimSiam | BYOL, dict[str, Any]]:
+    """Rebuild a simsiam or byol run's whole objective (encoder, predictor, target), e.g. to resume it.
+
+    Returns:
+        `(objective, checkpoint)`, the objective on `device` in eval mode.
+
+    Raises:
+        UserError: what `load_checkpoint` raises, or a checkpoint without an objective (contrastive).
+    """
+    model, ckpt = load_checkpoint(path, device)
+    heads = ckpt.get("objective")
+    if not isinstance(heads, dict):
+        raise UserError(f"{os.fspath(path)} was trained with the contrastive loss: it has no predictor or target")
+    missing = [k for k in ("name", "predictor_hidden", "predictor", "target") if k not in heads]
+    if missing:
+        raise UserError(f"{os.fspath(path)}: the objective's record lacks {', '.join(missing)}")
+    ema = heads.get("ema")
+    objective = build_objective(heads["name"], model, ema=DEFAULT_EMA if ema is None else ema,
+                                predictor_hidden=heads["predictor_hidden"])
+    try:
+        objective.predictor.load_state_dict(heads["predictor"])
+        if objective.target is not None:
+            objective.target.load_state_dict(heads["target"])
+    except (RuntimeError, AttributeError) as err:
+        raise UserError(f"{os.fspath(path)}: predictor or target weights do not fit: {first_line(err)}") from None
+    return objective.to(device).eval(), ckpt

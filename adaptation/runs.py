@@ -4,7 +4,8 @@
       run1/ ... runN/     one folder per run: config.json, metrics.json, the checkpoint
                           (`adaptation.checkpoint`) and its TensorBoard events
       avg/                the mean curves over runs (TensorBoard), only when there are several
-      summary.json        {"config": ..., "final": {figure: {"mean", "std", "values"}}}
+      summary.json        {"config": ..., "final": {figure: {"mean", "std", "values"}}}, plus
+                          "collapse" for the positive-pair objectives (see `collapse_verdict`)
 
 Only these entries belong to train.py: replacing earlier runs touches nothing else in the
 folder. `replacing` sets the earlier entries aside while the new runs are written and puts
@@ -18,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import shutil
 from pathlib import Path
@@ -27,8 +29,10 @@ import numpy as np
 
 from toolkit.utils import UserError, read_json, write_json
 
+from .objectives import COLLAPSE_RATIO, is_collapsed
+
 __all__ = ["SUMMARY", "AVERAGE", "ASIDE", "run_dir", "is_run_entry", "check_save_to", "replacing", "summarise",
-           "average_curves", "write_summary", "read_summary"]
+           "average_curves", "write_summary", "collapse_verdict", "read_summary"]
 
 SUMMARY = "summary.json"
 AVERAGE = "avg"
@@ -120,13 +124,34 @@ def average_curves(histories: Sequence[Sequence[dict[str, float]]]) -> list[dict
 
 
 def write_summary(save_to: Path, config: dict[str, Any], summary: dict[str, dict],
-                  best_val: dict[str, Any] | None = None) -> None:
+                  best_val: dict[str, Any] | None = None, collapse: dict[str, Any] | None = None) -> None:
     """Atomically write `RUNS/summary.json`: `config`, `final` (the last epochs) and, with a
-    validation split, `best_val` (each run's best validation epoch under `epochs`, and the figures there)."""
+    validation split, `best_val` (each run's best validation epoch under `epochs`, and the figures there);
+    `collapse` (from `collapse_verdict`, simsiam and byol runs) is added when given."""
     report: dict[str, Any] = {"config": config, "final": summary}
     if best_val is not None:
         report["best_val"] = best_val
+    if collapse is not None:
+        report["collapse"] = collapse
     write_json(Path(save_to) / SUMMARY, report)
+
+
+def collapse_verdict(stds: Sequence[float], dim: int) -> dict[str, Any]:
+    """The summary's collapse record from each run's final `Train/output std` of `dim`-d outputs.
+
+    Returns:
+        `{"output_std": [...], "healthy": 1/sqrt(dim), "threshold": ..., "collapsed": [bool per run],
+        "verdict": "collapsed in k of n runs" or "no run collapsed"}`.
+    """
+    collapsed = [is_collapsed(s, dim) for s in stds]
+    k = sum(collapsed)
+    return {
+        "output_std": [float(s) for s in stds],
+        "healthy": 1.0 / math.sqrt(dim),
+        "threshold": COLLAPSE_RATIO / math.sqrt(dim),
+        "collapsed": collapsed,
+        "verdict": f"collapsed in {k} of {len(stds)} runs" if k else "no run collapsed",
+    }
 
 
 def read_summary(save_to: str | Path) -> dict[str, Any]:
