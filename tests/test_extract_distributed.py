@@ -132,8 +132,9 @@ def test_a_locked_output_folder_stops_every_rank_with_one_line(reference, tmp_pa
         assert not any((out / "tiny_rn").iterdir())  # nothing written into the folder another run holds
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("extract.py: error:")]
     assert len(lines) == 1 and f"is being written by process {os.getpid()}" in lines[0], proc.stderr[-3000:]
-    # Both workers exit 2 without a traceback (torchrun's launcher then reports the failed workers itself).
-    assert proc.stderr.count("exitcode  : 2") == 2 and "featuresExtractor/" not in proc.stderr
+    # The workers exit 2 without a traceback (torchrun's launcher then reports the failed workers itself;
+    # under load it may stop rank 1 before rank 1's own exit 2, so only rank 0's exit code is certain).
+    assert "exitcode  : 2" in proc.stderr and "featuresExtractor/" not in proc.stderr
 
 
 def test_shards_cover_the_items_once_and_refuse_empty_ones():
