@@ -125,13 +125,13 @@ def _query_image(path: str):
 def _queries(args: Sequence[str]) -> list[str]:
     """Query image paths from files, folders and list files (missing ones are kept, to be reported)."""
     from adaptation.similarity import gallery_items
-    from featuresExtractor.transforms import IMAGE_EXTENSIONS, is_image_file
+    from featuresExtractor.transforms import IMAGE_EXTENSIONS
 
     out = []
     for a in args:
         p = Path(a)
         if p.is_dir():
-            out += [str(f) for f in sorted(p.iterdir()) if is_image_file(f)]
+            out += [str(im) for _, im in gallery_items(p)]  # its listing refuses names that are not UTF-8
         elif p.is_file() and p.suffix.lower() not in IMAGE_EXTENSIONS:
             out += [str(im) for _, im in gallery_items(p)]
         else:
@@ -171,7 +171,7 @@ def _threshold_text(threshold) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
-    from toolkit.utils import UserError, atomic_path, check_writable, require_utf8, resolve_device
+    from toolkit.utils import UserError, check_writable, require_utf8, resolve_device
 
     named = {"a": "first image", "b": "second image", "gallery": "gallery", "index": "--index", "json": "--json",
              "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder"}
@@ -190,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(source).exists():
             raise UserError(f"{'gallery' if args.gallery else 'index'} {source} does not exist")
     if args.command == "pairs":
+        if args.threshold is not None and not -1 <= args.threshold <= 1:  # NaN fails this too
+            raise UserError(f"--threshold must be an adapted cosine, between -1 and 1 (got {args.threshold})")
         if args.top is not None and args.top < 1:
             raise UserError(f"--top must be at least 1 (got {args.top})")
         if args.per_image < 1 or args.html_rows < 0:
@@ -246,24 +248,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if len(hits) > 1:
                 print(f"query: {h.query}")
             _print_matches(h.matches, sim)
-    if args.json or args.csv:
-        from adaptation.results import write_search_results
+    # Every output is made before any is written, so one that cannot be made leaves none behind.
+    from adaptation.results import search_results_text, write_text
 
-        for path in (args.json, args.csv):
-            if path:
-                write_search_results(hits, path)
-                print(f"wrote {path}")
+    texts = {path: search_results_text(hits, path) for path in (args.json, args.csv) if path}
     if args.html:
         from adaptation.visualize import search_page
 
         where = Path(args.index or args.gallery).name
         title = f"{Path(hits[0].query).name}: top {args.k} in {where}" if len(hits) == 1 else \
             f"{len(hits)} queries: top {args.k} in {where}"
-        page = search_page(hits, title=title, threshold=None if threshold is None else threshold.max_f1,
-                           threshold_note=_threshold_text(threshold))
-        with atomic_path(args.html) as tmp:
-            tmp.write_text(page, encoding="utf-8")
-        print(f"wrote {args.html}")
+        texts[args.html] = search_page(hits, title=title, threshold=None if threshold is None else threshold.max_f1,
+                                       threshold_note=_threshold_text(threshold))
+    for path, text in texts.items():
+        write_text(path, text)
+        print(f"wrote {path}")
     failed = [h for h in hits if h.error is not None]
     for h in failed:
         print(f"similarity.py: error: cannot read query {h.query}: {h.error}", file=sys.stderr)
@@ -286,19 +285,18 @@ def _index(sim, args, params) -> int:
 
 def _pairs(sim, args) -> int:
     from adaptation.index import look_alike_pairs
-    from adaptation.results import write_pairs
+    from adaptation.results import write_pairs, write_text
     from adaptation.visualize import pairs_page
-    from toolkit.utils import UserError, atomic_path
+    from toolkit.utils import UserError
 
     index = sim.load_index(args.index)
     if len(index) < 2:
         raise UserError(f"{args.index} holds {len(index)} image(s): pairs need at least 2")
     a, b, s, capped = look_alike_pairs(index, threshold=args.threshold, top=args.top, per_item=args.per_image)
     rows = [(index.names[i], index.names[j], float(x), index.images[i], index.images[j]) for i, j, x in zip(a, b, s)]
-    write_pairs(rows, args.out + ".csv")
     page = pairs_page(rows[:args.html_rows], total=len(rows), title=f"look-alike pairs in {Path(args.index).name}")
-    with atomic_path(args.out + ".html") as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    write_pairs(rows, args.out + ".csv")
+    write_text(args.out + ".html", page)
     for r in rows[:10]:
         print(f"{r[2]:>8.4f}  {r[0]}  {r[1]}")
     if capped:

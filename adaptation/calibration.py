@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -63,7 +64,26 @@ class Threshold:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Threshold":
-        """The inverse of `to_dict`; raises KeyError/TypeError on a dict of another shape."""
+        """The inverse of `to_dict`; raises ValueError naming the first entry of the wrong shape.
+
+        Thresholds are cosines (finite, in [-1, 1]); rates are in [0, 1]; `n_pairs` is a count.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a dict, got {type(d).__name__}")
+        for key, lo, hi, optional in (("max_f1", -1, 1, False), ("f1", 0, 1, False), ("precision", 0, 1, False),
+                                      ("recall", 0, 1, False), ("at_precision", -1, 1, True),
+                                      ("recall_at_precision", 0, 1, True), ("target_precision", 0, 1, False)):
+            v = d.get(key)
+            if v is None and optional and key in d:
+                continue
+            # 1e-4: a calibrated cosine can exceed 1 by float rounding.
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo - 1e-4 <= v <= hi + 1e-4:
+                raise ValueError(f"{key} is {v!r}; expected a number in [{lo}, {hi}]")
+        if (d["at_precision"] is None) != (d["recall_at_precision"] is None):
+            raise ValueError("at_precision and recall_at_precision must both be set or both be None")
+        n = d.get("n_pairs")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"n_pairs is {n!r}; expected a positive count")
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 

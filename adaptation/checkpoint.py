@@ -44,6 +44,7 @@ from torch import nn
 
 from toolkit.utils import UserError, atomic_path, first_line
 
+from .calibration import Threshold
 from .models import build_model, model_kwargs
 from .objectives import BYOL, DEFAULT_EMA, SimSiam, build_objective
 
@@ -119,11 +120,12 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         None for `dummy`), `config` (plain dict; `config["data"]` is the absolute path of the
         features file it was trained on), `model_name`, `in_dim`, `model_kwargs`, `test_names`
         (list of str), plus `final_metrics` (dict of floats) and `train_names` (the run's training
-        pairs: with `test_names`, its split).
+        pairs: with `test_names`, its split); with a validation split also `val_names` and `threshold`
+        (checked with `adaptation.calibration.Threshold.from_dict`).
 
     Raises:
         UserError: a missing or unreadable file, one that is not a train.py checkpoint, or one whose
-        entries have the wrong types.
+        entries (the optional `val_names` and `threshold` included) have the wrong types or values.
 
     Example:
         >>> model, ckpt = load_checkpoint("runs/run1/model_and_optimizer.pt")   # doctest: +SKIP
@@ -149,6 +151,15 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if wrong:
         raise UserError(f"{path} is damaged: {', '.join(wrong)} "
                         f"{'has' if len(wrong) == 1 else 'have'} the wrong type; retrain, or use another run")
+    if "val_names" in ckpt and not (isinstance(ckpt["val_names"], list)
+                                    and all(isinstance(n, str) for n in ckpt["val_names"])):
+        raise UserError(f"{path} is damaged: val_names is not a list of names; retrain, or use another run")
+    if "threshold" in ckpt:
+        try:
+            Threshold.from_dict(ckpt["threshold"])
+        except ValueError as err:
+            raise UserError(f"{path} is damaged: its calibrated threshold is wrong ({err}); retrain with "
+                            f"--val-split, or use another run") from None
     model = build_model(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"])
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -50,7 +50,7 @@ from featuresExtractor.backbones import file_sha256
 from toolkit.utils import UserError, _umask, first_line, read_json
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "IndexParams", "SimilarityIndex", "normalise", "build", "write", "read",
-           "check_identity", "locked", "EncodeCache", "look_alike_pairs"]
+           "read_manifest", "check_identity", "locked", "EncodeCache", "look_alike_pairs"]
 
 FORMAT = "visual-similarity-index"
 VERSION = 1
@@ -327,6 +327,36 @@ def read(index_dir: str | os.PathLike) -> SimilarityIndex:
     """Read and validate an index folder written by `write`; a `UserError` says what is wrong."""
     faiss = _faiss()
     path = Path(index_dir)
+    manifest = read_manifest(path)
+    for f in (INDEX_FILE, NAMES_FILE):
+        if not (path / f).is_file():
+            raise UserError(f"{path} lacks {f}; rebuild the index")
+        if manifest["files"].get(f) != file_sha256(path / f):
+            raise UserError(f"{path / f} is damaged (its sha256 differs from the manifest's); rebuild the index")
+    try:
+        index = faiss.read_index(str(path / INDEX_FILE))
+    except RuntimeError as err:
+        raise UserError(f"cannot read {path / INDEX_FILE} ({first_line(err)}); rebuild the index") from None
+    entries = read_json(path / NAMES_FILE)
+    count = manifest["count"]
+    if index.ntotal != count or not isinstance(entries, list) or len(entries) != count or index.d != manifest["dim"]:
+        raise UserError(f"{path} is inconsistent (index, names and manifest disagree on count or dim); rebuild it")
+    if not all(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("image", 0), (str, type(None)))
+               for e in entries):
+        raise UserError(f"{path / NAMES_FILE} is damaged (each entry must be {{\"name\": text, \"image\": path or "
+                        f"null}}); rebuild the index")
+    want = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivfpq": faiss.IndexIVFPQ}[manifest["kind"]]
+    if not isinstance(faiss.downcast_index(index), want) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise UserError(f"{path / INDEX_FILE} is not an inner-product {manifest['kind']} index as its manifest says; "
+                        f"rebuild the index")
+    ix = SimilarityIndex(index, [e["name"] for e in entries], [e["image"] for e in entries], manifest, path)
+    ix.set_search()
+    return ix
+
+
+def read_manifest(index_dir: str | os.PathLike) -> dict:
+    """The validated manifest of an index folder (the cheap part of `read`); a `UserError` says what is wrong."""
+    path = Path(index_dir)
     if not (path / MANIFEST_FILE).is_file():
         raise UserError(f"{path} is not an index folder (no {MANIFEST_FILE}); build one with: similarity.py --run RUN "
                         f"index build GALLERY -o {path}")
@@ -336,22 +366,32 @@ def read(index_dir: str | os.PathLike) -> SimilarityIndex:
     if manifest.get("version") != VERSION:
         raise UserError(f"{path} is index format version {manifest.get('version')}; this toolkit reads version "
                         f"{VERSION}: rebuild the index")
-    for f in (INDEX_FILE, NAMES_FILE):
-        if not (path / f).is_file():
-            raise UserError(f"{path} lacks {f}; rebuild the index")
-        if manifest.get("files", {}).get(f) != file_sha256(path / f):
-            raise UserError(f"{path / f} is damaged (its sha256 differs from the manifest's); rebuild the index")
-    try:
-        index = faiss.read_index(str(path / INDEX_FILE))
-    except RuntimeError as err:
-        raise UserError(f"cannot read {path / INDEX_FILE} ({first_line(err)}); rebuild the index") from None
-    entries = read_json(path / NAMES_FILE)
-    count = manifest.get("count")
-    if index.ntotal != count or not isinstance(entries, list) or len(entries) != count or index.d != manifest["dim"]:
-        raise UserError(f"{path} is inconsistent (index, names and manifest disagree on count or dim); rebuild it")
-    ix = SimilarityIndex(index, [e["name"] for e in entries], [e["image"] for e in entries], manifest, path)
-    ix.set_search()
-    return ix
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """A `UserError` naming the first manifest entry of the wrong type (a hand-edited or damaged file)."""
+    kind, params = manifest.get("kind"), manifest.get("params")
+    need = {"flat": (), "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+            "ivfpq": ("nlist", "pq_m", "nbits", "nprobe")}.get(kind)
+    problems = [
+        ("kind", need is not None, f"one of {', '.join(KINDS)}"),
+        ("dim", _count(manifest.get("dim")) and manifest.get("dim", 0) > 0, "a positive integer"),
+        ("count", _count(manifest.get("count")), "a count"),
+        ("files", isinstance(manifest.get("files"), dict), f"a dict of sha256 sums of {INDEX_FILE} and {NAMES_FILE}"),
+        ("identity", isinstance(manifest.get("identity"), dict), "a dict"),
+        ("params", isinstance(params, dict) and all(_count(params.get(k)) and params[k] > 0 for k in need or ()),
+         f"a dict of positive integers {', '.join(need or ())}".rstrip()),
+    ]
+    for key, ok, what in problems:
+        if not ok:
+            raise UserError(f"{path / MANIFEST_FILE} is damaged: {key} is {manifest.get(key)!r}, expected {what}; "
+                            f"rebuild the index")
 
 
 def check_identity(ix: SimilarityIndex, identity: dict) -> None:

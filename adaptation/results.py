@@ -29,18 +29,20 @@ from toolkit.utils import UserError, atomic_path, first_line
 
 from .similarity import Hits, Match
 
-__all__ = ["write_search_results", "read_search_results", "write_pairs", "read_pairs", "SEARCH_COLUMNS",
+__all__ = ["write_text", "search_results_text", "write_search_results", "read_search_results", "write_pairs",
+           "read_pairs", "SEARCH_COLUMNS",
            "PAIR_COLUMNS"]
 
 SEARCH_COLUMNS = ("query", "rank", "name", "score", "image", "error")
 PAIR_COLUMNS = ("name_a", "name_b", "score", "image_a", "image_b")
 
 
-def _write_text(path: str | os.PathLike, text: str) -> None:
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` as UTF-8 atomically; a failure is one `UserError` line and leaves `path` as it was."""
     try:
         with atomic_path(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
-    except OSError as err:
+    except (OSError, UnicodeEncodeError) as err:
         raise UserError(f"cannot write {path} ({first_line(err)}); choose a writable place") from None
 
 
@@ -51,14 +53,13 @@ def _format(path: str | os.PathLike) -> str:
     return suffix[1:]
 
 
-def write_search_results(hits: Sequence[Hits], path: str | os.PathLike) -> None:
-    """Write search results atomically as JSON or CSV, by `path`'s suffix."""
+def search_results_text(hits: Sequence[Hits], path: str | os.PathLike) -> str:
+    """The text `write_search_results` writes to `path` (JSON or CSV, by its suffix)."""
     if _format(path) == "json":
         rows = [{"query": h.query, "image": h.image, "error": h.error,
                  "matches": [{"rank": r, "name": m.name, "score": m.score, "image": m.image}
                              for r, m in enumerate(h.matches, start=1)]} for h in hits]
-        _write_text(path, json.dumps(rows, indent=1) + "\n")
-        return
+        return json.dumps(rows, indent=1) + "\n"
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(SEARCH_COLUMNS)
@@ -67,7 +68,12 @@ def write_search_results(hits: Sequence[Hits], path: str | os.PathLike) -> None:
             w.writerow([h.query, "", "", "", h.image or "", h.error])
         for r, m in enumerate(h.matches, start=1):
             w.writerow([h.query, r, m.name, repr(m.score), m.image or "", ""])
-    _write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_search_results(hits: Sequence[Hits], path: str | os.PathLike) -> None:
+    """Write search results atomically as JSON or CSV, by `path`'s suffix."""
+    write_text(path, search_results_text(hits, path))
 
 
 def read_search_results(path: str | os.PathLike) -> list[Hits]:
@@ -98,7 +104,7 @@ def write_pairs(rows: Sequence[tuple[str, str, float, str | None, str | None]], 
     w.writerow(PAIR_COLUMNS)
     for a, b, s, ia, ib in rows:
         w.writerow([a, b, repr(float(s)), ia or "", ib or ""])
-    _write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def read_pairs(path: str | os.PathLike) -> list[tuple[str, str, float, str | None, str | None]]:

@@ -175,10 +175,7 @@ class VisualSimilarity:
         stored = self.checkpoint.get("threshold")
         if stored is None:
             return None
-        try:
-            return Threshold.from_dict(stored)
-        except (KeyError, TypeError):
-            raise UserError("the checkpoint's threshold is damaged; retrain the run") from None
+        return Threshold.from_dict(stored)  # checked by load_checkpoint
 
     def score(self, a: ImageLike, b: ImageLike) -> float:
         """The adapted cosine similarity of two images (the method's similarity function).
@@ -418,6 +415,7 @@ class VisualSimilarity:
                      progress: bool = True) -> tuple[SimilarityIndex, int, dict[str, str]]:
         """Append the images of `more` not yet in the index; returns (index, how many added, skipped)."""
         index_dir = Path(index_dir)
+        ix_format.read_manifest(index_dir)  # a wrong folder is refused before a lock file is made beside it
         with ix_format.locked(index_dir):
             index = self.load_index(index_dir)
             known = {im or nm for nm, im in zip(index.names, index.images)}

@@ -1,0 +1,136 @@
+"""Hostile inputs to similarity.py and the formats it reads: each is one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from adaptation import index as ixf
+from adaptation.calibration import Threshold
+from adaptation.checkpoint import CHECKPOINT, load_checkpoint
+from test_index import cli, one_error_line
+from test_similarity import run  # noqa: F401  (the module-scoped tiny run fixture)
+from toolkit.utils import UserError
+
+
+@pytest.fixture()
+def flat_index(tmp_path):
+    x = ixf.normalise(np.random.default_rng(0).normal(size=(5, 4)))
+    ix = ixf.build(x, [f"v{i}" for i in range(5)], [None] * 5, ixf.IndexParams("flat"), identity={})
+    return ixf.write(ix, tmp_path / "ix")
+
+
+def _edit_manifest(path, change):
+    m = json.loads((path / "manifest.json").read_text())
+    change(m)
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def _bad_names(m, path):
+    (path / "names.json").write_text(json.dumps([1, 2, 3, 4, 5]))
+    m["files"]["names.json"] = hashlib.sha256((path / "names.json").read_bytes()).hexdigest()  # a consistent forgery
+
+
+MANIFEST_DAMAGE = {
+    "files is a list": (lambda m, p: m.update(files=[]), "files is []"),
+    "files is text": (lambda m, p: m.update(files="x"), "files is 'x'"),
+    "no dim": (lambda m, p: m.pop("dim"), "dim is None"),
+    "count is a bool": (lambda m, p: m.update(count=True), "count is True"),
+    "unknown kind": (lambda m, p: m.update(kind="weird"), "kind is 'weird'"),
+    "kind lies about the index": (lambda m, p: m.update(kind="hnsw", params={"hnsw_m": 3, "ef_construction": 3,
+                                                                          "ef_search": 3}), "not an inner-product hnsw"),
+    "hnsw without its params": (lambda m, p: m.update(kind="hnsw"), "params is {}"),
+    "no params": (lambda m, p: m.pop("params"), "params is None"),
+    "identity is a list": (lambda m, p: m.update(identity=[]), "identity is []"),
+    "names of the wrong shape": (_bad_names, "names.json is damaged"),
+}
+
+
+@pytest.mark.parametrize("damage", MANIFEST_DAMAGE, ids=list(MANIFEST_DAMAGE))
+def test_index_of_the_wrong_shape_is_refused_where_it_is_read(flat_index, damage):
+    change, said = MANIFEST_DAMAGE[damage]
+    assert len(ixf.read(flat_index)) == 5  # intact, it reads
+    _edit_manifest(flat_index, lambda m: change(m, flat_index))
+    with pytest.raises(UserError, match="rebuild the index") as err:
+        ixf.read(flat_index)
+    assert said in str(err.value)
+
+
+def test_damaged_manifest_through_the_cli_is_one_line(run, flat_index, capsys):  # noqa: F811
+    _edit_manifest(flat_index, lambda m: m.update(files=[]))
+    query = next(run["gallery"].iterdir())
+    code, _, err = cli(["--run", str(run["run"]), "search", str(query), "--index", str(flat_index), "-k", "2"], capsys)
+    assert code == 2 and "files is []" in one_error_line(err)
+
+
+THRESHOLD = {"max_f1": 0.6, "f1": 0.8, "precision": 0.9, "recall": 0.7, "at_precision": 0.7,
+             "recall_at_precision": 0.5, "target_precision": 0.95, "n_pairs": 10}
+BAD_THRESHOLDS = {
+    "not a dict": "x",
+    "None": None,
+    "missing keys": {"max_f1": 0.5},
+    "text number": dict(THRESHOLD, max_f1="0.5"),
+    "NaN": dict(THRESHOLD, max_f1=float("nan")),
+    "out of range": dict(THRESHOLD, max_f1=7.0),
+    "rate above 1": dict(THRESHOLD, precision=1.5),
+    "no pair count": dict(THRESHOLD, n_pairs=None),
+    "half of the precision threshold": dict(THRESHOLD, at_precision=None),
+}
+
+
+def test_threshold_from_dict_checks_every_entry():
+    assert Threshold.from_dict(THRESHOLD).to_dict() == THRESHOLD
+    assert Threshold.from_dict(dict(THRESHOLD, at_precision=None, recall_at_precision=None)).at_precision is None
+    assert Threshold.from_dict(dict(THRESHOLD, max_f1=np.float32(0.5), n_pairs=np.int64(3))).n_pairs == 3
+    for name, bad in BAD_THRESHOLDS.items():
+        with pytest.raises(ValueError):
+            Threshold.from_dict(bad)
+            pytest.fail(name)
+
+
+@pytest.mark.parametrize("entry", ["threshold", "val_names"])
+def test_checkpoint_with_a_damaged_threshold_or_val_names_is_refused(run, tmp_path, capsys, entry):  # noqa: F811
+    bad = tmp_path / "run"
+    shutil.copytree(run["run"], bad)
+    ckpt = torch.load(bad / CHECKPOINT, weights_only=True)
+    ckpt[entry] = dict(THRESHOLD, max_f1=float("nan")) if entry == "threshold" else 5
+    torch.save(ckpt, bad / CHECKPOINT)
+    with pytest.raises(UserError, match=f"is damaged: .*{'threshold' if entry == 'threshold' else 'val_names'}"):
+        load_checkpoint(bad / CHECKPOINT)
+    images = sorted(run["gallery"].iterdir())
+    code, out, err = cli(["--run", str(bad), "pair", str(images[0]), str(images[1])], capsys)
+    assert code == 2 and "is damaged" in one_error_line(err) and out == ""
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1.5", "-2"])
+def test_pairs_threshold_outside_the_cosine_range_is_refused(run, flat_index, tmp_path, capsys, value):  # noqa: F811
+    code, _, err = cli(["--run", str(run["run"]), "pairs", "--index", str(flat_index), "--threshold", value,
+                        "-o", str(tmp_path / "p")], capsys)
+    assert code == 2 and "between -1 and 1" in one_error_line(err)
+    assert not list(tmp_path.glob("p.*"))
+
+
+def test_query_folder_with_a_name_that_is_not_utf8_writes_nothing(run, tmp_path, capsys):  # noqa: F811
+    folder = tmp_path / "q"
+    folder.mkdir()
+    src = sorted(run["gallery"].iterdir())
+    shutil.copy(src[0], folder / "ok.png")
+    shutil.copy(src[1], os.fsdecode(bytes(folder) + b"/n\xffm.png"))
+    outs = [tmp_path / "o.json", tmp_path / "o.csv", tmp_path / "o.html"]
+    code, _, err = cli(["--run", str(run["run"]), "search", str(folder), "--gallery", str(run["gallery"]), "-k", "2",
+                        "--json", str(outs[0]), "--csv", str(outs[1]), "--html", str(outs[2])], capsys)
+    assert code == 2 and "not valid UTF-8" in one_error_line(err)
+    assert not any(o.exists() for o in outs)
+
+
+def test_add_to_a_folder_that_is_no_index_leaves_no_lock_file(run, tmp_path, capsys):  # noqa: F811
+    code, _, err = cli(["--run", str(run["run"]), "index", "add", str(tmp_path / "nothere"), str(run["gallery"]),
+                        "--no-progress"], capsys)
+    assert code == 2 and "is not an index folder" in one_error_line(err)
+    assert sorted(os.listdir(tmp_path)) == []
