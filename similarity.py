@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     pair = sub.add_parser("pair", help="similarity of two images", allow_abbrev=False)
     pair.add_argument("a", metavar="A", help="first image")
     pair.add_argument("b", metavar="B", help="second image")
+    _add_search_parser(sub)
+    _add_index_parser(sub)
+    _add_pairs_parser(sub)
+    return p
+
+
+def _add_search_parser(sub) -> None:
     search = sub.add_parser("search", help="rank a gallery or an index against query images", allow_abbrev=False)
     search.add_argument("query", nargs="+", help="query images, folders of images, or image list files")
     where = search.add_mutually_exclusive_group(required=True)
@@ -66,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates explored (default: the index's)")
     search.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited (default: the index's)")
     search.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _add_index_parser(sub) -> None:
     index = sub.add_parser("index", help="build or extend a persistent faiss index of a gallery", allow_abbrev=False)
     isub = index.add_subparsers(dest="index_command", required=True)
     build = isub.add_parser("build", help="encode a gallery and write an index folder", allow_abbrev=False)
@@ -91,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("gallery", help="folder of images, image list file, or features.npy")
     for q in (build, add):
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_pairs_parser(sub) -> None:
     pairs = sub.add_parser("pairs", help="look-alike pairs across an indexed gallery, as CSV and HTML",
                            allow_abbrev=False)
     pairs.add_argument("--index", required=True, help="an index folder built with: index build")
@@ -102,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --threshold: neighbours looked at per image (default 100)")
     pairs.add_argument("--html-rows", type=int, default=200, help="pairs shown in the HTML page (default 200)")
     pairs.add_argument("--overwrite", action="store_true", help="replace existing OUT.csv / OUT.html")
-    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -171,7 +183,7 @@ def _threshold_text(threshold) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
-    from toolkit.utils import UserError, check_writable, require_utf8, resolve_device
+    from toolkit.utils import require_utf8, resolve_device
 
     named = {"a": "first image", "b": "second image", "gallery": "gallery", "index": "--index", "json": "--json",
              "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder"}
@@ -179,57 +191,88 @@ def main(argv: Sequence[str] | None = None) -> int:
                   **{label: getattr(args, name) for name, label in named.items() if hasattr(args, name)},
                   **{f"query {i + 1}": q for i, q in enumerate(getattr(args, "query", []))}})
     device = resolve_device(args.device)
+    # Bad input is refused before the model loads, which is the slow part.
+    params = None
     if args.command == "search":
-        if args.k < 1:
-            raise UserError(f"-k must be at least 1 (got {args.k})")
-        for fmt in ("json", "csv"):
-            if getattr(args, fmt) and Path(getattr(args, fmt)).suffix.lower() != f".{fmt}":
-                raise UserError(f"--{fmt} {getattr(args, fmt)}: the file name must end in .{fmt}")
-        _check_outputs([args.html, args.json, args.csv], args.overwrite)
-        source = args.gallery or args.index
-        if not Path(source).exists():
-            raise UserError(f"{'gallery' if args.gallery else 'index'} {source} does not exist")
+        _check_search_args(args)
     if args.command == "pairs":
-        if args.threshold is not None and not -1 <= args.threshold <= 1:  # NaN fails this too
-            raise UserError(f"--threshold must be an adapted cosine, between -1 and 1 (got {args.threshold})")
-        if args.top is not None and args.top < 1:
-            raise UserError(f"--top must be at least 1 (got {args.top})")
-        if args.per_image < 1 or args.html_rows < 0:
-            raise UserError("--per-image must be at least 1 and --html-rows at least 0")
-        _check_outputs([args.out + ".csv", args.out + ".html"], args.overwrite)
+        _check_pairs_args(args)
     if args.command == "index":
-        from adaptation.index import IndexParams
-
-        source = args.gallery
-        if not Path(source).exists():
-            raise UserError(f"gallery {source} does not exist")
-        if args.index_command == "build":
-            params = IndexParams(args.kind, args.hnsw_m, args.ef_construction, args.ef_search, args.nlist, args.pq_m,
-                                 args.nbits, args.nprobe)
-            if Path(args.out).exists() and not args.overwrite:
-                raise UserError(f"{args.out} already exists; pass --overwrite or choose another folder")
-            check_writable(args.out, "-o")
-
-    import numpy as np
+        params = _check_index_args(args)
 
     from adaptation.similarity import VisualSimilarity
 
     sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
     if args.command == "pair":
-        a, b = _query_image(args.a), _query_image(args.b)
-        raw = sim.raw([a, b])
-        cos = float(raw[0] @ raw[1] / max(np.linalg.norm(raw[0]) * np.linalg.norm(raw[1]), 1e-12))
-        verdict = sim.verdict(sim.score_raw(raw))
-        print(f"adapted similarity  {verdict.score:.4f}")
-        print(f"raw cosine          {cos:.4f}")
-        print(f"threshold           {_threshold_text(sim.threshold)}")
-        if verdict.alike is not None:
-            print(f"verdict             {'alike' if verdict.alike else 'not alike'}")
-        return 0
+        return _pair(sim, args)
     if args.command == "index":
-        return _index(sim, args, params if args.index_command == "build" else None)
+        return _index(sim, args, params)
     if args.command == "pairs":
         return _pairs(sim, args)
+    return _search(sim, args)
+
+
+def _check_search_args(args) -> None:
+    from toolkit.utils import UserError
+
+    if args.k < 1:
+        raise UserError(f"-k must be at least 1 (got {args.k})")
+    for fmt in ("json", "csv"):
+        if getattr(args, fmt) and Path(getattr(args, fmt)).suffix.lower() != f".{fmt}":
+            raise UserError(f"--{fmt} {getattr(args, fmt)}: the file name must end in .{fmt}")
+    _check_outputs([args.html, args.json, args.csv], args.overwrite)
+    source = args.gallery or args.index
+    if not Path(source).exists():
+        raise UserError(f"{'gallery' if args.gallery else 'index'} {source} does not exist")
+
+
+def _check_pairs_args(args) -> None:
+    from toolkit.utils import UserError
+
+    if args.threshold is not None and not -1 <= args.threshold <= 1:  # NaN fails this too
+        raise UserError(f"--threshold must be an adapted cosine, between -1 and 1 (got {args.threshold})")
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top must be at least 1 (got {args.top})")
+    if args.per_image < 1 or args.html_rows < 0:
+        raise UserError("--per-image must be at least 1 and --html-rows at least 0")
+    _check_outputs([args.out + ".csv", args.out + ".html"], args.overwrite)
+
+
+def _check_index_args(args):
+    """Checks the index command's inputs; returns the IndexParams of a build, None for an add."""
+    from adaptation.index import IndexParams
+    from toolkit.utils import UserError, check_writable
+
+    source = args.gallery
+    if not Path(source).exists():
+        raise UserError(f"gallery {source} does not exist")
+    if args.index_command != "build":
+        return None
+    params = IndexParams(args.kind, args.hnsw_m, args.ef_construction, args.ef_search, args.nlist, args.pq_m,
+                         args.nbits, args.nprobe)
+    if Path(args.out).exists() and not args.overwrite:
+        raise UserError(f"{args.out} already exists; pass --overwrite or choose another folder")
+    check_writable(args.out, "-o")
+    return params
+
+
+def _pair(sim, args) -> int:
+    import numpy as np
+
+    a, b = _query_image(args.a), _query_image(args.b)
+    raw = sim.raw([a, b])
+    cos = float(raw[0] @ raw[1] / max(np.linalg.norm(raw[0]) * np.linalg.norm(raw[1]), 1e-12))
+    verdict = sim.verdict(sim.score_raw(raw))
+    print(f"adapted similarity  {verdict.score:.4f}")
+    print(f"raw cosine          {cos:.4f}")
+    print(f"threshold           {_threshold_text(sim.threshold)}")
+    if verdict.alike is not None:
+        print(f"verdict             {'alike' if verdict.alike else 'not alike'}")
+    return 0
+
+
+def _search(sim, args) -> int:
+    from toolkit.utils import UserError
 
     if args.index:
         gallery = sim.load_index(args.index, ef_search=args.ef_search, nprobe=args.nprobe)
@@ -241,13 +284,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not queries:
         raise UserError(f"no query image in {' '.join(args.query)}")
     hits = sim.search(queries, gallery, args.k)
-    threshold = sim.threshold
-    print(f"threshold: {_threshold_text(threshold)}")
+    print(f"threshold: {_threshold_text(sim.threshold)}")
     for h in hits:
         if h.error is None:
             if len(hits) > 1:
                 print(f"query: {h.query}")
             _print_matches(h.matches, sim)
+    _write_search_outputs(hits, sim.threshold, args)
+    failed = [h for h in hits if h.error is not None]
+    for h in failed:
+        print(f"similarity.py: error: cannot read query {h.query}: {h.error}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _write_search_outputs(hits, threshold, args) -> None:
     # Every output is made before any is written, so one that cannot be made leaves none behind.
     from adaptation.results import search_results_text, write_text
 
@@ -263,10 +313,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, text in texts.items():
         write_text(path, text)
         print(f"wrote {path}")
-    failed = [h for h in hits if h.error is not None]
-    for h in failed:
-        print(f"similarity.py: error: cannot read query {h.query}: {h.error}", file=sys.stderr)
-    return 2 if failed else 0
 
 
 def _index(sim, args, params) -> int:

@@ -403,12 +403,7 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
     run_seed = base_config["seed"] + run - 1
     train_idx, test_idx, val_idx = split
     data = split_data(pairs, train_idx, test_idx, device, val_idx)
-    torch.manual_seed(run_seed)
-    model = build_model(args.model, base_config["in_dim"]).to(device)
-    objective = None
-    if args.objective != "contrastive":
-        objective = build_objective(args.objective, model, ema=base_config.get("ema", DEFAULT_EMA)).to(device)
-    optimizer = make_optimizer(model if objective is None else objective, cfg)
+    model, objective, optimizer = _run_model(args, cfg, base_config, run_seed, device)
     first_k = cfg.topk[0]
     keeper = _BestKeeper(model, optimizer, data, first_k, args.patience, keep=dist.rank == 0) \
         if data.val is not None else None
@@ -420,16 +415,13 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
 
         return train(model, data, cfg, optimizer, on_epoch=follow, dist=dist), None
 
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed from here on
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # slow import, only needed from here on
 
     config = {**base_config, "run": run, "run_seed": run_seed, "split_seed": split_seed,
               "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0])}
     write_json(folder / "config.json", config)
 
-    writer = SummaryWriter(str(folder))
-    writer.add_text("config", _config_text(config))
-    writer.add_text("model", f"```\n{model}\n```")
+    writer = _open_writer(folder, config, model)
     bar = tqdm(total=cfg.epochs, desc=f"run {run}/{args.runs}", unit="epoch", file=sys.stderr)
 
     def log(epoch: int, metrics: dict[str, float]) -> bool:
@@ -452,8 +444,43 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
         bar.close()
         writer.close()
     seconds = time.perf_counter() - start
-    final = {k: v for k, v in history[-1].items() if k != "epoch"}
     record: dict[str, Any] = {"run": run, "seconds": seconds, "epochs": history}
+    best_row = _save_run(folder, args.model, model, optimizer, objective, keeper, data, cfg, config, history, record)
+    final = history[-1]
+    print(f"{PROG}: run {run}: {seconds:.1f} s, test top {first_k} {100 * final[f'Test/top {first_k}']:.2f}%", file=sys.stderr)
+    return history, best_row
+
+
+def _open_writer(folder: Path, config: dict[str, Any], model: torch.nn.Module):
+    """The run's TensorBoard writer, with its config and model shown as text."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only needed once a run is written
+
+    writer = SummaryWriter(str(folder))
+    writer.add_text("config", _config_text(config))
+    writer.add_text("model", f"```\n{model}\n```")
+    return writer
+
+
+def _run_model(args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], run_seed: int,
+               device: torch.device):
+    """The run's model, its objective (None for the contrastive one) and optimiser, seeded for the run."""
+    torch.manual_seed(run_seed)
+    model = build_model(args.model, base_config["in_dim"]).to(device)
+    objective = None
+    if args.objective != "contrastive":
+        objective = build_objective(args.objective, model, ema=base_config.get("ema", DEFAULT_EMA)).to(device)
+    optimizer = make_optimizer(model if objective is None else objective, cfg)
+    return model, objective, optimizer
+
+
+def _save_run(folder: Path, model_name: str, model, optimizer, objective, keeper, data, cfg: TrainConfig,
+              config: dict[str, Any], history: list[dict[str, float]],
+              record: dict[str, Any]) -> dict[str, float] | None:
+    """Write a finished run's metrics.json and checkpoints (best.pt too with validation pairs).
+
+    Returns its row at the best validation epoch (None without validation pairs).
+    """
+    final = {k: v for k, v in history[-1].items() if k != "epoch"}
     extra: dict[str, Any] = {}
     best_row = None
     if keeper is not None:
@@ -463,16 +490,15 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
         best_row = history[keeper.epoch - 1]
         best_model = copy.deepcopy(model)
         best_model.load_state_dict(keeper.state)
-        save_checkpoint(folder / BEST_CHECKPOINT, best_model, None, model_name=args.model, epoch=keeper.epoch,
+        save_checkpoint(folder / BEST_CHECKPOINT, best_model, None, model_name=model_name, epoch=keeper.epoch,
                         config=config, test_names=data.test_names, train_names=data.train_names,
                         final_metrics={k: v for k, v in best_row.items() if k != "epoch"},
                         optimizer_state=keeper.optimizer, **{**extra, "threshold": keeper.threshold})
     write_json(folder / "metrics.json", record)
-    save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=args.model, epoch=len(history), config=config,
+    save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=model_name, epoch=len(history), config=config,
                     test_names=data.test_names, train_names=data.train_names, final_metrics=final, objective=objective,
                     **extra)
-    print(f"{PROG}: run {run}: {seconds:.1f} s, test top {first_k} {100 * final[f'Test/top {first_k}']:.2f}%", file=sys.stderr)
-    return history, best_row
+    return best_row
 
 
 def _log_average(save_to: Path, histories: list[list[dict[str, float]]]) -> None:
@@ -573,27 +599,32 @@ def _run(args: argparse.Namespace, save_to: Path, device: torch.device, device_n
               f", {args.precision}, batch {batch_size or 'full'}, seed {seed}", file=sys.stderr)
         results = [_one_run(run, args, cfg, base_config, pairs, splits[run - 1], split_seeds[run - 1], device,
                             images_root, dist) for run in range(1, args.runs + 1)]
-        histories = [history for history, _ in results]
-        if args.runs > 1:
-            _log_average(save_to, histories)  # early-stopped runs: the epochs all of them reached
-        summary = summarise([{k: v for k, v in h[-1].items() if k != "epoch"} for h in histories])
-        best_rows = [row for _, row in results if row is not None]
-        best_val = None
-        if best_rows:
-            best_val = {"epochs": [int(r["epoch"]) for r in best_rows],
-                        **summarise([{k: v for k, v in r.items() if k != "epoch"} for r in best_rows])}
-        collapse = None
-        if args.objective != "contrastive":
-            collapse = collapse_verdict([h[-1][OUTPUT_STD] for h in histories],
-                                        build_model(args.model, pairs.in_dim).out_dim)
-        write_summary(save_to, base_config, summary, best_val=best_val, collapse=collapse)
-        print(_table(summary, topk, args.runs))
-        if best_val is not None:
-            print(_table(best_val, topk, args.runs, f"at best val epoch {best_val['epochs']}"))
-        if collapse is not None:
-            print(f"collapse: {collapse['verdict']} (final output std {', '.join(f'{s:.4f}' for s in collapse['output_std'])}; "
-                  f"healthy about {collapse['healthy']:.4f}, collapsed below {collapse['threshold']:.4f})")
+        _summarise_runs(save_to, args, base_config, out_dim, topk, results)
         return 0
+
+
+def _summarise_runs(save_to: Path, args: argparse.Namespace, base_config: dict[str, Any], out_dim: int,
+                    topk: tuple[int, ...], results: list[tuple[list[dict[str, float]], dict[str, float] | None]]) -> None:
+    """Write the summary of all runs (and their average curves) and print its tables."""
+    histories = [history for history, _ in results]
+    if args.runs > 1:
+        _log_average(save_to, histories)  # early-stopped runs: the epochs all of them reached
+    summary = summarise([{k: v for k, v in h[-1].items() if k != "epoch"} for h in histories])
+    best_rows = [row for _, row in results if row is not None]
+    best_val = None
+    if best_rows:
+        best_val = {"epochs": [int(r["epoch"]) for r in best_rows],
+                    **summarise([{k: v for k, v in r.items() if k != "epoch"} for r in best_rows])}
+    collapse = None
+    if args.objective != "contrastive":
+        collapse = collapse_verdict([h[-1][OUTPUT_STD] for h in histories], out_dim)
+    write_summary(save_to, base_config, summary, best_val=best_val, collapse=collapse)
+    print(_table(summary, topk, args.runs))
+    if best_val is not None:
+        print(_table(best_val, topk, args.runs, f"at best val epoch {best_val['epochs']}"))
+    if collapse is not None:
+        print(f"collapse: {collapse['verdict']} (final output std {', '.join(f'{s:.4f}' for s in collapse['output_std'])}; "
+              f"healthy about {collapse['healthy']:.4f}, collapsed below {collapse['threshold']:.4f})")
 
 
 if __name__ == "__main__":

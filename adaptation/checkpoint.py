@@ -141,6 +141,17 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         # A corrupt zip is a RuntimeError, a non-tensor object refused by weights_only an
         # UnpicklingError, a truncated file EOFError; none of them should show a traceback.
         raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
+    _check_structure(path, ckpt)
+    model = build_model(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r}: {first_line(err)}") from None
+    return model.to(device).eval(), ckpt
+
+
+def _check_structure(path: str, ckpt: Any) -> None:
+    """Refuse (a `UserError`) a loaded checkpoint that lacks a key or holds one of the wrong type or value."""
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
@@ -160,12 +171,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         except ValueError as err:
             raise UserError(f"{path} is damaged: its calibrated threshold is wrong ({err}); retrain with "
                             f"--val-split, or use another run") from None
-    model = build_model(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"])
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r}: {first_line(err)}") from None
-    return model.to(device).eval(), ckpt
 
 
 def load_objective(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SimSiam | BYOL, dict[str, Any]]:

@@ -281,6 +281,25 @@ def _step(model, sets, step, config, optimizer, ctx_base: dict, batch_loss: Batc
     return total, n_orig, metrics
 
 
+def _train_figures(parts: list, names: list[str], dist: Dist) -> dict[str, torch.Tensor]:
+    """An epoch's training figures (`Loss` and, when the steps measured them, the metrics) from its steps'
+    `(loss, n_originals, metrics)`, as tensors."""
+    if len(parts) == 1 and not dist.active:
+        # The full batch: the figures as they are (no weighting to round).
+        loss, _, means = parts[0]
+        return {"Loss": loss, **(means or {})}
+    n_total = sum(n for _, n, _ in parts)
+    # Size-weighted sums over the steps (and ranks), one collective per epoch.
+    has_metrics = any(m is not None for _, _, m in parts)
+    # A step without originals (a set with more batches than they have) weighs 0.
+    sums = torch.stack([torch.stack([loss * n] + ([m[k] * n if m else loss * 0 for k in names]
+                                                  if has_metrics else []))
+                        for loss, n, m in parts]).sum(0).double()
+    sums = all_reduce_sum(sums, dist) / n_total
+    sums[0] /= dist.world_size  # each rank's loss is its share times world_size
+    return dict(zip(["Loss"] + (names if has_metrics else []), sums.float()))
+
+
 def train(
     model: nn.Module,
     data: TrainData,
@@ -330,21 +349,7 @@ def train(
             parts = [_step(model, sets, step, config, optimizer, ctx_base, batch_loss, ddp) for step in steps]
             te = evaluate(model, *data.test, config, dist)
             va = evaluate(model, *data.val, config, dist) if data.val is not None else {}
-            n_total = sum(n for _, n, _ in parts)
-            if len(parts) == 1 and not dist.active:
-                # The full batch: the figures as they are (no weighting to round).
-                loss, _, means = parts[0]
-                tr = {"Loss": loss, **(means or {})}
-            else:
-                # Size-weighted sums over the steps (and ranks), one collective per epoch.
-                has_metrics = any(m is not None for _, _, m in parts)
-                # A step without originals (a set with more batches than they have) weighs 0.
-                sums = torch.stack([torch.stack([loss * n] + ([m[k] * n if m else loss * 0 for k in names]
-                                                              if has_metrics else []))
-                                    for loss, n, m in parts]).sum(0).double()
-                sums = all_reduce_sum(sums, dist) / n_total
-                sums[0] /= dist.world_size  # each rank's loss is its share times world_size
-                tr = dict(zip(["Loss"] + (names if has_metrics else []), sums.float()))
+            tr = _train_figures(parts, names, dist)
             keys = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te] + [f"Val/{k}" for k in va]
             # One device-to-host transfer per epoch, not one per metric.
             values = torch.stack([v.float() for v in (*tr.values(), *te.values(), *va.values())]).tolist()
