@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,46 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Never touch the network from the tests: a missing weight must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def run_bounded(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` that ends every process it started.
+
+    The command runs in its own session, and on a time-out the whole process group is killed:
+    `subprocess.run` alone kills only the direct child, which would leave torchrun's ranks running.
+    """
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    finally:
+        # A rank that outlived its launcher (the launcher exited first) is ended too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def spawn_ranks(fn, args, nprocs: int, timeout: float = 120):
+    """Start `nprocs` processes of `fn(rank, *args)` and wait for them, killing them all past `timeout`.
+
+    A rank that raises makes `join` end the others and re-raise here.
+    """
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("ranks did not finish in time")
+    return ctx
 
 
 def draw_image(path: Path, seed: int, size=(80, 96), mode: str = "RGB") -> Path:

@@ -7,15 +7,14 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from adaptation.distributed import Dist, share_bounds
+from conftest import run_bounded, spawn_ranks
 from adaptation.models import build_model
 from adaptation.planted import planted_array, planted_pairs
 from adaptation.split import split_data, split_indices
@@ -58,14 +57,7 @@ def _rank_worker(rank, port, cfg, out_dir):
 
 
 def _spawn(fn, args, timeout=120):
-    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("ranks did not finish in time")
-    return ctx
+    return spawn_ranks(fn, args, WORLD, timeout)
 
 
 @pytest.mark.parametrize("batch_size,epochs", [(None, 3), (12, 1), (30, 2)], ids=["full-batch", "B12", "B30"])
@@ -106,7 +98,7 @@ def _torchrun(args, nproc=WORLD, timeout=180):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(_free_port()), "train.py", "--cpu", *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_bounded(cmd, timeout, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")

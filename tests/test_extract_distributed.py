@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import extract
-from conftest import ROOT, make_pairs
+from conftest import ROOT, make_pairs, run_bounded, spawn_ranks
 from featuresExtractor.distributed import Ranks
 from featuresExtractor.pipeline import ExtractConfig, _run_batches, _start_store, extract as run_extract
 from featuresExtractor.store import ChunkStore
@@ -30,7 +30,7 @@ FILES = ["features.npy", "features_pca4.npy"]
 def torchrun(script: str, n: int, argv: list[str], **env) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), script, *argv]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=full_env)
+    return run_bounded(cmd, 300, cwd=ROOT, env=full_env)
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +177,7 @@ def _collectives(rank: int, store: str, results: str) -> None:
 
 
 def test_errors_reach_every_rank_and_rank_0_alone_prints(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_collectives, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_collectives, (str(tmp_path / "store"), str(tmp_path)), 2)
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert r0["agree_ok"] == r1["agree_ok"] == ["ok", ["verdict", 0]]  # rank 0's answer, everywhere
     assert r0["agree_error"] == ["error", "folder is busy", False]
