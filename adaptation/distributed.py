@@ -139,9 +139,11 @@ def agree_on_failure(failure: Exception | None, dist: Dist, elsewhere: str) -> N
         if failure is not None:
             raise failure
         return
+    from toolkit.distributed import settle_before_leaving
     from toolkit.utils import UserError
 
     if all_reduce_min(0.0 if failure else 1.0, dist) < 1.0:
+        settle_before_leaving()
         raise failure or UserError(elsewhere)
 
 

@@ -26,7 +26,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from toolkit.distributed import destroy_group, torchrun_env
+from toolkit.distributed import destroy_group, settle_before_leaving, torchrun_env
 from toolkit.utils import UserError
 
 __all__ = ["Ranks", "init", "shutdown", "quiet"]
@@ -96,10 +96,12 @@ class Ranks:
             except UserError as err:
                 box[0] = ("error", str(err))
                 dist.broadcast_object_list(box, src=0)
+                settle_before_leaving()
                 raise
         dist.broadcast_object_list(box, src=0)
         status, value = box[0]
         if status == "error":
+            settle_before_leaving()
             raise quiet(UserError(value))
         return value
 
@@ -120,6 +122,7 @@ class Ranks:
         dist.all_gather_object(every, mine)
         failed = [(r, value) for r, (status, value) in enumerate(every) if status == "error"]
         if failed:
+            settle_before_leaving()
             rank, message = failed[0]
             err = UserError(message if rank == 0 else f"rank {rank}: {message}")
             raise err if self.rank == 0 else quiet(err)

@@ -19,6 +19,7 @@ from adaptation.models import build_model
 from adaptation.planted import planted_array, planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, epoch_batches, make_optimizer, train
+from toolkit.distributed import destroy_group
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -53,7 +54,7 @@ def _rank_worker(rank, port, cfg, out_dir):
         model, history = _fit(cfg, Dist(rank, WORLD, WORLD))
         torch.save({"state": model.state_dict(), "history": history}, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        tdist.destroy_process_group()
+        destroy_group()
 
 
 def _spawn(fn, args, timeout=120):

@@ -20,6 +20,7 @@ from conftest import ROOT, make_pairs, run_bounded, spawn_ranks
 from featuresExtractor.distributed import Ranks
 from featuresExtractor.pipeline import ExtractConfig, _run_batches, _start_store, extract as run_extract
 from featuresExtractor.store import ChunkStore
+from toolkit.distributed import destroy_group
 from toolkit.utils import UserError, run_cli
 
 FLAGS = ["-b", "4", "--data-aug", "-p", "adapt-pca", "4", "--model", "tiny_rn", "--pretrained", "none",
@@ -172,7 +173,7 @@ def _collectives(rank: int, store: str, results: str) -> None:
             seen[label] = ["ok", call()]
         except UserError as err:
             seen[label] = ["error", str(err), getattr(err, "quiet", False)]
-    dist.destroy_process_group()
+    destroy_group()
     Path(results, f"{rank}.json").write_text(json.dumps(seen))
 
 

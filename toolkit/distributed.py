@@ -20,7 +20,7 @@ from typing import Mapping
 
 from .utils import UserError
 
-__all__ = ["torchrun_env", "destroy_group"]
+__all__ = ["torchrun_env", "destroy_group", "settle_before_leaving"]
 
 
 def torchrun_env(environ: Mapping[str, str] | None = None) -> dict[str, int]:
@@ -40,7 +40,27 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> dict[str, int]:
 
 def destroy_group() -> None:
     """Leave the torch.distributed process group, if this process joined one."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # Objects that hold the group (a DistributedDataParallel wrapper, its reducer, gloo's
+        # pending work) may sit in reference cycles; collected only at interpreter shutdown,
+        # their gloo threads are destroyed too late and the process aborts (SIGABRT).
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def settle_before_leaving() -> None:
+    """Wait until every rank has reached this point, before ranks that agreed to stop leave the group.
+
+    Why: gloo aborts a process (SIGABRT, no Python error) whose peer closes the connection while
+    a transfer between them is still in flight, so a rank that has sent the verdict "stop" must
+    not exit before the others have received it. Every rank that learnt of the failure calls it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
