@@ -7,12 +7,15 @@ plain definition and a per-pair loop.
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .losses import EPS, contrastive_loss_from_similarity
 
-__all__ = ["symmetric_cross_entropy", "similarity_and_loss", "Workspace", "FUSED_MAX_SCALE"]
+__all__ = ["symmetric_cross_entropy", "similarity_and_loss", "row_block_loss", "Workspace", "FUSED_MAX_SCALE"]
 
 
 def symmetric_cross_entropy(sim: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -82,26 +85,30 @@ def _loss_grad(
 
 
 class Workspace:
-    """Scratch tensors kept from one call to the next, by name, shape, dtype and device.
+    """Scratch tensors kept from one call to the next, by name, dtype and device.
 
     Why: at TLL scale an N x N fp32 matrix is 81 MB. The C allocator serves blocks that large
     straight from the kernel (mmap) and returns them on free, so every fresh one is paid again
-    in page faults; reusing the same few matrices every epoch avoids that.
+    in page faults; reusing the same few matrices every epoch avoids that. A smaller shape (the
+    last, shorter batch of an epoch) is served from the memory of the largest one asked for so
+    far under the same name, so an epoch of minibatches holds one set of matrices, not two.
 
-    A tensor handed out by `get` is overwritten by the next user of the same name and shape;
-    see `similarity_and_loss` for what that means for its outputs.
+    A tensor handed out by `get` is overwritten by the next user of the same name, whatever the
+    shape; see `similarity_and_loss` for what that means for its outputs.
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The uninitialised tensor kept under `name` for this shape, dtype and device (created on first use)."""
-        key = (name, tuple(shape), dtype, torch.device(device))
+        """An uninitialised, contiguous `shape` tensor kept under `name` (created or grown on first need)."""
+        key = (name, dtype, torch.device(device))
+        numel = math.prod(shape)
         buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty(key[1], dtype=dtype, device=device)
-        return buf
+        if buf is None or buf.numel() < numel:
+            self._buffers.pop(key, None)  # let the smaller block go before the larger one is taken
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
 
 
 def similarity_and_loss(
@@ -207,3 +214,77 @@ class _CosineContrastive(torch.autograd.Function):
             grad_a = _normalize_backward(torch.mm(grad, b_p).to(a.dtype), a, a_norm, ctx.eps)
             grad_b = _normalize_backward(torch.mm(grad.T, a_p).to(b.dtype), b, b_norm, ctx.eps)
         return grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None, None, None, None
+
+
+def row_block_loss(
+    sim: torch.Tensor, start: int, n: int, logit_scale: float, world_size: int,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor], workspace: Workspace | None = None,
+) -> torch.Tensor:
+    """One rank's part of the symmetric contrastive loss of a global batch, from its rows of the cosine matrix.
+
+    The ranks of a data-parallel group each hold rows `start .. start + m` of the global
+    `(n, n)` cosine matrix `S` (their left vectors against every right vector). The row
+    log-sum-exps are local; the column ones need every rank's rows, so the columns' sums of
+    exponentials are added over the ranks with `reduce_sum` (one collective of `n` values).
+    Each rank thus computes `m x n` cosines, not the `2 m x n` of scoring both directions'
+    rows, and the group does the work of one process.
+
+    Args:
+        sim: `(m, n)` this rank's rows of `S`, any float dtype (e.g. a bf16 product).
+        start: the global index of its first row; its pairs' partners sit at columns
+            `start .. start + m`.
+        n: the global batch size.
+        logit_scale: multiplies the cosines; at most `FUSED_MAX_SCALE` in absolute value
+            (callers take the plain composition above it).
+        world_size: the number of ranks.
+        reduce_sum: sums a tensor over the ranks (every rank calls it at the same point).
+        workspace: where the `(m, n)` exponentials and gradient live between calls.
+
+    Returns:
+        A 0-d fp32 tensor: this rank's share of the global loss times `world_size`, so that the
+        mean over the ranks is the loss of `losses.contrastive_loss_from_similarity(S, t)`. Its
+        backward gives `world_size * dLoss/dS` for these rows: averaged over the ranks (as
+        DistributedDataParallel averages gradients) it is the gradient of the global loss.
+    """
+    if abs(logit_scale) > FUSED_MAX_SCALE:
+        raise ValueError(f"|logit_scale| {logit_scale} is above {FUSED_MAX_SCALE}; use the plain composition")
+    return _RowBlockCrossEntropy.apply(sim, float(logit_scale), start, n, world_size, reduce_sum,
+                                       workspace or Workspace())
+
+
+class _RowBlockCrossEntropy(torch.autograd.Function):
+    """`row_block_loss`: `_SymmetricCrossEntropy`'s algebra on a block of rows, column sums reduced over the ranks."""
+
+    @staticmethod
+    def forward(ctx, sim, t, start, n, world_size, reduce_sum, workspace):
+        m, dev = sim.shape[0], sim.device
+        compute = torch.promote_types(sim.dtype, torch.float32)
+        shift = abs(t)
+        with torch.autocast(dev.type, enabled=False):
+            e = workspace.get("exp", tuple(sim.shape), compute, dev)
+            if sim.dtype == compute:
+                torch.mul(sim, t, out=e)
+            else:  # widen first: t * sim must not be rounded to sim's dtype
+                e.copy_(sim).mul_(t)
+            e.sub_(shift).exp_()
+            row = e.sum(dim=1)
+            col = reduce_sum(e.sum(dim=0))
+            diag = sim.diagonal(offset=start).to(compute) * t  # each local pair's own cosine, times t
+            own_col = col[start:start + m]
+            partial = (row.log() + shift - diag).sum() + (own_col.log() + shift - diag).sum()
+            loss = partial * (0.5 * world_size / n)
+        ctx.save_for_backward(e, row, col)
+        ctx.t, ctx.start, ctx.n, ctx.world_size, ctx.dtype, ctx.workspace = t, start, n, world_size, sim.dtype, workspace
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        e, row, col = ctx.saved_tensors
+        with torch.autocast(e.device.type, enabled=False):
+            # world_size * dL/dS[i, j] = world_size * t / (2n) * (E / row_i + E / col_j - 2 [j == start + i])
+            scale = grad_loss.to(e.dtype) * (0.5 * ctx.t * ctx.world_size / ctx.n)
+            r, c = row.reciprocal().mul_(scale), col.reciprocal().mul_(scale)
+            grad = torch.add(r[:, None], c[None, :], out=ctx.workspace.get("grad", tuple(e.shape), e.dtype, e.device))
+            grad.mul_(e)
+            grad.diagonal(offset=ctx.start).sub_(2 * scale)
+        return grad.to(ctx.dtype), None, None, None, None, None, None

@@ -31,7 +31,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["partner_ranks", "block_partner_ranks", "retrieval_metrics", "metrics_from_ranks", "metric_names"]
+__all__ = ["partner_ranks", "block_partner_ranks", "column_counts", "retrieval_metrics", "metrics_from_ranks",
+           "metric_names"]
 
 
 def partner_ranks(sim: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,6 +82,24 @@ def block_partner_ranks(sim: torch.Tensor, partner_cols: torch.Tensor, n_worst: 
     count = torch.ge(sim, partner[:, None]).sum(dim=1)
     # A NaN partner compares False with everything, which would read as a perfect rank.
     return torch.where(torch.isnan(partner), torch.full_like(count, n_worst), count)
+
+
+def column_counts(sim: torch.Tensor, partner: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """For each column j of a block of rows, `#{i : sim[i, j] >= partner[j]}`: a part of the right-to-left ranks.
+
+    Args:
+        sim: `(R, M)` some rows of a similarity matrix.
+        partner: `(M,)` each column's partner similarity (the matrix's diagonal).
+        scratch: optional fp32 tensor of `sim`'s shape for the comparisons (overwritten).
+
+    Returns:
+        `(M,)` fp32 counts (exact up to 2**24 rows). Summed over blocks that cover every row, a
+        column's count is its right-to-left rank as `partner_ranks` gives it (NaN partners aside,
+        which the caller sets to the worst rank).
+    """
+    if scratch is None:
+        scratch = torch.empty(sim.shape, dtype=torch.float32, device=sim.device)
+    return torch.ge(sim, partner[None, :], out=scratch).sum(dim=0)
 
 
 def metric_names(topk: Sequence[int]) -> list[str]:

@@ -62,11 +62,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .split import TrainData
-from ._fused import Workspace, similarity_and_loss
+from ._fused import FUSED_MAX_SCALE, Workspace, row_block_loss, similarity_and_loss
 from .distributed import Dist, all_reduce_sum, gather_rows
 from .evaluation import evaluate_vectors
 from .losses import EPS
-from .metrics import block_partner_ranks, metric_names, metrics_from_ranks, partner_ranks
+from .metrics import block_partner_ranks, column_counts, metric_names, metrics_from_ranks, partner_ranks
 
 __all__ = ["PRECISIONS", "TrainConfig", "BatchContext", "BatchOutput", "BatchLoss", "contrastive_batch_loss",
            "make_optimizer", "evaluate", "epoch_batches", "train", "step_bytes", "largest_fitting_batch"]
@@ -191,9 +191,11 @@ def contrastive_batch_loss(model: nn.Module, left: torch.Tensor, right: torch.Te
     """The paper's symmetric contrastive loss over one (global) batch, in-batch negatives.
 
     One process: the fused square computation (`adaptation._fused.similarity_and_loss`), exactly
-    the full-batch recipe's when the batch is the whole set. Several ranks: this rank's rows
-    against every gathered column in both directions (open_clip's `local_loss` with
-    `gather_with_grad`), scaled so that the ranks' mean is the global batch's loss.
+    the full-batch recipe's when the batch is the whole set. Several ranks: this rank's rows of
+    the global cosine matrix, its left vectors against every right vector gathered with gradient
+    (open_clip's `local_loss` with `gather_with_grad`); the columns' log-sum-exps come from sums
+    reduced over the ranks (`adaptation._fused.row_block_loss`), so no rank scores the other
+    direction's rows again. The loss is scaled so that the ranks' mean is the global batch's.
     """
     cfg, dist = ctx.config, ctx.dist
     bf16 = cfg.precision == "bf16"
@@ -209,19 +211,40 @@ def contrastive_batch_loss(model: nn.Module, left: torch.Tensor, right: torch.Te
     with torch.autocast(left.device.type, enabled=False):
         a = F.normalize(out_left.float(), dim=1, eps=EPS)
         b = F.normalize(out_right.float(), dim=1, eps=EPS)
-        all_a, all_b = gather_rows(a, dist, ctx.n), gather_rows(b, dist, ctx.n)
         product = torch.bfloat16 if bf16 else torch.float32
-        l2r_sim = (a.to(product) @ all_b.to(product).T).float()
-        r2l_sim = (b.to(product) @ all_a.to(product).T).float()
         start, stop = dist.share(ctx.n)
-        labels = torch.arange(start, stop, device=left.device)
-        ce = (F.cross_entropy(l2r_sim * cfg.temperature, labels, reduction="sum")
-              + F.cross_entropy(r2l_sim * cfg.temperature, labels, reduction="sum"))
-        loss = ce * (0.5 * dist.world_size / ctx.n)
-    ranks = None
-    if ctx.want_ranks:
-        ranks = (block_partner_ranks(l2r_sim.detach(), labels, ctx.n), block_partner_ranks(r2l_sim.detach(), labels, ctx.n))
+        # This rank's rows of the global cosine matrix: its left vectors against every right one.
+        sim = a.to(product) @ gather_rows(b, dist, ctx.n).to(product).T
+        if abs(cfg.temperature) <= FUSED_MAX_SCALE:
+            loss = row_block_loss(sim, start, ctx.n, cfg.temperature, dist.world_size,
+                                  lambda x: all_reduce_sum(x, dist), ctx.workspace)
+        else:  # the plain definition, outside the shifted exponentials' range: both directions' rows
+            labels = torch.arange(start, stop, device=left.device)
+            r2l_sim = (b.to(product) @ gather_rows(a, dist, ctx.n).to(product).T).float()
+            ce = (F.cross_entropy(sim.float() * cfg.temperature, labels, reduction="sum")
+                  + F.cross_entropy(r2l_sim * cfg.temperature, labels, reduction="sum"))
+            loss = ce * (0.5 * dist.world_size / ctx.n)
+    ranks = _row_block_ranks(sim.detach(), start, ctx, dist) if ctx.want_ranks else None
     return BatchOutput(loss, ranks)
+
+
+def _row_block_ranks(sim: torch.Tensor, start: int, ctx: BatchContext, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both directions' partner ranks of this rank's pairs, from its rows of the global cosine matrix.
+
+    Left to right is along this rank's rows. Right to left is down a column, over every rank's
+    rows: each rank counts its rows against the column's partner and the counts are summed
+    over the ranks, so the ranks are those `partner_ranks` gives on the whole matrix.
+    """
+    m, n = sim.shape
+    labels = torch.arange(start, start + m, device=sim.device)
+    l2r = block_partner_ranks(sim, labels, n)
+    partner = torch.zeros(n, dtype=torch.float32, device=sim.device)
+    partner[start:start + m] = sim.diagonal(offset=start).float()
+    partner = all_reduce_sum(partner, dist)  # every column's partner cosine (a NaN stays where it was)
+    scratch = ctx.workspace.get("ranks", (m, n), torch.float32, sim.device)
+    counts = all_reduce_sum(column_counts(sim, partner, scratch), dist)[start:start + m].long()
+    r2l = torch.where(torch.isnan(partner[start:start + m]), torch.full_like(counts, n), counts)
+    return l2r, r2l
 
 
 def epoch_batches(sizes: list[int], batch_size: int | None, seed: int, epoch: int) -> list[list[np.ndarray | None]]:
@@ -365,7 +388,8 @@ def step_bytes(batch: int, in_dim: int, out_dim: int, n_test: int, world_size: i
 
     Counted: the batch's similarity-sized matrices (one process: cosines, exponentials, gradient
     and rank comparisons, `batch x batch` fp32 each; a rank under torchrun: its rows against
-    all columns in both directions, with their softmax, gradient and comparison copies), the
+    all columns, counted for the plain composition's two directions with their softmax, gradient
+    and comparison copies, which bounds the fused row-block path's five matrices), the
     model's activations and gradients on the batch, and the test evaluation (adapted test vectors
     and the block of similarities, `adaptation.evaluation.BLOCK_BYTES`). The training data itself
     is already in memory when this is called and is not counted.

@@ -137,6 +137,63 @@ def test_workspace_is_reused_and_a_clobbered_graph_refuses_backward():
         loss1.backward()  # its saved exponentials were overwritten by the second call
 
 
+def test_workspace_serves_a_smaller_batch_from_the_largest_buffer():
+    ws = Workspace()
+    big = ws.get("sim", (6, 6), torch.float32, "cpu")
+    small = ws.get("sim", (4, 5), torch.float32, "cpu")
+    assert small.shape == (4, 5) and small.is_contiguous() and small.data_ptr() == big.data_ptr()
+    assert ws.get("sim", (6, 6), torch.float64, "cpu").data_ptr() != big.data_ptr()  # another dtype, another block
+    grown = ws.get("sim", (7, 7), torch.float32, "cpu")
+    assert grown.shape == (7, 7) and ws.get("sim", (6, 6), torch.float32, "cpu").data_ptr() == grown.data_ptr()
+    # The last, smaller batch of an epoch gives the full batch's values and gradients, and a graph
+    # whose matrices a smaller call overwrote still refuses its backward.
+    g = torch.Generator().manual_seed(8)
+    left = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    right = torch.randn(7, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    _, expected = similarity_and_loss(left[:4], right[:4], 2.0, workspace=Workspace())
+    _, first = similarity_and_loss(left, right, 2.0, workspace=ws)
+    _, second = similarity_and_loss(left[:4], right[:4], 2.0, workspace=ws)
+    assert torch.equal(second, expected)
+    with pytest.raises(RuntimeError, match="inplace"):
+        first.backward()
+
+
 def test_similarity_and_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         similarity_and_loss(torch.zeros(3, 2), torch.zeros(4, 2), 1.0)
+
+
+@pytest.mark.parametrize("bounds", [[(0, 3), (3, 7)], [(0, 4), (4, 5), (5, 7)], [(0, 7), (7, 7)]],
+                         ids=["two", "three-uneven", "one-empty"])
+@pytest.mark.parametrize("temperature", [15.0, -3.0])
+def test_row_block_loss_over_the_ranks_is_the_plain_loss_and_its_gradient(bounds, temperature):
+    from adaptation._fused import row_block_loss
+    from adaptation.losses import contrastive_loss_from_similarity
+
+    g = torch.Generator().manual_seed(9)
+    n, world = 7, len(bounds)
+    sim = torch.nn.functional.normalize(torch.randn(n, 5, generator=g, dtype=torch.float64), dim=1)
+    sim = (sim @ torch.nn.functional.normalize(torch.randn(n, 5, generator=g, dtype=torch.float64), dim=1).T)
+    plain = sim.clone().requires_grad_()
+    expected = contrastive_loss_from_similarity(plain, temperature)
+    expected.backward()
+    # Each simulated rank adds the other ranks' column sums, as the all-reduce would.
+    col_part = [torch.exp(temperature * sim[a:b] - abs(temperature)).sum(0) for a, b in bounds]
+    losses, grads = [], []
+    for r, (a, b) in enumerate(bounds):
+        block = sim[a:b].clone().requires_grad_()
+        others = sum(p for q, p in enumerate(col_part) if q != r)
+        loss = row_block_loss(block, a, n, temperature, world, lambda x: x + others)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(block.grad)
+    assert torch.stack(losses).mean().item() == pytest.approx(expected.item(), rel=1e-12)
+    # Averaged over the ranks (as DDP does), each rank's rows get the plain loss's gradient.
+    assert torch.allclose(torch.cat(grads) / world, plain.grad, atol=1e-12)
+
+
+def test_row_block_loss_refuses_a_scale_outside_its_range():
+    from adaptation._fused import FUSED_MAX_SCALE, row_block_loss
+
+    with pytest.raises(ValueError, match="plain"):
+        row_block_loss(torch.zeros(2, 2), 0, 2, FUSED_MAX_SCALE + 1, 1, lambda x: x)

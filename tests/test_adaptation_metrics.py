@@ -95,3 +95,16 @@ def test_scratch_gives_the_same_ranks(dtype):
     assert retrieval_metrics(sim, (1, 3), scratch) == retrieval_metrics(sim, (1, 3))
     with pytest.raises(ValueError):
         partner_ranks(sim, torch.zeros(12, 12, dtype=torch.float64))
+
+
+def test_column_counts_summed_over_row_blocks_are_the_right_to_left_ranks():
+    from adaptation.metrics import column_counts
+
+    g = torch.Generator().manual_seed(4)
+    sim = torch.randint(0, 4, (9, 9), generator=g).float()  # few values: many exact ties
+    _, r2l = partner_ranks(sim)
+    diag = sim.diagonal().contiguous()
+    counts = sum(column_counts(sim[a:b], diag) for a, b in [(0, 2), (2, 2), (2, 9)])
+    assert torch.equal(counts.long(), r2l)
+    # The slow, obvious version: a loop over the columns.
+    assert [sum(int(sim[i, j] >= sim[j, j]) for i in range(9)) for j in range(9)] == r2l.tolist()
