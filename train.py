@@ -85,7 +85,7 @@ from adaptation.positive_training import OUTPUT_STD, train_positive
 from adaptation.runs import (AVERAGE, average_curves, check_save_to, collapse_verdict, replacing, run_dir, summarise,
                              write_summary)
 from adaptation.selection import best_epoch, patience_exhausted, split_validation
-from adaptation.split import split_data, split_indices
+from adaptation.split import TrainData, split_each, split_indices
 from adaptation.training import PRECISIONS, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 from featuresExtractor.pairs_file import load_pairs
 from toolkit.lock import folder_lock
@@ -390,19 +390,17 @@ def _check_finite(run: int, epoch: int, metrics: dict[str, float], temperature: 
                         f"at epoch {epoch}; -t {temperature} may overflow float32: lower -t or --lr")
 
 
-def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], pairs, split,
+def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], data: TrainData,
              split_seed: int, device: torch.device, images_root: Path | None,
              dist: Dist = Dist()) -> tuple[list[dict[str, float]], dict[str, float] | None]:
-    """Train run number `run` on its `split` (train, test, validation indices), logging to TensorBoard,
-    and write its folder.
+    """Train run number `run` on its sets `data` (its split's train, test and validation pairs), logging
+    to TensorBoard, and write its folder.
 
     Returns its history, and its row at the best validation epoch (None without validation pairs).
     Under torchrun every rank trains; only rank 0 writes anything.
     """
     folder = run_dir(args.save_to, run)
     run_seed = base_config["seed"] + run - 1
-    train_idx, test_idx, val_idx = split
-    data = split_data(pairs, train_idx, test_idx, device, val_idx)
     model, objective, optimizer = _run_model(args, cfg, base_config, run_seed, device)
     first_k = cfg.topk[0]
     keeper = _BestKeeper(model, optimizer, data, first_k, args.patience, keep=dist.rank == 0) \
@@ -415,13 +413,28 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
 
         return train(model, data, cfg, optimizer, on_epoch=follow, dist=dist), None
 
-    from tqdm.auto import tqdm  # slow import, only needed from here on
-
     config = {**base_config, "run": run, "run_seed": run_seed, "split_seed": split_seed,
               "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0])}
     write_json(folder / "config.json", config)
 
-    writer = _open_writer(folder, config, model)
+    with _event_writer(folder) as writer:
+        writer.add_text("config", _config_text(config))
+        writer.add_text("model", f"```\n{model}\n```")
+        history, seconds = _train_logged(run, args, cfg, model, objective, optimizer, keeper, data, images_root,
+                                         writer, dist)
+    record: dict[str, Any] = {"run": run, "seconds": seconds, "epochs": history}
+    best_row = _save_run(folder, args.model, model, optimizer, objective, keeper, data, cfg, config, history, record)
+    final = history[-1]
+    print(f"{PROG}: run {run}: {seconds:.1f} s, test top {first_k} {100 * final[f'Test/top {first_k}']:.2f}%", file=sys.stderr)
+    return history, best_row
+
+
+def _train_logged(run: int, args: argparse.Namespace, cfg: TrainConfig, model, objective, optimizer, keeper, data,
+                  images_root: Path | None, writer, dist: Dist) -> tuple[list[dict[str, float]], float]:
+    """Train with a progress bar, each epoch's figures to TensorBoard; returns the history and the seconds taken."""
+    from tqdm.auto import tqdm  # slow import, only needed from here on
+
+    first_k = cfg.topk[0]
     bar = tqdm(total=cfg.epochs, desc=f"run {run}/{args.runs}", unit="epoch", file=sys.stderr)
 
     def log(epoch: int, metrics: dict[str, float]) -> bool:
@@ -442,23 +455,46 @@ def _one_run(run: int, args: argparse.Namespace, cfg: TrainConfig, base_config: 
             _log_retrieval_grid(writer, model, data, images_root, len(history))
     finally:
         bar.close()
-        writer.close()
-    seconds = time.perf_counter() - start
-    record: dict[str, Any] = {"run": run, "seconds": seconds, "epochs": history}
-    best_row = _save_run(folder, args.model, model, optimizer, objective, keeper, data, cfg, config, history, record)
-    final = history[-1]
-    print(f"{PROG}: run {run}: {seconds:.1f} s, test top {first_k} {100 * final[f'Test/top {first_k}']:.2f}%", file=sys.stderr)
-    return history, best_row
+    return history, time.perf_counter() - start
 
 
-def _open_writer(folder: Path, config: dict[str, Any], model: torch.nn.Module):
-    """The run's TensorBoard writer, with its config and model shown as text."""
+@contextlib.contextmanager
+def _event_writer(folder: Path) -> Iterator[Any]:
+    """A TensorBoard `SummaryWriter` on `folder`, closed on leaving; a write error (a full disk) names the folder.
+
+    TensorBoard writes from a thread of its own, keeps that thread's error and raises it here at
+    the next write, flush or close; that thread's traceback is not printed as well.
+    """
     from torch.utils.tensorboard import SummaryWriter  # slow import, only needed once a run is written
 
-    writer = SummaryWriter(str(folder))
-    writer.add_text("config", _config_text(config))
-    writer.add_text("model", f"```\n{model}\n```")
-    return writer
+    _leave_writer_errors_to_the_caller()
+    try:
+        writer = SummaryWriter(str(folder))
+        try:
+            yield writer
+        finally:
+            writer.close()
+    except OSError as err:
+        if err.filename is None:  # TensorBoard's own errors name no file
+            err.filename = str(folder)
+        raise
+
+
+def _leave_writer_errors_to_the_caller() -> None:
+    """Keep Python from printing the traceback of TensorBoard's writer thread (once per process)."""
+    import threading
+
+    if getattr(threading.excepthook, "leaves_tensorboard_errors", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return  # the writer raises it again in the thread that writes, which reports it in one line
+        previous(args)
+
+    hook.leaves_tensorboard_errors = True
+    threading.excepthook = hook
 
 
 def _run_model(args: argparse.Namespace, cfg: TrainConfig, base_config: dict[str, Any], run_seed: int,
@@ -502,14 +538,11 @@ def _save_run(folder: Path, model_name: str, model, optimizer, objective, keeper
 
 
 def _log_average(save_to: Path, histories: list[list[dict[str, float]]]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(save_to / AVERAGE))
-    for row in average_curves(histories):
-        for name, value in row.items():
-            if name != "epoch":
-                writer.add_scalar(name, value, row["epoch"])
-    writer.close()
+    with _event_writer(save_to / AVERAGE) as writer:
+        for row in average_curves(histories):
+            for name, value in row.items():
+                if name != "epoch":
+                    writer.add_scalar(name, value, row["epoch"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -586,18 +619,21 @@ def _run(args: argparse.Namespace, save_to: Path, device: torch.device, device_n
     manifest = data_path.parent / "manifest.json"
     images_root = _dataset_root(manifest) if args.images else None
     base_config = _base_config(args, cfg, data_path, manifest, pairs, splits, seed, device, dist)
+    runs = split_each(pairs, splits, device)
+    del pairs  # `runs` holds the vectors now and lets them go before the last run trains
     if dist.rank != 0:
         for run in range(1, args.runs + 1):
-            _one_run(run, args, cfg, base_config, pairs, splits[run - 1], split_seeds[run - 1], device, None, dist)
+            _one_run(run, args, cfg, base_config, next(runs), split_seeds[run - 1], device, None, dist)
         return 0
     with replacing(save_to, to_remove):
         n_val = base_config["n_val"]
-        print(f"{PROG}: {len(pairs)} pairs of {pairs.in_dim}-d features ({n_train} train, "
+        print(f"{PROG}: {base_config['n_pairs']} pairs of {base_config['in_dim']}-d features ({n_train} train, "
               f"{f'{n_val} validation, ' if n_val else ''}{n_test} test, "
               f"{'one split' if args.same_split else 'a new split per run'}), model {args.model}, {device.type}"
               + (f" x {dist.world_size} ranks" if dist.active else "") +
               f", {args.precision}, batch {batch_size or 'full'}, seed {seed}", file=sys.stderr)
-        results = [_one_run(run, args, cfg, base_config, pairs, splits[run - 1], split_seeds[run - 1], device,
+        # next(runs) inside the call: the previous run's sets are gone before the next ones are made.
+        results = [_one_run(run, args, cfg, base_config, next(runs), split_seeds[run - 1], device,
                             images_root, dist) for run in range(1, args.runs + 1)]
         _summarise_runs(save_to, args, base_config, out_dim, topk, results)
         return 0
@@ -628,4 +664,4 @@ def _summarise_runs(save_to: Path, args: argparse.Namespace, base_config: dict[s
 
 
 if __name__ == "__main__":
-    sys.exit(run_ranked_cli(main, PROG, from_env()))
+    sys.exit(run_ranked_cli(main, PROG))

@@ -155,8 +155,11 @@ class Terminated(Exception):
     """SIGTERM arrived (torchrun stopping the ranks after one failed): unwind, cleaning up as for an error."""
 
 
-def run_ranked_cli(main, prog: str, dist: Dist) -> int:
+def run_ranked_cli(main, prog: str, dist: Dist | None = None) -> int:
     """`toolkit.utils.run_cli` for a script that may run as one rank of several.
+
+    `dist` defaults to the place torchrun's environment describes (`from_env`); environment
+    variables that are not integers are one line and exit 2, like any bad input.
 
     - Bad input (`UserError`) is printed by rank 0 only: every rank checks the same input and
       finds the same fault, so one line says it; all ranks exit 2. An `OSError` (disk full,
@@ -170,6 +173,12 @@ def run_ranked_cli(main, prog: str, dist: Dist) -> int:
 
     from toolkit.utils import UserError, first_line, os_error_line, run_cli
 
+    if dist is None:
+        try:
+            dist = from_env()
+        except UserError as err:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+            return 2
     if not dist.active:
         return run_cli(main, prog=prog)
 

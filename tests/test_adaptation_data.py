@@ -5,7 +5,8 @@ import pytest
 
 from adaptation.split import split_data, split_indices
 from featuresExtractor.pairs_file import load_pairs, pairs_from_structured, to_structured
-from adaptation.planted import planted_array
+from adaptation.planted import planted_array, planted_pairs
+import torch
 from toolkit.utils import UserError
 
 
@@ -138,3 +139,25 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "cut.npy").write_bytes((tmp_path / "ok.npy").read_bytes()[:200])
     with pytest.raises(UserError, match="cannot read"):
         load_pairs(tmp_path / "cut.npy")
+
+
+def test_split_each_gives_each_splits_sets_and_lets_the_pairs_go_before_the_last_run():
+    import weakref
+
+    from adaptation.split import split_each
+
+    pairs = planted_pairs(n_pairs=12, dim=4, seed=2)
+    splits = [(*split_indices(12, 0.25, seed=s), None) for s in (0, 1, 2)]
+    expected = [split_data(pairs, train, test) for train, test, _ in splits]
+    alive = weakref.ref(pairs)
+    runs = split_each(pairs, splits)
+    del pairs
+    got = []
+    for i in range(3):
+        got.append(next(runs))
+        assert (alive() is None) == (i == 2)  # held for runs 1 and 2, released once run 3's sets exist
+    for a, b in zip(got, expected):
+        assert a.train_names == b.train_names and a.test_names == b.test_names
+        for x, y in zip((*a.train, *a.flipped, *a.test), (*b.train, *b.flipped, *b.test)):
+            assert torch.equal(x, y)
+    assert next(runs, None) is None

@@ -283,6 +283,30 @@ def test_train_full_disk_while_saving_is_one_line_and_leaves_nothing_complete(tm
     assert "is a file, not a folder" in one_line_error(code, err, "train.py")
 
 
+def test_train_full_disk_under_tensorboard_is_one_line_naming_the_run_folder(tmp_path, monkeypatch, capsys):
+    # TensorBoard writes its events from a thread of its own: the error must still be one line, with no
+    # thread traceback, and leave no run behind.
+    from tensorboard.summary.writer import record_writer
+
+    from adaptation.planted import planted_array
+
+    np.save(tmp_path / "f.npy", planted_array(40, 8, seed=0))
+    real, calls = record_writer.RecordWriter.write, []
+
+    def fills_up(self, data):
+        calls.append(len(data))
+        if len(calls) > 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", fills_up)
+    code, _, err = run(train, ["-d", tmp_path / "f.npy", "-s", tmp_path / "runs", "-e", "40", "--no-images"], capsys)
+    line = one_line_error(code, err, "train.py")
+    assert len(calls) > 20 and "No space left on device" in line and "run1" in line
+    assert "Exception in thread" not in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_os_errors_raised_late_are_one_line_naming_the_path(capsys):
     def fails():
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/some/out/file.npy")

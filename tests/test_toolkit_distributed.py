@@ -29,3 +29,20 @@ def test_ranks_from_env_uses_the_shared_reader(monkeypatch):
 def test_a_non_integer_is_one_user_error(key):
     with pytest.raises(UserError, match="must be integers"):
         torchrun_env({key: "two"})
+
+
+@pytest.mark.parametrize("script", ["train.py", "extract.py"])
+def test_scripts_refuse_a_non_integer_rank_in_one_line(script, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "RANK": "x", "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / script), "-d", str(tmp_path / "none"), "-s", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"{script}: error: RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE "
+                                                "must be integers (torchrun sets them)"]
+    assert not (tmp_path / "out").exists()
