@@ -47,6 +47,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from featuresExtractor.backbones import file_sha256
+from toolkit.lock import lock_holder
 from toolkit.utils import UserError, _umask, first_line, read_json
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "IndexParams", "SimilarityIndex", "normalise", "build", "write", "read",
@@ -254,18 +255,26 @@ def add(ix: SimilarityIndex, vectors: np.ndarray, names: Sequence[str], images: 
 
 @contextlib.contextmanager
 def locked(index_dir: str | os.PathLike) -> Iterator[None]:
-    """Hold the writer's lock of `index_dir` (a hidden sibling file); a second writer is refused."""
+    """Hold the writer's lock of `index_dir`; a second writer is refused, naming the process that holds it.
+
+    The lock is on a hidden sibling file, not on the folder as `toolkit.lock.folder_lock` does:
+    an index folder is replaced whole by a rename, and a lock on the old folder would not guard
+    the new one.
+    """
     target = Path(index_dir)
+    lock_file = target.parent / f".{target.name}.lock"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(target.parent / f".{target.name}.lock", "a")
+        fh = open(lock_file, "a")
     except OSError as err:
         raise UserError(f"cannot write next to {target} ({first_line(err)}); choose a writable folder") from None
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another process is writing {target}; wait for it to finish") from None
+            pid = lock_holder(lock_file)
+            who = f"process {pid}" if pid else "another process"
+            raise UserError(f"{target} is being written by {who}; wait for it to finish") from None
         try:
             yield
         finally:

@@ -110,7 +110,11 @@ def write_pairs(rows: Sequence[tuple[str, str, float, str | None, str | None]], 
 def read_pairs(path: str | os.PathLike) -> list[tuple[str, str, float, str | None, str | None]]:
     """Read a pairs CSV written by `write_pairs`."""
     try:
-        rows = csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8")))
-        return [(r["name_a"], r["name_b"], float(r["score"]), r["image_a"] or None, r["image_b"] or None) for r in rows]
-    except (OSError, ValueError, KeyError) as err:
+        reader = csv.DictReader(io.StringIO(Path(path).read_text(encoding="utf-8")))
+        missing = [c for c in PAIR_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{path} is not a pairs file: no column {', '.join(missing)} (expected {', '.join(PAIR_COLUMNS)})")
+        # A short row reads None for its last fields (float(None): TypeError).
+        return [(r["name_a"], r["name_b"], float(r["score"]), r["image_a"] or None, r["image_b"] or None) for r in reader]
+    except (OSError, ValueError, TypeError) as err:
         raise UserError(f"cannot read pairs file {path} ({first_line(err)})") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -314,7 +315,7 @@ def test_writes_are_atomic_locked_and_overwrite_only_when_asked(run, sim, tmp_pa
     before = {f.name: f.read_bytes() for f in out.iterdir()}
     with ixf.locked(out):  # another writer holds the lock
         code, _, err = cli(["--run", str(run["run"]), "index", "add", str(out), str(run["root"] / "tll")], capsys)
-    assert code == 2 and "another process is writing" in one_error_line(err)
+    assert code == 2 and f"is being written by process {os.getpid()}" in one_error_line(err)
 
     def full_disk(index, path):
         Path(path).write_bytes(b"x")
@@ -339,3 +340,15 @@ def test_writes_are_atomic_locked_and_overwrite_only_when_asked(run, sim, tmp_pa
     code, _, err = cli(["--run", str(run["run"]), "index", "build", str(run["gallery"]), "-o", str(tmp_path / "ro"),
                         "--no-progress"], capsys)
     assert code == 2 and "writable" in one_error_line(err) and not (tmp_path / "ro").exists()
+
+
+@pytest.mark.parametrize("content", ["name_a,name_b,score,image_a,image_b\na,b\n", "a,b,c\n1,2,3\n",
+                                     "name_a,name_b,score,image_a,image_b\na,b,high,,\n", "\xff\xfe"])
+def test_a_damaged_pairs_file_is_one_user_error(tmp_path, content):
+    from adaptation.results import read_pairs
+    from toolkit.utils import UserError
+
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(UserError, match="pairs"):
+        read_pairs(path)
