@@ -53,6 +53,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-dim", type=int, default=64)
     p.add_argument("--timeout", type=float, default=600, help="seconds per run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: train.py --gpu (NCCL under torchrun, one GPU per rank)")
+    p.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    p.add_argument("--torchrun", action="store_true",
+                   help="launch through torchrun even for 1 rank (e.g. to time NCCL's path on one GPU)")
     return p.parse_args(argv)
 
 
@@ -65,22 +70,22 @@ def _run(cmd: list[str], timeout: float, env: dict) -> tuple[int, float, str]:
     return int(rc), int(rss_kib) * 1024, lines[-1] if lines else proc.stderr.strip()[-300:]
 
 
-def train_row(features: Path, pairs: int, batch: str, ranks: int, args, work: Path) -> dict:
-    save_to = work / f"runs-{pairs}-{batch}-{ranks}"
+def train_row(features: Path, pairs: int, batch: str, ranks: int, precision: str, args, work: Path) -> dict:
+    save_to = work / f"runs-{pairs}-{batch}-{ranks}-{precision}"
     cmd = ["train.py", "-d", str(features), "-s", str(save_to), "-e", str(args.epochs), "-t", "15",
            "--test-split", str(args.test_split), "--no-images", "--seed", str(args.seed), "-k", "1",
-           "--cpu"]  # a CPU benchmark; train.py would take CUDA where there is one
+           "--precision", precision, "--gpu" if args.device == "cuda" else "--cpu"]
     if batch != "full":
         cmd += ["--batch-size", batch]
-    if ranks > 1:
+    if ranks > 1 or args.torchrun:
         cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                str(29500 + pairs % 1000), *cmd]
     env = {**os.environ, "PYTHONPATH": str(benchlib.ROOT)}
     if ranks > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
     rc, rss, last = _run([sys.executable, *cmd], args.timeout, env)
-    row = {"pairs": pairs, "batch": batch, "ranks": ranks, "rc": rc, "peak_rss_gb": rss / 1e9,
-           "load1": os.getloadavg()[0]}
+    row = {"pairs": pairs, "batch": batch, "ranks": ranks, "precision": precision, "device": args.device, "rc": rc,
+           "peak_rss_gb": rss / 1e9, "load1": os.getloadavg()[0]}
     if rc == 0:
         metrics = json.loads((save_to / "run1" / "metrics.json").read_text())
         row["s_per_epoch"] = metrics["seconds"] / args.epochs
@@ -121,15 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             np.save(features, planted_array(pairs, args.dim, signal_dim=64, noise=1.0, nuisance=2.0, seed=args.seed))
             for batch in args.batch_sizes:
                 for ranks in args.ranks:
-                    row = train_row(features, pairs, batch, ranks, args, work)
-                    rows.append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    for precision in args.precisions:
+                        row = train_row(features, pairs, batch, ranks, precision, args, work)
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
             features.unlink()
-    columns = [("pairs", "pairs", "d"), ("batch", "batch", ""), ("ranks", "ranks", "d"),
+    columns = [("pairs", "pairs", "d"), ("batch", "batch", ""), ("ranks", "ranks", "d"), ("precision", "precision", ""),
                ("s_per_epoch", "s/epoch", ".2f"), ("peak_rss_gb", "peak RSS GB", ".2f"),
                ("test_top1", "test top-1", ".3f"), ("load1", "load avg", ".1f")]
     print(f"train.py on planted {args.dim}-d pairs (+ flipped copies), test split {args.test_split}, "
-          f"{args.epochs} epoch(s), t=15; CPU {machine['cpu']}, {machine['cores']} cores")
+          f"{args.epochs} epoch(s), t=15, on {args.device}; CPU {machine['cpu']}, {machine['cores']} cores"
+          + (f", GPU {machine['cuda_device']}" if machine.get("cuda_device") else ""))
     print(benchlib.table(rows, columns))
     for row in rows:
         if row["rc"] != 0:
