@@ -31,6 +31,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+EXACT, BF16_TOL = (1e-5, 1e-5), (1e-2, 5e-3)
+"""Tolerances (weights, figures) of 2 ranks against 1 process. In bf16, the ranks' cosines are blocks of the one
+process's product, whose bf16 rounding can differ (measured: 5.4e-4 on a loss of 2.34 and 5.9e-3 on a weight, after
+3 Adam steps of lr 1e-2 that moved the weights by more than 1e-3 each)."""
+
+
 def _data():
     # 41 pairs: 31 train (an odd count, so the full batch splits 16/15) and 10 test.
     pairs = planted_pairs(41, 8, signal_dim=4, nuisance=2.0, seed=0)
@@ -61,13 +67,17 @@ def _spawn(fn, args, timeout=120):
     return spawn_ranks(fn, args, WORLD, timeout)
 
 
-@pytest.mark.parametrize("batch_size,epochs,temperature", [(None, 3, 15.0), (12, 1, 15.0), (30, 2, 15.0), (12, 1, 45.0)],
-                         ids=["full-batch", "B12", "B30", "B12-plain-loss"])
-def test_two_ranks_give_one_process_weights(tmp_path, batch_size, epochs, temperature):
+@pytest.mark.parametrize("batch_size,epochs,temperature,precision,tol",
+                         [(None, 3, 15.0, "fp32", EXACT), (12, 1, 15.0, "fp32", EXACT), (30, 2, 15.0, "fp32", EXACT),
+                          (12, 1, 45.0, "fp32", EXACT), (12, 1, 15.0, "bf16", BF16_TOL)],
+                         ids=["full-batch", "B12", "B30", "B12-plain-loss", "B12-bf16"])
+def test_two_ranks_give_one_process_weights(tmp_path, batch_size, epochs, temperature, precision, tol):
     # B = 12 of 31 pairs: batches of 12, 12 and 7 (shares 4/3), so 1 epoch is 3 steps, as 3 full-batch epochs are.
     # B = 30: a last batch of 1 pair, of which rank 1 holds nothing (4 steps).
     # -t 45 is above the fused row-block loss's range: the ranks take the plain definition there.
-    cfg = TrainConfig(epochs=epochs, temperature=temperature, lr=1e-2, topk=(1, 3), batch_size=batch_size, seed=5)
+    # bf16: the ranks' products are blocks of the one process's, whose bf16 rounding may differ in the last bit.
+    cfg = TrainConfig(epochs=epochs, temperature=temperature, lr=1e-2, topk=(1, 3), batch_size=batch_size, seed=5,
+                      precision=precision)
     assert len(epoch_batches([31, 31], batch_size, 5, 1)) * epochs >= 3
     torch.set_num_threads(1)
     single, single_history = _fit(cfg)
@@ -79,11 +89,11 @@ def test_two_ranks_give_one_process_weights(tmp_path, batch_size, epochs, temper
         assert (value - start[name]).abs().max().item() > 1e-3  # the steps did move the weights
     for r in ranks:
         for name, value in single.state_dict().items():
-            assert (r["state"][name] - value).abs().max().item() <= 1e-5, name
+            assert (r["state"][name] - value).abs().max().item() <= tol[0], name
         for mine, theirs in zip(single_history, r["history"]):
             assert mine.keys() == theirs.keys()
             for k in mine:
-                assert theirs[k] == pytest.approx(mine[k], abs=1e-5), k
+                assert theirs[k] == pytest.approx(mine[k], abs=tol[1]), k
 
 
 def test_shares_cover_the_batch_in_order():
