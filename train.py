@@ -577,7 +577,7 @@ def _output_folder(save_to: Path, dist: Dist) -> Iterator[None]:
                 failure = UserError(f"-s {save_to}: {os_error_line(err)}")
             except UserError as err:
                 failure = err
-        agree_on_failure(failure, dist, "rank 0 cannot use -s")
+        agree_on_failure(failure, dist)
         yield
 
 
@@ -610,7 +610,7 @@ def _run(args: argparse.Namespace, save_to: Path, device: torch.device, device_n
             _check_objective_flags(args, dist)
     except UserError as err:
         failure = err
-    agree_on_failure(failure, dist, "another rank refused the input")
+    agree_on_failure(failure, dist)
     if device_note and dist.rank == 0:
         print(device_note, file=sys.stderr)
     out_dim = build_model(args.model, pairs.in_dim).out_dim

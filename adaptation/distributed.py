@@ -127,24 +127,20 @@ def all_reduce_min(value: float, dist: Dist) -> float:
     return float(t.item())
 
 
-def agree_on_failure(failure: Exception | None, dist: Dist, elsewhere: str) -> None:
+def agree_on_failure(failure: Exception | None, dist: Dist) -> None:
     """Raise on every rank when any rank failed a check, so that all stop together (no rank waits alone).
 
-    Every rank calls this at the same point (it is a collective). The rank that failed raises its
-    own `failure`; the others raise a `UserError(elsewhere)`, which `run_ranked_cli` prints only
-    on rank 0 (so with a failure on rank 0, its line is the one printed, once). A single process
-    just raises `failure`.
+    Every rank calls this at the same point (it is a collective, `toolkit.distributed.all_succeed`).
+    Every rank raises the first failing rank's `UserError` ("rank R: ..." when R > 0), which
+    `run_ranked_cli` prints only on rank 0, once. A single process just raises `failure`.
     """
-    if not dist.active:
+    from toolkit.distributed import all_succeed
+
+    def check() -> None:
         if failure is not None:
             raise failure
-        return
-    from toolkit.distributed import settle_before_leaving
-    from toolkit.utils import UserError
 
-    if all_reduce_min(0.0 if failure else 1.0, dist) < 1.0:
-        settle_before_leaving()
-        raise failure or UserError(elsewhere)
+    all_succeed(check, dist.rank, dist.world_size)
 
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")

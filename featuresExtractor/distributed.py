@@ -26,7 +26,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from toolkit.distributed import destroy_group, settle_before_leaving, torchrun_env
+from toolkit.distributed import all_succeed, destroy_group, quiet, settle_before_leaving, torchrun_env
 from toolkit.utils import UserError
 
 __all__ = ["Ranks", "init", "shutdown", "quiet"]
@@ -37,12 +37,6 @@ T = TypeVar("T")
 # another untouched) and while rank 0 checks the output folder; a dead rank is caught by torchrun,
 # which stops the others, so the collective timeout only needs to be long.
 TIMEOUT = datetime.timedelta(days=2)
-
-
-def quiet(err: UserError) -> UserError:
-    """Mark an error as reported by rank 0: `run_cli` exits 2 without printing it again."""
-    err.quiet = True
-    return err
 
 
 @dataclass(frozen=True)
@@ -108,25 +102,10 @@ class Ranks:
     def all_succeed(self, fn: Callable[[], T]) -> list[T]:
         """Run `fn` on every rank; the list of every rank's result, or the first rank's `UserError` on all.
 
-        It is also the barrier: it returns when every rank has finished `fn`.
+        It is also the barrier: it returns when every rank has finished `fn`
+        (`toolkit.distributed.all_succeed`).
         """
-        if not self.distributed:
-            return [fn()]
-        import torch.distributed as dist
-
-        try:
-            mine = ("ok", fn())
-        except UserError as err:
-            mine = ("error", str(err))
-        every: list = [None] * self.world_size
-        dist.all_gather_object(every, mine)
-        failed = [(r, value) for r, (status, value) in enumerate(every) if status == "error"]
-        if failed:
-            settle_before_leaving()
-            rank, message = failed[0]
-            err = UserError(message if rank == 0 else f"rank {rank}: {message}")
-            raise err if self.rank == 0 else quiet(err)
-        return [value for _, value in every]
+        return all_succeed(fn, self.rank, self.world_size)
 
 
 def init(device_type: str) -> Ranks:

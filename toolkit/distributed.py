@@ -16,11 +16,13 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 from .utils import UserError
 
-__all__ = ["torchrun_env", "destroy_group", "settle_before_leaving"]
+T = TypeVar("T")
+
+__all__ = ["torchrun_env", "destroy_group", "settle_before_leaving", "all_succeed", "quiet"]
 
 
 def torchrun_env(environ: Mapping[str, str] | None = None) -> dict[str, int]:
@@ -64,3 +66,40 @@ def settle_before_leaving() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def quiet(err: UserError) -> UserError:
+    """Mark an error as reported by rank 0: `toolkit.utils.run_cli` exits 2 without printing it again."""
+    err.quiet = True
+    return err
+
+
+def all_succeed(fn: Callable[[], T], rank: int, world_size: int) -> list[T]:
+    """Run `fn` on every rank: every rank's result in rank order, or the first failing rank's `UserError` on all.
+
+    A collective (every rank calls it at the same point), and a barrier: it returns or raises
+    only once every rank has run `fn`, so no rank waits for one that has given up. The error
+    reads "rank R: message" when rank R > 0 failed; it is `quiet` off rank 0, which prints it.
+    One process: `[fn()]`.
+
+    Example:
+        >>> all_succeed(lambda: 7, rank=0, world_size=1)
+        [7]
+    """
+    if world_size <= 1:
+        return [fn()]
+    import torch.distributed as dist
+
+    try:
+        mine = ("ok", fn())
+    except UserError as err:
+        mine = ("error", str(err))
+    every: list = [None] * world_size
+    dist.all_gather_object(every, mine)  # our own ranks' results (pickled by torch.distributed itself)
+    failed = [(r, value) for r, (status, value) in enumerate(every) if status == "error"]
+    if failed:
+        settle_before_leaving()
+        first, message = failed[0]
+        err = UserError(message if first == 0 else f"rank {first}: {message}")
+        raise err if rank == 0 else quiet(err)
+    return [value for _, value in every]
