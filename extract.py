@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import io
 
     from featuresExtractor import distributed
+    from toolkit.distributed import quiet
     from toolkit.utils import UserError
 
     ranks = distributed.Ranks.from_env()
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, ranks)
     except UserError as err:
         # Bad input is found alike on every rank: rank 0 says it once.
-        raise distributed.quiet(err) if ranks.rank != 0 else err
+        raise quiet(err) if ranks.rank != 0 else err
     finally:
         distributed.shutdown()
 

@@ -29,7 +29,7 @@ from typing import Callable, TypeVar
 from toolkit.distributed import all_succeed, destroy_group, quiet, settle_before_leaving, torchrun_env
 from toolkit.utils import UserError
 
-__all__ = ["Ranks", "init", "shutdown", "quiet"]
+__all__ = ["Ranks", "init", "shutdown"]
 
 T = TypeVar("T")
 
