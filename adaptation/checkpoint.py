@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import struct
@@ -95,8 +96,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             "predictor": objective.predictor.state_dict(),
             "target": objective.target.state_dict() if objective.target is not None else None,
         }
+    # Serialised in memory first: torch.save into a real file reports a failed write (full disk, file size
+    # limit) as a RuntimeError about zip positions, while a plain write raises the OSError that says why.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
     with atomic_path(path, suffix=".pt") as tmp, open(tmp, "wb") as fh:
-        torch.save(checkpoint, fh)  # a file object: a full disk is then an OSError naming the file
+        fh.write(buffer.getbuffer())
 
 
 CHECKPOINT_KEYS = ("epoch", "state_dict", "optimizer", "config", "model_name", "in_dim", "model_kwargs", "test_names")
