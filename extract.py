@@ -166,9 +166,9 @@ def _run(args: argparse.Namespace, ranks) -> int:
     try:
         with flag_names(FLAGS):
             report = extract(cfg, backbone, ranks)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP (toolkit.utils.Terminated) under run_cli
         print("extract.py: interrupted; finished batches are kept: re-run the same command to resume", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
     if ranks.rank != 0:  # rank 0 prints the summary
         return 0
     if report.already_done:

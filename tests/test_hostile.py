@@ -107,6 +107,60 @@ def test_second_training_into_a_locked_folder_stops(tmp_path, capsys):
         holder.wait()
 
 
+# --- interrupted runs --------------------------------------------------------------------------------
+
+def test_sigterm_unwinds_main_like_ctrl_c():
+    # In a child: on the old code SIGTERM's default action ends the process without any clean-up.
+    code = """if True:
+        import os, signal, sys, time
+        sys.path.insert(0, sys.argv[1])
+        from toolkit.utils import run_cli
+        before = signal.getsignal(signal.SIGTERM)
+        def main(argv):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(30)  # the handler raises in this frame, long before the sleep ends
+                return 0
+            finally:
+                print("cleaned up", flush=True)
+        status = run_cli(main, [], prog="x.py")
+        print("handler restored" if signal.getsignal(signal.SIGTERM) is before else "handler left", flush=True)
+        sys.exit(status)
+    """
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 143, (proc.returncode, proc.stderr)
+    assert proc.stdout.split() == ["cleaned", "up", "handler", "restored"]
+    assert proc.stderr.strip() == "x.py: interrupted (SIGTERM)"
+
+
+def test_training_killed_with_sigterm_during_overwrite_keeps_the_earlier_runs(tmp_path, capsys):
+    # Before: SIGTERM ended the process on the spot: the earlier runs stayed in RUNS/.replaced and a
+    # half-written run1 (config.json, events, no checkpoint) took their place; every later run was refused.
+    import signal
+
+    from adaptation.planted import planted_array
+
+    np.save(tmp_path / "f.npy", planted_array(600, 64, seed=0))
+    runs = tmp_path / "runs"
+    assert run(train, ["-d", tmp_path / "f.npy", "-s", runs, "-e", "1", "--no-images"], capsys)[0] == 0
+    before = snapshot(runs)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-d", str(tmp_path / "f.npy"), "-s", str(runs),
+                             "-e", "100000", "--no-images", "--overwrite", "--cpu"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((runs / ".replaced" / "run1").is_dir() and (runs / "run1" / "config.json").is_file()):
+            assert time.monotonic() < deadline and proc.poll() is None, "the new run never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143 and "train.py: interrupted (SIGTERM)" in err and "Traceback" not in err, err
+    assert snapshot(runs) == before and not (runs / ".replaced").exists()
+    assert run(train, ["-d", tmp_path / "f.npy", "-s", runs, "-e", "1", "--no-images", "--overwrite"], capsys)[0] == 0
+
+
 # --- --overwrite never deletes outside, never loses the earlier results ----------------------------
 
 def test_overwrite_never_deletes_outside_the_output_folder(done, tmp_path, capsys):

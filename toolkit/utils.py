@@ -11,17 +11,60 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["UserError", "default_workers", "first_line", "atomic_path", "read_json", "write_json", "save_npy", "run_cli",
-           "flag_names", "resolve_device", "check_writable", "os_error_line", "require_regular_file", "require_utf8"]
+           "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device", "check_writable", "os_error_line", "require_regular_file", "require_utf8"]
 
 
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the process was, as Ctrl-C raises KeyboardInterrupt.
+
+    A subclass of KeyboardInterrupt, so every clean-up written for Ctrl-C (temporary files removed,
+    replaced results put back, locks released) runs for a `kill` too; `exit_code` is 128 + the signal.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _raise_terminated(signum, frame):
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second kill must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise `Terminated` instead of ending the process on the spot.
+
+    Their default action skips every `finally` and `except`, which left half-written runs and set-aside
+    results behind. A signal that is ignored (e.g. SIGHUP under nohup) or already handled stays as it is;
+    the previous handlers come back after the block. Outside the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig, handler in previous.items():
+        if handler is signal.SIG_DFL:
+            signal.signal(sig, _raise_terminated)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is signal.SIG_DFL:
+                signal.signal(sig, handler)
 
 
 def default_workers() -> int:
@@ -184,11 +227,14 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
             prog: str | None = None) -> int:
     """Run a script's `main`, turning `UserError` into one line on stderr and exit 2.
 
+    Ctrl-C, SIGTERM and SIGHUP unwind `main` (its clean-up runs) and end in one line, exit 128 + the signal.
+
     `prog` names the script in the message; by default the module that defines `main`.
     """
     prog = prog or (main.__module__ if main.__module__ != "__main__" else Path(sys.argv[0]).stem) + ".py"
     try:
-        return int(main(argv) or 0)
+        with terminated_as_interrupt():
+            return int(main(argv) or 0)
     except UserError as err:
         if not getattr(err, "quiet", False):  # quiet: another process (rank 0) has printed it
             print(f"{prog}: error: {err}", file=sys.stderr)
@@ -197,9 +243,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         # Disk full, read-only place, a path component that is a file...: one line, path and reason.
         print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
+        print(f"{prog}: interrupted" + (f" ({err})" if isinstance(err, Terminated) else ""), file=sys.stderr)
+        return getattr(err, "exit_code", 130)
 
 
 @contextlib.contextmanager
