@@ -292,8 +292,11 @@ def _search(sim, args) -> int:
             _print_matches(h.matches, sim)
     _write_search_outputs(hits, sim.threshold, args)
     failed = [h for h in hits if h.error is not None]
-    for h in failed:
-        print(f"similarity.py: error: cannot read query {h.query}: {h.error}", file=sys.stderr)
+    if failed:  # one error line however many failed; each one's reason is in the outputs too
+        shown = "; ".join(f"{h.query}: {h.error}" for h in failed[:3])
+        more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+        what = "query" if len(failed) == 1 else f"{len(failed)} of {len(hits)} queries:"
+        print(f"similarity.py: error: cannot read {what} {shown}{more}", file=sys.stderr)
     return 2 if failed else 0
 
 

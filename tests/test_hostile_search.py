@@ -134,3 +134,22 @@ def test_add_to_a_folder_that_is_no_index_leaves_no_lock_file(run, tmp_path, cap
                         "--no-progress"], capsys)
     assert code == 2 and "is not an index folder" in one_error_line(err)
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_several_unreadable_queries_are_one_error_line(run, tmp_path, capsys):  # noqa: F811
+    # Before: one "similarity.py: error:" line per unreadable query.
+    good = sorted(run["gallery"].iterdir())[0]
+    bad = [tmp_path / f"bad{i}.jpg" for i in range(5)]
+    bad[0].write_bytes(b"")
+    for b in bad[1:]:
+        b.write_text("not an image")
+    code, out, err = cli(["--run", str(run["run"]), "search", str(good), *map(str, bad), "--gallery",
+                          str(run["gallery"]), "-k", "2", "--json", str(tmp_path / "r.json")], capsys)
+    line = one_error_line(err)
+    assert code == 2 and line.startswith("similarity.py: error: cannot read 5 of 6 queries: ")
+    assert "bad0.jpg: empty file (0 bytes)" in line and line.endswith("; and 2 more")
+    written = json.loads((tmp_path / "r.json").read_text())  # the readable query is answered, the others say why
+    assert [h["error"] is None for h in written] == [True] + [False] * 5
+    code, _, err = cli(["--run", str(run["run"]), "search", str(bad[0]), "--gallery", str(run["gallery"]), "-k", "2"],
+                       capsys)
+    assert code == 2 and one_error_line(err) == f"similarity.py: error: cannot read query {bad[0]}: empty file (0 bytes)"
