@@ -314,7 +314,7 @@ def _write_search_outputs(hits, threshold, args) -> None:
         texts[args.html] = search_page(hits, title=title, threshold=None if threshold is None else threshold.max_f1,
                                        threshold_note=_threshold_text(threshold))
     for path, text in texts.items():
-        write_text(path, text)
+        write_text(path, text, args.overwrite)  # never over a file another run wrote meanwhile
         print(f"wrote {path}")
 
 
@@ -344,8 +344,8 @@ def _pairs(sim, args) -> int:
     a, b, s, capped = look_alike_pairs(index, threshold=args.threshold, top=args.top, per_item=args.per_image)
     rows = [(index.names[i], index.names[j], float(x), index.images[i], index.images[j]) for i, j, x in zip(a, b, s)]
     page = pairs_page(rows[:args.html_rows], total=len(rows), title=f"look-alike pairs in {Path(args.index).name}")
-    write_pairs(rows, args.out + ".csv")
-    write_text(args.out + ".html", page)
+    write_pairs(rows, args.out + ".csv", args.overwrite)  # never over a file another run wrote meanwhile
+    write_text(args.out + ".html", page, args.overwrite)
     for r in rows[:10]:
         print(f"{r[2]:>8.4f}  {r[0]}  {r[1]}")
     if capped:

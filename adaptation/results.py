@@ -37,11 +37,18 @@ SEARCH_COLUMNS = ("query", "rank", "name", "score", "image", "error")
 PAIR_COLUMNS = ("name_a", "name_b", "score", "image_a", "image_b")
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` as UTF-8 atomically; a failure is one `UserError` line and leaves `path` as it was."""
+def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
+    """Write `text` as UTF-8 atomically; a failure is one `UserError` line and leaves `path` as it was.
+
+    With `overwrite=False` a file at `path` is never replaced, even one another process wrote since the
+    caller checked (`UserError`).
+    """
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, replace=overwrite) as tmp:
             tmp.write_text(text, encoding="utf-8")
+    except FileExistsError:
+        raise UserError(f"{path} appeared while this run was working (another run writing it?); it is left as it "
+                        f"is: pass --overwrite or choose another name") from None
     except (OSError, UnicodeEncodeError) as err:
         raise UserError(f"cannot write {path} ({first_line(err)}); choose a writable place") from None
 
@@ -97,14 +104,15 @@ def read_search_results(path: str | os.PathLike) -> list[Hits]:
         raise UserError(f"cannot read results file {path} ({first_line(err)})") from None
 
 
-def write_pairs(rows: Sequence[tuple[str, str, float, str | None, str | None]], path: str | os.PathLike) -> None:
-    """Write look-alike pairs (name_a, name_b, score, image_a, image_b) atomically as CSV."""
+def write_pairs(rows: Sequence[tuple[str, str, float, str | None, str | None]], path: str | os.PathLike,
+                overwrite: bool = True) -> None:
+    """Write look-alike pairs (name_a, name_b, score, image_a, image_b) atomically as CSV (see `write_text`)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(PAIR_COLUMNS)
     for a, b, s, ia, ib in rows:
         w.writerow([a, b, repr(float(s)), ia or "", ib or ""])
-    write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue(), overwrite)
 
 
 def read_pairs(path: str | os.PathLike) -> list[tuple[str, str, float, str | None, str | None]]:

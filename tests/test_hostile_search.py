@@ -153,3 +153,38 @@ def test_several_unreadable_queries_are_one_error_line(run, tmp_path, capsys):  
     code, _, err = cli(["--run", str(run["run"]), "search", str(bad[0]), "--gallery", str(run["gallery"]), "-k", "2"],
                        capsys)
     assert code == 2 and one_error_line(err) == f"similarity.py: error: cannot read query {bad[0]}: empty file (0 bytes)"
+
+
+def test_output_written_by_another_run_meanwhile_is_never_overwritten(run, tmp_path, capsys, monkeypatch):  # noqa: F811
+    # Before: the "already exists" check ran before the model loaded and the write renamed over whatever
+    # was there by then, so two searches started together into one --json both said "wrote" and exit 0,
+    # the later one replacing the other's results without --overwrite.
+    from adaptation.similarity import VisualSimilarity
+
+    out = tmp_path / "r.json"
+    real = VisualSimilarity.search
+
+    def other_run_writes_first(self, *a, **k):
+        out.write_text("the other run's results")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(VisualSimilarity, "search", other_run_writes_first)
+    good = sorted(run["gallery"].iterdir())[0]
+    code, _, err = cli(["--run", str(run["run"]), "search", str(good), "--gallery", str(run["gallery"]), "-k", "2",
+                        "--json", str(out)], capsys)
+    assert code == 2 and "r.json appeared while this run was working" in one_error_line(err)
+    assert out.read_text() == "the other run's results" and os.listdir(tmp_path) == ["r.json"]
+    code, _, _ = cli(["--run", str(run["run"]), "search", str(good), "--gallery", str(run["gallery"]), "-k", "2",
+                      "--json", str(out), "--overwrite"], capsys)
+    assert code == 0 and json.loads(out.read_text())[0]["query"] == str(good)
+
+
+def test_write_pairs_without_overwrite_never_replaces(tmp_path):
+    from adaptation.results import read_pairs, write_pairs
+
+    rows = [("a", "b", 0.5, None, None)]
+    write_pairs(rows, tmp_path / "p.csv", overwrite=False)
+    assert read_pairs(tmp_path / "p.csv") == rows
+    with pytest.raises(UserError, match="appeared while this run was working"):
+        write_pairs([("c", "d", 0.1, None, None)], tmp_path / "p.csv", overwrite=False)
+    assert read_pairs(tmp_path / "p.csv") == rows and os.listdir(tmp_path) == ["p.csv"]  # no temporary file left

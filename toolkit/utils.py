@@ -8,6 +8,7 @@ same folder, flushed, and renamed over the target only once it is whole.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -108,11 +109,14 @@ def first_line(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str = "", replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` on success.
 
     On any exception the temporary file is removed and `path` is left untouched.
     `suffix` keeps libraries that append an extension (np.save, np.savez) happy.
+    With `replace=False` the file is put in place only if `path` does not exist at that moment
+    (a hard link, which the kernel refuses over an existing name): `FileExistsError` otherwise,
+    so a file another process wrote meanwhile is never overwritten.
 
     Example:
         >>> with atomic_path("out/metrics.json") as tmp:      # doctest: +SKIP
@@ -128,7 +132,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        if replace:
+            os.replace(tmp, target)
+        else:
+            _link_new(tmp, target)
     except OSError as err:
         if err.filename is None:  # e.g. ENOSPC from a write through a file object: say which file
             raise OSError(err.errno, err.strerror or str(err), str(target)) from None
@@ -136,6 +143,21 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _link_new(tmp: Path, target: Path) -> None:
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "it appeared while this run was working (another run writing it?)",
+                              str(target)) from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if target.exists():  # a file system without hard links: the check and the rename are not one step
+            raise FileExistsError(errno.EEXIST, "it appeared while this run was working (another run writing it?)",
+                                  str(target)) from None
+        os.replace(tmp, target)
 
 
 def _umask() -> int:
