@@ -291,15 +291,26 @@ class RecordsWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp.npy", dir=self.path.parent)
         self.tmp = Path(tmp)
         self.fh = os.fdopen(fd, "wb")
+        started = False
+        try:  # the caller's `with` has not begun: a failure here must drop the temporary file itself
+            self._start()
+            started = True
+        except OSError as err:
+            raise self._named(err) from None
+        finally:
+            if not started:
+                self.abort()
+
+    def _start(self) -> None:
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                  "shape": (len(names) * n_flips,)}
+                  "shape": (len(self.names) * self.n_flips,)}
         try:
             np.lib.format.write_array_header_1_0(self.fh, header)
         except ValueError:  # a header too long for format 1.0, as np.save would fall back
             np.lib.format.write_array_header_2_0(self.fh, header)
         self.fh.flush()
         self.offset = self.fh.tell()
-        self.fh.truncate(self.offset + self.dtype.itemsize * len(names) * n_flips)
+        self.fh.truncate(self.offset + self.dtype.itemsize * len(self.names) * self.n_flips)
 
     def write(self, start: int, vectors: np.ndarray) -> None:
         """Rows for items `start .. start + len(vectors)` from their (n, sides, flips, D) vectors."""
@@ -333,7 +344,10 @@ class RecordsWriter:
 
     def abort(self) -> None:
         """Drop the unfinished file."""
-        self.fh.close()
+        try:
+            self.fh.close()  # may flush buffered bytes into the full disk that caused the abort
+        except OSError:
+            pass  # the file is being dropped anyway
         self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "RecordsWriter":

@@ -106,3 +106,21 @@ def test_records_writer_writes_what_make_records_builds(tmp_path):
         with RecordsWriter(tmp_path / "g.npy", names, ("left", "right"), 5, 2) as w:
             raise RuntimeError("disk full")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npy"]
+
+
+def test_records_writer_failing_to_start_names_the_file_and_leaves_nothing(tmp_path):
+    # Before: a refused write while the header and size were set up (full disk, file size limit) came out
+    # as "an output file: File too large" and left the hidden .f.npy.*.tmp.npy behind, since the caller's
+    # `with` block had not begun.
+    import resource
+
+    names = [f"img{i}.jpg" for i in range(50)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # Python ignores SIGXFSZ: writes past it fail (EFBIG)
+    try:
+        with pytest.raises(OSError) as err:
+            RecordsWriter(tmp_path / "f.npy", names, ("left", "right"), 100, 2)  # 80 kB of rows
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert err.value.filename == str(tmp_path / "f.npy")
+    assert list(tmp_path.iterdir()) == []
