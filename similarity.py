@@ -302,7 +302,7 @@ def _search(sim, args) -> int:
 
 def _write_search_outputs(hits, threshold, args) -> None:
     # Every output is made before any is written, so one that cannot be made leaves none behind.
-    from adaptation.results import search_results_text, write_text
+    from adaptation.results import search_results_text, write_texts
 
     texts = {path: search_results_text(hits, path) for path in (args.json, args.csv) if path}
     if args.html:
@@ -313,8 +313,8 @@ def _write_search_outputs(hits, threshold, args) -> None:
             f"{len(hits)} queries: top {args.k} in {where}"
         texts[args.html] = search_page(hits, title=title, threshold=None if threshold is None else threshold.max_f1,
                                        threshold_note=_threshold_text(threshold))
-    for path, text in texts.items():
-        write_text(path, text, args.overwrite)  # never over a file another run wrote meanwhile
+    write_texts(texts, args.overwrite)  # all or none; never over a file another run wrote meanwhile
+    for path in texts:
         print(f"wrote {path}")
 
 
@@ -334,7 +334,7 @@ def _index(sim, args, params) -> int:
 
 def _pairs(sim, args) -> int:
     from adaptation.index import look_alike_pairs
-    from adaptation.results import write_pairs, write_text
+    from adaptation.results import pairs_text, write_texts
     from adaptation.visualize import pairs_page
     from toolkit.utils import UserError
 
@@ -344,8 +344,8 @@ def _pairs(sim, args) -> int:
     a, b, s, capped = look_alike_pairs(index, threshold=args.threshold, top=args.top, per_item=args.per_image)
     rows = [(index.names[i], index.names[j], float(x), index.images[i], index.images[j]) for i, j, x in zip(a, b, s)]
     page = pairs_page(rows[:args.html_rows], total=len(rows), title=f"look-alike pairs in {Path(args.index).name}")
-    write_pairs(rows, args.out + ".csv", args.overwrite)  # never over a file another run wrote meanwhile
-    write_text(args.out + ".html", page, args.overwrite)
+    # both or neither; never over a file another run wrote meanwhile
+    write_texts({args.out + ".csv": pairs_text(rows), args.out + ".html": page}, args.overwrite)
     for r in rows[:10]:
         print(f"{r[2]:>8.4f}  {r[0]}  {r[1]}")
     if capped:

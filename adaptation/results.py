@@ -23,15 +23,14 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from toolkit.utils import UserError, atomic_path, first_line
+from toolkit.utils import UserError, atomic_paths, first_line
 
 from .similarity import Hits, Match
 
-__all__ = ["write_text", "search_results_text", "write_search_results", "read_search_results", "write_pairs",
-           "read_pairs", "SEARCH_COLUMNS",
-           "PAIR_COLUMNS"]
+__all__ = ["write_text", "write_texts", "search_results_text", "write_search_results", "read_search_results",
+           "write_pairs", "pairs_text", "read_pairs", "SEARCH_COLUMNS", "PAIR_COLUMNS"]
 
 SEARCH_COLUMNS = ("query", "rank", "name", "score", "image", "error")
 PAIR_COLUMNS = ("name_a", "name_b", "score", "image_a", "image_b")
@@ -43,14 +42,25 @@ def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> No
     With `overwrite=False` a file at `path` is never replaced, even one another process wrote since the
     caller checked (`UserError`).
     """
+    write_texts({path: text}, overwrite)
+
+
+def write_texts(texts: Mapping[str | os.PathLike, str], overwrite: bool = True) -> None:
+    """Write several files that belong together (`write_text` for each): all of them, or none changed."""
+    paths = list(texts)
     try:
-        with atomic_path(path, replace=overwrite) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    except FileExistsError:
-        raise UserError(f"{path} appeared while this run was working (another run writing it?); it is left as it "
-                        f"is: pass --overwrite or choose another name") from None
+        with atomic_paths(paths, replace=overwrite) as tmps:
+            for path, tmp in zip(paths, tmps):
+                try:
+                    tmp.write_text(texts[path], encoding="utf-8")
+                except OSError as err:  # a write through a file object does not say which file
+                    raise OSError(err.errno, err.strerror, str(path)) from None
+    except FileExistsError as err:
+        raise UserError(f"{err.filename} appeared while this run was working (another run writing it?); it is left "
+                        f"as it is, and nothing else was written: pass --overwrite or choose another name") from None
     except (OSError, UnicodeEncodeError) as err:
-        raise UserError(f"cannot write {path} ({first_line(err)}); choose a writable place") from None
+        where = getattr(err, "filename", None) or ", ".join(map(str, paths))
+        raise UserError(f"cannot write {where} ({first_line(err)}); choose a writable place") from None
 
 
 def _format(path: str | os.PathLike) -> str:
@@ -107,12 +117,17 @@ def read_search_results(path: str | os.PathLike) -> list[Hits]:
 def write_pairs(rows: Sequence[tuple[str, str, float, str | None, str | None]], path: str | os.PathLike,
                 overwrite: bool = True) -> None:
     """Write look-alike pairs (name_a, name_b, score, image_a, image_b) atomically as CSV (see `write_text`)."""
+    write_text(path, pairs_text(rows), overwrite)
+
+
+def pairs_text(rows: Sequence[tuple[str, str, float, str | None, str | None]]) -> str:
+    """The CSV `write_pairs` writes, as text."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(PAIR_COLUMNS)
     for a, b, s, ia, ib in rows:
         w.writerow([a, b, repr(float(s)), ia or "", ib or ""])
-    write_text(path, buf.getvalue(), overwrite)
+    return buf.getvalue()
 
 
 def read_pairs(path: str | os.PathLike) -> list[tuple[str, str, float, str | None, str | None]]:

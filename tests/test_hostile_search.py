@@ -188,3 +188,38 @@ def test_write_pairs_without_overwrite_never_replaces(tmp_path):
     with pytest.raises(UserError, match="appeared while this run was working"):
         write_pairs([("c", "d", 0.1, None, None)], tmp_path / "p.csv", overwrite=False)
     assert read_pairs(tmp_path / "p.csv") == rows and os.listdir(tmp_path) == ["p.csv"]  # no temporary file left
+
+
+def test_outputs_are_all_written_or_none_changed(run, tmp_path, capsys, monkeypatch):  # noqa: F811
+    # Before: --json, --csv and --html (and pairs' OUT.csv and OUT.html) were put in place one after the
+    # other, so a full disk at the HTML page left the new JSON beside the previous run's CSV and page.
+    import errno
+    from pathlib import Path
+
+    good = sorted(run["gallery"].iterdir())
+    outs = [tmp_path / "o.json", tmp_path / "o.csv", tmp_path / "o.html"]
+    argv = ["--run", str(run["run"]), "search", "--gallery", str(run["gallery"]), "-k", "2", "--overwrite",
+            "--json", str(outs[0]), "--csv", str(outs[1]), "--html", str(outs[2])]
+    assert cli(argv[:3] + [str(good[0])] + argv[3:], capsys)[0] == 0
+    before = {o: o.read_bytes() for o in outs}
+    real = Path.write_text
+
+    def full_at_the_page(self, *a, **k):
+        if self.name.startswith(".o.html."):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full_at_the_page)
+    code, _, err = cli(argv[:3] + [str(good[1])] + argv[3:], capsys)
+    assert code == 2 and "o.html" in one_error_line(err) and "No space left on device" in err
+    assert {o: o.read_bytes() for o in outs} == before and sorted(os.listdir(tmp_path)) == ["o.csv", "o.html",
+                                                                                             "o.json"]
+
+
+def test_write_texts_without_overwrite_takes_back_what_it_placed(tmp_path):
+    from adaptation.results import write_texts
+
+    (tmp_path / "b.html").write_text("another run's page")
+    with pytest.raises(UserError, match="b.html appeared while this run was working"):
+        write_texts({tmp_path / "a.csv": "x", tmp_path / "b.html": "y"}, overwrite=False)
+    assert os.listdir(tmp_path) == ["b.html"] and (tmp_path / "b.html").read_text() == "another run's page"

@@ -19,8 +19,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "read_json", "write_json", "save_npy", "run_cli",
-           "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device", "check_writable", "os_error_line", "require_regular_file", "require_utf8"]
+__all__ = ["UserError", "default_workers", "first_line", "atomic_path", "atomic_paths", "read_json", "write_json",
+           "save_npy", "run_cli", "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device",
+           "check_writable", "os_error_line", "require_regular_file", "require_utf8"]
 
 
 class UserError(Exception):
@@ -122,27 +123,48 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", replace: bool = True)
         >>> with atomic_path("out/metrics.json") as tmp:      # doctest: +SKIP
         ...     tmp.write_text("{}")
     """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())  # mkstemp's 0600 would make results private by accident
-    tmp = Path(name)
-    try:
+    with atomic_paths([path], suffix, replace) as (tmp,):
         yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, target)
-        else:
-            _link_new(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], suffix: str = "", replace: bool = True) -> Iterator[list[Path]]:
+    """`atomic_path` for a set of files that belong together (e.g. a CSV and its HTML page).
+
+    Every file is written and fsynced under its temporary name before any is put in place, so a full
+    disk or a failed write leaves none of them changed; with `replace=False`, the files this call
+    already put in place are removed again if a later one finds its name taken.
+    """
+    targets = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    placed: list[Path] = []
+    try:
+        for target in targets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+            os.close(fd)
+            tmps.append(Path(name))
+            os.chmod(name, 0o666 & ~_umask())  # mkstemp's 0600 would make results private by accident
+        yield tmps
+        for tmp, target in zip(tmps, targets):
+            try:
+                with open(tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            except OSError as err:
+                raise OSError(err.errno, err.strerror or str(err), str(target)) from None
+        for tmp, target in zip(tmps, targets):
+            os.replace(tmp, target) if replace else _link_new(tmp, target)
+            placed.append(target)
     except OSError as err:
+        if not replace:
+            for target in placed:  # new names this call made: the set is all or nothing
+                target.unlink(missing_ok=True)
         if err.filename is None:  # e.g. ENOSPC from a write through a file object: say which file
-            raise OSError(err.errno, err.strerror or str(err), str(target)) from None
+            raise OSError(err.errno, err.strerror or str(err), ", ".join(map(str, targets))) from None
         raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
 
 
 def _link_new(tmp: Path, target: Path) -> None:
