@@ -36,7 +36,7 @@ from .distributed import Ranks
 from .backbones import Backbone, file_sha256
 from .extractor import FeatureExtractor
 from .merge import write_outputs
-from .processor import Processor, check_components, parse_processor
+from .processor import PROCESSORS, Processor, check_components, parse_processor
 from toolkit.lock import folder_lock
 from .store import ChunkStore
 from .transforms import DECODE, hflip
@@ -163,6 +163,12 @@ def _checked_manifest(path: Path) -> dict:
     if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("pooled_dim"), int)
                for t in taps):
         raise UserError(f"{path} is damaged: model.taps should list objects with a name and a pooled_dim")
+    proc = obj["processor"]
+    if proc["name"] not in PROCESSORS:
+        raise UserError(f"{path} is damaged: processor.name {proc['name']!r} is not one of {', '.join(PROCESSORS)}")
+    if PROCESSORS[proc["name"]][0] and not (proc["n_components"] or 0) > 0:
+        raise UserError(f"{path} is damaged: processor {proc['name']} needs a positive n_components, not "
+                        f"{proc['n_components']!r}")
     weights = obj["model"]["weights"]
     if weights["source"] == "file" and not all(isinstance(weights.get(k), str) for k in ("path", "sha256")):
         raise UserError(f"{path} is damaged: model.weights should record the file's path and sha256")

@@ -501,6 +501,8 @@ def test_similarity_checks_the_html_location_before_the_model_loads(tmp_path, ca
     lambda m: m.update(precision=7),
     lambda m: m["model"].update(weights={"source": "file"}),
     lambda m: m.update(dataset=[]),
+    lambda m: m["processor"].update(name="weird"),  # was a ValueError traceback, exit 1
+    lambda m: m["processor"].update(name="adapt-pca"),  # adapt-pca without n_components
 ])
 def test_similarity_reads_a_manifest_of_the_wrong_shape_as_one_line(tmp_path, capsys, damage):
     data = tmp_path / "tll"
