@@ -147,12 +147,40 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         # UnpicklingError, a truncated file EOFError; none of them should show a traceback.
         raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
     _check_structure(path, ckpt)
+    _check_weights(path, ckpt)
     model = build_model(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
         raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r}: {first_line(err)}") from None
     return model.to(device).eval(), ckpt
+
+
+def _check_weights(path: str, ckpt: dict) -> None:
+    """Refuse model arguments that cannot build the model, and weights that are not finite numbers.
+
+    The model is first built on the meta device (shapes only, no memory), so a damaged `out_dim`
+    of 10**12 is refused like one of "x", instead of allocating it or raising from deep in torch.
+    """
+    try:
+        with torch.device("meta"):
+            shapes = build_model(ckpt["model_name"], ckpt["in_dim"], **ckpt["model_kwargs"]).state_dict()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} is damaged: model_kwargs {ckpt['model_kwargs']!r} cannot build model "
+                        f"{ckpt['model_name']!r} ({first_line(err)}); retrain, or use another run") from None
+    weights = ckpt["state_dict"]
+    want = {name: tuple(t.shape) for name, t in shapes.items()}
+    got = {name: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for name, t in weights.items()}
+    if got != want:  # before the real model is built: its size comes from the (maybe damaged) model_kwargs
+        differ = sorted(n for n in set(want) | set(got) if want.get(n) != got.get(n))
+        said = "; ".join(f"{n}: the model wants {want.get(n, 'nothing')}, the file holds {got.get(n, 'nothing')}"
+                         for n in differ[:3])
+        raise UserError(f"{path}: weights do not fit model {ckpt['model_name']!r} with {ckpt['model_kwargs']!r}: "
+                        f"{said}")
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{path} is damaged: weight {name} holds NaN or infinite values; retrain, or use "
+                            f"another run")
 
 
 def _check_structure(path: str, ckpt: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -223,3 +224,32 @@ def test_write_texts_without_overwrite_takes_back_what_it_placed(tmp_path):
     with pytest.raises(UserError, match="b.html appeared while this run was working"):
         write_texts({tmp_path / "a.csv": "x", tmp_path / "b.html": "y"}, overwrite=False)
     assert os.listdir(tmp_path) == ["b.html"] and (tmp_path / "b.html").read_text() == "another run's page"
+
+
+def _first_weight_nan(ckpt):
+    name = next(iter(ckpt["state_dict"]))
+    ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("nan"))
+
+
+WEIGHT_DAMAGE = {  # before: a ValueError traceback, a 32 TB allocation failing with a traceback, NaN scores
+    "out_dim not a number": (lambda c: c["model_kwargs"].update(out_dim="x"), "cannot build model 'original'"),
+    "out_dim huge": (lambda c: c["model_kwargs"].update(out_dim=10 ** 12), "the model wants (1000000000000, 8)"),
+    "NaN weights": (_first_weight_nan, "holds NaN or infinite values"),
+    "a weight that is no tensor": (lambda c: c["state_dict"].update({next(iter(c["state_dict"])): "x"}),
+                                   "the file holds str"),
+}
+
+
+@pytest.mark.parametrize("damage", WEIGHT_DAMAGE, ids=list(WEIGHT_DAMAGE))
+def test_checkpoint_whose_model_or_weights_are_damaged_is_one_line(run, tmp_path, capsys, damage):  # noqa: F811
+    change, said = WEIGHT_DAMAGE[damage]
+    bad = tmp_path / "run"
+    shutil.copytree(run["run"], bad)
+    ckpt = torch.load(bad / CHECKPOINT, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, bad / CHECKPOINT)
+    with pytest.raises(UserError, match=re.escape(said)):
+        load_checkpoint(bad / CHECKPOINT)
+    images = sorted(run["gallery"].iterdir())
+    code, out, err = cli(["--run", str(bad), "pair", str(images[0]), str(images[1])], capsys)
+    assert code == 2 and said in one_error_line(err) and out == ""
