@@ -153,7 +153,8 @@ def test_several_unreadable_queries_are_one_error_line(run, tmp_path, capsys):  
     assert [h["error"] is None for h in written] == [True] + [False] * 5
     code, _, err = cli(["--run", str(run["run"]), "search", str(bad[0]), "--gallery", str(run["gallery"]), "-k", "2"],
                        capsys)
-    assert code == 2 and one_error_line(err) == f"similarity.py: error: cannot read query {bad[0]}: empty file (0 bytes)"
+    assert code == 2
+    assert one_error_line(err) == f"similarity.py: error: cannot read query {bad[0]}: empty file (0 bytes)"
 
 
 def test_output_written_by_another_run_meanwhile_is_never_overwritten(run, tmp_path, capsys, monkeypatch):  # noqa: F811
