@@ -188,6 +188,10 @@ def _check_structure(path: str, ckpt: Any) -> None:
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path} is not a train.py checkpoint: missing {', '.join(missing)}")
+    version = ckpt.get("format_version", FORMAT_VERSION)  # checkpoints from before versioning hold none
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise UserError(f"{path} has checkpoint format {version!r}, which this toolkit cannot read (it reads "
+                        f"1 to {FORMAT_VERSION}); use the toolkit version that wrote it, or retrain")
     # The structure, checked here where the format is read, so a damaged file is one line, not a KeyError.
     wrong = [k for k, kind in _CHECKPOINT_TYPES.items() if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
     if not wrong and not all(isinstance(n, str) for n in ckpt["test_names"]):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Dist", "share_bounds", "gather_rows", "all_reduce_sum", "all_reduce_min", "broadcast_int",
-           "agree_on_failure", "from_env", "init_group", "run_ranked_cli", "Terminated"]
+           "agree_on_failure", "from_env", "init_group", "run_ranked_cli"]
 
 
 def share_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -147,10 +147,6 @@ _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote w
 """What gloo's RuntimeError says when another rank's process has gone (it raises no DistError for it)."""
 
 
-class Terminated(Exception):
-    """SIGTERM arrived (torchrun stopping the ranks after one failed): unwind, cleaning up as for an error."""
-
-
 def run_ranked_cli(main, prog: str, dist: Dist | None = None) -> int:
     """`toolkit.utils.run_cli` for a script that may run as one rank of several.
 
@@ -164,10 +160,9 @@ def run_ranked_cli(main, prog: str, dist: Dist | None = None) -> int:
       exits 1; the other ranks, which then lose their peer (a torch.distributed error) or get
       SIGTERM from torchrun, stop quietly after their own clean-up.
     """
-    import signal
     import sys
 
-    from toolkit.utils import UserError, first_line, os_error_line, run_cli
+    from toolkit.utils import UserError, first_line, os_error_line, run_cli, terminated_as_interrupt
 
     if dist is None:
         try:
@@ -178,18 +173,16 @@ def run_ranked_cli(main, prog: str, dist: Dist | None = None) -> int:
     if not dist.active:
         return run_cli(main, prog=prog)
 
-    def on_term(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, on_term)
     try:
-        return int(main(None) or 0)
+        # torchrun stops the ranks with SIGTERM after one failed: unwind, cleaning up as for Ctrl-C.
+        with terminated_as_interrupt():
+            return int(main(None) or 0)
     except UserError as err:
         if dist.rank == 0:
             print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    except (Terminated, KeyboardInterrupt):
-        return 143
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP as toolkit.utils.Terminated
+        return getattr(err, "exit_code", 130)
     except Exception as err:  # noqa: BLE001 - the top of a rank: one line instead of a traceback per rank
         import torch.distributed as tdist
 

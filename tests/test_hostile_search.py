@@ -238,6 +238,8 @@ WEIGHT_DAMAGE = {  # before: a ValueError traceback, a 32 TB allocation failing 
     "NaN weights": (_first_weight_nan, "holds NaN or infinite values"),
     "a weight that is no tensor": (lambda c: c["state_dict"].update({next(iter(c["state_dict"])): "x"}),
                                    "the file holds str"),
+    "a newer format": (lambda c: c.update(format_version=99), "has checkpoint format 99, which this toolkit cannot read"),
+    "a format that is no number": (lambda c: c.update(format_version="1"), "has checkpoint format '1'"),
 }
 
 
