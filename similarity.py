@@ -124,10 +124,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _query_image(path: str):
     from featuresExtractor.transforms import BadImage, load_image
-    from toolkit.utils import UserError
+    from toolkit.utils import UserError, require_regular_file
 
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise UserError(f"image {path} does not exist")
+    require_regular_file(path, "image")  # a folder, or a FIFO that would block the read
     try:
         return load_image(path)
     except BadImage as err:

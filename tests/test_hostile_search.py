@@ -256,3 +256,13 @@ def test_checkpoint_whose_model_or_weights_are_damaged_is_one_line(run, tmp_path
     images = sorted(run["gallery"].iterdir())
     code, out, err = cli(["--run", str(bad), "pair", str(images[0]), str(images[1])], capsys)
     assert code == 2 and said in one_error_line(err) and out == ""
+
+
+def test_pair_with_a_fifo_or_a_folder_says_what_it_is(run, tmp_path, capsys):  # noqa: F811
+    fifo = tmp_path / "q.jpg"
+    os.mkfifo(fifo)
+    image = sorted(run["gallery"].iterdir())[0]
+    for bad, said in [(fifo, "is not a regular file (a FIFO"), (tmp_path, "is a folder"),
+                      (tmp_path / "none.jpg", "does not exist")]:
+        code, out, err = cli(["--run", str(run["run"]), "pair", str(bad), str(image)], capsys)
+        assert code == 2 and said in one_error_line(err) and out == "", err
