@@ -79,24 +79,30 @@ def replacing(save_to: Path, old: Sequence[Path]) -> Iterator[None]:
     if aside.exists():
         raise UserError(f"{aside} holds runs set aside by an interrupted --overwrite; move them back into "
                         f"{save_to} or delete {aside}, then re-run")
-    if old:
-        aside.mkdir(parents=True)
-        for path in old:
-            path.rename(aside / path.name)
     done = False
     try:
+        # Inside the try: an interrupt while they are being moved puts back what was moved.
+        if old:
+            aside.mkdir(parents=True)
+            for path in old:
+                path.rename(aside / path.name)
         yield
         done = True
     finally:
         if done:
             shutil.rmtree(aside, ignore_errors=True)
         else:
-            _restore(save_to, aside)
+            _restore(save_to, aside, {p.name for p in old})
 
 
-def _restore(save_to: Path, aside: Path) -> None:
+def _restore(save_to: Path, aside: Path, earlier: set[str]) -> None:
+    """Remove what this run wrote and move the earlier runs (named `earlier`) back from `aside`.
+
+    An earlier run that an interrupt left in place, not yet set aside, is kept where it is.
+    """
+    moved = {p.name for p in aside.iterdir()} if aside.is_dir() else set()
     for path in (save_to.iterdir() if save_to.is_dir() else []):
-        if is_run_entry(path.name):
+        if is_run_entry(path.name) and (path.name not in earlier or path.name in moved):
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if aside.is_dir():
         for path in aside.iterdir():

@@ -529,3 +529,32 @@ def test_non_utf8_path_arguments_are_one_line_before_anything_runs(tmp_path, pai
     code, _, err = run(similarity, ["--run", tmp_path, "search", odd, "--gallery", tmp_path], capsys)
     assert "not valid UTF-8" in one_line_error(code, err, "similarity.py")
     assert not os.path.exists(odd) and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("stop_at", ["moving the earlier runs aside", "after writing a run of the same name"])
+def test_replacing_interrupted_at_any_point_puts_every_earlier_run_back(tmp_path, monkeypatch, stop_at):
+    from adaptation.runs import ASIDE, replacing
+
+    save_to = tmp_path / "runs"
+    for name in ("run1", "run2", "run3"):
+        (save_to / name).mkdir(parents=True)
+        (save_to / name / "metrics.json").write_text(f"earlier {name}")
+    (save_to / "summary.json").write_text("earlier summary")
+    before = snapshot(save_to)
+    old = sorted(p for p in save_to.iterdir())
+    real_rename, moves = Path.rename, []
+
+    def rename(self, target):
+        moves.append(self.name)
+        if stop_at.startswith("moving") and len(moves) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or SIGTERM as Terminated) between two moves
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with replacing(save_to, old):
+            (save_to / "run1").mkdir()
+            (save_to / "run1" / "metrics.json").write_text("half-written new run1")
+            raise KeyboardInterrupt
+    monkeypatch.undo()
+    assert snapshot(save_to) == before and not (save_to / ASIDE).exists()
