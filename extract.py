@@ -167,7 +167,9 @@ def _run(args: argparse.Namespace, ranks) -> int:
         with flag_names(FLAGS):
             report = extract(cfg, backbone, ranks)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP (toolkit.utils.Terminated) under run_cli
-        print("extract.py: interrupted; finished batches are kept: re-run the same command to resume", file=sys.stderr)
+        if ranks.rank == 0:  # under torchrun every rank is stopped; one line says it
+            print("extract.py: interrupted; finished batches are kept: re-run the same command to resume",
+                  file=sys.stderr)
         return getattr(err, "exit_code", 130)
     if ranks.rank != 0:  # rank 0 prints the summary
         return 0
