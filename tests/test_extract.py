@@ -13,22 +13,20 @@ import pytest
 import torch
 
 import extract
-from conftest import ROOT, draw_image, make_pairs
+from conftest import ROOT, draw_image, make_pairs, run_script
 from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.extractor import Forwarder
 from featuresExtractor.pipeline import ExtractConfig, extract as run_extract
 from featuresExtractor.pooling import concat_parts, global_avg_pool
 from featuresExtractor.taps import Taps
 from featuresExtractor.transforms import hflip, load_image
-from toolkit.utils import UserError, run_cli
+from toolkit.utils import UserError
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
 
 def cli(argv, capsys):
-    code = run_cli(extract.main, argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_script(extract, argv, capsys)
 
 
 def files_under(path: Path) -> list[str]:

@@ -20,16 +20,14 @@ import pytest
 import extract
 import similarity
 import train
-from conftest import ROOT, draw_image, make_pairs
+from conftest import ROOT, draw_image, make_pairs, run_script
 from toolkit.utils import run_cli
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
 
 def run(script, argv, capsys):
-    code = run_cli(script.main, [str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_script(script, argv, capsys)
 
 
 def one_line_error(code, err, prog):

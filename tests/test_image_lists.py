@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 
 import extract
-from conftest import draw_image, make_pairs
+from conftest import draw_image, make_pairs, run_script
 from featuresExtractor.dataset import discover
-from toolkit.utils import UserError, run_cli
+from toolkit.utils import UserError
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
 
 def cli(argv, capsys):
-    code = run_cli(extract.main, argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_script(extract, argv, capsys)
 
 
 def test_pair_csv_gives_the_folder_features_and_skips_missing_files(tmp_path, capsys, pairs_dir):

@@ -13,8 +13,7 @@ import pytest
 import extract
 import similarity
 import train
-from conftest import draw_image
-from toolkit.utils import run_cli
+from conftest import draw_image, run_script
 from test_similarity import TINY, ImgCounter, run  # noqa: F401  (run: the module-scoped tiny run fixture)
 
 from adaptation import index as ixf
@@ -22,9 +21,7 @@ from adaptation.index import IndexParams
 
 
 def cli(argv, capsys):
-    code = run_cli(similarity.main, argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_script(similarity, argv, capsys)
 
 
 def one_error_line(err: str) -> str:

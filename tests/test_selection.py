@@ -19,7 +19,8 @@ from adaptation.selection import best_epoch, patience_exhausted, split_validatio
 from adaptation.planted import planted_array
 from adaptation.training import TrainConfig, make_optimizer
 from adaptation.training import train as train_fn
-from toolkit.utils import UserError, run_cli
+from conftest import run_script
+from toolkit.utils import UserError
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
 
 
@@ -31,9 +32,7 @@ def features(tmp_path_factory):
 
 
 def cli(argv, capsys):
-    rc = run_cli(train.main, [str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    return run_script(train, argv, capsys)
 
 
 @pytest.mark.parametrize("n, test_split, val_split, seed", [(100, 0.25, 0.2, 0), (37, 0.3, 0.1, 5), (500, 0.5, 0.5, 9)])

@@ -13,8 +13,7 @@ import torch
 import extract
 import similarity
 import train
-from conftest import draw_image, make_pairs
-from toolkit.utils import run_cli
+from conftest import draw_image, make_pairs, run_script
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
@@ -36,9 +35,7 @@ def run(tmp_path_factory):
 
 
 def cli(argv, capsys):
-    code = run_cli(similarity.main, argv)
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_script(similarity, argv, capsys)
 
 
 class ImgCounter(HTMLParser):

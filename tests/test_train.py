@@ -13,7 +13,7 @@ import torch
 import train
 from adaptation.checkpoint import load_checkpoint
 from adaptation.planted import planted_array
-from toolkit.utils import run_cli
+from conftest import run_script
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +30,7 @@ def features(tmp_path_factory):
 
 
 def cli(argv, capsys):
-    rc = run_cli(train.main, [str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    return run_script(train, argv, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from adaptation.objectives import BYOL, SimSiam
 from adaptation.planted import planted_array
 from adaptation.runs import collapse_verdict
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
-from toolkit.utils import UserError, run_cli
+from conftest import run_script
+from toolkit.utils import UserError
 
 # Recorded with train.py as it was without --objective (main at 7b82a23, where run i draws its own
 # split; 8e04926, before per-run splits, gave 2746e009...), 1 thread, this CPU build of torch: the
@@ -31,9 +32,7 @@ def features(tmp_path_factory):
 
 
 def cli(argv, capsys):
-    rc = run_cli(train.main, [str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    return run_script(train, argv, capsys)
 
 
 def run_digest(runs, n_runs=2):

@@ -19,7 +19,7 @@ from adaptation.planted import planted_array, planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import (BatchOutput, TrainConfig, epoch_batches, largest_fitting_batch, make_optimizer,
                                  step_bytes, train as train_loop)
-from toolkit.utils import run_cli
+from conftest import run_script
 from test_adaptation_training import one_thread  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,9 +151,7 @@ def features(tmp_path_factory):
 
 
 def cli(argv, capsys):
-    rc = run_cli(train.main, [str(a) for a in argv])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+    return run_script(train, argv, capsys)
 
 
 def test_config_records_batch_and_world_size(features, tmp_path, capsys):
