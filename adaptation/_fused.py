@@ -55,18 +55,24 @@ class _SymmetricCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         e, row, col = ctx.saved_tensors
-        grad = _loss_grad(e, row, col, grad_out, ctx.t, torch.empty_like(e))
+        scale = grad_out.to(e.dtype) * (0.5 * ctx.t / e.shape[0])
+        grad = _loss_grad(e, row, col, scale, torch.empty_like(e))
         return grad.to(ctx.dtype), None
 
 
-def _exp_and_loss(sim: torch.Tensor, t: float, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fill `e` (fp32 or wider, sim's shape) with `exp(t * sim - |t|)`; return `(loss, row sums, column sums)`."""
-    shift = abs(t)
+def _shifted_exp(sim: torch.Tensor, t: float, e: torch.Tensor) -> torch.Tensor:
+    """Fill `e` (fp32 or wider, sim's shape) with `exp(t * sim - |t|)` and return it."""
     if sim.dtype == e.dtype:
         torch.mul(sim, t, out=e)
     else:  # widen first: t * sim must not be rounded to sim's dtype
         e.copy_(sim).mul_(t)
-    e.sub_(shift).exp_()
+    return e.sub_(abs(t)).exp_()
+
+
+def _exp_and_loss(sim: torch.Tensor, t: float, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fill `e` with `exp(t * sim - |t|)` (`_shifted_exp`); return `(loss, row sums, column sums)`."""
+    shift = abs(t)
+    _shifted_exp(sim, t, e)
     row, col = e.sum(dim=1), e.sum(dim=0)
     diag = sim.diagonal().to(e.dtype) * t
     loss = 0.5 * ((row.log() + shift - diag).mean() + (col.log() + shift - diag).mean())
@@ -74,13 +80,16 @@ def _exp_and_loss(sim: torch.Tensor, t: float, e: torch.Tensor) -> tuple[torch.T
 
 
 def _loss_grad(
-    e: torch.Tensor, row: torch.Tensor, col: torch.Tensor, grad_loss: torch.Tensor, t: float, out: torch.Tensor
+    e: torch.Tensor, row: torch.Tensor, col: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, diag_offset: int = 0
 ) -> torch.Tensor:
-    """dLoss/dsim into `out`: `grad_loss * t / (2N) * (E / row[:, None] + E / col[None, :] - 2 I)`."""
-    scale = grad_loss.to(e.dtype) * (0.5 * t / e.shape[0])
+    """dLoss/dsim into `out`: `scale * (E / row[:, None] + E / col[None, :] - 2 I)`.
+
+    `scale` is `grad_loss * t / (2N)` (times the world size for a rank's rows); `I` is shifted by
+    `diag_offset` columns when `e` holds rows `diag_offset ..` of the global matrix.
+    """
     r, c = row.reciprocal().mul_(scale), col.reciprocal().mul_(scale)
     grad = torch.add(r[:, None], c[None, :], out=out).mul_(e)
-    grad.diagonal().sub_(2 * scale)
+    grad.diagonal(offset=diag_offset).sub_(2 * scale)
     return grad
 
 
@@ -208,7 +217,8 @@ class _CosineContrastive(torch.autograd.Function):
         e, row, col, a, b, a_norm, b_norm, a_p, b_p = ctx.saved_tensors
         n, dev = e.shape[0], e.device
         with torch.autocast(dev.type, enabled=False):
-            grad = _loss_grad(e, row, col, grad_loss, ctx.t, ctx.workspace.get("grad", (n, n), e.dtype, dev))
+            scale = grad_loss.to(e.dtype) * (0.5 * ctx.t / n)
+            grad = _loss_grad(e, row, col, scale, ctx.workspace.get("grad", (n, n), e.dtype, dev))
             if a_p.dtype != grad.dtype:
                 grad = ctx.workspace.get("grad_product", (n, n), a_p.dtype, dev).copy_(grad)
             grad_a = _normalize_backward(torch.mm(grad, b_p).to(a.dtype), a, a_norm, ctx.eps)
@@ -261,12 +271,7 @@ class _RowBlockCrossEntropy(torch.autograd.Function):
         compute = torch.promote_types(sim.dtype, torch.float32)
         shift = abs(t)
         with torch.autocast(dev.type, enabled=False):
-            e = workspace.get("exp", tuple(sim.shape), compute, dev)
-            if sim.dtype == compute:
-                torch.mul(sim, t, out=e)
-            else:  # widen first: t * sim must not be rounded to sim's dtype
-                e.copy_(sim).mul_(t)
-            e.sub_(shift).exp_()
+            e = _shifted_exp(sim, t, workspace.get("exp", tuple(sim.shape), compute, dev))
             row = e.sum(dim=1)
             col = reduce_sum(e.sum(dim=0))
             diag = sim.diagonal(offset=start).to(compute) * t  # each local pair's own cosine, times t
@@ -283,8 +288,6 @@ class _RowBlockCrossEntropy(torch.autograd.Function):
         with torch.autocast(e.device.type, enabled=False):
             # world_size * dL/dS[i, j] = world_size * t / (2n) * (E / row_i + E / col_j - 2 [j == start + i])
             scale = grad_loss.to(e.dtype) * (0.5 * ctx.t * ctx.world_size / ctx.n)
-            r, c = row.reciprocal().mul_(scale), col.reciprocal().mul_(scale)
-            grad = torch.add(r[:, None], c[None, :], out=ctx.workspace.get("grad", tuple(e.shape), e.dtype, e.device))
-            grad.mul_(e)
-            grad.diagonal(offset=ctx.start).sub_(2 * scale)
+            grad = _loss_grad(e, row, col, scale, ctx.workspace.get("grad", tuple(e.shape), e.dtype, e.device),
+                              ctx.start)
         return grad.to(ctx.dtype), None, None, None, None, None, None
