@@ -168,17 +168,17 @@ def atomic_paths(paths: Sequence[str | os.PathLike], suffix: str = "", replace: 
 
 
 def _link_new(tmp: Path, target: Path) -> None:
+    taken = FileExistsError(errno.EEXIST, "it appeared while this run was working (another run writing it?)",
+                            str(target))
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise FileExistsError(errno.EEXIST, "it appeared while this run was working (another run writing it?)",
-                              str(target)) from None
+        raise taken from None
     except OSError as err:
         if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
             raise
         if target.exists():  # a file system without hard links: the check and the rename are not one step
-            raise FileExistsError(errno.EEXIST, "it appeared while this run was working (another run writing it?)",
-                                  str(target)) from None
+            raise taken from None
         os.replace(tmp, target)
 
 
