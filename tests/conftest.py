@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def run_script(script, argv, capsys) -> tuple[int, str, str]:
     """Run a script's `main` in this process as its command line would (`run_cli`): (exit code, stdout, stderr)."""
-    from toolkit.utils import run_cli
+    from toolkit.cli import run_cli
 
     code = run_cli(script.main, [str(a) for a in argv])
     out, err = capsys.readouterr()
