@@ -26,6 +26,15 @@ def run_script(script, argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_bounded(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True)` that ends every process it started.
 

@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_bounded, spawn_ranks
+from conftest import free_port, run_bounded, spawn_ranks
 from adaptation.models import build_model
 from adaptation.planted import planted_array, planted_pairs
 from adaptation.split import split_data, split_indices
@@ -23,12 +22,6 @@ from toolkit.distributed import Ranks, shard_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 EXACT, BF16_TOL = (1e-5, 1e-5), (1e-2, 5e-3)
@@ -81,7 +74,7 @@ def test_two_ranks_give_one_process_weights(tmp_path, batch_size, epochs, temper
     assert len(epoch_batches([31, 31], batch_size, 5, 1)) * epochs >= 3
     torch.set_num_threads(1)
     single, single_history = _fit(cfg)
-    _spawn(_rank_worker, (_free_port(), cfg, str(tmp_path)))
+    _spawn(_rank_worker, (free_port(), cfg, str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     torch.manual_seed(0)
     start = build_model("original", 8, out_dim=64).state_dict()
@@ -135,7 +128,7 @@ def test_positive_objectives_on_two_ranks_give_one_process_weights(tmp_path, nam
     assert len(epoch_batches([31], 12, 5, 1)) == 3
     torch.set_num_threads(1)
     single, single_history = _fit_positive(name, cfg)
-    _spawn(_positive_worker, (_free_port(), name, cfg, str(tmp_path)))
+    _spawn(_positive_worker, (free_port(), name, cfg, str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     torch.manual_seed(0)
     from adaptation.objectives import build_objective
@@ -165,7 +158,7 @@ def _torchrun(args, nproc=WORLD, timeout=180):
     # --cpu: these are gloo tests; where CUDA is available train.py would take it (one GPU per rank).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), "train.py", "--cpu", *map(str, args)]
+           str(free_port()), "train.py", "--cpu", *map(str, args)]
     return run_bounded(cmd, timeout, cwd=ROOT, env=env)
 
 
@@ -244,7 +237,7 @@ def _failing_worker(rank, port, features, save_to, log_dir):
 
 def test_a_failing_rank_stops_all_and_leaves_no_run(features, tmp_path):
     save_to = tmp_path / "runs"
-    _spawn(_failing_worker, (_free_port(), str(features), str(save_to), str(tmp_path)), timeout=120)
+    _spawn(_failing_worker, (free_port(), str(features), str(save_to), str(tmp_path)), timeout=120)
     rcs = [int((tmp_path / f"rank{r}.rc").read_text()) for r in range(WORLD)]
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)]
     assert rcs[1] == 1 and rcs[0] != 0
@@ -282,7 +275,7 @@ def test_rank0_alone_checks_and_locks_the_output_folder(features, tmp_path, case
         save_to, expected = tmp_path / "afile" / "runs", "is a file, not a folder"
         held = contextlib.nullcontext()
     with held:
-        _spawn(_refused_worker, (_free_port(), str(features), str(save_to), str(logs_dir)), timeout=120)
+        _spawn(_refused_worker, (free_port(), str(features), str(save_to), str(logs_dir)), timeout=120)
         if case == "locked":
             assert not any(save_to.iterdir())  # nothing written into the folder another run holds
     rcs = [int((logs_dir / f"rank{r}.rc").read_text()) for r in range(WORLD)]

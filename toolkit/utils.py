@@ -39,10 +39,24 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
-def _raise_terminated(signum, frame):
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second kill must not cut the clean-up short
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_taking_signals() -> None:
+    # A second Ctrl-C or kill (torchrun's launcher sends one to its ranks after the user's) must not cut
+    # the clean-up of the first short: it would leave set-aside results or a half-written folder behind.
+    for sig in _STOPPING:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _raise_terminated(signum, frame):
+    _stop_taking_signals()
     raise Terminated(signum)
+
+
+def _raise_interrupt(signum, frame):
+    _stop_taking_signals()
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -50,21 +64,25 @@ def terminated_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise `Terminated` instead of ending the process on the spot.
 
     Their default action skips every `finally` and `except`, which left half-written runs and set-aside
-    results behind. A signal that is ignored (e.g. SIGHUP under nohup) or already handled stays as it is;
-    the previous handlers come back after the block. Outside the main thread this does nothing.
+    results behind. Ctrl-C raises KeyboardInterrupt as usual. Once one of them has been raised, the
+    others (and a second Ctrl-C) are ignored until the block is left, so the clean-up runs whole. A
+    signal that is ignored (e.g. SIGHUP under nohup) or handled by someone else stays as it is; the
+    previous handlers come back after the block. Outside the main thread this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.getsignal(sig) for sig in _STOPPING}
     for sig, handler in previous.items():
-        if handler is signal.SIG_DFL:
+        if handler is signal.SIG_DFL and sig != signal.SIGINT:
             signal.signal(sig, _raise_terminated)
+        elif handler is signal.default_int_handler:
+            signal.signal(sig, _raise_interrupt)
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            if handler is signal.SIG_DFL:
+            if handler is not None:  # None: a handler installed outside Python, which stays
                 signal.signal(sig, handler)
 
 
