@@ -184,7 +184,11 @@ def _threshold_text(threshold) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
-    from toolkit.utils import require_utf8, resolve_device
+    from toolkit.distributed import Ranks
+    from toolkit.utils import UserError, require_utf8, resolve_device
+
+    if Ranks.from_env().distributed:  # every rank would encode the same images and write the same files
+        raise UserError("similarity.py runs in one process; start it without torchrun")
 
     named = {"a": "first image", "b": "second image", "gallery": "gallery", "index": "--index", "json": "--json",
              "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder"}
