@@ -36,9 +36,11 @@ from featuresExtractor.pipeline import read_manifest
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.utils import UserError, first_line
 
-from . import index as ix_format
+from . import index as faiss_index
+from . import index_folder
 from .calibration import Threshold
 from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, load_checkpoint
+from .encode_cache import EncodeCache
 from .index import IndexParams, SimilarityIndex
 
 __all__ = ["VisualSimilarity", "Gallery", "Match", "Hits", "Verdict", "NO_THRESHOLD", "gallery_items"]
@@ -282,7 +284,7 @@ class VisualSimilarity:
         single = isinstance(query, (str, os.PathLike, Image.Image))
         queries = [query] if single else list(query)
         if isinstance(gallery, (str, os.PathLike)) and Path(gallery).is_dir() and \
-                (Path(gallery) / ix_format.MANIFEST_FILE).is_file():
+                (Path(gallery) / index_folder.MANIFEST_FILE).is_file():
             gallery = self.load_index(gallery)
         if not isinstance(gallery, (Gallery, SimilarityIndex)):
             gallery = self.gallery(gallery)
@@ -301,7 +303,7 @@ class VisualSimilarity:
         if good:
             q = self.adapt(np.concatenate(raw))
             if isinstance(gallery, SimilarityIndex):
-                scores, ids = gallery.search(ix_format.normalise(q.numpy()), k)
+                scores, ids = gallery.search(faiss_index.normalise(q.numpy()), k)
                 for row, i in enumerate(good):
                     matches[i] = [Match(gallery.names[j], float(s), gallery.images[j])
                                   for s, j in zip(scores[row], ids[row]) if j >= 0]
@@ -316,7 +318,7 @@ class VisualSimilarity:
         return [Hits(labels[i], None if isinstance(q, Image.Image) else str(q), matches.get(i, []), errors.get(i))
                 for i, q in enumerate(queries)]
 
-    # -- persistent index (format: adaptation.index) -------------------------------------------
+    # -- persistent index (folder format: adaptation.index_folder) -------------------------------------------
 
     def identity(self) -> dict:
         """What an index built with this run depends on: checkpoint sha256, backbone, PCA, output dim."""
@@ -342,7 +344,7 @@ class VisualSimilarity:
     def _index_vectors(self, raw: np.ndarray) -> np.ndarray:
         """Adapted, L2-normalised rows, ADAPT_BATCH at a time."""
         out = [self.adapt(raw[s:s + ADAPT_BATCH]).numpy() for s in range(0, len(raw), ADAPT_BATCH)]
-        return ix_format.normalise(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
+        return faiss_index.normalise(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
 
     def _index_gallery(self, source, cache_dir: Path, known: set | None = None, progress: bool = True):
         """(vectors, names, images, skipped, cache) of a gallery, minus items in `known` (image paths or names).
@@ -358,7 +360,7 @@ class VisualSimilarity:
         if any(isinstance(im, Image.Image) for _, im in items):
             cache = None  # in-memory images cannot be recognised on a later run
         else:
-            cache = ix_format.EncodeCache(cache_dir, {"identity": self.identity(), "items": items})
+            cache = EncodeCache(cache_dir, {"identity": self.identity(), "items": items})
         vectors, names, images, skipped = [], [], [], {}
         bar = tqdm(total=len(items), desc="encode", unit="img", disable=not progress)
         for c, start in enumerate(range(0, len(items), INDEX_CHUNK)):
@@ -395,10 +397,10 @@ class VisualSimilarity:
         out_dir = Path(out_dir)
         if out_dir.exists() and not overwrite:
             raise UserError(f"{out_dir} already exists; pass --overwrite or choose another folder")
-        with ix_format.locked(out_dir):
+        with index_folder.locked(out_dir):
             vectors, names, images, skipped, cache = self._index_gallery(gallery, out_dir, progress=progress)
-            index = ix_format.build(vectors, names, images, params, self.identity(), progress=progress)
-            ix_format.write(index, out_dir, overwrite=overwrite)
+            index = faiss_index.build(vectors, names, images, params, self.identity(), progress=progress)
+            index_folder.write(index, out_dir, overwrite=overwrite)
             if cache:
                 cache.remove()
         return index, skipped
@@ -406,8 +408,8 @@ class VisualSimilarity:
     def load_index(self, index_dir: str | os.PathLike, ef_search: int | None = None,
                    nprobe: int | None = None) -> SimilarityIndex:
         """Read an index folder, refusing one built with another run, backbone or PCA."""
-        index = ix_format.read(index_dir)
-        ix_format.check_identity(index, self.identity())
+        index = index_folder.read(index_dir)
+        index_folder.check_identity(index, self.identity())
         index.set_search(ef_search=ef_search, nprobe=nprobe)
         return index
 
@@ -415,15 +417,15 @@ class VisualSimilarity:
                      progress: bool = True) -> tuple[SimilarityIndex, int, dict[str, str]]:
         """Append the images of `more` not yet in the index; returns (index, how many added, skipped)."""
         index_dir = Path(index_dir)
-        ix_format.read_manifest(index_dir)  # a wrong folder is refused before a lock file is made beside it
-        with ix_format.locked(index_dir):
+        index_folder.read_manifest(index_dir)  # a wrong folder is refused before a lock file is made beside it
+        with index_folder.locked(index_dir):
             index = self.load_index(index_dir)
             known = {im or nm for nm, im in zip(index.names, index.images)}
             vectors, names, images, skipped, cache = self._index_gallery(more, index_dir.parent / f"{index_dir.name}.add",
                                                                          known=known, progress=progress)
             if names:
-                ix_format.add(index, vectors, names, images, progress=progress)
-                ix_format.write(index, index_dir, overwrite=True)
+                faiss_index.add(index, vectors, names, images, progress=progress)
+                index_folder.write(index, index_dir, overwrite=True)
             if cache:
                 cache.remove()
         return index, len(names), skipped

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["UserError", "default_workers", "first_line", "atomic_path", "atomic_paths", "read_json", "write_json",
            "save_npy", "run_cli", "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device",
-           "check_writable", "os_error_line", "require_regular_file", "require_utf8"]
+           "check_writable", "os_error_line", "require_regular_file", "require_utf8", "umask"]
 
 
 class UserError(Exception):
@@ -144,7 +144,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike], suffix: str = "", replace: 
             fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
             os.close(fd)
             tmps.append(Path(name))
-            os.chmod(name, 0o666 & ~_umask())  # mkstemp's 0600 would make results private by accident
+            os.chmod(name, 0o666 & ~umask())  # mkstemp's 0600 would make results private by accident
         yield tmps
         for tmp, target in zip(tmps, targets):
             try:
@@ -182,7 +182,8 @@ def _link_new(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (read without changing it), for modes of files made by mkstemp/mkdtemp."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -1,0 +1,171 @@
+"""The index folder: the format a similarity index is kept in; this module writes, reads and validates it.
+
+    INDEX_DIR/
+      index.faiss     the faiss index (`adaptation.index.save_faiss`), ids 0..count-1 in `names.json` order
+      names.json      [{"name": ..., "image": path or null}, ...]
+      manifest.json   format, version, kind, parameters, count, dim, sha256 of the two files above, and
+                      the run's identity: checkpoint sha256, backbone (model, weights, taps, precision), PCA
+
+A folder is written whole into a hidden temporary sibling and renamed into place, under a lock
+(`toolkit.lock.sibling_lock`), so an interrupted or concurrent build never leaves a half-written
+index.
+
+Example:
+    >>> ix = read("photos_index")          # doctest: +SKIP
+    >>> check_identity(ix, sim.identity())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from featuresExtractor.backbones import file_sha256
+from toolkit.lock import sibling_lock
+from toolkit.utils import UserError, first_line, read_json, umask
+
+from .index import KINDS, SimilarityIndex, load_faiss, save_faiss
+
+__all__ = ["FORMAT", "VERSION", "INDEX_FILE", "NAMES_FILE", "MANIFEST_FILE", "write", "read", "read_manifest",
+           "check_identity", "locked"]
+
+FORMAT = "visual-similarity-index"
+VERSION = 1
+INDEX_FILE, NAMES_FILE, MANIFEST_FILE = "index.faiss", "names.json", "manifest.json"
+
+
+@contextlib.contextmanager
+def locked(index_dir: str | os.PathLike, flag: str = "index folder") -> Iterator[Path]:
+    """Hold the writer's lock of `index_dir` (see `toolkit.lock.sibling_lock`); yields the real folder."""
+    with sibling_lock(index_dir, flag) as real:
+        yield real
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def write(ix: SimilarityIndex, index_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `ix` to `index_dir` whole, or not at all. An existing folder needs `overwrite`.
+
+    Call under `locked(index_dir)` when other processes may write the same folder.
+    """
+    target = Path(index_dir)
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite or choose another folder")
+    if target.exists() and not (target / MANIFEST_FILE).is_file():
+        raise UserError(f"{target} exists and is not an index folder; it is left alone: choose another folder")
+    if len(ix.names) != len(ix) or len(ix.images) != len(ix):
+        raise ValueError("the index, its names and its images differ in length")
+    ix.manifest["count"] = len(ix)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as err:
+        raise UserError(f"cannot write {target} ({first_line(err)}); choose a writable folder") from None
+    old = None
+    try:
+        save_faiss(ix, tmp / INDEX_FILE)
+        entries = [{"name": n, "image": im} for n, im in zip(ix.names, ix.images)]
+        (tmp / NAMES_FILE).write_text(json.dumps(entries) + "\n")
+        manifest = dict(ix.manifest, format=FORMAT, version=VERSION, files={INDEX_FILE: file_sha256(tmp / INDEX_FILE), NAMES_FILE: file_sha256(tmp / NAMES_FILE)})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for f in (INDEX_FILE, NAMES_FILE, MANIFEST_FILE):
+            _fsync(tmp / f)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would make the index private by accident
+        if target.exists():
+            old = target.parent / f".{target.name}.old.{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+    except (OSError, RuntimeError) as err:  # RuntimeError: faiss's own I/O errors (disk full, ...)
+        if old is not None and not target.exists():
+            os.replace(old, target)
+            old = None
+        raise UserError(f"cannot write {target} ({first_line(err)}); nothing was changed") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    ix.manifest, ix.path = manifest, target
+    return target
+
+
+def read(index_dir: str | os.PathLike) -> SimilarityIndex:
+    """Read and validate an index folder written by `write`; a `UserError` says what is wrong."""
+    path = Path(index_dir)
+    manifest = read_manifest(path)
+    for f in (INDEX_FILE, NAMES_FILE):
+        if not (path / f).is_file():
+            raise UserError(f"{path} lacks {f}; rebuild the index")
+        if manifest["files"].get(f) != file_sha256(path / f):
+            raise UserError(f"{path / f} is damaged (its sha256 differs from the manifest's); rebuild the index")
+    index = load_faiss(path / INDEX_FILE, manifest["kind"])
+    entries = read_json(path / NAMES_FILE)
+    count = manifest["count"]
+    if index.ntotal != count or not isinstance(entries, list) or len(entries) != count or index.d != manifest["dim"]:
+        raise UserError(f"{path} is inconsistent (index, names and manifest disagree on count or dim); rebuild it")
+    if not all(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("image", 0), (str, type(None)))
+               for e in entries):
+        raise UserError(f"{path / NAMES_FILE} is damaged (each entry must be {{\"name\": text, \"image\": path or "
+                        f"null}}); rebuild the index")
+    ix = SimilarityIndex(index, [e["name"] for e in entries], [e["image"] for e in entries], manifest, path)
+    ix.set_search()
+    return ix
+
+
+def read_manifest(index_dir: str | os.PathLike) -> dict:
+    """The validated manifest of an index folder (the cheap part of `read`); a `UserError` says what is wrong."""
+    path = Path(index_dir)
+    if not (path / MANIFEST_FILE).is_file():
+        raise UserError(f"{path} is not an index folder (no {MANIFEST_FILE}); build one with: similarity.py --run RUN "
+                        f"index build GALLERY -o {path}")
+    manifest = read_json(path / MANIFEST_FILE)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path / MANIFEST_FILE} is not a similarity index manifest")
+    if manifest.get("version") != VERSION:
+        raise UserError(f"{path} is index format version {manifest.get('version')}; this toolkit reads version "
+                        f"{VERSION}: rebuild the index")
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_manifest(path: Path, manifest: dict) -> None:
+    """A `UserError` naming the first manifest entry of the wrong type (a hand-edited or damaged file)."""
+    kind, params = manifest.get("kind"), manifest.get("params")
+    need = {"flat": (), "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+            "ivfpq": ("nlist", "pq_m", "nbits", "nprobe")}.get(kind)
+    problems = [
+        ("kind", need is not None, f"one of {', '.join(KINDS)}"),
+        ("dim", _count(manifest.get("dim")) and manifest.get("dim", 0) > 0, "a positive integer"),
+        ("count", _count(manifest.get("count")), "a count"),
+        ("files", isinstance(manifest.get("files"), dict), f"a dict of sha256 sums of {INDEX_FILE} and {NAMES_FILE}"),
+        ("identity", isinstance(manifest.get("identity"), dict), "a dict"),
+        ("params", isinstance(params, dict) and all(_count(params.get(k)) and params[k] > 0 for k in need or ()),
+         f"a dict of positive integers {', '.join(need or ())}".rstrip()),
+    ]
+    for key, ok, what in problems:
+        if not ok:
+            raise UserError(f"{path / MANIFEST_FILE} is damaged: {key} is {manifest.get(key)!r}, expected {what}; "
+                            f"rebuild the index")
+
+
+def check_identity(ix: SimilarityIndex, identity: dict) -> None:
+    """Refuse, with one line, an index built with another run, backbone or PCA than `identity`."""
+    theirs = ix.manifest.get("identity", {})
+    for key, what in (("checkpoint_sha256", "another run (checkpoint sha256 differs)"),
+                      ("backbone", "another backbone"), ("pca", "another PCA"), ("out_dim", "another model")):
+        if theirs.get(key) != identity.get(key):
+            raise UserError(f"{ix.path} was built with {what}; rebuild it with this run: "
+                            f"similarity.py --run RUN index build GALLERY -o {ix.path} --overwrite")
+
+
