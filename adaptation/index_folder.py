@@ -6,9 +6,12 @@
       manifest.json   format, version, kind, parameters, count, dim, sha256 of the two files above, and
                       the run's identity: checkpoint sha256, backbone (model, weights, taps, precision), PCA
 
-A folder is written whole into a hidden temporary sibling and renamed into place, under a lock
+The folder is the index's own: it holds these three files and nothing else. A folder holding
+anything else, or another format's folder (an extraction, a run), is refused even with
+`--overwrite`, listing what it holds (`toolkit.folders`). A folder is written whole into a
+hidden temporary sibling of its real (link-resolved) path and swapped into place, under a lock
 (`toolkit.lock.sibling_lock`), so an interrupted or concurrent build never leaves a half-written
-index.
+index, a symlinked index stays a symlink, and nothing is left beside it.
 
 Example:
     >>> ix = read("photos_index")          # doctest: +SKIP
@@ -20,19 +23,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from featuresExtractor.backbones import file_sha256
+from toolkit.folders import FolderFormat, check_folder, replacing_folder
 from toolkit.lock import sibling_lock
-from toolkit.utils import UserError, first_line, read_json, umask
+from toolkit.utils import UserError, first_line, read_json
 
 from .index import KINDS, SimilarityIndex, load_faiss, save_faiss
 
-__all__ = ["FORMAT", "VERSION", "INDEX_FILE", "NAMES_FILE", "MANIFEST_FILE", "write", "read", "read_manifest",
-           "check_identity", "locked"]
+__all__ = ["FORMAT", "VERSION", "INDEX_FILE", "NAMES_FILE", "MANIFEST_FILE", "INDEX_FOLDER", "check_target", "write",
+           "read", "read_manifest", "check_identity", "locked"]
 
 FORMAT = "visual-similarity-index"
 VERSION = 1
@@ -46,52 +48,54 @@ def locked(index_dir: str | os.PathLike, flag: str = "index folder") -> Iterator
         yield real
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+def _recognise(folder: Path) -> bool:
+    """An existing folder is an index when its manifest says so, or is damaged past reading (rebuild it)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # it holds only an index's names (checked first): a damaged index, which a build replaces
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def write(ix: SimilarityIndex, index_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write `ix` to `index_dir` whole, or not at all. An existing folder needs `overwrite`.
+INDEX_FOLDER = FolderFormat("an index folder", (INDEX_FILE, NAMES_FILE, MANIFEST_FILE), _recognise)
+"""The index folder as `toolkit.folders` sees it: the three files it owns, and how one is told."""
 
+
+def check_target(index_dir: str | os.PathLike, overwrite: bool, flag: str = "-o", existing: bool = False) -> Path:
+    """The real folder an index may be written to (`toolkit.folders.check_folder`); a `UserError` otherwise.
+
+    With `existing`, it must be an index folder already (one to add to), holding nothing else.
+    """
+    if existing:
+        read_manifest(index_dir)  # says how to build one when it is not
+    return check_folder(index_dir, INDEX_FOLDER, overwrite=overwrite or existing, flag=flag, must_exist=existing)
+
+
+def write(ix: SimilarityIndex, index_dir: str | os.PathLike, overwrite: bool = False, flag: str = "-o") -> Path:
+    """Write `ix` to `index_dir` whole, or not at all; returns `index_dir`.
+
+    A missing or empty folder is written; an existing index needs `overwrite`; any other folder is
+    refused (`check_target`). A symlinked index stays a symlink: its target is replaced.
     Call under `locked(index_dir)` when other processes may write the same folder.
     """
     target = Path(index_dir)
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite or choose another folder")
-    if target.exists() and not (target / MANIFEST_FILE).is_file():
-        raise UserError(f"{target} exists and is not an index folder; it is left alone: choose another folder")
+    real = check_target(target, overwrite, flag)
     if len(ix.names) != len(ix) or len(ix.images) != len(ix):
         raise ValueError("the index, its names and its images differ in length")
     ix.manifest["count"] = len(ix)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as err:
-        raise UserError(f"cannot write {target} ({first_line(err)}); choose a writable folder") from None
-    old = None
-    try:
-        save_faiss(ix, tmp / INDEX_FILE)
-        entries = [{"name": n, "image": im} for n, im in zip(ix.names, ix.images)]
-        (tmp / NAMES_FILE).write_text(json.dumps(entries) + "\n")
-        manifest = dict(ix.manifest, format=FORMAT, version=VERSION, files={INDEX_FILE: file_sha256(tmp / INDEX_FILE), NAMES_FILE: file_sha256(tmp / NAMES_FILE)})
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for f in (INDEX_FILE, NAMES_FILE, MANIFEST_FILE):
-            _fsync(tmp / f)
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would make the index private by accident
-        if target.exists():
-            old = target.parent / f".{target.name}.old.{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
+        with replacing_folder(real, INDEX_FOLDER) as tmp:
+            save_faiss(ix, tmp / INDEX_FILE)
+            entries = [{"name": n, "image": im} for n, im in zip(ix.names, ix.images)]
+            (tmp / NAMES_FILE).write_text(json.dumps(entries) + "\n")
+            files = {f: file_sha256(tmp / f) for f in (INDEX_FILE, NAMES_FILE)}
+            manifest = dict(ix.manifest, format=FORMAT, version=VERSION, files=files)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     except (OSError, RuntimeError) as err:  # RuntimeError: faiss's own I/O errors (disk full, ...)
-        if old is not None and not target.exists():
-            os.replace(old, target)
-            old = None
-        raise UserError(f"cannot write {target} ({first_line(err)}); nothing was changed") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        raise UserError(f"cannot write {target} ({first_line(err)}); nothing was changed: free some space or "
+                        f"choose a writable folder") from None
     ix.manifest, ix.path = manifest, target
     return target
 

@@ -334,7 +334,9 @@ def test_writes_are_atomic_locked_and_overwrite_only_when_asked(run, sim, tmp_pa
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ixd.tempfile, "mkdtemp", read_only)  # root ignores chmod, so the refusal is simulated
+    import toolkit.folders
+
+    monkeypatch.setattr(toolkit.folders.tempfile, "mkdtemp", read_only)  # root ignores chmod, so the refusal is simulated
     code, _, err = cli(["--run", str(run["run"]), "index", "build", str(run["gallery"]), "-o", str(tmp_path / "ro"),
                         "--no-progress"], capsys)
     assert code == 2 and "writable" in one_error_line(err) and not (tmp_path / "ro").exists()

@@ -133,9 +133,11 @@ def atomic_paths(paths: Sequence[str | os.PathLike], suffix: str = "", replace: 
 
     Every file is written and fsynced under its temporary name before any is put in place, so a full
     disk or a failed write leaves none of them changed; with `replace=False`, the files this call
-    already put in place are removed again if a later one finds its name taken.
+    already put in place are removed again if a later one finds its name taken. A path that is a
+    symlink stays one: the file it points to is replaced.
     """
-    targets = [Path(p) for p in paths]
+    # A symlinked output stays a link: the file it points to is what is written.
+    targets = [Path(os.path.realpath(p)) if os.path.islink(p) else Path(p) for p in paths]
     tmps: list[Path] = []
     placed: list[Path] = []
     try:
