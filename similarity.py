@@ -210,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from adaptation.similarity import VisualSimilarity
 
     sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
+    if not sim.provenance_checked:
+        print(f"note: {args.run}'s checkpoint records no sha256 of its features file and PCA (written before "
+              f"checkpoint format 2), so they are not checked; retrain to have them checked", file=sys.stderr)
     if args.command == "pair":
         return _pair(sim, args)
     if args.command == "index":

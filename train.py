@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from adaptation.calibration import calibrate
-from adaptation.checkpoint import BEST_CHECKPOINT, CHECKPOINT, save_checkpoint
+from adaptation.checkpoint import BEST_CHECKPOINT, CHECKPOINT, provenance_of, save_checkpoint
 from adaptation.distributed import (Dist, agree_on_failure, all_reduce_min, broadcast_int, from_env, init_group,
                                     run_ranked_cli)
 from adaptation.losses import similarity_matrix
@@ -356,6 +356,7 @@ def _base_config(args: argparse.Namespace, cfg: TrainConfig, data_path: Path, ma
     """What every run of this invocation shares, as written to config.json and summary.json."""
     return {
         "data": str(data_path),
+        "provenance": provenance_of(data_path),  # sha256 of the features and PCA: checked wherever the run is used
         "manifest": str(manifest) if manifest.is_file() else None,
         "model": args.model,
         "in_dim": pairs.in_dim,
@@ -529,11 +530,12 @@ def _save_run(folder: Path, model_name: str, model, optimizer, objective, keeper
         save_checkpoint(folder / BEST_CHECKPOINT, best_model, None, model_name=model_name, epoch=keeper.epoch,
                         config=config, test_names=data.test_names, train_names=data.train_names,
                         final_metrics={k: v for k, v in best_row.items() if k != "epoch"},
-                        optimizer_state=keeper.optimizer, **{**extra, "threshold": keeper.threshold})
+                        optimizer_state=keeper.optimizer, provenance=config["provenance"],
+                        **{**extra, "threshold": keeper.threshold})
     write_json(folder / "metrics.json", record)
     save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=model_name, epoch=len(history), config=config,
                     test_names=data.test_names, train_names=data.train_names, final_metrics=final, objective=objective,
-                    **extra)
+                    provenance=config["provenance"], **extra)
     return best_row
 
 

@@ -40,7 +40,7 @@ from toolkit.utils import UserError, first_line
 from . import index as faiss_index
 from . import index_folder
 from .calibration import Threshold
-from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, load_checkpoint
+from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, check_provenance, load_checkpoint
 from .encode_cache import EncodeCache
 from .index import IndexParams, SimilarityIndex
 
@@ -156,9 +156,11 @@ class VisualSimilarity:
     """A trained adaptation with the feature extraction it was trained on."""
 
     def __init__(self, encoder: Encoder, model: torch.nn.Module, checkpoint: dict, device: torch.device,
-                 checkpoint_sha256: str | None = None):
+                 checkpoint_sha256: str | None = None, provenance_checked: bool = False):
         self.encoder, self.model, self.checkpoint, self.device = encoder, model, checkpoint, device
         self.checkpoint_sha256 = checkpoint_sha256
+        self.provenance_checked = provenance_checked
+        """True when the features file and PCA were found to be the run's own (False: the checkpoint records none)."""
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None,
@@ -167,7 +169,9 @@ class VisualSimilarity:
 
         `device` defaults to CUDA when available. `weights` points at the backbone
         checkpoint when the extraction used `--weights` and the file has moved.
-        Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch.
+        Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch, among them a
+        features file or PCA other than the ones the run was trained on
+        (`adaptation.checkpoint.check_provenance`, before the backbone loads).
         """
         run_dir = Path(run_dir)
         name = BEST_CHECKPOINT if best else CHECKPOINT
@@ -181,11 +185,12 @@ class VisualSimilarity:
         data = ckpt["config"].get("data")
         if not isinstance(data, str) or not data:
             raise UserError(f"{ckpt_path} does not record its features file; retrain with this toolkit's train.py")
+        checked = check_provenance(ckpt, ckpt_path)
         encoder = Encoder.from_features_file(data, device=device, weights=weights)
         if encoder.dim != int(ckpt["in_dim"]):
             raise UserError(f"{ckpt_path} expects {ckpt['in_dim']}-d features but {Path(data).name} "
                             f"(via its PCA) gives {encoder.dim}-d ones")
-        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path))
+        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), checked)
 
     def raw(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The features before adaptation, as extract.py would have stored them: (n, in_dim)."""

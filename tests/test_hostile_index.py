@@ -171,3 +171,46 @@ def test_search_outputs_naming_one_file_are_refused_before_any_work(run, tmp_pat
                         str(tmp_path / "look")], capsys)
     assert code == 2 and "are the same file" in error_line(err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "link.html", "look.html"]
+
+
+def test_a_run_refuses_a_features_file_or_pca_it_was_not_trained_on_and_accepts_them_restored(tmp_path, capsys):
+    import torch
+
+    import train
+    from adaptation.checkpoint import CHECKPOINT
+    from conftest import make_pairs
+    from test_similarity import TINY
+
+    make_pairs(tmp_path / "tll", 8)
+    extraction = ["-d", str(tmp_path / "tll"), "-s", str(tmp_path / "feats"), "-p", "adapt-pca", "8", *TINY]
+    assert extract.main(extraction + ["--data-aug"]) == 0
+    folder = tmp_path / "feats" / "tiny_rn"
+    assert train.main(["-d", str(folder / "features_pca8.npy"), "--model", "original", "-s", str(tmp_path / "runs"),
+                       "-e", "1", "-k", "1", "--seed", "0", "--no-images"]) == 0
+    run_dir = tmp_path / "runs" / "run1"
+    kept = {f: (folder / f).read_bytes() for f in ("features_pca8.npy", "pca8.npz")}
+    images = [str(tmp_path / "tll" / side / "pair000.png") for side in ("left", "right")]
+    pair = ["--run", str(run_dir), "pair", *images]
+    capsys.readouterr()
+    code, before, err = cli(pair, capsys)
+    assert code == 0 and "note:" not in err, err
+
+    assert extract.main(extraction + ["--overwrite"]) == 0  # another configuration (no flips): another PCA
+    capsys.readouterr()
+    code, _, err = cli(pair, capsys)
+    assert code == 2 and f"{folder / 'features_pca8.npy'} is not the features file" in error_line(err), err
+    (folder / "features_pca8.npy").write_bytes(kept["features_pca8.npy"])  # the features back, the PCA still new
+    for argv in (pair, ["--run", str(run_dir), "index", "build", str(tmp_path / "tll" / "left"), "-o",
+                        str(tmp_path / "ix")]):
+        code, _, err = cli(argv, capsys)
+        assert code == 2 and f"{folder / 'pca8.npz'} is not the PCA" in error_line(err) and "restore it" in err, err
+    (folder / "pca8.npz").write_bytes(kept["pca8.npz"])  # restored: accepted again, with the same score
+    code, after, err = cli(pair, capsys)
+    assert code == 0 and after == before, err
+
+    ckpt = torch.load(run_dir / CHECKPOINT, weights_only=True)  # a checkpoint from before provenance still loads
+    del ckpt["provenance"]
+    ckpt["format_version"] = 1
+    torch.save(ckpt, run_dir / CHECKPOINT)
+    code, out, err = cli(pair, capsys)
+    assert code == 0 and out == before and "records no sha256 of its features file and PCA" in err, err

@@ -241,6 +241,10 @@ WEIGHT_DAMAGE = {  # before: a ValueError traceback, a 32 TB allocation failing 
                                    "the file holds str"),
     "a newer format": (lambda c: c.update(format_version=99), "has checkpoint format 99, which this toolkit cannot read"),
     "a format that is no number": (lambda c: c.update(format_version="1"), "has checkpoint format '1'"),
+    "provenance that is no sha256": (lambda c: c["provenance"].update(features_sha256="x"),
+                                     "is damaged: provenance is not"),
+    "a PCA outside the features folder": (lambda c: c["provenance"]["pca_sha256"].update({"../p.npz": "0" * 64}),
+                                          "is damaged: provenance is not"),
 }
 
 
