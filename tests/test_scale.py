@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from featuresExtractor.pairs_file import RecordsWriter, make_records
 from featuresExtractor.pca import PCAParams, StreamingPCA, fit_pca
@@ -54,7 +55,11 @@ def _sklearn_case(n, d, kind, seed=1):
     return x.astype(np.float32)
 
 
-@pytest.mark.parametrize("device", [None, "cpu"])  # numpy/scipy, and the torch code CUDA runs, on the CPU
+_CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+# numpy/scipy; the torch code CUDA runs, on the CPU; and on CUDA where there is one.
+@pytest.mark.parametrize("device", [None, "cpu", _CUDA])
 @pytest.mark.parametrize("kind", ["plain", "duplicates", "zero column"])
 @pytest.mark.parametrize("n,d", [(24, 40), (40, 40), (300, 40)])  # n < d, n = d (Gram solver), n > d (covariance)
 def test_streamed_pca_equals_sklearns_full_svd(n, d, kind, device):
@@ -63,7 +68,7 @@ def test_streamed_pca_equals_sklearns_full_svd(n, d, kind, device):
     x = _sklearn_case(n, d, kind)
     for k in (5, min(n, d)):
         s = StreamingPCA(d, k, device=device)
-        for part in np.array_split(x, 7):  # blocks that cross n = d: the kept rows fold into the covariance
+        for part in np.split(x, range(15, n, 15)):  # n > d: 30 rows kept, then folded into the covariance
             s.update(part)
         got, ref = s.fit(), PCA(k, svd_solver="full").fit(x.astype(np.float64))
         assert got.solver_.startswith("gram" if n <= d else "streamed covariance")
