@@ -91,6 +91,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pca-fit", nargs="*", default=None, metavar="NxD:K",
                    help="time the PCA fit alone on random vectors: N vectors of D dims to K components "
                         f"(default, with no value: {' '.join(PCA_SIZES)})")
+    p.add_argument("--pca-torch", action="store_true",
+                   help="--pca-fit with the torch code (torch.linalg.eigh) also on the CPU, where extract.py uses "
+                        "numpy/scipy (syrk, LAPACK's subset eigensolver)")
     p.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
                    help="forward-only images/s of these backbones (random weights), relative to the first")
     return p.parse_args(argv)
@@ -310,9 +313,12 @@ def _pca_size(text: str) -> tuple[int, int, int]:
     return size
 
 
-def pca_fit_once(n: int, d: int, k: int, device: torch.device, seed: int = 0) -> tuple[float, str, int]:
+def pca_fit_once(n: int, d: int, k: int, device: torch.device, seed: int = 0,
+                 torch_code: bool = False) -> tuple[float, str, int]:
     """Seconds for feeding n random d-dim vectors to a `StreamingPCA` in merge-sized blocks and fitting k
-    components (generating the vectors not counted); the solver it chose; the peak RSS during it."""
+    components (generating the vectors not counted); the solver it chose; the peak RSS during it.
+
+    On the CPU the fit runs numpy/scipy code, as extract.py's does, unless `torch_code`."""
     from featuresExtractor.merge import BLOCK_BYTES
     from featuresExtractor.pca import StreamingPCA
 
@@ -320,7 +326,7 @@ def pca_fit_once(n: int, d: int, k: int, device: torch.device, seed: int = 0) ->
     scales = (0.999 ** np.arange(d)).astype(np.float32)  # decaying variances, as features have
     block = max(1, BLOCK_BYTES // (4 * d))
     benchlib.reset_peak_rss()
-    fit = StreamingPCA(d, k, device=None if device.type == "cpu" else device)
+    fit = StreamingPCA(d, k, device=None if device.type == "cpu" and not torch_code else device)
     elapsed = 0.0
     for start in range(0, n, block):
         x = rng.standard_normal((min(block, n - start), d), dtype=np.float32) * scales
@@ -342,7 +348,7 @@ def pca_fit_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for r in range(args.repeats):
         for n, d, k in sizes:
             print(f"... repeat {r + 1}/{args.repeats}: PCA fit {n} x {d} -> {k}", file=sys.stderr)
-            raw[(n, d, k)].append(pca_fit_once(n, d, k, device, seed=r))
+            raw[(n, d, k)].append(pca_fit_once(n, d, k, device, seed=r, torch_code=args.pca_torch))
     return [{"vectors": n, "dim": d, "components": k, "fit_s": benchlib.median(t for t, _, _ in runs),
              "solver": runs[0][1], "peak_rss_mib": max(m for _, _, m in runs) / 2**20, "raw_s": [t for t, _, _ in runs]}
             for (n, d, k), runs in raw.items()]

@@ -125,8 +125,8 @@ class StreamingPCA:
         if self._outer is None:
             self._start_covariance(self._rows or [x])
             rows, self._rows = self._rows, []
-            for r in rows:
-                self._accumulate(r)
+            while rows:  # each kept block is freed once folded in
+                self._accumulate(rows.pop(0))
         self._accumulate(x)
 
     def _start_covariance(self, first: list[np.ndarray]) -> None:
@@ -168,12 +168,13 @@ class StreamingPCA:
             return self._fitted
         where = "cpu" if self.device is None else f"torch {self.device}"
         if self._outer is None:
-            mean, components, variance, total = _gram_solver(_stack_float64(self._rows, self.device), k)
+            x, self._rows = _stack_float64(self._rows, self.device), []  # the float32 rows go before the solve
+            mean, components, variance, total = _gram_solver(x, k)
             solver = f"gram eigh of the centred rows + Rayleigh-Ritz (float64, {where})"
         else:
             mean, components, variance, total = self._covariance_solver()
             solver = f"streamed covariance + top-{k} eigh (float64, {where})"
-        self._rows, self._sum, self._outer = [], None, None
+        self._sum = self._outer = None
         self._fitted = _sklearn_pca(mean, components, variance, total, n, solver)
         return self._fitted
 
