@@ -31,6 +31,14 @@ ratio to the first one:
 
     python bench/extract.py --compare clip_rn50x4 resnet50 efficientnet_b0 ViT --repeats 3
 
+`--pca-fit` times the PCA fit alone instead (`featuresExtractor.pca.StreamingPCA`, fed random
+float32 vectors in the merge pass's blocks of about 8 MiB; generating them is not timed), at
+TLL size (24,064 x 5,440 -> 256) and at 160 x 5,440 -> 8 by default, and reports the median
+seconds, the solver the fit chose and the peak RSS; `--device cuda` fits on the GPU:
+
+    python bench/extract.py --pca-fit --repeats 3
+    python bench/extract.py --pca-fit 2000x5440:256 --repeats 3
+
 Usage:
     python bench/extract.py                                   # quick: about 2 minutes on 2 cores
     python bench/extract.py --pairs 12 --repeats 3            # the README figures (~10 min)
@@ -62,6 +70,7 @@ from toolkit.utils import UserError
 from toolkit.cli import run_cli
 
 FORMATS = {"nchw": False, "cl": True}
+PCA_SIZES = ("24064x5440:256", "160x5440:8")  # TLL with flips, and 40 pairs with flips
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -80,6 +89,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--model", default="clip_rn50x4", help="registry name; random weights are used")
     p.add_argument("--work-dir", default=None, help="where images and outputs go (default: a temporary folder)")
+    p.add_argument("--pca-fit", nargs="*", default=None, metavar="NxD:K",
+                   help="time the PCA fit alone on random vectors: N vectors of D dims to K components "
+                        f"(default, with no value: {' '.join(PCA_SIZES)})")
+    p.add_argument("--pca-torch", action="store_true",
+                   help="--pca-fit with the torch code (torch.linalg.eigh) also on the CPU, where extract.py uses "
+                        "numpy/scipy (syrk, LAPACK's subset eigensolver)")
     p.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
                    help="forward-only images/s of these backbones (random weights), relative to the first")
     return p.parse_args(argv)
@@ -287,6 +302,80 @@ def measure(backbone, configs: Sequence[tuple[str, str]], data: Path, one_pair: 
     return rows, features
 
 
+def _pca_size(text: str) -> tuple[int, int, int]:
+    try:
+        nd, k = text.split(":")
+        n, d = nd.lower().split("x")
+        size = int(n), int(d), int(k)
+    except ValueError:
+        raise UserError(f"--pca-fit {text!r}: write each size as NxD:K, e.g. 24064x5440:256") from None
+    if not 0 < size[2] <= min(size[0], size[1]) or size[0] < 2:
+        raise UserError(f"--pca-fit {text!r}: K must be between 1 and min(N, D), and N at least 2")
+    return size
+
+
+def pca_fit_once(n: int, d: int, k: int, device: torch.device, seed: int = 0,
+                 torch_code: bool = False) -> tuple[float, str, int]:
+    """Seconds for feeding n random d-dim vectors to a `StreamingPCA` in merge-sized blocks and fitting k
+    components (generating the vectors not counted); the solver it chose; the peak RSS during it.
+
+    On the CPU the fit runs numpy/scipy code, as extract.py's does, unless `torch_code`."""
+    from featuresExtractor.merge import BLOCK_BYTES
+    from featuresExtractor.pca import StreamingPCA
+
+    rng = np.random.default_rng(seed)
+    scales = (0.999 ** np.arange(d)).astype(np.float32)  # decaying variances, as features have
+    block = max(1, BLOCK_BYTES // (4 * d))
+    benchlib.reset_peak_rss()
+    fit = StreamingPCA(d, k, device=None if device.type == "cpu" and not torch_code else device)
+    elapsed = 0.0
+    for start in range(0, n, block):
+        x = rng.standard_normal((min(block, n - start), d), dtype=np.float32) * scales
+        t0 = time.perf_counter()
+        fit.update(x)
+        elapsed += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pca = fit.fit()
+    _sync(device)
+    return elapsed + time.perf_counter() - t0, pca.solver_, benchlib.peak_rss_bytes()
+
+
+def pca_fit_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """One row per --pca-fit size: median fit seconds over --repeats (sizes interleaved), solver, peak RSS."""
+    sizes = [_pca_size(t) for t in (args.pca_fit or PCA_SIZES)]
+    import scipy.linalg, sklearn.decomposition  # noqa: F401  imported by the fit: not timed (extract.py imports them once)
+
+    raw: dict = {size: [] for size in sizes}
+    for r in range(args.repeats):
+        for n, d, k in sizes:
+            print(f"... repeat {r + 1}/{args.repeats}: PCA fit {n} x {d} -> {k}", file=sys.stderr)
+            raw[(n, d, k)].append(pca_fit_once(n, d, k, device, seed=r, torch_code=args.pca_torch))
+    return [{"vectors": n, "dim": d, "components": k, "fit_s": benchlib.median(t for t, _, _ in runs),
+             "solver": runs[0][1], "peak_rss_mib": max(m for _, _, m in runs) / 2**20, "raw_s": [t for t, _, _ in runs]}
+            for (n, d, k), runs in raw.items()]
+
+
+def report_pca_fit(args: argparse.Namespace, device: torch.device, info: dict) -> int:
+    """--pca-fit: measure, print the table, save the results."""
+    rows = pca_fit_rows(args, device)
+    return print_and_save("extract-pca-fit", rows, [
+        ("vectors", "vectors", "d"), ("dim", "dim", "d"), ("components", "k", "d"), ("fit_s", "fit s", ".2f"),
+        ("peak_rss_mib", "peak RSS MiB", ".0f"), ("solver", "solver", "s")],
+        f"StreamingPCA fit (update in merge-sized blocks + fit), random vectors, {args.repeats} repeat(s), "
+        f"device {args.device} ({info['cpu']}), {torch.get_num_threads()} threads", args, info)
+
+
+def print_and_save(name: str, rows: list[dict], columns: Sequence[tuple[str, str, str]], what: str,
+                   args: argparse.Namespace, info: dict) -> int:
+    """Print `rows` as a table with a line saying `what` was measured under which load; save them as `name`."""
+    print()
+    print(benchlib.table(rows, columns))
+    print(f"\n{what}; load avg {os.getloadavg()[0]:.2f} (start {info['load_avg_start'][0]:.2f}); medians")
+    path = benchlib.save_results(name, {"args": vars(args), "machine": info, "rows": rows})
+    print(f"wrote {path}")
+    return 0
+
+
 def backbone_shape(backbone) -> tuple[int, ...]:
     """The preprocessed image shape (3, H, W) the backbone's transform produces."""
     from PIL import Image
@@ -301,18 +390,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = benchlib.machine()
+    if args.pca_fit is not None:
+        return report_pca_fit(args, device, info)
     if args.compare:
-        rows = compare(args, device)
-        print()
-        print(benchlib.table(rows, [("model", "model", "s"), ("input", "input", "s"), ("precision", "prec", "s"),
-                                    ("forward_img_s", "fwd img/s", ".2f"), ("vs_first", f"x {args.compare[0]}", ".2f"),
-                                    ("vs_fp32", "x fp32", ".2f")]))
-        print(f"\nforward only, random weights, channels_last, batch {args.batch}, {args.repeats} repeat(s) of 2 "
-              f"batches, device {args.device} ({info['cpu']}), {torch.get_num_threads()} threads; load avg {os.getloadavg()[0]:.2f} "
-              f"(start {info['load_avg_start'][0]:.2f}); medians")
-        path = benchlib.save_results("extract-compare", {"args": vars(args), "machine": info, "rows": rows})
-        print(f"wrote {path}")
-        return 0
+        return print_and_save("extract-compare", compare(args, device), [
+            ("model", "model", "s"), ("input", "input", "s"), ("precision", "prec", "s"),
+            ("forward_img_s", "fwd img/s", ".2f"), ("vs_first", f"x {args.compare[0]}", ".2f"),
+            ("vs_fp32", "x fp32", ".2f")],
+            f"forward only, random weights, channels_last, batch {args.batch}, {args.repeats} repeat(s) of 2 "
+            f"batches, device {args.device} ({info['cpu']}), {torch.get_num_threads()} threads", args, info)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         data, one_pair = work / "pairs", work / "one_pair"

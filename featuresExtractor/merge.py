@@ -4,7 +4,8 @@
 a block of items at a time, twice when the processor fits a PCA:
 
 1. the PCA pass feeds each block's vectors to a `featuresExtractor.pca.StreamingPCA`
-   (float64 mean and covariance, one eigendecomposition at the end);
+   (exact: the Gram matrix of the rows up to as many vectors as dims, else the float64
+   covariance and its top eigenpairs);
 2. the write pass projects each block (`featuresExtractor.processor.project`, the function
    similarity.py uses for new images) and writes it into the features files
    (`featuresExtractor.pairs_file.RecordsWriter`, positioned writes).
@@ -44,12 +45,15 @@ def block_items(dims: Mapping[str, int], n_sides: int, n_flips: int) -> int:
 
 
 def fit_pcas(proc: Processor, rows: StoredRows, dims: Mapping[str, int], embedding: str | None,
-             block: int) -> dict[str, object]:
-    """Fit the processor's PCAs by streaming over the stored rows: PCA stem -> fitted PCA."""
+             block: int, device=None) -> dict[str, object]:
+    """Fit the processor's PCAs by streaming over the stored rows: PCA stem -> fitted PCA.
+
+    `device`: None fits on the CPU; a torch device (the extraction's CUDA device) fits there.
+    """
     stems = pca_stems(proc, list(dims))
     if not stems:
         return {}
-    fits = {stem: StreamingPCA(sum(dims.values()) if tap is None else dims[tap], proc.n_components)
+    fits = {stem: StreamingPCA(sum(dims.values()) if tap is None else dims[tap], proc.n_components, device=device)
             for stem, tap in stems.items()}
     for _, pooled in rows.blocks(block):
         for stem, tap in stems.items():
@@ -59,15 +63,15 @@ def fit_pcas(proc: Processor, rows: StoredRows, dims: Mapping[str, int], embeddi
 
 
 def write_outputs(proc: Processor, rows: StoredRows, names: Sequence[str], sides: Sequence[str], n_flips: int,
-                  embedding: str | None, dims: Mapping[str, int], folder: Path) -> dict[str, dict]:
+                  embedding: str | None, dims: Mapping[str, int], folder: Path, pca_device=None) -> dict[str, dict]:
     """Write the processor's features files and PCA files into `folder`; their manifest entries.
 
     `rows` are the kept items, `names` their names in the same order; `dims` the pooled dim of
-    each tap, in tap order.
+    each tap, in tap order; `pca_device` where the PCA is fitted (`fit_pcas`).
     """
     folder = Path(folder)
     block = block_items(dims, len(sides), n_flips)
-    pcas = fit_pcas(proc, rows, dims, embedding, block)
+    pcas = fit_pcas(proc, rows, dims, embedding, block, pca_device)
     params = {stem: PCAParams.from_sklearn(p) for stem, p in pcas.items()}
     files = _file_dims(proc, dims)
     writers = {file: RecordsWriter(folder / file, names, sides, dim, n_flips) for file, dim in files.items()}
@@ -91,7 +95,7 @@ def write_outputs(proc: Processor, rows: StoredRows, names: Sequence[str], sides
             outputs[str(path.relative_to(folder))] = {
                 "kind": "pca", "n_components": proc.n_components, "in_dim": int(pca.n_features_in_),
                 "explained_variance": float(np.sum(pca.explained_variance_ratio_)), "pickle": path.suffix == ".pkl",
-                "solver": "IncrementalPCA" if type(pca).__name__ == "IncrementalPCA" else "streamed covariance (float64) + eigh"}
+                "solver": pca.solver_}
     return outputs
 
 

@@ -420,7 +420,8 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
     if proc.pooled:
         check_components(proc, len(kept_list) * len(layout.sides) * n_flips, fx.info.dims)
         outputs = write_outputs(proc, rows, [layout.names[i] for i in kept_list], layout.sides, n_flips,
-                                fx.info.embedding, fx.info.dims, staged)
+                                fx.info.embedding, fx.info.dims, staged,
+                                pca_device=fx.device if fx.device.type == "cuda" else None)
         for rel, info in outputs.items():
             info.update(file_digest(staged / rel))
     else:

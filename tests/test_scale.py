@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from featuresExtractor.pairs_file import RecordsWriter, make_records
 from featuresExtractor.pca import PCAParams, StreamingPCA, fit_pca
@@ -41,6 +42,58 @@ def test_streamed_pca_equals_the_covariance_solver(blocks):
     got, ref = s.fit(), fit_pca(y, 10)
     for field in ("components_", "mean_", "explained_variance_ratio_"):
         np.testing.assert_allclose(getattr(got, field), getattr(ref, field), atol=1e-6, err_msg=field)
+
+
+def _sklearn_case(n, d, kind, seed=1):
+    """float32 rows with a mean offset of 5, unit-scale decaying variances; `kind` makes them rank-deficient."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * 0.9 ** np.arange(d) + 5.0
+    if kind == "duplicates":  # each row twice: rank about n / 2
+        x[1::2] = x[0::2][: n // 2]
+    elif kind == "zero column":
+        x[:, 7] = 0.0
+    return x.astype(np.float32)
+
+
+_CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+# numpy/scipy; the torch code CUDA runs, on the CPU; and on CUDA where there is one.
+@pytest.mark.parametrize("device", [None, "cpu", _CUDA])
+@pytest.mark.parametrize("kind", ["plain", "duplicates", "zero column"])
+@pytest.mark.parametrize("n,d", [(24, 40), (40, 40), (300, 40)])  # n < d, n = d (Gram solver), n > d (covariance)
+def test_streamed_pca_equals_sklearns_full_svd(n, d, kind, device):
+    from sklearn.decomposition import PCA
+
+    x = _sklearn_case(n, d, kind)
+    for k in (5, min(n, d)):
+        s = StreamingPCA(d, k, device=device)
+        for part in np.split(x, range(15, n, 15)):  # n > d: 30 rows kept, then folded into the covariance
+            s.update(part)
+        got, ref = s.fit(), PCA(k, svd_solver="full").fit(x.astype(np.float64))
+        assert got.solver_.startswith("gram" if n <= d else "streamed covariance")
+        for field in ("mean_", "explained_variance_", "explained_variance_ratio_"):
+            np.testing.assert_allclose(getattr(got, field), getattr(ref, field), atol=1e-5, err_msg=field)
+        assert abs(got.noise_variance_ - ref.noise_variance_) < 1e-5
+        np.testing.assert_allclose(got.singular_values_, ref.singular_values_, atol=1e-4)
+        # Components with a variance are unique up to sign (svd_flip fixes it); those without one (rank
+        # deficiency, and the last one of n <= d centred rows) are any orthonormal completion.
+        real = ref.explained_variance_ > 1e-9
+        assert real.sum() >= min(k, 5)
+        np.testing.assert_allclose(got.components_[real], ref.components_[real], atol=1e-5)
+        np.testing.assert_allclose(got.components_ @ got.components_.T, np.eye(k), atol=1e-5)
+        np.testing.assert_allclose(PCAParams.from_sklearn(got).transform(x), ref.transform(x.astype(np.float64)),
+                                   atol=1e-5)
+
+
+def test_streamed_pca_fits_once():
+    x = _sklearn_case(50, 8, "plain")
+    s = StreamingPCA(8, 3)
+    s.update(x)
+    first = s.fit()
+    assert s.fit() is first  # the sums were freed; the fitted object is kept
+    with pytest.raises(RuntimeError, match="after fit"):
+        s.update(x)
 
 
 def test_streamed_pca_refuses_too_few_vectors():
