@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._fused import symmetric_cross_entropy
+from .fused import symmetric_cross_entropy
 from toolkit.distributed import Ranks
 
 from .distributed import all_reduce_sum

@@ -11,7 +11,7 @@ softmax; it does not divide them.
 
 `similarity_matrix` and `contrastive_loss_from_similarity` are split so that a caller computes
 the N x N matrix once and reads both the loss and the retrieval metrics from it. The training
-loop uses a fused version of the same computation (`adaptation._fused`), tested against this one.
+loop uses a fused version of the same computation (`adaptation.fused`), tested against this one.
 
 Example:
     >>> import torch

@@ -7,7 +7,7 @@ With the default `batch_size=None` each epoch is one full-batch step, the paper'
    of it (the objective is the mean over the sets). With `precision="bf16"` the model and the
    similarity product run under `torch.autocast(dtype=bfloat16)`; the loss is taken in fp32.
    The cosine matrix, its exponentials and its gradient are written into N x N tensors
-   allocated once per run (`adaptation._fused.Workspace`), not once per set and epoch.
+   allocated once per run (`adaptation.fused.Workspace`), not once per set and epoch.
 2. One Adam step.
 3. Read the train metrics off the originals' similarity matrix from step 1, which the loss
    already paid for (so they describe the model *before* this epoch's step, as the paper's code's
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .split import TrainData
-from ._fused import FUSED_MAX_SCALE, Workspace, row_block_loss, similarity_and_loss
+from .fused import FUSED_MAX_SCALE, Workspace, row_block_loss, similarity_and_loss
 from toolkit.distributed import Ranks
 
 from .distributed import all_reduce_sum, gather_rows
@@ -149,7 +149,7 @@ class BatchContext:
         config: the recipe.
         n: the global batch size (this rank holds rows `dist.shard(n)` of it).
         dist: the data-parallel group (`Ranks()` for one process).
-        workspace: scratch matrices kept between steps (`adaptation._fused.Workspace`).
+        workspace: scratch matrices kept between steps (`adaptation.fused.Workspace`).
         want_ranks: whether the caller reads train metrics from this batch.
     """
 
@@ -192,11 +192,11 @@ def _forward_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, ctx
 def contrastive_batch_loss(model: nn.Module, left: torch.Tensor, right: torch.Tensor, ctx: BatchContext) -> BatchOutput:
     """The paper's symmetric contrastive loss over one (global) batch, in-batch negatives.
 
-    One process: the fused square computation (`adaptation._fused.similarity_and_loss`), exactly
+    One process: the fused square computation (`adaptation.fused.similarity_and_loss`), exactly
     the full-batch recipe's when the batch is the whole set. Several ranks: this rank's rows of
     the global cosine matrix, its left vectors against every right vector gathered with gradient
     (open_clip's `local_loss` with `gather_with_grad`); the columns' log-sum-exps come from sums
-    reduced over the ranks (`adaptation._fused.row_block_loss`), so no rank scores the other
+    reduced over the ranks (`adaptation.fused.row_block_loss`), so no rank scores the other
     direction's rows again. The loss is scaled so that the ranks' mean is the global batch's.
     """
     cfg, dist = ctx.config, ctx.dist

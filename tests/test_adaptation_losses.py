@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from adaptation._fused import Workspace, similarity_and_loss, symmetric_cross_entropy
+from adaptation.fused import Workspace, similarity_and_loss, symmetric_cross_entropy
 from adaptation.losses import contrastive_loss, contrastive_loss_from_similarity, similarity_matrix
 
 
@@ -167,7 +167,7 @@ def test_similarity_and_loss_rejects_mismatched_shapes():
                          ids=["two", "three-uneven", "one-empty"])
 @pytest.mark.parametrize("temperature", [15.0, -3.0])
 def test_row_block_loss_over_the_ranks_is_the_plain_loss_and_its_gradient(bounds, temperature):
-    from adaptation._fused import row_block_loss
+    from adaptation.fused import row_block_loss
     from adaptation.losses import contrastive_loss_from_similarity
 
     g = torch.Generator().manual_seed(9)
@@ -193,7 +193,7 @@ def test_row_block_loss_over_the_ranks_is_the_plain_loss_and_its_gradient(bounds
 
 
 def test_row_block_loss_refuses_a_scale_outside_its_range():
-    from adaptation._fused import FUSED_MAX_SCALE, row_block_loss
+    from adaptation.fused import FUSED_MAX_SCALE, row_block_loss
 
     with pytest.raises(ValueError, match="plain"):
         row_block_loss(torch.zeros(2, 2), 0, 2, FUSED_MAX_SCALE + 1, 1, lambda x: x)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from adaptation._fused import symmetric_cross_entropy
+from adaptation.fused import symmetric_cross_entropy
 from adaptation.evaluation import block_rows_for, evaluate_vectors
 from adaptation.losses import similarity_matrix
 from adaptation.metrics import retrieval_metrics

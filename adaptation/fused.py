@@ -1,4 +1,4 @@
-"""The fast path of the contrastive loss used by the training loop (private: `adaptation.losses` is the definition).
+"""The fast path of the contrastive loss used by the training loop (`adaptation.losses` is the definition).
 
 Same values as `adaptation.losses`, with hand-written backward passes and the N x N matrices
 kept in a `Workspace` between calls; tests/test_adaptation_losses.py checks it against the
