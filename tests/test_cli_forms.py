@@ -20,13 +20,12 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import extract
 import similarity
 import train
-from conftest import ROOT, make_pairs
+from conftest import ROOT, make_pairs, planted_features
 from toolkit.cli import run_cli
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
@@ -73,11 +72,7 @@ def test_data_aug_flags_exclude_each_other_and_default_off():
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    from adaptation.planted import planted_array
-
-    path = tmp_path_factory.mktemp("feats") / "features.npy"
-    np.save(path, planted_array(60, 16, signal_dim=4, nuisance=2.0, seed=0))
-    return path
+    return planted_features(tmp_path_factory.mktemp("feats") / "features.npy", 60)
 
 
 TRAIN_FORMS = {

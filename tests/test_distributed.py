@@ -8,13 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import free_port, run_bounded, spawn_ranks
+from conftest import free_port, planted_features, run_bounded, spawn_ranks
 from adaptation.models import build_model
-from adaptation.planted import planted_array, planted_pairs
+from adaptation.planted import planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, epoch_batches, make_optimizer, train
 from toolkit.cli import run_cli
@@ -164,9 +163,7 @@ def _torchrun(args, nproc=WORLD, timeout=180):
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dist") / "features.npy"
-    np.save(path, planted_array(60, 16, signal_dim=4, nuisance=2.0, seed=0))
-    return path
+    return planted_features(tmp_path_factory.mktemp("dist") / "features.npy", 60)
 
 
 def test_torchrun_rank0_writes_and_matches_one_process(features, tmp_path):

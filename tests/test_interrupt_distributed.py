@@ -16,10 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
-from adaptation.planted import planted_array
-from conftest import ROOT, free_port, make_pairs
+from conftest import ROOT, free_port, make_pairs, planted_features
 
 
 def _launch(script: str, args: list, cwd: Path) -> subprocess.Popen:
@@ -58,7 +56,7 @@ def _no_rank_died_of_a_signal(err: str, prog: str) -> None:
 
 
 def test_ctrl_c_on_torchrun_train_leaves_no_run(tmp_path):
-    np.save(tmp_path / "features.npy", planted_array(200, 16, signal_dim=4, nuisance=2.0, seed=0))
+    planted_features(tmp_path / "features.npy", 200)
     runs = tmp_path / "runs"
     proc = _launch("train.py", ["-d", tmp_path / "features.npy", "-s", runs, "-e", "100000", "--batch-size", "16",
                                 "--no-images", "--cpu", "--seed", "0"], tmp_path)

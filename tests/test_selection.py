@@ -19,16 +19,14 @@ from adaptation.selection import best_epoch, patience_exhausted, split_validatio
 from adaptation.planted import planted_array
 from adaptation.training import TrainConfig, make_optimizer
 from adaptation.training import train as train_fn
-from conftest import run_script
+from conftest import planted_features, run_script
 from toolkit.utils import UserError
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
 
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    path = tmp_path_factory.mktemp("sel") / "features.npy"
-    np.save(path, planted_array(160, 16, signal_dim=4, nuisance=2.0, seed=0))
-    return path
+    return planted_features(tmp_path_factory.mktemp("sel") / "features.npy", 160)
 
 
 def cli(argv, capsys):

@@ -4,17 +4,15 @@ import hashlib
 import json
 import re
 
-import numpy as np
 import pytest
 import torch
 
 import train
 from adaptation.checkpoint import load_checkpoint, load_objective
 from adaptation.objectives import BYOL, SimSiam
-from adaptation.planted import planted_array
 from adaptation.runs import collapse_verdict
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
-from conftest import run_script
+from conftest import planted_features, run_script
 from toolkit.utils import UserError
 
 # Recorded with train.py as it was without --objective (main at 7b82a23, where run i draws its own
@@ -25,10 +23,7 @@ PINNED_CONTRASTIVE = "a8c90278dfb325a7ebf3b50f9412c06d9b07b47b84db6d792194e75f8c
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("obj") / "p"
-    folder.mkdir()
-    np.save(folder / "features.npy", planted_array(120, 16, signal_dim=4, nuisance=2.0, seed=0))
-    return folder / "features.npy"
+    return planted_features(tmp_path_factory.mktemp("obj") / "p" / "features.npy", 120)
 
 
 def cli(argv, capsys):

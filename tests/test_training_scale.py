@@ -15,11 +15,11 @@ from adaptation.evaluation import block_rows_for, evaluate_vectors
 from adaptation.losses import similarity_matrix
 from adaptation.metrics import retrieval_metrics
 from adaptation.models import build_model
-from adaptation.planted import planted_array, planted_pairs
+from adaptation.planted import planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import (BatchOutput, TrainConfig, epoch_batches, largest_fitting_batch, make_optimizer,
                                  step_bytes, train as train_loop)
-from conftest import run_script
+from conftest import planted_features, run_script
 from test_adaptation_training import one_thread  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,9 +145,7 @@ def test_memory_estimate_and_largest_fitting_batch():
 
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
-    path = tmp_path_factory.mktemp("scale") / "features.npy"
-    np.save(path, planted_array(120, 16, signal_dim=4, nuisance=2.0, seed=0))
-    return path
+    return planted_features(tmp_path_factory.mktemp("scale") / "features.npy", 120)
 
 
 def cli(argv, capsys):
