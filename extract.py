@@ -5,7 +5,7 @@ Usage (the published recipe):
     python extract.py -d PATH/TO/DATASET -s PATH/WHERE/TO/SAVE -b 2048 --data-aug --processor adapt-pca 256
 
 `DATASET` holds `left/` and `right/` (pairs matched by file name) or just images; or it is a
-`PAIRS.csv` (left,right[,name]) or an `IMAGES.txt` list (see `featuresExtractor.image_lists`).
+`PAIRS.csv` (left,right[,name]) or an `IMAGES.txt` list (see `featuresExtractor.dataset`).
 Several processes (GPUs, or CPU ranks with gloo) share one extraction under torchrun:
 
     torchrun --nproc_per_node K extract.py <the same flags>
@@ -89,8 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def print_models() -> None:
-    """Print `featuresExtractor.zoo.list_models()`: one line per name, its taps and pooled dims below it."""
-    from featuresExtractor.zoo import list_models
+    """Print `featuresExtractor.backbones.list_models()`: one line per name, its taps and pooled dims below it."""
+    from featuresExtractor.backbones import list_models
 
     for row in list_models():
         ident = row["identifier"] + (f" ({row['tag']})" if row["tag"] != "-" else "")

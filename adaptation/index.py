@@ -46,7 +46,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from featuresExtractor.backbones import file_sha256
+from toolkit.hashing import file_sha256
 from toolkit.lock import lock_holder
 from toolkit.utils import UserError, _umask, first_line, read_json
 

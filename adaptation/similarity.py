@@ -29,11 +29,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from featuresExtractor.backbones import file_sha256
 from featuresExtractor.dataset import discover
 from featuresExtractor.encode import Encoder
-from featuresExtractor.pipeline import read_manifest
+from featuresExtractor.manifest import read_manifest
 from featuresExtractor.transforms import BadImage, load_image
+from toolkit.hashing import file_sha256
 from toolkit.utils import UserError, first_line
 
 from . import index as ix_format

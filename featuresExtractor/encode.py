@@ -25,10 +25,13 @@ from PIL import Image
 
 from toolkit.utils import UserError
 
-from .backbones import Backbone, file_sha256, load_backbone, resolve_spec
+from toolkit.hashing import file_sha256
+
+from .backbone_base import Backbone
+from .backbones import load_backbone, resolve_spec
 from .extractor import CPU_SLICE, FeatureExtractor
 from .pca import PCAParams, load_pca
-from .pipeline import read_manifest
+from .manifest import read_manifest
 from .processor import Processor, pca_stems, project
 
 __all__ = ["Encoder", "model_taps"]

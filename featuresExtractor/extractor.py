@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 
 from toolkit.utils import UserError
 
-from .backbones import EMBEDDING, Backbone
+from .backbone_base import Backbone
 from .pooling import global_avg_pool
-from .taps import Taps
+from .taps import EMBEDDING, Taps
 from .transforms import load_image, to_rgb
 
 __all__ = ["CPU_SLICE", "PRECISIONS", "TapInfo", "FeatureInfo", "FeatureExtractor", "Forwarder", "embedding_tap"]

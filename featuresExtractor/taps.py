@@ -1,6 +1,10 @@
-"""Named forward hooks: run a tower once and collect chosen module outputs.
+"""Taps: named module outputs of a model, their defaults by family, and the hooks that collect them.
 
-Modelled on torchvision's `create_feature_extractor` and timm's feature hooks, but
+A tap is a module path from `model.named_modules()`, or `EMBEDDING` for the model's own
+output. `validate_taps` checks names against the model, `default_taps` picks a family's
+default when a model has none of its own, and `Taps` collects the outputs.
+
+`Taps` is modelled on torchvision's `create_feature_extractor` and timm's feature hooks, but
 non-invasive: the model is left untouched and every hook is removed on exit.
 
 Example:
@@ -16,9 +20,43 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .backbones import EMBEDDING, validate_taps
+from toolkit.utils import UserError
 
-__all__ = ["Taps"]
+__all__ = ["EMBEDDING", "RESNET_STAGES", "CLIP_RESNET_TAPS", "validate_taps", "default_taps", "Taps"]
+
+#: The tap name that stands for the model's own output (the image embedding of a visual tower).
+EMBEDDING = "embedding"
+#: The four stages of a ResNet (torchvision's, timm's and CLIP's modified ResNet alike).
+RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+#: CLIP's ResNets: the four stages and the attention pool, whose output is the image embedding.
+CLIP_RESNET_TAPS = RESNET_STAGES + ("attnpool",)
+
+
+def validate_taps(model: nn.Module, taps: Sequence[str]) -> None:
+    """Fail with the list of valid module paths when a tap does not exist."""
+    names = {n for n, _ in model.named_modules() if n}
+    bad = [t for t in taps if t != EMBEDDING and t not in names]
+    if bad:
+        shown = sorted(names, key=lambda n: (n.count("."), n))
+        raise UserError(f"unknown tap(s) {bad} in model.visual; valid names: {EMBEDDING}, " + ", ".join(shown))
+
+
+def default_taps(model: nn.Module) -> tuple[str, ...]:
+    """Taps for a model without its own: the family's usual places.
+
+    timm models: the last four stages their `feature_info` lists; CLIP ResNets: `CLIP_RESNET_TAPS`;
+    other ResNets: `RESNET_STAGES`; anything else: `EMBEDDING`.
+    """
+    names = dict(model.named_modules())
+    info = getattr(model, "feature_info", None)
+    if isinstance(info, list):  # timm's list of {"module", "num_chs", "reduction"}
+        stages = [f["module"] for f in info if f.get("reduction", 1) >= 4 and f["module"] in names]
+        if stages:
+            return tuple(stages[-4:])
+    for family in (CLIP_RESNET_TAPS, RESNET_STAGES):
+        if all(t in names for t in family):
+            return family
+    return (EMBEDDING,)
 
 
 class Taps:

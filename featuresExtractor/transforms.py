@@ -1,7 +1,7 @@
 """Preprocessing and augmentation: image decoding to RGB, and the horizontal flip.
 
 The resize, crop and normalisation are never written here: they come with the
-model, from open_clip (`models.load_backbone` returns the eval transform; for
+model, from open_clip (`backbones.load_backbone` returns the eval transform; for
 RN50x4 that is a 288 px bicubic resize of the shortest side, a centre crop and the
 OpenAI mean/std). This module only makes sure every image reaches that transform
 as 8-bit RGB, upright, and flips the *preprocessed* tensor for `--data-aug`.

@@ -70,7 +70,7 @@ def test_taps_order_hooks_removed_and_embedding_equals_model_output(tiny_backbon
 def test_tapped_embedding_equals_clip_encode_image():
     import open_clip
 
-    from featuresExtractor.backbones import register_local_configs
+    from featuresExtractor.clip_models import register_local_configs
 
     register_local_configs()
     torch.manual_seed(1)
@@ -165,7 +165,7 @@ def test_pca_file_round_trip_matches_sklearn(tmp_path):
 
 
 def test_truncated_pca_and_weights_files_give_user_errors(tmp_path):
-    from featuresExtractor.backbones import read_state_dict
+    from featuresExtractor.backbone_base import read_state_dict
 
     x = np.random.default_rng(1).normal(size=(20, 6)).astype(np.float32)
     save_pca(tmp_path / "pca3", fit_pca(x, 3))

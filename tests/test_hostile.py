@@ -471,14 +471,14 @@ def test_gallery_vectors_of_the_wrong_dimension(tmp_path, capsys):
 
 
 def test_swap_never_removes_a_replaced_path_outside_the_folder(tmp_path):
-    from featuresExtractor.pipeline import MANIFEST, _swap_in
+    from featuresExtractor.manifest import MANIFEST, swap_in
 
     out, staged = tmp_path / "out", tmp_path / "out" / ".partial" / "staged"
     staged.mkdir(parents=True)
     (staged / "features.npy").write_bytes(b"new")
     (staged / MANIFEST).write_text("{}")
     (tmp_path / "victim").write_text("keep me")
-    _swap_in(out, staged, out / ".partial" / "raw", {"features.npy": {}}, ["../victim", str(tmp_path / "victim"), ""])
+    swap_in(out, staged, out / ".partial" / "raw", {"features.npy": {}}, ["../victim", str(tmp_path / "victim"), ""])
     assert (tmp_path / "victim").read_text() == "keep me" and (out / "features.npy").read_bytes() == b"new"
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import ROOT, make_pairs
-from featuresExtractor.backbones import EMBEDDING, load_backbone, resolve_spec
+from featuresExtractor.backbones import list_models, load_backbone, probe_dims, resolve_spec
 from featuresExtractor.pipeline import ExtractConfig, extract
 from featuresExtractor.pooling import global_avg_pool
 from featuresExtractor.taps import Taps
 from toolkit.utils import UserError, run_cli
-from featuresExtractor.zoo import FILE_ONLY, ZOO, list_models, load_zoo_backbone, probe_dims, zoo_spec, zoo_table
+from featuresExtractor.zoo import FILE_ONLY, ZOO, load_zoo_backbone, zoo_spec, zoo_table
 
 # The paper's models.py keys (resnext101_32x8d_ssl is defined twice there, so 37 keys).
 PAPER_NAMES = [
@@ -241,7 +241,7 @@ def test_missing_cache_offline_is_one_line_naming_the_three_ways(tmp_path, monke
 def test_torchvision_weights_from_the_torch_hub_cache(tmp_path, monkeypatch):
     from torchvision.models import ResNet18_Weights
 
-    import featuresExtractor.backbones as models
+    from toolkit.hashing import file_sha256
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -251,7 +251,7 @@ def test_torchvision_weights_from_the_torch_hub_cache(tmp_path, monkeypatch):
     torch.save(donor.state_dict(), path)
     bb = load_backbone(resolve_spec("resnet18"))
     assert bb.weights == {"source": "pretrained", "tag": "ResNet18_Weights.IMAGENET1K_V1",
-                          "sha256": models.file_sha256(path)}
+                          "sha256": file_sha256(path)}
     assert _same_weights(bb.visual, donor)
     assert [r["cached"] for r in list_models(with_dims=False) if r["name"] == "resnet18"] == ["cached"]
 
