@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import pickle
@@ -27,7 +28,8 @@ from torch import nn
 from toolkit.hashing import file_sha256
 from toolkit.utils import UserError, first_line, require_regular_file
 
-__all__ = ["BackboneSpec", "Backbone", "read_state_dict", "weights_source", "hf_cache_dir", "logging_disabled"]
+__all__ = ["BackboneSpec", "Backbone", "read_state_dict", "weights_source", "build_and_load", "assignable", "hf_cache_dir",
+           "logging_disabled"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,34 @@ def weights_source(spec: BackboneSpec, weights: str | os.PathLike | None, fetch:
         return path, {"source": "pretrained", "tag": spec.pretrained, "sha256": file_sha256(path)}
     return None, {"source": "random-init", "seed": int(init_seed),
                   "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
+
+
+def build_and_load(build: Callable[[str], nn.Module], load: Callable[[nn.Module, bool], object]
+                   ) -> tuple[nn.Module, object]:
+    """(model, what `load` returned): a model built and given its weights, without a random initialisation first.
+
+    `build(device)` builds the model on `device` ("meta" or "cpu"); `load(model, assign)` puts the weights
+    in it, by assignment when `assign` (`load_state_dict(..., assign=True)`), by copy otherwise. The model
+    is built on the meta device, where parameters take no memory and initialisers do nothing, and the
+    weights are assigned. When the weights leave a tensor unset (a classifier a backbone-only file lacks,
+    a buffer the model computes when it is built), the model is built again on the CPU, initialised,
+    and loaded by copy, as without this shortcut.
+    """
+    model = build("meta")
+    result = load(model, True)
+    if not any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        return model, result
+    model = build("cpu")
+    return model, load(model, False)
+
+
+def assignable(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`state` with each tensor in the dtype of the model's own (what a copy into it would have done).
+
+    `load_state_dict(assign=True)` keeps the file's dtype; an fp16 checkpoint would make an fp16 model.
+    """
+    own = model.state_dict(keep_vars=True)
+    return {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state.items()}
 
 
 @contextlib.contextmanager

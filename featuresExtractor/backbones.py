@@ -35,7 +35,7 @@ from toolkit.utils import UserError
 
 from . import clip_models, zoo
 from .backbone_base import Backbone, BackboneSpec, logging_disabled
-from .taps import CLIP_RESNET_TAPS, Taps, default_taps, validate_taps
+from .taps import CLIP_RESNET_TAPS, default_taps, tap_infos, validate_taps
 
 __all__ = ["BACKBONES", "resolve_spec", "load_backbone", "probe_dims", "list_models"]
 
@@ -88,29 +88,22 @@ def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
 
 
 def probe_dims(spec: BackboneSpec) -> dict[str, int]:
-    """Tap -> pooled dimension, from a forward pass on the meta device (no weights, no compute)."""
-    from .pooling import global_avg_pool
+    """Tap -> pooled dimension, from the model built on the meta device (no weights, no arithmetic)."""
+    if spec.library == "open_clip":
+        model, _ = clip_models.build_tower(spec.arch, {}, "meta")
+        size = model.image_size if isinstance(model.image_size, tuple) else (model.image_size,) * 2
+    else:
+        with logging_disabled(logging.WARNING):
+            model, transform, _ = zoo.build_model(spec, None, on="meta")
+        if spec.library == "timm":
+            from timm.data import resolve_model_data_config
 
-    with torch.device("meta"), logging_disabled(logging.WARNING):
-        if spec.library == "open_clip":
-            import open_clip
-
-            clip_models.register_local_configs()
-            model = open_clip.create_model(spec.arch, pretrained=None, device="meta").visual
-            size = model.image_size if isinstance(model.image_size, tuple) else (model.image_size,) * 2
+            size = resolve_model_data_config(model)["input_size"][1:]
         else:
-            model, transform, _ = zoo.build_model(spec, None)
-            if spec.library == "timm":
-                from timm.data import resolve_model_data_config
-
-                size = resolve_model_data_config(model)["input_size"][1:]
-            else:
-                size = (transform.crop_size[0],) * 2
-        taps = spec.taps or default_taps(model)
-        validate_taps(model, taps)
-        with Taps(model, taps, reduce=global_avg_pool) as t:
-            out = t(torch.zeros(1, 3, *size))
-    return {k: int(v.shape[1]) for k, v in out.items()}
+            size = (transform.crop_size[0],) * 2
+    taps = spec.taps or default_taps(model)
+    validate_taps(model, taps)
+    return {t.name: t.pooled_dim for t in tap_infos(model, taps, (3, *size))}
 
 
 def _cached(spec: BackboneSpec) -> str:

@@ -25,10 +25,11 @@ from torch import nn
 
 from toolkit.utils import UserError
 
-from .backbone_base import Backbone, BackboneSpec, hf_cache_dir, logging_disabled, read_state_dict, weights_source
+from .backbone_base import (Backbone, BackboneSpec, assignable, build_and_load, hf_cache_dir, logging_disabled, read_state_dict,
+                            weights_source)
 from .taps import default_taps, validate_taps
 
-__all__ = ["register_local_configs", "clip_spec", "cached_weights", "download", "load_clip_backbone"]
+__all__ = ["register_local_configs", "clip_spec", "cached_weights", "download", "build_tower", "load_clip_backbone"]
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -91,17 +92,60 @@ def download(spec: BackboneSpec) -> str:
         ) from None
 
 
-def _load_visual_weights(visual: nn.Module, state_dict: dict, path: Path, arch: str) -> None:
-    # Only the image tower is used, so a visual-only checkpoint is enough; fp16 tensors
-    # are cast by load_state_dict into the fp32 parameters.
+def _visual_state(state_dict: dict, path: Path, arch: str) -> dict:
+    # Only the image tower is used, so a visual-only checkpoint is enough.
     own = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
     if not own:
         raise UserError(f"cannot load weights from {path} into {arch}: no 'visual.*' tensors in the file")
+    return own
+
+
+def _load_visual(visual: nn.Module, own: dict, path: Path, arch: str, assign: bool) -> None:
+    # fp16 tensors become the model's fp32 (assignable casts them, as a copy would).
     try:
-        visual.load_state_dict(own, strict=True)
+        visual.load_state_dict(assignable(own, visual), strict=True, assign=assign)
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
         raise UserError(f"cannot load weights from {path} into {arch}: {detail}") from None
+
+
+def _vision_cfg(arch: str) -> dict | None:
+    """The tower's config with the final LayerNorm after the pooling where that changes no output.
+
+    open_clip's ViT applies `ln_post` to the whole token sequence unless `final_ln_after_pool`;
+    OpenAI's applies it to the class token alone, so a tap on `ln_post` gives OpenAI's
+    pre-projection class token only with the flag. For class-token pooling ("tok") the pooled
+    output is the same either way (LayerNorm acts on each token alone), so the flag is set there.
+    """
+    import open_clip
+
+    cfg = open_clip.get_model_config(arch)
+    vision = dict((cfg or {}).get("vision_cfg") or {})
+    if not vision or "layers" in vision and isinstance(vision["layers"], (list, tuple)) or "timm_model_name" in vision:
+        return None  # a ResNet tower (layers per stage) or a timm tower: no ln_post
+    if vision.get("pool_type", "tok") != "tok" or vision.get("attentional_pool"):
+        return None
+    return {**vision, "final_ln_after_pool": True}
+
+
+def build_tower(arch: str, preprocess: dict, on: str = "cpu") -> tuple[nn.Module, object]:
+    """(visual tower, eval transform) of an open_clip architecture, randomly initialised on `on`.
+
+    On "meta" nothing is allocated or initialised (for loading weights by assignment, or for
+    learning shapes). `preprocess` overrides the transform's mean, std, interpolation and resize mode.
+    """
+    import open_clip
+
+    register_local_configs()
+    vision_cfg = _vision_cfg(arch)
+    # open_clip logs its own "initialized randomly" warning; ours is printed by extract.py.
+    with torch.device(on), logging_disabled(logging.WARNING):
+        model, _, transform = open_clip.create_model_and_transforms(
+            arch, pretrained=None, device=on,
+            image_mean=preprocess.get("mean"), image_std=preprocess.get("std"),
+            image_interpolation=preprocess.get("interpolation"), image_resize_mode=preprocess.get("resize_mode"),
+            **({"vision_cfg": vision_cfg} if vision_cfg else {}))
+    return model.visual, transform  # the text tower is not needed
 
 
 def load_clip_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
@@ -111,8 +155,10 @@ def load_clip_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = N
     Weights come from `weights` (a local open_clip or OpenAI checkpoint, fp16 or fp32,
     read with `weights_only=True`), else from the spec's pretrained tag (downloaded
     into the Hugging Face cache on first use), else the model is randomly initialised
-    from `init_seed` (without touching the global RNG). The tower is returned in eval
-    mode with gradients off, on `device`.
+    from `init_seed` (without touching the global RNG). With weights, the tower is built
+    on the meta device and the weights assigned (`backbone_base.build_and_load`): no random
+    initialisation that the weights would replace. The tower is returned in eval mode with
+    gradients off, on `device`.
     """
     import open_clip
 
@@ -123,20 +169,20 @@ def load_clip_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = N
         # The tag's preprocessing, so a local file is read exactly as the tag would be.
         preprocess = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
     path, source = weights_source(spec, weights, download, init_seed)
+    built = {}
 
-    # open_clip logs its own "initialized randomly" warning; ours is printed by extract.py.
-    quiet = logging.WARNING if path is None else logging.NOTSET
-    with torch.random.fork_rng(devices=[]), logging_disabled(quiet):
+    def build(on: str) -> nn.Module:
+        built["visual"], built["transform"] = build_tower(spec.arch, preprocess, on)
+        return built["visual"]
+
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model, _, transform = open_clip.create_model_and_transforms(
-            spec.arch, pretrained=None,
-            image_mean=preprocess.get("mean"), image_std=preprocess.get("std"),
-            image_interpolation=preprocess.get("interpolation"), image_resize_mode=preprocess.get("resize_mode"),
-        )
-    if path is not None:
-        _load_visual_weights(model.visual, read_state_dict(path), path, spec.arch)
-    visual = model.visual.eval().requires_grad_(False).to(device)
-    del model  # the text tower is not needed
+        if path is None:
+            visual = build("cpu")
+        else:
+            own = _visual_state(read_state_dict(path), path, spec.arch)
+            visual, _ = build_and_load(build, lambda m, assign: _load_visual(m, own, path, spec.arch, assign))
+    visual = visual.eval().requires_grad_(False).to(device)
     taps = spec.taps or default_taps(visual)
     validate_taps(visual, taps)
-    return Backbone(replace(spec, taps=tuple(taps)), visual, transform, source)
+    return Backbone(replace(spec, taps=tuple(taps)), visual, built["transform"], source)

@@ -24,6 +24,7 @@ import hashlib
 import os
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +47,16 @@ FORMAT = "featuresExtractor/1"
 
 
 def _versions() -> dict[str, str]:
-    import open_clip
+    """Versions of Python and of the libraries this run used (a library it never imported is not named)."""
     import PIL
-    import sklearn
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "pillow": PIL.__version__}
+    found = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+             "pillow": PIL.__version__}
+    for module, name in (("open_clip", "open_clip"), ("timm", "timm"), ("torchvision", "torchvision"),
+                         ("sklearn", "scikit-learn")):
+        if module in sys.modules:
+            found[name] = getattr(sys.modules[module], "__version__", "unknown")
+    return found
 
 
 def fingerprint(backbone: Backbone, proc: Processor, layout: Layout, data_aug: bool, precision: str) -> dict:

@@ -14,15 +14,19 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from toolkit.utils import UserError
 
-__all__ = ["EMBEDDING", "RESNET_STAGES", "CLIP_RESNET_TAPS", "validate_taps", "default_taps", "Taps"]
+from .pooling import global_avg_pool
+
+__all__ = ["EMBEDDING", "RESNET_STAGES", "CLIP_RESNET_TAPS", "validate_taps", "default_taps", "Taps", "TapInfo", "tap_infos"]
 
 #: The tap name that stands for the model's own output (the image embedding of a visual tower).
 EMBEDDING = "embedding"
@@ -96,11 +100,45 @@ class Taps:
         self._handles.clear()
         self._out.clear()
 
-    def __call__(self, images: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+    def __call__(self, images: torch.Tensor, tensors: Mapping[str, torch.Tensor] | None = None
+                 ) -> "OrderedDict[str, torch.Tensor]":
+        """Run the model on `images`; `tensors` replace its parameters and buffers for this call
+        (`torch.func.functional_call`), e.g. meta tensors to learn the output shapes without arithmetic."""
         if not self._handles:
             raise RuntimeError("Taps must be used inside a `with` block")
         self._out.clear()
-        self.model(images)
+        if tensors is None:
+            self.model(images)
+        else:
+            torch.func.functional_call(self.model, dict(tensors), (images,))
         out = OrderedDict((name, self._out[name]) for name in self.names)
         self._out.clear()
         return out
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """One tap: its module path, raw output shape (without the batch axis) and pooled dimension."""
+
+    name: str
+    shape: tuple[int, ...]
+    pooled_dim: int
+
+
+def tap_infos(model: nn.Module, names: Sequence[str], image_shape: Sequence[int], meta: bool = True
+              ) -> tuple[TapInfo, ...]:
+    """Each tap's output shape and pooled dimension for one blank `image_shape` image.
+
+    With `meta` (the default) the model's parameters and buffers are swapped for meta tensors of the
+    same shapes for one forward, so shapes propagate through the library's own code without
+    arithmetic or memory, whatever device the model is on; this raises `RuntimeError` or
+    `NotImplementedError` where the model cannot run on the meta device (an operation without a meta
+    kernel, a tensor it keeps outside its parameters and buffers). Without `meta`, one real forward.
+    """
+    device = "meta" if meta else next(itertools.chain(model.parameters(), model.buffers())).device
+    tensors = {k: torch.empty_like(v, device="meta")
+               for k, v in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                           model.named_buffers(remove_duplicate=False))} if meta else None
+    with Taps(model, names) as taps, torch.inference_mode():
+        out = taps(torch.zeros(1, *image_shape, device=device), tensors=tensors)
+    return tuple(TapInfo(name, tuple(t.shape[1:]), int(global_avg_pool(t).shape[1])) for name, t in out.items())

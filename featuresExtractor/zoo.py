@@ -39,7 +39,8 @@ from torch import nn
 
 from toolkit.utils import UserError
 
-from .backbone_base import Backbone, BackboneSpec, hf_cache_dir, logging_disabled, read_state_dict, weights_source
+from .backbone_base import (Backbone, BackboneSpec, assignable, build_and_load, hf_cache_dir, logging_disabled, read_state_dict,
+                            weights_source)
 from .taps import CLIP_RESNET_TAPS, EMBEDDING, RESNET_STAGES, default_taps, validate_taps
 
 __all__ = ["ZooEntry", "ZOO", "FILE_ONLY", "zoo_spec", "other_spec", "load_zoo_backbone", "build_model",
@@ -286,11 +287,10 @@ def _fetch(spec: BackboneSpec) -> str:
 _HEADS = ("fc.", "classifier.", "head.")  # classifier weights a backbone-only checkpoint may lack
 
 
-def _load_file_into(model: nn.Module, path: Path, spec: BackboneSpec) -> list[str]:
+def _load_file_into(model: nn.Module, state: dict, path: Path, spec: BackboneSpec, assign: bool) -> list[str]:
     """Load a plain state dict into a torchvision model; returns the classifier keys the file lacked."""
-    state = read_state_dict(path)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(assignable(state, model), strict=False, assign=assign)
     except RuntimeError as err:  # shape mismatches are raised even when strict=False
         raise UserError(f"cannot load weights from {path} into torchvision {spec.arch}: "
                         f"{' '.join(str(err).split())[:300]}") from None
@@ -301,33 +301,57 @@ def _load_file_into(model: nn.Module, path: Path, spec: BackboneSpec) -> list[st
     return list(missing)
 
 
-def build_model(spec: BackboneSpec, file: str | None, model_kwargs: dict | None = None) -> tuple[nn.Module, object, list]:
-    """(model, eval transform, missing classifier keys) with weights from `file` or random init."""
+def _build_timm(spec: BackboneSpec, file: str | None, kwargs: dict, on: str) -> nn.Module:
+    import timm
+
+    # A random init still takes the tag's configuration (DINO's tags have no classifier, BiT's 21k classes).
+    tag = spec.pretrained or (ZOO[spec.name].tag if spec.name in ZOO else None)
+    name = f"{spec.arch}.{tag}" if tag and tag != FILE_ONLY else spec.arch
+
+    def build(where: str) -> nn.Module:
+        with torch.device(where), logging_disabled(logging.WARNING):
+            return timm.create_model(name, pretrained=False, **kwargs)
+
+    try:
+        if file is None:
+            return build(on)
+        # Read here (safetensors, or torch.load with weights_only=True, one-line errors).
+        state = read_state_dict(file)
+        try:  # the file holds exactly the model's tensors: assign them to a model built without initialising
+            return build_and_load(build, lambda m, assign: m.load_state_dict(assignable(state, m), assign=assign))[0]
+        except RuntimeError:  # other names or shapes: timm's own loader, with its checkpoint filter for the model
+            with logging_disabled(logging.WARNING):
+                return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), **kwargs)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"cannot build timm {name} from {file or 'random init'}: "
+                        f"{' '.join(str(err).split())[:300]}") from None
+
+
+def build_model(spec: BackboneSpec, file: str | None, model_kwargs: dict | None = None,
+                on: str = "cpu") -> tuple[nn.Module, object, list]:
+    """(model, eval transform, missing classifier keys) with weights from `file`, or randomly initialised on `on`.
+
+    Weights from a file are assigned to a model built on the meta device (`backbone_base.build_and_load`),
+    so no random initialisation is spent on them. `on="meta"` without a file builds a shape-only model.
+    """
     kwargs = dict(model_kwargs or {})
     if spec.library == "timm":
-        import timm
         from timm.data import create_transform, resolve_model_data_config
 
-        # A random init still takes the tag's configuration (DINO's tags have no classifier, BiT's 21k classes).
-        tag = spec.pretrained or (ZOO[spec.name].tag if spec.name in ZOO else None)
-        name = f"{spec.arch}.{tag}" if tag and tag != FILE_ONLY else spec.arch
-        # Read here (safetensors, or torch.load with weights_only=True, one-line errors); timm then applies
-        # its own checkpoint filter for the model, as for its downloads.
-        state = read_state_dict(file) if file else None
-        try:
-            with logging_disabled(logging.WARNING):
-                model = timm.create_model(name, pretrained=state is not None,
-                                          pretrained_cfg_overlay=dict(state_dict=state) if state else None, **kwargs)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"cannot build timm {name} from {file or 'random init'}: "
-                            f"{' '.join(str(err).split())[:300]}") from None
+        model = _build_timm(spec, file, kwargs, on)
         return model, create_transform(**resolve_model_data_config(model), is_training=False), []
     import torchvision
 
-    model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+    def build(where: str) -> nn.Module:
+        with torch.device(where):
+            return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+
     tv = _tv_weights(spec) if spec.pretrained and spec.pretrained != FILE_ONLY else \
         torchvision.models.get_model_weights(spec.arch).DEFAULT
-    missing = _load_file_into(model, Path(file), spec) if file else []
+    if file is None:
+        return build(on), tv.transforms(), []
+    state = read_state_dict(file)
+    model, missing = build_and_load(build, lambda m, assign: _load_file_into(m, state, Path(file), spec, assign))
     return model, tv.transforms(), missing
 
 

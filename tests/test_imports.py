@@ -89,3 +89,34 @@ def test_no_private_name_imported_from_another_module():
                 crossing += [f"{_module_name(path)}: {target}.{n}" for n in names
                              if n.startswith("_") and not n.startswith("__")]
     assert not crossing, crossing
+
+
+def _modules_after(tmp_path, model: str) -> dict:
+    """Run extract.py on one drawn pair in a fresh interpreter: the modules imported before it and after."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import json, sys
+before = sorted(sys.modules)
+import extract
+from toolkit.synthetic.drawn_images import make_pairs
+make_pairs({str(tmp_path / 'd')!r}, n_pairs=1, seed=0)
+code = extract.main(["-d", {str(tmp_path / 'd')!r}, "-s", {str(tmp_path / 'o')!r}, "--model", {model!r},
+                     "--pretrained", "none", "-p", "adapt", "--workers", "0", "--no-progress"])
+print(json.dumps({{"code": code, "before": before, "after": sorted(sys.modules)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _libraries(modules) -> set[str]:
+    return {m.split(".")[0] for m in modules}
+
+
+def test_a_torchvision_backbone_imports_neither_open_clip_nor_timm(tmp_path):
+    found = _modules_after(tmp_path, "resnet18")
+    assert found["code"] == 0 and "torchvision" in _libraries(found["after"])
+    assert not {"open_clip", "timm"} & _libraries(found["after"])
