@@ -51,6 +51,7 @@ class Backbone:
     visual: nn.Module
     transform: Callable
     weights: dict  # how the weights were obtained: {"source": ..., ...}
+    transform_choice: str = "library"  # `--transform`: "library" or "paper" (see featuresExtractor.transforms)
 
 
 def hf_cache_dir() -> str:

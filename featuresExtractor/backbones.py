@@ -36,6 +36,7 @@ from toolkit.utils import UserError
 from . import clip_models, zoo
 from .backbone_base import Backbone, BackboneSpec, logging_disabled
 from .taps import CLIP_RESNET_TAPS, default_taps, tap_infos, validate_taps
+from .transforms import TRANSFORMS, paper_transform
 
 __all__ = ["BACKBONES", "resolve_spec", "load_backbone", "probe_dims", "list_models"]
 
@@ -68,8 +69,12 @@ def resolve_spec(name: str, layers: Sequence[str] | None = None, pretrained: str
 
 
 def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
-                  device: str | torch.device = "cpu", init_seed: int = 0) -> Backbone:
-    """Build the spec's model, its library's eval transform and its weights record.
+                  device: str | torch.device = "cpu", init_seed: int = 0, transform: str = "library") -> Backbone:
+    """Build the spec's model, its eval transform and its weights record.
+
+    `transform` is "library" (the library's own eval transform) or "paper" (the paper's
+    `Resize([224, 224])` with ImageNet mean and std, `transforms.paper_transform`, for every
+    model but CLIP's, which keep CLIP's own transform as the paper's code did).
 
     Weights come from `weights` (a local checkpoint, read with `weights_only=True`), else
     from the spec's pretrained tag (from the library's cache, downloaded on first use),
@@ -82,9 +87,15 @@ def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
         >>> bb.transform.transforms[0].size
         64
     """
+    if transform not in TRANSFORMS:
+        raise UserError(f"transform must be one of {', '.join(TRANSFORMS)}, not {transform!r}")
     if spec.library == "open_clip":
-        return clip_models.load_clip_backbone(spec, weights=weights, device=device, init_seed=init_seed)
-    return zoo.load_zoo_backbone(spec, weights=weights, device=device, init_seed=init_seed)
+        backbone = clip_models.load_clip_backbone(spec, weights=weights, device=device, init_seed=init_seed)
+    else:
+        backbone = zoo.load_zoo_backbone(spec, weights=weights, device=device, init_seed=init_seed)
+    if transform == "paper" and spec.library != "open_clip":
+        backbone = replace(backbone, transform=paper_transform())
+    return replace(backbone, transform_choice=transform)
 
 
 def probe_dims(spec: BackboneSpec) -> dict[str, int]:

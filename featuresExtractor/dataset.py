@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -52,6 +52,11 @@ class Layout:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def select(self, indices: Sequence[int]) -> "Layout":
+        """This layout with only the items at `indices` (kept in the order given; pass them sorted)."""
+        return replace(self, names=tuple(self.names[i] for i in indices),
+                       paths=None if self.paths is None else tuple(self.paths[i] for i in indices))
 
     def path(self, index: int, side: str) -> Path:
         if self.paths is not None:

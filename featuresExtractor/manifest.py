@@ -37,10 +37,10 @@ from .backbone_base import Backbone
 from .dataset import Layout
 from .extractor import FeatureInfo
 from .processor import PROCESSORS, Processor
-from .transforms import DECODE
+from .transforms import DECODE, TRANSFORMS
 
 __all__ = ["MANIFEST", "FORMAT", "fingerprint", "build_manifest", "write_manifest", "read_manifest",
-           "read_manifest_file", "file_digest", "damaged_outputs", "is_inside", "swap_in"]
+           "read_manifest_file", "transform_choice", "file_digest", "damaged_outputs", "is_inside", "swap_in"]
 
 MANIFEST = "manifest.json"
 FORMAT = "featuresExtractor/1"
@@ -68,16 +68,26 @@ def fingerprint(backbone: Backbone, proc: Processor, layout: Layout, data_aug: b
     items = {"count": len(layout), "names_sha256": hashlib.sha256("\n".join(layout.names).encode()).hexdigest()}
     if layout.paths is not None:  # a list: where each item's files are is part of what was extracted
         items["paths_sha256"] = hashlib.sha256("\n".join("\t".join(p) for p in layout.paths).encode()).hexdigest()
-    return {"dataset": str(layout.root.resolve()), "items": items, "model": backbone.spec.name, "arch": backbone.spec.arch,
-            "weights": weights, "taps": list(backbone.spec.taps), "processor": proc.name,
-            "n_components": proc.n_components, "normalize": proc.normalize, "data_aug": data_aug,
-            "precision": precision, "exif_orientation": True}
+    config = {"dataset": str(layout.root.resolve()), "items": items, "model": backbone.spec.name,
+              "arch": backbone.spec.arch, "weights": weights, "taps": list(backbone.spec.taps), "processor": proc.name,
+              "n_components": proc.n_components, "normalize": proc.normalize, "data_aug": data_aug,
+              "precision": precision, "exif_orientation": True}
+    if backbone.transform_choice != "library":  # absent for the default, so earlier folders keep their configuration
+        config["transform"] = backbone.transform_choice
+    return config
+
+
+def transform_choice(manifest: dict) -> str:
+    """The `--transform` an extraction used ("library" or "paper")."""
+    return manifest["config"].get("transform", "library")
 
 
 def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Processor, layout: Layout,
                    kept: list[int], skipped: dict[int, str], outputs: dict[str, dict], *, data_aug: bool,
-                   precision: str, device: str, channels_last: bool, batch_size: int) -> dict:
-    """The manifest of a finished extraction; `config` is its `fingerprint`, `outputs` each file's record."""
+                   precision: str, device: str, channels_last: bool, batch_size: int, subset: dict | None = None
+                   ) -> dict:
+    """The manifest of a finished extraction; `config` is its `fingerprint`, `outputs` each file's record,
+    `subset` the record of `--subset` (`featuresExtractor.subset.describe_subset`) when one was given."""
     n_flips = 2 if data_aug else 1
     return {
         "format": FORMAT,
@@ -87,7 +97,7 @@ def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Pr
                   "library": backbone.spec.library, "identifier": backbone.spec.arch,
                   "weights": backbone.weights, "embedding_tap": info.embedding,
                   "taps": [{"name": t.name, "shape": list(t.shape), "pooled_dim": t.pooled_dim} for t in info.taps],
-                  "transform": repr(backbone.transform)},
+                  "transform": repr(backbone.transform), "transform_choice": backbone.transform_choice},
         "processor": {"name": proc.name, "n_components": proc.n_components, "normalize": proc.normalize},
         "augmentation": {"hflip": data_aug, "applied_to": "preprocessed tensor"},
         "decode": DECODE,
@@ -95,7 +105,7 @@ def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Pr
         "batch_size": batch_size,
         "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "source": layout.source,
                     "sides": list(layout.sides),
-                    "ignored_files": list(layout.ignored)},
+                    "ignored_files": list(layout.ignored), **({"subset": subset} if subset else {})},
         "counts": {"items_found": len(layout), "items_kept": len(kept), "items_skipped": len(skipped),
                    "rows_per_file": len(kept) * n_flips,
                    "images_seen": len(layout) * len(layout.sides) * n_flips},
@@ -161,6 +171,9 @@ def read_manifest_file(path: str | os.PathLike) -> dict:
     weights = obj["model"]["weights"]
     if weights["source"] == "file" and not all(isinstance(weights.get(k), str) for k in ("path", "sha256")):
         raise UserError(f"{path} is damaged: model.weights should record the file's path and sha256")
+    if obj["config"].get("transform", "library") not in TRANSFORMS:
+        raise UserError(f"{path} is damaged: config.transform {obj['config'].get('transform')!r} is not one of "
+                        f"{', '.join(TRANSFORMS)}")
     if obj.get("precision", "fp32") not in ("fp32", "bf16", "fp16"):
         raise UserError(f"{path} is damaged: precision {obj.get('precision')!r} is not fp32, bf16 or fp16")
     for rel, info in obj["outputs"].items():

@@ -39,9 +39,10 @@ from .manifest import (MANIFEST, build_manifest, damaged_outputs, file_digest, f
 from .merge import write_outputs
 from .processor import Processor, check_components, parse_processor
 from .store import ChunkStore
+from .subset import describe_subset, match_subset, read_subset
 from .transforms import hflip
 
-__all__ = ["ExtractConfig", "Report", "extract"]
+__all__ = ["ExtractConfig", "Report", "extract", "dataset_items"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class ExtractConfig:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    subset: str | None = None  # a subset file (featuresExtractor.subset): only the items it names
 
     def __post_init__(self) -> None:
         # Checked on construction, so extract.py refuses bad values before it loads a model.
@@ -82,6 +84,22 @@ class Report:
     n_kept: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # item name -> reason
     resumed_items: int = 0
+
+
+def dataset_items(dataset: str, subset: str | None = None) -> tuple[Layout, list[str]]:
+    """(the items to extract, the subset's names the dataset lacks): every item, or those a subset file names.
+
+    Raises `UserError` for a bad dataset or subset file, and when the subset keeps no item.
+    """
+    layout = discover(dataset)
+    if subset is None:
+        return layout, []
+    wanted = read_subset(subset)
+    kept, missing = match_subset(layout.names, wanted)
+    if not kept:
+        raise UserError(f"none of the {len(wanted)} names in subset file {subset} is an item of {dataset} "
+                        f"(e.g. {wanted[0]!r}; items are named like {layout.names[0]!r})")
+    return layout.select(kept), missing
 
 
 def _check_disk(out_dir: Path, n_items: int, per_item_values: int) -> int:
@@ -116,7 +134,7 @@ def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> tuple[bool
                   f"extracting again", file=sys.stderr)
             return False, list(old["outputs"])
         if not overwrite:
-            changed = sorted(k for k in config if old["config"].get(k) != config[k])
+            changed = sorted(k for k in {*config, *old["config"]} if old["config"].get(k) != config.get(k))
             raise UserError(f"{out_dir} already holds features from another configuration (differs in: "
                             f"{', '.join(changed)}); pass --overwrite to replace them or choose another -s")
         replaced = list(old["outputs"])
@@ -253,9 +271,11 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
         outputs = {"raw": {"kind": "raw", "dtype": "float16", "layout": "raw/{tap}/{row:06d}.npy",
                            "axes": ["side", "flip", "..."], "shapes": {k: list(v) for k, v in fx.info.shapes.items()},
                            "rows": {f"{i:06d}": layout.names[i] for i in kept_list}}}
+    subset = None if cfg.subset is None else {**describe_subset(cfg.subset, read_subset(cfg.subset)),
+                                              "items_kept": len(layout)}
     manifest = build_manifest(config, fx.backbone, fx.info, proc, layout, kept_list, skipped, outputs,
                               data_aug=cfg.data_aug, precision=cfg.precision, device=str(fx.device),
-                              channels_last=cfg.channels_last, batch_size=cfg.batch_size)
+                              channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset)
     manifest["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
                                "shards": ranks.layout(len(layout)), "shard_rule": "contiguous ranges of the sorted items"}
     write_manifest(staged, manifest)
@@ -289,7 +309,7 @@ def extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks = Ranks()) -> R
 
 def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: contextlib.ExitStack) -> Report:
     proc = parse_processor(cfg.processor, cfg.normalize)
-    layout = discover(cfg.dataset)
+    layout, _ = dataset_items(cfg.dataset, cfg.subset)  # extract.py says which subset names are missing
     ranks.check_items(len(layout))
     fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
     out_dir = _out_dir(cfg, fx, proc, layout, 2 if cfg.data_aug else 1)

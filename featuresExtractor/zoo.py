@@ -3,10 +3,34 @@
 The paper's code defined 37 extractors, most loaded through `torch.hub`
 repositories with taps picked by child index. `ZOO` maps each name to the
 maintained equivalent: an open_clip architecture and tag, a timm model and
-pretrained tag, or a torchvision builder and weights enum, with the taps named by
-module path (ResNet stages `layer1`..`layer4`, the pre-logits features where the
-paper took index -2, DINO's head output). `zoo_table()` renders the table below
-from `ZOO`, so the docs cannot drift from the code.
+pretrained tag, or a torchvision builder and weights enum, with the paper's own
+taps named by module path. `zoo_table()` renders the table below from `ZOO`, so
+the docs cannot drift from the code.
+
+## The paper's taps, as module paths of today's models
+
+The paper's code names a tap by attribute (`layer1`) or by position in
+`named_modules()` (`-2`: the module just before the classifier), positions that hold only
+for the library versions it ran. Each is named here by the module of today's model
+that outputs the same thing:
+
+- CLIP ResNets: `layer1`..`layer4` and `attnpool`, as the paper lists them.
+- `clip_vit32_b`: `ln_post`. OpenAI's ViT applies `ln_post` to the class token before the
+  projection, so the paper's tap is that 768-d token, not the 512-d embedding. open_clip applies
+  `ln_post` to the whole token sequence unless `final_ln_after_pool`; the tower is built with that
+  flag (`clip_models.build_tower`), which leaves the embedding as it was (LayerNorm acts on each
+  token alone and the class token is what is pooled), and `ln_post` then outputs the class token.
+- torchvision ResNets and the semi/weakly and self-supervised ResNets: `layer1`..`layer4`.
+- `alexnet`: `features`, the conv trunk (256 channels pooled); the paper took no classifier tap.
+- `efficientnet_b0`..`b3`: the paper's `[-2]` is the pooled pre-logits of gen-efficientnet; in timm's
+  EfficientNet that is `global_pool` (after `conv_head`, `bn2`; before `classifier`): 1280-d for b0.
+- BiT: `[6, 44, 93, -6]` (`137` for R152) are `stages.0`, `stages.1`, `stages.2` and the final
+  `norm` (the fourth stage after its norm).
+- `ViT`: `[-2]` is the pooled class token before the head: timm's `head_drop` (after `fc_norm`).
+- DINO's ViTs: `head`; DINO's hub models and timm's `.dino` tags both have an identity head, so it
+  outputs the class token (384-d for DeiT-S, 768-d for ViT-B).
+
+`--layers` picks any other modules.
 
 Beyond the 37 names, any timm model (`timm:NAME[.TAG]` or a bare timm name) and
 any torchvision model (`torchvision:NAME`, or a bare name timm does not know)
@@ -16,9 +40,10 @@ works, with `--layers` choosing the taps (default: the last four stages timm's
 Weights: timm's come from the Hugging Face cache (`HF_HUB_OFFLINE=1` honoured),
 torchvision's from the torch hub cache (`TORCH_HOME`), or from `--weights FILE`
 for both (read with `weights_only=True`); `--pretrained none` is a random
-initialisation from a fixed seed. The eval transform is always the library's own:
+initialisation from a fixed seed. The eval transform is the library's own by default:
 `timm.data.resolve_model_data_config` + `timm.data.create_transform`, or the
-torchvision weights enum's `transforms()`.
+torchvision weights enum's `transforms()`; `--transform paper` gives the paper's
+(`featuresExtractor.transforms.paper_transform`).
 
 Example:
     >>> ZOO["resnet50_swsl"].identifier, ZOO["resnet50_swsl"].tag
@@ -41,7 +66,7 @@ from toolkit.utils import UserError
 
 from .backbone_base import (Backbone, BackboneSpec, assignable, build_and_load, hf_cache_dir, logging_disabled, read_state_dict,
                             weights_source)
-from .taps import CLIP_RESNET_TAPS, EMBEDDING, RESNET_STAGES, default_taps, validate_taps
+from .taps import CLIP_RESNET_TAPS, RESNET_STAGES, default_taps, validate_taps
 
 __all__ = ["ZooEntry", "ZOO", "FILE_ONLY", "zoo_spec", "other_spec", "load_zoo_backbone", "build_model",
            "weights_location", "zoo_table"]
@@ -49,7 +74,7 @@ __all__ = ["ZooEntry", "ZOO", "FILE_ONLY", "zoo_spec", "other_spec", "load_zoo_b
 #: The `pretrained` value of a spec whose weights exist only as a file the user passes with --weights.
 FILE_ONLY = "file"
 
-EFFICIENTNET = ("blocks.1", "blocks.2", "blocks.4", "blocks.6", "global_pool")
+EFFICIENTNET = ("global_pool",)  # the pre-logits alone: the module before the classifier, the paper's [-2]
 BIT = ("stages.0", "stages.1", "stages.2", "norm")
 VIT = ("head_drop",)  # the pre-logits: pooled class token after the final norm
 DINO_VIT = ("head",)  # timm's .dino weights have no classifier: the head is DINO's own output (the class token)
@@ -98,12 +123,12 @@ ZOO: dict[str, ZooEntry] = dict([
     _e("clip_rn101", "CLIP", "open_clip", "RN101", "openai", CLIP_RESNET_TAPS, "clip.load('RN101')"),
     _e("clip_rn50x4", "CLIP", "open_clip", "RN50x4", "openai", CLIP_RESNET_TAPS, "clip.load('RN50x4')",
        "the published pipeline"),
-    _e("clip_vit32_b", "CLIP", "open_clip", "ViT-B-32", "openai", (EMBEDDING,), "clip.load('ViT-B/32')"),
+    _e("clip_vit32_b", "CLIP", "open_clip", "ViT-B-32", "openai", ("ln_post",), "clip.load('ViT-B/32')",
+       "ln_post: the 768-d class token before the projection, as OpenAI's ViT applies ln_post"),
     *[_e(f"resnet{d}", "torchvision ImageNet", "torchvision", f"resnet{d}", f"ResNet{d}_Weights.IMAGENET1K_V1",
          RESNET_STAGES, f"torchvision.models.resnet{d}(pretrained=True)") for d in (18, 34, 50, 101, 152)],
     _e("alexnet", "torchvision ImageNet", "torchvision", "alexnet", "AlexNet_Weights.IMAGENET1K_V1",
-       ("features", "classifier.5"), "torchvision.models.alexnet(pretrained=True)",
-       "classifier.5 is the 4096-d pre-logits (fc7 after its ReLU)"),
+       ("features",), "torchvision.models.alexnet(pretrained=True)", "the conv trunk only, as the paper tapped it"),
     *[_e(f"efficientnet_b{i}", "EfficientNet", "timm", f"tf_efficientnet_b{i}", "aa_in1k", EFFICIENTNET,
          f"efficientnet_pytorch EfficientNet.from_pretrained('efficientnet-b{i}')", _EFF) for i in range(4)],
     *[_e(f"BiT-M-{arch}_in21k", "Big Transfer", "timm", f"resnetv2_{arch[1:].lower()}_bit", "goog_in21k", BIT,
