@@ -5,8 +5,8 @@ The pipeline behind `extract.py`:
 1. `backbones`: the backbone registry on top of the loaders: `clip_models` (open_clip model + its eval
    transform) and `zoo` (the paper's 37 extractors mapped to open_clip, timm and torchvision);
    `backbone_base` holds the types and the weights reading they share;
-2. `dataset`, `transforms`: dataset discovery (folders, pair and gallery lists), decoding to RGB,
-   the horizontal flip;
+2. `dataset`, `subset`, `transforms`: dataset discovery (folders, pair and gallery lists), subset
+   files (`--subset`), decoding to RGB, the horizontal flip, the paper's transform;
 3. `taps`: tap names, their defaults by family, and the forward hooks that collect them;
 4. `pooling`: global average pooling, L2 normalisation, concatenation;
 5. `processor`: the four processors (adapt, adapt-pca N, pca N, save);
