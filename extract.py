@@ -5,7 +5,7 @@ Usage (the published recipe):
     python extract.py -d PATH/TO/DATASET -s PATH/WHERE/TO/SAVE -b 2048 --data-aug --processor adapt-pca 256
 
 `DATASET` holds `left/` and `right/` (pairs matched by file name) or just images; or it is a
-`PAIRS.csv` (left,right[,name]) or an `IMAGES.txt` list (see `featuresExtractor.image_lists`).
+`PAIRS.csv` (left,right[,name]) or an `IMAGES.txt` list (see `featuresExtractor.dataset`).
 Several processes (GPUs, or CPU ranks with gloo) share one extraction under torchrun:
 
     torchrun --nproc_per_node K extract.py <the same flags>
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", default=None, metavar="MODULE",
                    help="module paths to tap (in model.visual for open_clip, in the model for timm/torchvision), "
                         "overriding the model's defaults ('embedding' = output)")
+    p.add_argument("--transform", choices=("library", "paper"), default="library",
+                   help="library: each model's own eval transform; paper: the paper's Resize([224, 224]) (a squeeze, no "
+                        "crop) with ImageNet mean and std for every non-CLIP model (CLIP models keep CLIP's), for exact "
+                        "comparisons; recorded in the manifest, another choice is another configuration")
+    p.add_argument("--subset", default=None, metavar="FILE",
+                   help="extract only the items this file names: the paper's TLL_obj.csv (index,name rows), a CSV with "
+                        "a name column, or one name a line")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     # None, not the number: the help (and the HTML docs made from it) must not depend on the machine.
@@ -89,8 +96,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def print_models() -> None:
-    """Print `featuresExtractor.zoo.list_models()`: one line per name, its taps and pooled dims below it."""
-    from featuresExtractor.zoo import list_models
+    """Print `featuresExtractor.backbones.list_models()`: one line per name, its taps and pooled dims below it."""
+    from featuresExtractor.backbones import list_models
 
     for row in list_models():
         ident = row["identifier"] + (f" ({row['tag']})" if row["tag"] != "-" else "")
@@ -129,7 +136,7 @@ def _run(args: argparse.Namespace, ranks) -> int:
     from featuresExtractor.pipeline import ExtractConfig, extract
     from toolkit.utils import check_writable, default_workers, flag_names, require_utf8, resolve_device
 
-    require_utf8({"-d": args.dataset, "-s": args.save_to, "--weights": args.weights})
+    require_utf8({"-d": args.dataset, "-s": args.save_to, "--weights": args.weights, "--subset": args.subset})
 
     device = ranks.device_for(resolve_device(args.device), cpu_hint="--device cpu")  # one GPU per rank
     with flag_names(FLAGS):
@@ -138,15 +145,20 @@ def _run(args: argparse.Namespace, ranks) -> int:
                             batch_size=args.batch_size,
                             workers=default_workers() if args.workers is None else args.workers, device=str(device),
                             channels_last=args.channels_last, strict=args.strict, overwrite=args.overwrite,
-                            progress=args.progress)
-    # The config has checked its values; the dataset is checked too before a large model loads.
-    from featuresExtractor.dataset import discover
+                            progress=args.progress, subset=args.subset)
+    # The config has checked its values; the dataset (and subset) are checked too before a large model loads.
+    from featuresExtractor.pipeline import dataset_items
+    from featuresExtractor.subset import missing_line
 
-    ranks.check_items(len(discover(cfg.dataset)))
+    layout, missing = dataset_items(cfg.dataset, cfg.subset)
+    if missing and ranks.rank == 0:
+        print(f"note: {missing_line(cfg.subset, missing, cfg.dataset)}; extracting the {len(layout)} it names there",
+              file=sys.stderr)
+    ranks.check_items(len(layout))
     check_writable(cfg.save_to, "-s")
     ranks = ranks.join(device)
     spec = resolve_spec(args.model, args.layers, args.pretrained)
-    backbone = load_backbone(spec, weights=args.weights, device=device)
+    backbone = load_backbone(spec, weights=args.weights, device=device, transform=args.transform)
     if backbone.weights["source"] == "random-init" and ranks.rank == 0:
         print("WARNING: the backbone is RANDOMLY INITIALISED (--pretrained none): the features say nothing "
               "about the method", file=sys.stderr)

@@ -18,21 +18,22 @@ image's partner. The pieces, all pure (no files, no devices chosen, no global st
 - `adaptation.objectives`: learning from positive pairs only: SimSiam and BYOL heads (predictor,
   EMA target), their losses, and the output-std collapse detector; `adaptation.positive_training`
   is their epoch loop, on the same batches, reporting the same test figures as `train`.
-- `adaptation.planted`: planted feature pairs for tests and benchmarks.
 
 And the files a training run writes, each format with one owner:
 
 - `adaptation.checkpoint`: the checkpoint (`save_checkpoint`, `load_checkpoint`).
 - `adaptation.runs`: the runs folder (`run*/`, `avg/`, `summary.json`, replacing earlier runs).
 
-`adaptation.similarity` applies a trained run to new images; `adaptation.index` is its faiss index in
+`adaptation.experiment` is a whole train.py experiment (`run_experiment(ExperimentConfig, device)`:
+the runs, their folders and the summary). `adaptation.similarity` applies a trained run to new images; `adaptation.index` is its faiss index in
 memory and `adaptation.index_folder` the folder an index is kept in (with `adaptation.encode_cache`
 keeping an interrupted build's encoded chunks). `train.py` at the top of the repository wires them to the command line, TensorBoard and files.
 
 Example:
     >>> import torch
     >>> from adaptation import build_model, TrainConfig, make_optimizer, train
-    >>> from adaptation import planted_pairs, split_indices, split_data
+    >>> from adaptation import split_indices, split_data
+    >>> from toolkit.synthetic.planted import planted_pairs
     >>> pairs = planted_pairs(n_pairs=40, dim=16)
     >>> data = split_data(pairs, *split_indices(len(pairs), 0.25, seed=0))
     >>> model = build_model("original", pairs.in_dim)
@@ -49,7 +50,6 @@ from .losses import contrastive_loss, similarity_matrix
 from .metrics import retrieval_metrics
 from .checkpoint import load_checkpoint
 from .models import MODELS, build_model
-from .planted import planted_pairs
 from .training import TrainConfig, make_optimizer, train
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
     "MODELS",
     "build_model",
     "load_checkpoint",
-    "planted_pairs",
     "TrainConfig",
     "make_optimizer",
     "train",

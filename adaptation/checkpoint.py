@@ -52,9 +52,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from featuresExtractor.backbones import file_sha256
+from toolkit.hashing import file_sha256
 from featuresExtractor.encode import model_taps
-from featuresExtractor.pipeline import MANIFEST, read_manifest
+from featuresExtractor.manifest import MANIFEST, read_manifest
 from featuresExtractor.processor import Processor, pca_stems
 from toolkit.utils import UserError, atomic_path, first_line
 

@@ -33,10 +33,11 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from featuresExtractor.manifest import MANIFEST, read_manifest
 from featuresExtractor.pairs_file import Pairs, load_pairs
 from toolkit.distributed import Ranks
 from toolkit.lock import folder_lock
-from toolkit.utils import UserError, check_writable, os_error_line, read_json, write_json
+from toolkit.utils import UserError, check_writable, os_error_line, write_json
 
 from .calibration import calibrate
 from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, provenance_of, save_checkpoint
@@ -235,7 +236,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
     train_cfg = TrainConfig(epochs=cfg.epochs, temperature=cfg.temperature, lr=cfg.lr,
                             weight_decay=cfg.weight_decay, topk=topk, precision=cfg.precision,
                             batch_size=batch_size, seed=seed)
-    manifest = data_path.parent / "manifest.json"
+    manifest = data_path.parent / MANIFEST
     shared = {
         "data": str(data_path),
         # sha256 of the features and PCA, checked wherever the run is used (None: pairs given in memory, no file)
@@ -318,7 +319,7 @@ def run_experiment(cfg: ExperimentConfig, device: torch.device, ranks: Ranks = R
         out_dim = build_model(cfg.model, loaded.in_dim).out_dim
         check_memory(plan.train.batch_size, plan.shared["n_train"], loaded.in_dim, out_dim, plan.shared["n_test"],
                      device, ranks)
-        images_root = _dataset_root(data_path.parent / "manifest.json") if cfg.images else None
+        images_root = _dataset_root(data_path) if cfg.images else None
         runs = split_each(loaded, plan.splits, device)
         del loaded, pairs  # `runs` holds the vectors now and lets them go before the last run trains
         experiment = _Experiment(cfg, plan, device, ranks, images_root, log)
@@ -333,13 +334,17 @@ def run_experiment(cfg: ExperimentConfig, device: torch.device, ranks: Ranks = R
             return experiment.summarise(results, out_dim)
 
 
-def _dataset_root(manifest: Path) -> Path | None:
-    """The pairs folder an extract.py manifest records, when it is still there (for the optional image grid)."""
-    if not manifest.is_file():
+def _dataset_root(data_path: Path) -> Path | None:
+    """The pairs folder that the features file's extraction manifest records, when it is still there.
+
+    Only for the optional image grid: no manifest, or one that is not extract.py's, just means no grid.
+    """
+    if not (data_path.parent / MANIFEST).is_file():
         return None
-    obj = read_json(manifest)
-    # Only for the optional image grid: a manifest without usable dataset facts just means no grid.
-    dataset = obj.get("dataset") if isinstance(obj, dict) else None
+    try:
+        dataset = read_manifest(data_path).get("dataset")
+    except UserError:
+        return None
     if not isinstance(dataset, dict) or not isinstance(dataset.get("path"), str) or dataset.get("kind") != "pairs":
         return None
     root = Path(dataset["path"])

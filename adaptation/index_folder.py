@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from featuresExtractor.backbones import file_sha256
+from toolkit.hashing import file_sha256
 from toolkit.folders import FolderFormat, check_folder, replacing_folder
 from toolkit.lock import sibling_lock
 from toolkit.utils import UserError, first_line, read_json

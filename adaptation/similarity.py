@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from featuresExtractor.backbones import file_sha256
 from featuresExtractor.dataset import discover
 from featuresExtractor.encode import Encoder
-from featuresExtractor.pipeline import read_manifest
+from featuresExtractor.manifest import read_manifest, transform_choice
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.folders import special_kind
+from toolkit.hashing import file_sha256
 from toolkit.utils import UserError, first_line
 
 from . import index as faiss_index
@@ -290,6 +290,10 @@ class VisualSimilarity:
         if not isinstance(rec, np.ndarray) or rec.dtype.names is None or "feature" not in rec.dtype.names:
             raise UserError(f"{path} is not a gallery features file (a flat folder extracted by extract.py)")
         mine, theirs = self.encoder.manifest, read_manifest(path)
+        if transform_choice(mine) != transform_choice(theirs):
+            raise UserError(f"{path} was extracted with --transform {transform_choice(theirs)} but this run's features "
+                            f"with --transform {transform_choice(mine)}; extract the gallery with --transform "
+                            f"{transform_choice(mine)}")
         same = ("model", "arch", "weights", "taps", "precision")
         diff = [k for k in same if mine["config"].get(k) != theirs["config"].get(k)]
         if diff:

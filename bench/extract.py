@@ -5,7 +5,7 @@ this measures, on the real RN50x4 architecture with random weights (no network):
 
 * forward-only: `model.visual(x)` on pre-made tensors, at the pipeline's batch;
 * pipeline: `featuresExtractor.pipeline.extract` with processor `adapt` on
-  generated TLL-like pairs (200x250 JPEG, `featuresExtractor.drawn_images`): decode,
+  generated TLL-like pairs (200x250 JPEG, `toolkit.synthetic.drawn_images`): decode,
   preprocess, forward with the taps, pooling, chunk writes and the final files.
   "e2e" is images / wall time of one `extract()` call, fixed costs included (the
   probe forward, setup, final files: large for a few images, nothing for TLL's
@@ -39,6 +39,13 @@ seconds, the solver the fit chose and the peak RSS; `--device cuda` fits on the 
     python bench/extract.py --pca-fit --repeats 3
     python bench/extract.py --pca-fit 2000x5440:256 --repeats 3
 
+`--whole-process` times the whole of extract.py instead, as a user runs it, fixed costs included
+(interpreter start, imports, model build, shape probe, the loop, the PCA fit, the files): a fresh
+`python extract.py` process on 40 generated pairs with flips (160 images), RN50x4 random init,
+`--precision bf16 --processor adapt-pca 8 -b 16`, the recipe compared with the paper's extractor:
+
+    python bench/extract.py --whole-process --repeats 3
+
 Usage:
     python bench/extract.py                                   # quick: about 2 minutes on 2 cores
     python bench/extract.py --pairs 12 --repeats 3            # the README figures (~10 min)
@@ -65,7 +72,7 @@ import torch
 from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.extractor import CPU_SLICE
 from featuresExtractor.pipeline import ExtractConfig, extract
-from featuresExtractor.drawn_images import make_pairs
+from toolkit.synthetic.drawn_images import make_pairs
 from toolkit.utils import UserError
 from toolkit.cli import run_cli
 
@@ -95,6 +102,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pca-torch", action="store_true",
                    help="--pca-fit with the torch code (torch.linalg.eigh) also on the CPU, where extract.py uses "
                         "numpy/scipy (syrk, LAPACK's subset eigensolver)")
+    p.add_argument("--whole-process", action="store_true",
+                   help="time whole extract.py processes (40 pairs with flips, RN50x4 random init, bf16, "
+                        "adapt-pca 8, batch 16) instead")
     p.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
                    help="forward-only images/s of these backbones (random weights), relative to the first")
     return p.parse_args(argv)
@@ -128,6 +138,39 @@ def compare(args: argparse.Namespace, device: torch.device) -> list[dict]:
                      "vs_fp32": rate / benchlib.median(2 * args.batch / t for t in fp32) if fp32 else None,
                      "raw_s": ts})
     return rows
+
+
+WHOLE_PROCESS_PAIRS = 40
+WHOLE_PROCESS_FLAGS = ["--data-aug", "-b", "16", "--precision", "bf16", "--processor", "adapt-pca", "8",
+                       "--model", "clip_rn50x4", "--pretrained", "none", "--no-progress"]
+
+
+def whole_process(args: argparse.Namespace, work: Path) -> dict:
+    """Wall and CPU seconds of whole `python extract.py` processes on 40 pairs with flips; medians over repeats."""
+    import resource
+    import subprocess
+
+    data = work / "pairs"
+    make_pairs(data, n_pairs=WHOLE_PROCESS_PAIRS, seed=0, size=(200, 250), fmt="jpg")
+    script = Path(__file__).resolve().parent.parent / "extract.py"
+    walls, cpus, loads = [], [], []
+    for r in range(args.repeats):
+        print(f"... repeat {r + 1}/{args.repeats}: extract.py {' '.join(WHOLE_PROCESS_FLAGS)}", file=sys.stderr)
+        out = work / f"out-{r}"
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(script), "-d", str(data), "-s", str(out), "--workers", str(args.workers),
+                        *WHOLE_PROCESS_FLAGS], check=True, stdout=subprocess.DEVNULL)
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        loads.append(os.getloadavg()[0])
+        shutil.rmtree(out)
+    images = WHOLE_PROCESS_PAIRS * 2 * 2
+    wall = benchlib.median(walls)
+    return {"process": "extract.py", "images": images, "wall_s": wall, "img_s": images / wall,
+            "cpu_s": benchlib.median(cpus), "peak_rss_mib": benchlib.children_peak_rss_bytes() / 2**20,
+            "load_avg_end": loads[-1], "raw": {"wall_s": walls, "cpu_s": cpus, "load_avg": loads}}
 
 
 def _check(args: argparse.Namespace, device: torch.device) -> None:
@@ -400,6 +443,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"forward only, random weights, channels_last, batch {args.batch}, {args.repeats} repeat(s) of 2 "
             f"batches, device {args.device} ({info['cpu']}), {torch.get_num_threads()} threads", args, info)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    if args.whole_process:
+        try:
+            row = whole_process(args, work)
+        finally:
+            if not args.work_dir:
+                shutil.rmtree(work, ignore_errors=True)
+        print()
+        print(benchlib.table([row], [("process", "process", "s"), ("images", "images", "d"), ("wall_s", "wall s", ".1f"),
+                                     ("img_s", "img/s", ".2f"), ("cpu_s", "CPU s", ".1f"),
+                                     ("peak_rss_mib", "peak RSS MiB", ".0f")]))
+        print(f"\nwhole process, fixed costs included: {WHOLE_PROCESS_PAIRS} pairs with flips, "
+              f"{' '.join(WHOLE_PROCESS_FLAGS)}, workers {args.workers}, {args.repeats} repeat(s), medians; "
+              f"{info['cpu']}; load avg {os.getloadavg()[0]:.2f} (start {info['load_avg_start'][0]:.2f})")
+        path = benchlib.save_results("extract-whole", {"args": vars(args), "machine": info, "rows": [row]})
+        print(f"wrote {path}")
+        return 0
     try:
         data, one_pair = work / "pairs", work / "one_pair"
         t0 = time.perf_counter()

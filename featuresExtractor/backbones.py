@@ -1,7 +1,7 @@
-"""The backbone registry: which open_clip model to run and where to tap it.
+"""The backbone registry: a model name -> its spec, its loader, its taps and their dims.
 
-A registry entry (`BackboneSpec`) maps a short name to an open_clip architecture,
-its pretrained tag and the module paths to tap inside `model.visual`:
+The registry on top of the loaders: `featuresExtractor.clip_models` (open_clip) and
+`featuresExtractor.zoo` (the paper's 37 names, timm and torchvision). Two names of its own:
 
 | name          | open_clip arch | pretrained | taps                                   |
 |---------------|----------------|------------|----------------------------------------|
@@ -13,12 +13,8 @@ ModifiedResNet at layers [1,1,1,1], width 8 and 64 px, shipped here so that test
 and the offline demo run in seconds without weights.
 
 Any other open_clip architecture name (`RN50`, `ViT-B-32`, ...) works too, with
-default taps by family: ResNets get layer1-4 plus attnpool, other towers get the
-image embedding only. A tap is a module path inside `model.visual`; the special
-name `embedding` is the tower's own output.
-
-The paper's other extractors (timm and torchvision models) are in `featuresExtractor.zoo`;
-`resolve_spec` and `load_backbone` hand those names to it.
+default taps by family (`featuresExtractor.taps.default_taps`). A tap is a module path
+inside `model.visual`; the special name `embedding` is the tower's own output.
 
 Example:
     >>> spec = resolve_spec("clip_rn50x4")
@@ -28,71 +24,39 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
-import pickle
-import zipfile
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import replace
+from typing import Sequence
 
 import torch
-from torch import nn
 
-from toolkit.utils import UserError, first_line, require_regular_file
+from toolkit.utils import UserError
 
-__all__ = [
-    "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
-    "load_backbone", "read_state_dict", "file_sha256", "hf_cache_dir", "cached_weights", "weights_source",
-]
+from . import clip_models, zoo
+from .backbone_base import Backbone, BackboneSpec, logging_disabled
+from .taps import CLIP_RESNET_TAPS, default_taps, tap_infos, validate_taps
+from .transforms import TRANSFORMS, paper_transform
 
-#: The tap name that stands for the visual tower's own output (the image embedding).
-EMBEDDING = "embedding"
-
-RESNET_TAPS = ("layer1", "layer2", "layer3", "layer4", "attnpool")
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What to run: an open_clip architecture, a pretrained tag (or None) and taps."""
-
-    name: str
-    arch: str
-    pretrained: str | None
-    taps: tuple[str, ...] | None = None  # None: the family default, decided once the model is built
-    library: str = "open_clip"  # or "timm" / "torchvision": built by featuresExtractor.zoo, `arch` is its model name
-
+__all__ = ["BACKBONES", "resolve_spec", "load_backbone", "probe_dims", "list_models"]
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "clip_rn50x4": BackboneSpec("clip_rn50x4", "RN50x4", "openai", RESNET_TAPS),
-    "tiny_rn": BackboneSpec("tiny_rn", "TinyRN", None, RESNET_TAPS),
+    "clip_rn50x4": BackboneSpec("clip_rn50x4", "RN50x4", "openai", CLIP_RESNET_TAPS),
+    "tiny_rn": BackboneSpec("tiny_rn", "TinyRN", None, CLIP_RESNET_TAPS),
 }
 
 
 def resolve_spec(name: str, layers: Sequence[str] | None = None, pretrained: str | None = "default") -> BackboneSpec:
-    """Return the spec for a registry name or a plain open_clip architecture.
+    """Return the spec for a registry name, a zoo name, an open_clip architecture or a timm/torchvision model.
 
     `layers` overrides the taps. `pretrained` overrides the tag: "default" keeps the
     registry's, "none" or None means random initialisation.
     """
-    import open_clip
-
-    from . import zoo
-
-    register_local_configs()
     if name in BACKBONES:
         spec = BACKBONES[name]
     elif name in zoo.ZOO:
         spec = zoo.zoo_spec(name)
-    elif name in open_clip.list_models():
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        spec = BackboneSpec(name, name, "openai" if "openai" in tags else (tags[0] if tags else None))
-    elif (other := zoo.other_spec(name)) is not None:
-        spec = other
-    else:
+    elif (spec := clip_models.clip_spec(name) or zoo.other_spec(name)) is None:
         raise UserError(
             f"unknown model {name!r}: use one of the paper's names (extract.py --list-models), an open_clip "
             f"architecture, or a timm/torchvision model name (timm:NAME[.TAG], torchvision:NAME)"
@@ -104,217 +68,75 @@ def resolve_spec(name: str, layers: Sequence[str] | None = None, pretrained: str
     return spec
 
 
-def default_taps(visual: nn.Module) -> tuple[str, ...]:
-    """Taps by family: ResNet towers give layer1-4 and attnpool, others the embedding."""
-    names = dict(visual.named_modules())
-    if all(t in names for t in RESNET_TAPS):
-        return RESNET_TAPS
-    return (EMBEDDING,)
-
-
-def validate_taps(visual: nn.Module, taps: Sequence[str]) -> None:
-    """Fail with the list of valid module paths when a tap does not exist."""
-    names = {n for n, _ in visual.named_modules() if n}
-    bad = [t for t in taps if t != EMBEDDING and t not in names]
-    if bad:
-        shown = sorted(names, key=lambda n: (n.count("."), n))
-        raise UserError(
-            f"unknown tap(s) {bad} in model.visual; valid names: {EMBEDDING}, " + ", ".join(shown)
-        )
-
-
-@dataclass
-class Backbone:
-    """A loaded visual tower with its eval transform and the facts the manifest needs."""
-
-    spec: BackboneSpec
-    visual: nn.Module
-    transform: Callable
-    weights: dict  # how the weights were obtained: {"source": ..., ...}
-
-
-def hf_cache_dir() -> str:
-    """Where open_clip's pretrained downloads land (the Hugging Face hub cache)."""
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def register_local_configs() -> None:
-    import open_clip
-
-    if "TinyRN" not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
-
-
-def cached_weights(spec: BackboneSpec) -> str | None:
-    """The local path of the spec's pretrained weights if already downloaded, else None (no network)."""
-    import open_clip
-    from huggingface_hub import try_to_load_from_cache
-
-    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) if spec.pretrained else None
-    if not cfg or not cfg.get("hf_hub"):
-        return None
-    # open_clip's convention: "org/repo/" means its default file name, "org/repo/file" names one.
-    repo, filename = os.path.split(cfg["hf_hub"])
-    filename = filename or "open_clip_pytorch_model.bin"
-    stem = filename.rsplit(".", 1)[0]
-    for name in (f"{stem}.safetensors", filename):
-        found = try_to_load_from_cache(repo, name)
-        if isinstance(found, str):
-            return found
-    return None
-
-
-def _download(spec: BackboneSpec) -> str:
-    import open_clip
-    from open_clip.pretrained import download_pretrained
-
-    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained)
-    if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
-        raise UserError(f"no pretrained tag {spec.pretrained!r} for {spec.arch}; known tags: {tags or 'none'}, or 'none'")
-    try:
-        return download_pretrained(cfg)
-    except OSError as err:  # hub misses and network failures both surface as OSError subclasses
-        raise UserError(
-            f"cannot get the {spec.arch} '{spec.pretrained}' weights ({type(err).__name__}): they are not in the "
-            f"Hugging Face cache ({hf_cache_dir()}) and the download failed. Either pass --weights FILE "
-            f"(an open_clip or OpenAI checkpoint), or run once while online to fill that cache "
-            f"(HF_HOME moves it), then set HF_HUB_OFFLINE=1 to skip network checks"
-        ) from None
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a CLIP checkpoint without unpickling arbitrary objects.
-
-    Accepts a `.safetensors` file, a plain state dict (open_clip's format, optionally under "state_dict"
-    and with DataParallel's "module." prefix) read with `weights_only=True`, or an
-    OpenAI TorchScript archive (the files OpenAI published), whose tensors are read
-    through `torch.jit.load`.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except (SafetensorError, OSError, ValueError) as err:  # truncated or corrupt header, bad offsets
-            raise UserError(f"cannot read weights file {path} as safetensors: {first_line(err)}") from None
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            is_script = any(n.split("/", 1)[-1].startswith("code/") for n in zf.namelist())
-        if is_script:
-            try:
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-            except RuntimeError as err:
-                raise UserError(f"cannot read TorchScript checkpoint {path}: {first_line(err)}") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
-        raise UserError(f"cannot read weights file {path} as a state dict: {first_line(err)}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} does not hold a state dict (found {type(obj).__name__})")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in obj.items()}
-
-
-def _load_visual_weights(visual: nn.Module, state_dict: dict, path: Path, arch: str) -> None:
-    # Only the image tower is used, so a visual-only checkpoint is enough; fp16 tensors
-    # are cast by load_state_dict into the fp32 parameters.
-    own = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
-    if not own:
-        raise UserError(f"cannot load weights from {path} into {arch}: no 'visual.*' tensors in the file")
-    try:
-        visual.load_state_dict(own, strict=True)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[:300]
-        raise UserError(f"cannot load weights from {path} into {arch}: {detail}") from None
-
-
-def weights_source(spec: BackboneSpec, weights: str | os.PathLike | None, fetch: Callable[[BackboneSpec], str],
-                   init_seed: int) -> tuple[Path | None, dict]:
-    """(file to load or None, the manifest's record of where the weights came from).
-
-    `weights` (a local file) wins; else `fetch(spec)` gives the pretrained tag's file;
-    else the model will be randomly initialised from `init_seed`.
-    """
-    if weights is not None:
-        path = Path(weights)
-        if not path.exists():
-            raise UserError(f"weights file {path}: no such file")
-        require_regular_file(path, "weights file")  # a FIFO would block the hash and the read
-        return path, {"source": "file", "path": str(path.resolve()), "sha256": file_sha256(path)}
-    if spec.pretrained:
-        path = Path(fetch(spec))
-        return path, {"source": "pretrained", "tag": spec.pretrained, "sha256": file_sha256(path)}
-    return None, {"source": "random-init", "seed": int(init_seed),
-                  "note": "RANDOMLY INITIALISED backbone: features say nothing about the method"}
-
-
-@contextlib.contextmanager
-def _logging_disabled(level: int):
-    previous = logging.root.manager.disable
-    logging.disable(max(level, previous))
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
 def load_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = None,
-                  device: str | torch.device = "cpu", init_seed: int = 0) -> Backbone:
-    """Build the visual tower and its eval transform from one open_clip call.
+                  device: str | torch.device = "cpu", init_seed: int = 0, transform: str = "library") -> Backbone:
+    """Build the spec's model, its eval transform and its weights record.
 
-    Weights come from `weights` (a local open_clip or OpenAI checkpoint, fp16 or fp32,
-    read with `weights_only=True`), else from the spec's pretrained tag (downloaded
-    into the Hugging Face cache on first use), else the model is randomly initialised.
-    The tower is returned in eval mode with gradients off, on `device`. A random
-    initialisation is drawn from `init_seed` (without touching the global RNG), so a
-    random-init extraction can be reproduced later, e.g. by similarity.py.
+    `transform` is "library" (the library's own eval transform) or "paper" (the paper's
+    `Resize([224, 224])` with ImageNet mean and std, `transforms.paper_transform`, for every
+    model but CLIP's, which keep CLIP's own transform as the paper's code did).
+
+    Weights come from `weights` (a local checkpoint, read with `weights_only=True`), else
+    from the spec's pretrained tag (from the library's cache, downloaded on first use),
+    else the model is randomly initialised from `init_seed` (without touching the global
+    RNG), so a random-init extraction can be reproduced later, e.g. by similarity.py.
+    The model is returned in eval mode with gradients off, on `device`.
 
     Example:
         >>> bb = load_backbone(resolve_spec("tiny_rn"))
         >>> bb.transform.transforms[0].size
         64
     """
-    if spec.library != "open_clip":
-        from .zoo import load_zoo_backbone
+    if transform not in TRANSFORMS:
+        raise UserError(f"transform must be one of {', '.join(TRANSFORMS)}, not {transform!r}")
+    if spec.library == "open_clip":
+        backbone = clip_models.load_clip_backbone(spec, weights=weights, device=device, init_seed=init_seed)
+    else:
+        backbone = zoo.load_zoo_backbone(spec, weights=weights, device=device, init_seed=init_seed)
+    if transform == "paper" and spec.library != "open_clip":
+        backbone = replace(backbone, transform=paper_transform())
+    return replace(backbone, transform_choice=transform)
 
-        return load_zoo_backbone(spec, weights=weights, device=device, init_seed=init_seed)
-    import open_clip
 
-    register_local_configs()
-    preprocess = {}
-    if spec.pretrained:
-        cfg = open_clip.get_pretrained_cfg(spec.arch, spec.pretrained) or {}
-        # The tag's preprocessing, so a local file is read exactly as the tag would be.
-        preprocess = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-    path, source = weights_source(spec, weights, _download, init_seed)
+def probe_dims(spec: BackboneSpec) -> dict[str, int]:
+    """Tap -> pooled dimension, from the model built on the meta device (no weights, no arithmetic)."""
+    if spec.library == "open_clip":
+        model, _ = clip_models.build_tower(spec.arch, {}, "meta")
+        size = model.image_size if isinstance(model.image_size, tuple) else (model.image_size,) * 2
+    else:
+        with logging_disabled(logging.WARNING):
+            model, transform, _ = zoo.build_model(spec, None, on="meta")
+        if spec.library == "timm":
+            from timm.data import resolve_model_data_config
 
-    # open_clip logs its own "initialized randomly" warning; ours is printed by extract.py.
-    quiet = logging.WARNING if path is None else logging.NOTSET
-    with torch.random.fork_rng(devices=[]), _logging_disabled(quiet):
-        torch.manual_seed(init_seed)
-        model, _, transform = open_clip.create_model_and_transforms(
-            spec.arch, pretrained=None,
-            image_mean=preprocess.get("mean"), image_std=preprocess.get("std"),
-            image_interpolation=preprocess.get("interpolation"), image_resize_mode=preprocess.get("resize_mode"),
-        )
-    if path is not None:
-        _load_visual_weights(model.visual, read_state_dict(path), path, spec.arch)
-    visual = model.visual.eval().requires_grad_(False).to(device)
-    del model  # the text tower is not needed
-    taps = spec.taps or default_taps(visual)
-    validate_taps(visual, taps)
-    return Backbone(replace(spec, taps=tuple(taps)), visual, transform, source)
+            size = resolve_model_data_config(model)["input_size"][1:]
+        else:
+            size = (transform.crop_size[0],) * 2
+    taps = spec.taps or default_taps(model)
+    validate_taps(model, taps)
+    return {t.name: t.pooled_dim for t in tap_infos(model, taps, (3, *size))}
+
+
+def _cached(spec: BackboneSpec) -> str:
+    if spec.pretrained in (None, zoo.FILE_ONLY):
+        return "--weights only" if spec.pretrained == zoo.FILE_ONLY else "random init"
+    if spec.library == "open_clip":
+        return "cached" if clip_models.cached_weights(spec) else "not cached"
+    return "cached" if zoo.weights_location(spec)[2] else "not cached"
+
+
+def list_models(with_dims: bool = True) -> list[dict]:
+    """One row per zoo name (and the registry's extra names): library, identifier, tag, taps, dims, cache status."""
+    rows = []
+    for name in list(zoo.ZOO) + [n for n in BACKBONES if n not in zoo.ZOO]:
+        entry = zoo.ZOO.get(name)
+        if entry is not None and not entry.library:
+            rows.append({"name": name, "library": "-", "identifier": entry.identifier, "tag": "-", "taps": {},
+                         "status": entry.status, "cached": "-", "note": f"{entry.note}; use {entry.alternative}"})
+            continue
+        spec = zoo.zoo_spec(name) if entry is not None else BACKBONES[name]
+        dims = probe_dims(spec) if with_dims else {t: None for t in spec.taps or ()}
+        rows.append({"name": name, "library": spec.library, "identifier": spec.arch, "tag": spec.pretrained or "-",
+                     "taps": dims, "status": entry.status if entry else "available", "cached": _cached(spec),
+                     "note": entry.note if entry else ""})
+    return rows

@@ -13,7 +13,7 @@ Four ways to give the images (`-d`):
 In folders, hidden files and files without an image extension are ignored (and counted). In
 lists, a missing or unreadable file skips its item and is reported like an unreadable image;
 a duplicate name, the same pair twice, a path that is a folder, a missing column or no usable
-line at all is refused with the line numbers. Items are sorted by name.
+line at all is refused with the line numbers (`read_list`). Items are sorted by name.
 
 Example:
     >>> layout = discover("TLL")                      # doctest: +SKIP
@@ -23,8 +23,9 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset
 from .transforms import BadImage, is_image_file, load_image
 from toolkit.utils import UserError
 
-__all__ = ["Layout", "discover", "ImageItems"]
+__all__ = ["Layout", "discover", "read_list", "ImageItems"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class Layout:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def select(self, indices: Sequence[int]) -> "Layout":
+        """This layout with only the items at `indices` (kept in the order given; pass them sorted)."""
+        return replace(self, names=tuple(self.names[i] for i in indices),
+                       paths=None if self.paths is None else tuple(self.paths[i] for i in indices))
 
     def path(self, index: int, side: str) -> Path:
         if self.paths is not None:
@@ -76,8 +82,6 @@ def discover(root: str | Path) -> Layout:
     """Inspect `root` and return its `Layout`, or raise `UserError` saying what is wrong."""
     root = Path(root)
     if root.is_file() and root.suffix.lower() in (".csv", ".txt"):
-        from .image_lists import read_list
-
         return read_list(root)
     if root.is_file():
         raise UserError(f"dataset {root} is a file; give a folder, a .csv of pairs (left,right[,name]) or a .txt list "
@@ -108,6 +112,98 @@ def discover(root: str | Path) -> Layout:
     if not names:
         raise UserError(f"no images in {root} (expected DIR/left + DIR/right, or a folder of .jpg/.png images)")
     return Layout(root, "flat", ("feature",), tuple(names), tuple(ignored))
+
+
+# ---------------------------------------------------------------- lists: PAIRS.csv and IMAGES.txt
+
+def _lines_text(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    return text.splitlines()
+
+
+def _resolve(base: Path, text: str) -> Path:
+    p = Path(os.path.expanduser(text))
+    return p if p.is_absolute() else base / p
+
+
+def _check_path(path: Path, where: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{where}: {path} is a folder, not an image; list image files")
+
+
+def _refuse_duplicates(keys: dict, what: str, source: Path, hint: str) -> None:
+    repeated = {k: lines for k, lines in keys.items() if len(lines) > 1}
+    if repeated:
+        shown = "; ".join(f"{k!r} on lines {', '.join(map(str, v))}" for k, v in list(repeated.items())[:3])
+        more = f" (and {len(repeated) - 3} more)" if len(repeated) > 3 else ""
+        raise UserError(f"{source}: {what}: {shown}{more}; {hint}")
+
+
+def _read_csv(path: Path) -> tuple[list[tuple[str, tuple[str, ...], int]], tuple[str, ...]]:
+    lines = _lines_text(path)
+    if not any(ln.strip() for ln in lines):
+        raise UserError(f"{path} is empty; a pair list has a header line left,right[,name] and one pair a line")
+    reader = csv.reader(lines)
+    header = [h.strip() for h in next(reader)]
+    missing = [c for c in ("left", "right") if c not in header]
+    if missing:
+        raise UserError(f"{path} has no column {' or '.join(repr(c) for c in missing)} (header: {','.join(header)}); "
+                        f"the first line must name the columns left,right[,name]")
+    col = {c: header.index(c) for c in ("left", "right", "name") if c in header}
+    items = []
+    for lineno, row in enumerate(reader, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = {c: (row[i].strip() if i < len(row) else "") for c, i in col.items()}
+        empty = [c for c in ("left", "right") if not cells[c]]
+        if empty:
+            raise UserError(f"{path} line {lineno}: no {' and no '.join(empty)} path")
+        paths = tuple(str(_resolve(path.parent, cells[c])) for c in ("left", "right"))
+        for p in paths:
+            _check_path(Path(p), f"{path} line {lineno}")
+        items.append((cells.get("name") or Path(cells["left"]).name, paths, lineno))
+    if not items:
+        raise UserError(f"{path} has a header but no pairs")
+    same: dict[tuple[str, ...], list[int]] = {}
+    for _, paths, lineno in items:
+        same.setdefault(tuple(os.path.normpath(p) for p in paths), []).append(lineno)
+    _refuse_duplicates({" , ".join(k): v for k, v in same.items()}, "the same pair twice", path, "keep one line each")
+    return items, ("left", "right")
+
+
+def _read_txt(path: Path) -> tuple[list[tuple[str, tuple[str, ...], int]], tuple[str, ...]]:
+    items = []
+    for lineno, line in enumerate(_lines_text(path), start=1):
+        if not line.strip():
+            continue
+        p = _resolve(path.parent, line.strip())
+        _check_path(p, f"{path} line {lineno}")
+        items.append((p.name, (str(p),), lineno))
+    if not items:
+        raise UserError(f"{path} is empty; a gallery list has one image path a line")
+    return items, ("feature",)
+
+
+def read_list(path: str | os.PathLike) -> Layout:
+    """Read `PAIRS.csv` or `IMAGES.txt` into a `Layout` (items sorted by name), or raise `UserError`."""
+    path = Path(path)
+    items, sides = _read_csv(path) if path.suffix.lower() == ".csv" else _read_txt(path)
+    names: dict[str, list[int]] = {}
+    for name, _, lineno in items:
+        names.setdefault(name, []).append(lineno)
+    hint = "give each pair its own name in a 'name' column" if len(sides) == 2 else "rename the files"
+    _refuse_duplicates(names, "duplicate names", path, hint)
+    if not any(os.path.exists(p) for _, paths, _ in items for p in paths):
+        raise UserError(f"none of the {sum(len(p) for _, p, _ in items)} paths in {path} exists (relative paths "
+                        f"are taken from {path.parent.resolve()}); check the paths")
+    items.sort(key=lambda item: item[0])
+    return Layout(path, "pairs" if len(sides) == 2 else "flat", sides, tuple(n for n, _, _ in items),
+                  paths=tuple(p for _, p, _ in items), source=path.suffix.lower()[1:])
 
 
 class ImageItems(Dataset):

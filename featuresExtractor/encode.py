@@ -25,10 +25,13 @@ from PIL import Image
 
 from toolkit.utils import UserError
 
-from .backbones import Backbone, file_sha256, load_backbone, resolve_spec
+from toolkit.hashing import file_sha256
+
+from .backbone_base import Backbone
+from .backbones import load_backbone, resolve_spec
 from .extractor import CPU_SLICE, FeatureExtractor
 from .pca import PCAParams, load_pca
-from .pipeline import read_manifest
+from .manifest import read_manifest, transform_choice
 from .processor import Processor, pca_stems, project
 
 __all__ = ["Encoder", "model_taps"]
@@ -77,9 +80,10 @@ class Encoder:
                 raise UserError(f"the extraction used weights {source['path']}, which is gone; pass the file again")
             if file_sha256(path) != source["sha256"]:
                 raise UserError(f"{path} is not the weights file the features were extracted with (sha256 differs)")
-            backbone = load_backbone(spec, weights=path, device=device)
+            backbone = load_backbone(spec, weights=path, device=device, transform=transform_choice(manifest))
         else:
-            backbone = load_backbone(spec, device=device, init_seed=int(source.get("seed", 0)))
+            backbone = load_backbone(spec, device=device, init_seed=int(source.get("seed", 0)),
+                                     transform=transform_choice(manifest))
             if source.get("sha256") and backbone.weights.get("sha256") not in (None, source["sha256"]):
                 raise UserError(f"the cached {spec.arch} '{spec.pretrained}' weights differ from the extraction's")
         p = manifest["processor"]

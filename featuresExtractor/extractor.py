@@ -1,8 +1,8 @@
 """One feature-extractor object: a backbone, its transform and taps, and what each tap gives.
 
 `FeatureExtractor(backbone, precision, channels_last)` is built once from a loaded backbone;
-it runs one blank image through the taps to learn each tap's shape (`FeatureInfo`, as timm's
-`FeatureInfo`), and turns images into per-tap features: pooled `(n, C)` vectors, or the raw
+it learns each tap's shape from one forward on the meta device, without arithmetic (`FeatureInfo`,
+as timm's `FeatureInfo`), and turns images into per-tap features: pooled `(n, C)` vectors, or the raw
 tap outputs. Both extract() (`featuresExtractor.pipeline`) and the `Encoder`
 (`featuresExtractor.encode`) use it, so the model, hooks, precision, memory format and the
 forward in slices are wired in one place.
@@ -30,12 +30,12 @@ from tqdm.auto import tqdm
 
 from toolkit.utils import UserError
 
-from .backbones import EMBEDDING, Backbone
+from .backbone_base import Backbone
 from .pooling import global_avg_pool
-from .taps import Taps
+from .taps import EMBEDDING, TapInfo, Taps, tap_infos
 from .transforms import load_image, to_rgb
 
-__all__ = ["CPU_SLICE", "PRECISIONS", "TapInfo", "FeatureInfo", "FeatureExtractor", "Forwarder", "embedding_tap"]
+__all__ = ["CPU_SLICE", "PRECISIONS", "FeatureInfo", "FeatureExtractor", "Forwarder", "embedding_tap"]
 
 CPU_SLICE = 32
 """On the CPU large batches only cost memory, so the forward runs in slices of this many images."""
@@ -52,15 +52,6 @@ def embedding_tap(taps: Sequence[str]) -> str | None:
 
 
 @dataclass(frozen=True)
-class TapInfo:
-    """One tap: its module path, raw output shape (without the batch axis) and pooled dimension."""
-
-    name: str
-    shape: tuple[int, ...]
-    pooled_dim: int
-
-
-@dataclass(frozen=True)
 class FeatureInfo:
     """What a backbone's taps give, learnt once from one blank image of the model's input shape."""
 
@@ -69,12 +60,16 @@ class FeatureInfo:
 
     @classmethod
     def probe(cls, backbone: Backbone, image_shape: Sequence[int]) -> "FeatureInfo":
-        """Run one blank `image_shape` image through the taps."""
-        device = next(backbone.visual.parameters()).device
-        with Taps(backbone.visual, backbone.spec.taps) as taps, torch.inference_mode():
-            out = taps(torch.zeros(1, *image_shape, device=device))
-        return cls(tuple(TapInfo(name, tuple(t.shape[1:]), int(global_avg_pool(t).shape[1])) for name, t in out.items()),
-                   tuple(image_shape))
+        """Learn each tap's shape for one `image_shape` image.
+
+        On the meta device (`taps.tap_infos`: the library's own forward, no arithmetic) wherever the
+        model runs there; else by one real forward of a blank image.
+        """
+        try:
+            infos = tap_infos(backbone.visual, backbone.spec.taps, image_shape)
+        except (RuntimeError, NotImplementedError):  # the model cannot run on the meta device: compute once
+            infos = tap_infos(backbone.visual, backbone.spec.taps, image_shape, meta=False)
+        return cls(infos, tuple(image_shape))
 
     @property
     def names(self) -> list[str]:

@@ -3,7 +3,8 @@
 `extract(config, backbone)` is what extract.py runs once it has parsed its
 arguments and loaded the backbone. It is resumable: finished batches are kept in
 `MODEL/.partial/`, and the final files plus `manifest.json` (written last) appear
-only when every image has been seen. The manifest is written and read (`read_manifest`) here.
+only when every image has been seen. The manifest's content and format are
+`featuresExtractor.manifest`'s.
 
 Example:
     >>> from featuresExtractor.backbones import load_backbone, resolve_spec
@@ -16,36 +17,32 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import hashlib
-import os
-import platform
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from toolkit.lock import folder_lock
+from toolkit.utils import UserError, default_workers, save_npy
+
+from .backbone_base import Backbone
 from .dataset import ImageItems, Layout, discover
 from toolkit.distributed import Ranks
-from .backbones import Backbone, file_sha256
 from .extractor import FeatureExtractor
+from .manifest import (MANIFEST, build_manifest, damaged_outputs, file_digest, fingerprint, read_manifest_file, swap_in,
+                       write_manifest)
 from .merge import write_outputs
-from .processor import PROCESSORS, Processor, check_components, parse_processor
-from toolkit.lock import folder_lock
+from .processor import Processor, check_components, parse_processor
 from .store import ChunkStore
-from .transforms import DECODE, hflip
-from toolkit.utils import UserError, default_workers, read_json, save_npy, write_json
+from .subset import describe_subset, match_subset, read_subset
+from .transforms import hflip
 
-__all__ = ["ExtractConfig", "Report", "extract", "MANIFEST", "read_manifest", "file_digest"]
-
-MANIFEST = "manifest.json"
-FORMAT = "featuresExtractor/1"
+__all__ = ["ExtractConfig", "Report", "extract", "dataset_items"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +62,7 @@ class ExtractConfig:
     strict: bool = False
     overwrite: bool = False
     progress: bool = True
+    subset: str | None = None  # a subset file (featuresExtractor.subset): only the items it names
 
     def __post_init__(self) -> None:
         # Checked on construction, so extract.py refuses bad values before it loads a model.
@@ -88,27 +86,20 @@ class Report:
     resumed_items: int = 0
 
 
-def _versions() -> dict[str, str]:
-    import open_clip
-    import PIL
-    import sklearn
+def dataset_items(dataset: str, subset: str | None = None) -> tuple[Layout, list[str]]:
+    """(the items to extract, the subset's names the dataset lacks): every item, or those a subset file names.
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "numpy": np.__version__, "scikit-learn": sklearn.__version__, "pillow": PIL.__version__}
-
-
-def _fingerprint(cfg: ExtractConfig, backbone: Backbone, proc: Processor, layout: Layout) -> dict:
-    # Only what changes the numbers: batch size, workers and device do not.
-    weights = {k: v for k, v in backbone.weights.items() if k in ("source", "tag", "sha256", "seed")}
-    # Chunks refer to items by position in the sorted name list, so the list itself must not change
-    # under a resumed run: its hash is part of the configuration.
-    items = {"count": len(layout), "names_sha256": hashlib.sha256("\n".join(layout.names).encode()).hexdigest()}
-    if layout.paths is not None:  # a list: where each item's files are is part of what was extracted
-        items["paths_sha256"] = hashlib.sha256("\n".join("\t".join(p) for p in layout.paths).encode()).hexdigest()
-    return {"dataset": str(layout.root.resolve()), "items": items, "model": backbone.spec.name, "arch": backbone.spec.arch,
-            "weights": weights, "taps": list(backbone.spec.taps), "processor": proc.name,
-            "n_components": proc.n_components, "normalize": proc.normalize, "data_aug": cfg.data_aug,
-            "precision": cfg.precision, "exif_orientation": True}
+    Raises `UserError` for a bad dataset or subset file, and when the subset keeps no item.
+    """
+    layout = discover(dataset)
+    if subset is None:
+        return layout, []
+    wanted = read_subset(subset)
+    kept, missing = match_subset(layout.names, wanted)
+    if not kept:
+        raise UserError(f"none of the {len(wanted)} names in subset file {subset} is an item of {dataset} "
+                        f"(e.g. {wanted[0]!r}; items are named like {layout.names[0]!r})")
+    return layout.select(kept), missing
 
 
 def _check_disk(out_dir: Path, n_items: int, per_item_values: int) -> int:
@@ -124,123 +115,7 @@ def _check_disk(out_dir: Path, n_items: int, per_item_values: int) -> int:
     return need
 
 
-#: What a reader may rely on in a manifest: key -> type, nested for dicts (checked by `_checked_manifest`).
-_MANIFEST_SHAPE = {
-    "config": dict, "outputs": dict,
-    "processor": {"name": str, "n_components": (int, type(None)), "normalize": (str, type(None))},
-    "model": {"name": str, "pretrained": (str, type(None)), "weights": {"source": str}, "taps": list},
-    "dataset": {"path": str, "kind": str},
-}
-
-
-def _check_shape(obj, shape, where: str, path) -> None:
-    for key, want in shape.items():
-        if key not in obj:
-            raise UserError(f"{path} is not an extract.py manifest: {where}{key} is missing; delete the folder it "
-                            f"describes (or pass --overwrite) and extract again")
-        if isinstance(want, dict):
-            if not isinstance(obj[key], dict):
-                raise UserError(f"{path} is damaged: {where}{key} should be an object, not {type(obj[key]).__name__}")
-            _check_shape(obj[key], want, f"{where}{key}.", path)
-        elif not isinstance(obj[key], want):
-            raise UserError(f"{path} is damaged: {where}{key} has the wrong type ({type(obj[key]).__name__})")
-
-
-def _checked_manifest(path: Path) -> dict:
-    """Read `path` (a manifest.json) and check the structure its readers rely on.
-
-    Raises `UserError`, naming the file, for a damaged file or one of the wrong shape: not an
-    object, a missing or mistyped key, an output that is not a plain name inside the folder.
-    """
-    obj = read_json(path)
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} is damaged: it holds a JSON {type(obj).__name__}, not an object")
-    _check_shape(obj, _MANIFEST_SHAPE, "", path)
-    for rel, info in obj["outputs"].items():
-        if not isinstance(info, dict) or not _inside(Path(path).parent, rel):
-            raise UserError(f"{path} is damaged: output {rel!r} is not a file inside {Path(path).parent}")
-    taps = obj["model"]["taps"]
-    if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("pooled_dim"), int)
-               for t in taps):
-        raise UserError(f"{path} is damaged: model.taps should list objects with a name and a pooled_dim")
-    proc = obj["processor"]
-    if proc["name"] not in PROCESSORS:
-        raise UserError(f"{path} is damaged: processor.name {proc['name']!r} is not one of {', '.join(PROCESSORS)}")
-    if PROCESSORS[proc["name"]][0] and not (proc["n_components"] or 0) > 0:
-        raise UserError(f"{path} is damaged: processor {proc['name']} needs a positive n_components, not "
-                        f"{proc['n_components']!r}")
-    weights = obj["model"]["weights"]
-    if weights["source"] == "file" and not all(isinstance(weights.get(k), str) for k in ("path", "sha256")):
-        raise UserError(f"{path} is damaged: model.weights should record the file's path and sha256")
-    if obj.get("precision", "fp32") not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"{path} is damaged: precision {obj.get('precision')!r} is not fp32, bf16 or fp16")
-    for rel, info in obj["outputs"].items():
-        if info.get("kind") == "features" and not isinstance(info.get("dim"), int):
-            raise UserError(f"{path} is damaged: output {rel!r} has no integer dim")
-        if info.get("kind") == "raw" and not (isinstance(info.get("rows"), dict) and isinstance(info.get("shapes"), dict)):
-            raise UserError(f"{path} is damaged: output {rel!r} should list its rows and shapes")
-    return obj
-
-
-def _inside(folder: Path, rel: str) -> bool:
-    """True when `rel` names something strictly inside `folder` (no absolute path, no `..`, no link out)."""
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        return False
-    base = folder.resolve()
-    target = (folder / rel).resolve()
-    return target != base and base in target.parents
-
-
-def file_digest(path: Path) -> dict:
-    """Size and sha256 of an output file, as the manifest records them."""
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-
-def _damaged_outputs(out_dir: Path, manifest: dict) -> list[str]:
-    """Outputs the manifest lists that are missing or differ from what it recorded."""
-    bad = []
-    for rel, info in manifest["outputs"].items():
-        target = out_dir / rel
-        if info.get("kind") == "raw":
-            rows, taps = info["rows"], info["shapes"]
-            if not all((target / tap / f"{row}.npy").is_file() for tap in taps for row in rows):
-                bad.append(f"{rel} (missing row files)")
-        elif not target.is_file():
-            bad.append(f"{rel} (missing)")
-        elif "bytes" in info and target.stat().st_size != info["bytes"]:
-            bad.append(f"{rel} (size changed)")
-        elif "sha256" in info and file_digest(target)["sha256"] != info["sha256"]:
-            bad.append(f"{rel} (contents changed)")
-    return bad
-
-
-def _swap_in(out_dir: Path, staged: Path, raw: Path, outputs: dict, replaced: list[str]) -> None:
-    """Put the staged outputs and manifest in place of the earlier ones: renames only, no new disk.
-
-    The old manifest goes first, so an interruption in between leaves a folder without a manifest
-    (never reported done) whose .partial still holds every chunk: a re-run resumes and finishes.
-    """
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    for rel in set(replaced) - set(outputs):
-        if _inside(out_dir, rel):  # never anything outside the output folder, whatever a manifest says
-            _remove(out_dir / rel)
-    for rel in outputs:
-        source, target = (raw if rel == "raw" else staged / rel), out_dir / rel
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(source, target)
-    os.replace(staged / MANIFEST, out_dir / MANIFEST)
-
-
-def _remove(target: Path) -> None:
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
-
-
-def _prepare_out_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple[bool, list[str]]:
+def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> tuple[bool, list[str]]:
     """(already done, outputs of an earlier configuration that --overwrite will replace).
 
     Those outputs stay in place until the new results are written, so a run that fails
@@ -249,9 +124,9 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple
     manifest = out_dir / MANIFEST
     replaced: list[str] = []
     if manifest.is_file() or manifest.is_symlink():
-        old = _checked_manifest(manifest)
-        if old["config"] == fingerprint and not overwrite:
-            damaged = _damaged_outputs(out_dir, old)
+        old = read_manifest_file(manifest)
+        if old["config"] == config and not overwrite:
+            damaged = damaged_outputs(out_dir, old)
             if not damaged:
                 return True, []
             # Not done after all: say so, and rebuild them (the old files stay until the new ones are whole).
@@ -259,13 +134,13 @@ def _prepare_out_dir(out_dir: Path, fingerprint: dict, overwrite: bool) -> tuple
                   f"extracting again", file=sys.stderr)
             return False, list(old["outputs"])
         if not overwrite:
-            changed = sorted(k for k in fingerprint if old["config"].get(k) != fingerprint[k])
+            changed = sorted(k for k in {*config, *old["config"]} if old["config"].get(k) != config.get(k))
             raise UserError(f"{out_dir} already holds features from another configuration (differs in: "
                             f"{', '.join(changed)}); pass --overwrite to replace them or choose another -s")
         replaced = list(old["outputs"])
     store = ChunkStore(out_dir / ".partial")
     previous = store.config()
-    if previous is not None and previous != fingerprint:
+    if previous is not None and previous != config:
         if not overwrite:
             raise UserError(f"{out_dir} holds an interrupted run with another configuration; re-run that command "
                             f"to finish it, or pass --overwrite to discard it")
@@ -350,12 +225,12 @@ def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layo
     return len(shard) - len(todo)
 
 
-def _start_store(out_dir: Path, fingerprint: dict) -> bool:
+def _start_store(out_dir: Path, config: dict) -> bool:
     """Create the chunk store before any rank writes into it; whether it is new."""
     store = ChunkStore(out_dir / ".partial")
     if store.folder.exists():
         return False
-    store.start(fingerprint)
+    store.start(config)
     return True
 
 
@@ -366,43 +241,12 @@ def _drop_fresh_store(out_dir: Path) -> None:
         out_dir.rmdir()
 
 
-def _manifest(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, fingerprint: dict,
-              kept: list[int], skipped: dict[int, str], outputs: dict[str, dict]) -> dict:
-    """The manifest.json of a finished extraction (written last: its presence means done)."""
-    backbone, n_flips = fx.backbone, 2 if cfg.data_aug else 1
-    return {
-        "format": FORMAT,
-        "config": fingerprint,
-        "random_init": backbone.weights["source"] == "random-init",
-        "model": {"name": backbone.spec.name, "arch": backbone.spec.arch, "pretrained": backbone.spec.pretrained,
-                  "library": backbone.spec.library, "identifier": backbone.spec.arch,
-                  "weights": backbone.weights, "embedding_tap": fx.info.embedding,
-                  "taps": [{"name": t.name, "shape": list(t.shape), "pooled_dim": t.pooled_dim} for t in fx.info.taps],
-                  "transform": repr(backbone.transform)},
-        "processor": {"name": proc.name, "n_components": proc.n_components, "normalize": proc.normalize},
-        "augmentation": {"hflip": cfg.data_aug, "applied_to": "preprocessed tensor"},
-        "decode": DECODE,
-        "precision": cfg.precision, "device": str(fx.device), "channels_last": cfg.channels_last,
-        "batch_size": cfg.batch_size,
-        "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "source": layout.source,
-                    "sides": list(layout.sides),
-                    "ignored_files": list(layout.ignored)},
-        "counts": {"items_found": len(layout), "items_kept": len(kept), "items_skipped": len(skipped),
-                   "rows_per_file": len(kept) * n_flips,
-                   "images_seen": len(layout) * len(layout.sides) * n_flips},
-        "skipped": [{"name": layout.names[i], "reason": r} for i, r in sorted(skipped.items())],
-        "outputs": outputs,
-        "versions": _versions(),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
-            fingerprint: dict, replaced: list[str], report: Report, ranks: Ranks) -> None:
+            config: dict, replaced: list[str], report: Report, ranks: Ranks) -> None:
     """Turn the chunk store into the output files and the manifest; remove what they replace."""
     store = ChunkStore(out_dir / ".partial")
     if not store.folder.exists():  # nothing left to do and no chunks: an empty resume
-        store.start(fingerprint)
+        store.start(config)
     rows = store.rows()
     kept_list, skipped = rows.kept.tolist(), rows.skipped
     if not proc.pooled:
@@ -428,11 +272,15 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
         outputs = {"raw": {"kind": "raw", "dtype": "float16", "layout": "raw/{tap}/{row:06d}.npy",
                            "axes": ["side", "flip", "..."], "shapes": {k: list(v) for k, v in fx.info.shapes.items()},
                            "rows": {f"{i:06d}": layout.names[i] for i in kept_list}}}
-    manifest = _manifest(cfg, fx, proc, layout, fingerprint, kept_list, skipped, outputs)
+    subset = None if cfg.subset is None else {**describe_subset(cfg.subset, read_subset(cfg.subset)),
+                                              "items_kept": len(layout)}
+    manifest = build_manifest(config, fx.backbone, fx.info, proc, layout, kept_list, skipped, outputs,
+                              data_aug=cfg.data_aug, precision=cfg.precision, device=str(fx.device),
+                              channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset)
     manifest["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
                                "shards": ranks.layout(len(layout)), "shard_rule": "contiguous ranges of the sorted items"}
-    write_json(staged / MANIFEST, manifest)
-    _swap_in(out_dir, staged, store.folder / "raw", outputs, replaced)
+    write_manifest(staged, manifest)
+    swap_in(out_dir, staged, store.folder / "raw", outputs, replaced)
     store.remove()
     report.outputs = [str(out_dir / rel) for rel in outputs] + [str(out_dir / MANIFEST)]
 
@@ -462,16 +310,16 @@ def extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks = Ranks()) -> R
 
 def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: contextlib.ExitStack) -> Report:
     proc = parse_processor(cfg.processor, cfg.normalize)
-    layout = discover(cfg.dataset)
+    layout, _ = dataset_items(cfg.dataset, cfg.subset)  # extract.py says which subset names are missing
     ranks.check_items(len(layout))
     fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
     out_dir = _out_dir(cfg, fx, proc, layout, 2 if cfg.data_aug else 1)
-    fingerprint = _fingerprint(cfg, backbone, proc, layout)
+    config = fingerprint(backbone, proc, layout, cfg.data_aug, cfg.precision)
     report = Report(out_dir=out_dir, n_items=len(layout))
 
     def prepare() -> tuple[bool, list[str], bool]:
         held.enter_context(folder_lock(out_dir, "-s"))
-        done_before, replaced = _prepare_out_dir(out_dir, fingerprint, cfg.overwrite)
+        done_before, replaced = _prepare_out_dir(out_dir, config, cfg.overwrite)
         if done_before:
             return True, [], False
         store = ChunkStore(out_dir / ".partial")
@@ -482,7 +330,7 @@ def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: context
         if not proc.pooled:
             _check_disk(out_dir, left, sum(int(np.prod(s)) for s in fx.info.shapes.values())
                         * len(layout.sides) * (2 if cfg.data_aug else 1))
-        return False, replaced, _start_store(out_dir, fingerprint)
+        return False, replaced, _start_store(out_dir, config)
 
     # Rank 0 alone looks at, locks and prepares the output folder; the others wait for its verdict.
     done_before, replaced, fresh = ranks.agree(prepare)
@@ -496,15 +344,5 @@ def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: context
             _drop_fresh_store(out_dir)
         raise
     if ranks.rank == 0:
-        _finish(cfg, fx, proc, layout, out_dir, fingerprint, replaced, report, ranks)
+        _finish(cfg, fx, proc, layout, out_dir, config, replaced, report, ranks)
     return report
-
-
-def read_manifest(features_path: str | os.PathLike) -> dict:
-    """The extraction manifest beside a features file, its structure checked; a `UserError` naming it if it
-    is missing, damaged or of the wrong shape."""
-    path = Path(features_path).parent / MANIFEST
-    if not (path.exists() or path.is_symlink()):
-        raise UserError(f"no {MANIFEST} beside {features_path}: it was not written by extract.py, or was moved "
-                        f"without its manifest")
-    return _checked_manifest(path)

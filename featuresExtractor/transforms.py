@@ -1,10 +1,10 @@
 """Preprocessing and augmentation: image decoding to RGB, and the horizontal flip.
 
-The resize, crop and normalisation are never written here: they come with the
-model, from open_clip (`models.load_backbone` returns the eval transform; for
+The resize, crop and normalisation come with the model, from open_clip (`backbones.load_backbone` returns the eval transform; for
 RN50x4 that is a 288 px bicubic resize of the shortest side, a centre crop and the
-OpenAI mean/std). This module only makes sure every image reaches that transform
-as 8-bit RGB, upright, and flips the *preprocessed* tensor for `--data-aug`.
+OpenAI mean/std), timm or torchvision. The one written here is the paper's own
+(`paper_transform`, for `--transform paper`). This module also makes sure every image
+reaches the transform as 8-bit RGB, upright, and flips the *preprocessed* tensor for `--data-aug`.
 
 Upright means the EXIF orientation tag is applied (`PIL.ImageOps.exif_transpose`), so a
 phone photo is encoded as it is displayed. This is a deliberate difference from the
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTENSIONS", "DECODE", "is_image_file", "to_rgb", "load_image", "hflip", "BadImage"]
+__all__ = ["IMAGE_EXTENSIONS", "DECODE", "TRANSFORMS", "IMAGENET_MEAN", "IMAGENET_STD", "paper_transform", "is_image_file",
+           "to_rgb", "load_image", "hflip", "BadImage"]
 
 #: File extensions treated as images; anything else in a dataset folder is ignored.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -35,6 +36,25 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".t
 
 #: How `load_image` decodes, as recorded in the manifest.
 DECODE = {"exif_orientation": "applied (PIL.ImageOps.exif_transpose)", "mode": "RGB, alpha composited on white"}
+
+
+#: `--transform` choices: each library's own eval transform, or the paper's for every non-CLIP model.
+TRANSFORMS = ("library", "paper")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def paper_transform():
+    """The transform the paper's code gave every non-CLIP model (its transforms.py).
+
+    `ToTensor`, then `Resize([224, 224])` (a squeeze to a square: no crop, the aspect not
+    kept) on the tensor, then ImageNet mean and std. The resize is bilinear without
+    antialiasing, as torchvision resized tensors when the paper ran (antialias=False was the
+    default for tensors before torchvision 0.17).
+    """
+    from torchvision import transforms as T
+
+    return T.Compose([T.ToTensor(), T.Resize([224, 224], antialias=False), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class BadImage(Exception):

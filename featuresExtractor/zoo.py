@@ -3,10 +3,34 @@
 The paper's code defined 37 extractors, most loaded through `torch.hub`
 repositories with taps picked by child index. `ZOO` maps each name to the
 maintained equivalent: an open_clip architecture and tag, a timm model and
-pretrained tag, or a torchvision builder and weights enum, with the taps named by
-module path (ResNet stages `layer1`..`layer4`, the pre-logits features where the
-paper took index -2, DINO's head output). `zoo_table()` renders the table below
-from `ZOO`, so the docs cannot drift from the code.
+pretrained tag, or a torchvision builder and weights enum, with the paper's own
+taps named by module path. `zoo_table()` renders the table below from `ZOO`, so
+the docs cannot drift from the code.
+
+## The paper's taps, as module paths of today's models
+
+The paper's code names a tap by attribute (`layer1`) or by position in
+`named_modules()` (`-2`: the module just before the classifier), positions that hold only
+for the library versions it ran. Each is named here by the module of today's model
+that outputs the same thing:
+
+- CLIP ResNets: `layer1`..`layer4` and `attnpool`, as the paper lists them.
+- `clip_vit32_b`: `ln_post`. OpenAI's ViT applies `ln_post` to the class token before the
+  projection, so the paper's tap is that 768-d token, not the 512-d embedding. open_clip applies
+  `ln_post` to the whole token sequence unless `final_ln_after_pool`; the tower is built with that
+  flag (`clip_models.build_tower`), which leaves the embedding as it was (LayerNorm acts on each
+  token alone and the class token is what is pooled), and `ln_post` then outputs the class token.
+- torchvision ResNets and the semi/weakly and self-supervised ResNets: `layer1`..`layer4`.
+- `alexnet`: `features`, the conv trunk (256 channels pooled); the paper took no classifier tap.
+- `efficientnet_b0`..`b3`: the paper's `[-2]` is the pooled pre-logits of gen-efficientnet; in timm's
+  EfficientNet that is `global_pool` (after `conv_head`, `bn2`; before `classifier`): 1280-d for b0.
+- BiT: `[6, 44, 93, -6]` (`137` for R152) are `stages.0`, `stages.1`, `stages.2` and the final
+  `norm` (the fourth stage after its norm).
+- `ViT`: `[-2]` is the pooled class token before the head: timm's `head_drop` (after `fc_norm`).
+- DINO's ViTs: `head`; DINO's hub models and timm's `.dino` tags both have an identity head, so it
+  outputs the class token (384-d for DeiT-S, 768-d for ViT-B).
+
+`--layers` picks any other modules.
 
 Beyond the 37 names, any timm model (`timm:NAME[.TAG]` or a bare timm name) and
 any torchvision model (`torchvision:NAME`, or a bare name timm does not know)
@@ -16,9 +40,10 @@ works, with `--layers` choosing the taps (default: the last four stages timm's
 Weights: timm's come from the Hugging Face cache (`HF_HUB_OFFLINE=1` honoured),
 torchvision's from the torch hub cache (`TORCH_HOME`), or from `--weights FILE`
 for both (read with `weights_only=True`); `--pretrained none` is a random
-initialisation from a fixed seed. The eval transform is always the library's own:
+initialisation from a fixed seed. The eval transform is the library's own by default:
 `timm.data.resolve_model_data_config` + `timm.data.create_transform`, or the
-torchvision weights enum's `transforms()`.
+torchvision weights enum's `transforms()`; `--transform paper` gives the paper's
+(`featuresExtractor.transforms.paper_transform`).
 
 Example:
     >>> ZOO["resnet50_swsl"].identifier, ZOO["resnet50_swsl"].tag
@@ -33,27 +58,26 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
 
-from .backbones import (EMBEDDING, Backbone, BackboneSpec, _logging_disabled, hf_cache_dir, read_state_dict, validate_taps,
-                     weights_source)
 from toolkit.utils import UserError
 
-__all__ = ["ZooEntry", "ZOO", "FILE_ONLY", "zoo_spec", "other_spec", "load_zoo_backbone", "weights_location",
-           "probe_dims", "zoo_table", "list_models"]
+from .backbone_base import (Backbone, BackboneSpec, assignable, build_and_load, hf_cache_dir, logging_disabled, read_state_dict,
+                            weights_source)
+from .taps import CLIP_RESNET_TAPS, RESNET_STAGES, default_taps, validate_taps
+
+__all__ = ["ZooEntry", "ZOO", "FILE_ONLY", "zoo_spec", "other_spec", "load_zoo_backbone", "build_model",
+           "weights_location", "zoo_table"]
 
 #: The `pretrained` value of a spec whose weights exist only as a file the user passes with --weights.
 FILE_ONLY = "file"
 
-RESNET = ("layer1", "layer2", "layer3", "layer4")
-EFFICIENTNET = ("blocks.1", "blocks.2", "blocks.4", "blocks.6", "global_pool")
+EFFICIENTNET = ("global_pool",)  # the pre-logits alone: the module before the classifier, the paper's [-2]
 BIT = ("stages.0", "stages.1", "stages.2", "norm")
 VIT = ("head_drop",)  # the pre-logits: pooled class token after the final norm
 DINO_VIT = ("head",)  # timm's .dino weights have no classifier: the head is DINO's own output (the class token)
-CLIP_RN = ("layer1", "layer2", "layer3", "layer4", "attnpool")
 
 
 @dataclass(frozen=True)
@@ -95,16 +119,16 @@ _EFF = ("TF-ported AutoAugment ImageNet weights, the checkpoints efficientnet_py
         "pre-logits = global_pool after conv_head")
 
 ZOO: dict[str, ZooEntry] = dict([
-    _e("clip_rn50", "CLIP", "open_clip", "RN50", "openai", CLIP_RN, "clip.load('RN50')"),
-    _e("clip_rn101", "CLIP", "open_clip", "RN101", "openai", CLIP_RN, "clip.load('RN101')"),
-    _e("clip_rn50x4", "CLIP", "open_clip", "RN50x4", "openai", CLIP_RN, "clip.load('RN50x4')",
+    _e("clip_rn50", "CLIP", "open_clip", "RN50", "openai", CLIP_RESNET_TAPS, "clip.load('RN50')"),
+    _e("clip_rn101", "CLIP", "open_clip", "RN101", "openai", CLIP_RESNET_TAPS, "clip.load('RN101')"),
+    _e("clip_rn50x4", "CLIP", "open_clip", "RN50x4", "openai", CLIP_RESNET_TAPS, "clip.load('RN50x4')",
        "the published pipeline"),
-    _e("clip_vit32_b", "CLIP", "open_clip", "ViT-B-32", "openai", (EMBEDDING,), "clip.load('ViT-B/32')"),
+    _e("clip_vit32_b", "CLIP", "open_clip", "ViT-B-32", "openai", ("ln_post",), "clip.load('ViT-B/32')",
+       "ln_post: the 768-d class token before the projection, as OpenAI's ViT applies ln_post"),
     *[_e(f"resnet{d}", "torchvision ImageNet", "torchvision", f"resnet{d}", f"ResNet{d}_Weights.IMAGENET1K_V1",
-         RESNET, f"torchvision.models.resnet{d}(pretrained=True)") for d in (18, 34, 50, 101, 152)],
+         RESNET_STAGES, f"torchvision.models.resnet{d}(pretrained=True)") for d in (18, 34, 50, 101, 152)],
     _e("alexnet", "torchvision ImageNet", "torchvision", "alexnet", "AlexNet_Weights.IMAGENET1K_V1",
-       ("features", "classifier.5"), "torchvision.models.alexnet(pretrained=True)",
-       "classifier.5 is the 4096-d pre-logits (fc7 after its ReLU)"),
+       ("features",), "torchvision.models.alexnet(pretrained=True)", "the conv trunk only, as the paper tapped it"),
     *[_e(f"efficientnet_b{i}", "EfficientNet", "timm", f"tf_efficientnet_b{i}", "aa_in1k", EFFICIENTNET,
          f"efficientnet_pytorch EfficientNet.from_pretrained('efficientnet-b{i}')", _EFF) for i in range(4)],
     *[_e(f"BiT-M-{arch}_in21k", "Big Transfer", "timm", f"resnetv2_{arch[1:].lower()}_bit", "goog_in21k", BIT,
@@ -113,26 +137,26 @@ ZOO: dict[str, ZooEntry] = dict([
       for arch in ("R50x1", "R50x3", "R101x1", "R101x3", "R152x2", "R152x4")],
     _e("ViT", "ViT", "timm", "vit_base_patch16_224", "orig_in21k_ft_in1k", VIT, "timm vit_base_patch16_224 (2021)",
        "the 2021 default weights (Google's in21k fine-tuned on in1k); timm's default tag is now augreg2"),
-    _e("resnet50_swsl", "semi/weakly supervised", "timm", "resnet50", "fb_swsl_ig1b_ft_in1k", RESNET, _SWSL),
+    _e("resnet50_swsl", "semi/weakly supervised", "timm", "resnet50", "fb_swsl_ig1b_ft_in1k", RESNET_STAGES, _SWSL),
     _e("resnext101_32x8d_swsl", "semi/weakly supervised", "timm", "resnext101_32x8d", "fb_swsl_ig1b_ft_in1k",
-       RESNET, _SWSL),
+       RESNET_STAGES, _SWSL),
     _e("resnext101_32x16d_swsl", "semi/weakly supervised", "timm", "resnext101_32x16d", "fb_swsl_ig1b_ft_in1k",
-       RESNET, _SWSL),
-    _e("resnet50_ssl", "semi/weakly supervised", "timm", "resnet50", "fb_ssl_yfcc100m_ft_in1k", RESNET, _SWSL),
+       RESNET_STAGES, _SWSL),
+    _e("resnet50_ssl", "semi/weakly supervised", "timm", "resnet50", "fb_ssl_yfcc100m_ft_in1k", RESNET_STAGES, _SWSL),
     _e("resnext101_32x8d_ssl", "semi/weakly supervised", "timm", "resnext101_32x16d", "fb_ssl_yfcc100m_ft_in1k",
-       RESNET, _SWSL, "the paper's code defines this key twice and the second, which wins, loads the 32x16d model: "
+       RESNET_STAGES, _SWSL, "the paper's code defines this key twice and the second, which wins, loads the 32x16d model: "
        "mapped to what the paper ran; timm:resnext101_32x8d.fb_ssl_yfcc100m_ft_in1k is the 32x8d"),
     *[_e(f"resnext101_32x{w}d_wsl", "semi/weakly supervised", "timm", f"resnext101_32x{w}d", "fb_wsl_ig1b_ft_in1k",
-         RESNET, _WSL) for w in (8, 16, 32)],
-    _e("resnext101_32x48d_wsl", "semi/weakly supervised", "", "resnext101_32x48d", None, RESNET, _WSL,
+         RESNET_STAGES, _WSL) for w in (8, 16, 32)],
+    _e("resnext101_32x48d_wsl", "semi/weakly supervised", "", "resnext101_32x48d", None, RESNET_STAGES, _WSL,
        "neither timm (which dropped ig_resnext101_32x48d) nor torchvision ships the 32x48d WSL model",
        "resnext101_32x32d_wsl, the largest WSL model timm ships"),
-    _e("barlow", "self-supervised", "torchvision", "resnet50", FILE_ONLY, RESNET,
+    _e("barlow", "self-supervised", "torchvision", "resnet50", FILE_ONLY, RESNET_STAGES,
        "torch.hub facebookresearch/barlowtwins resnet50",
        "a torchvision ResNet-50 whose weights only Facebook's repository publishes (neither timm nor torchvision "
        "ships them): pass --weights with https://dl.fbaipublicfiles.com/barlowtwins/"
        "ep1000_bs2048_lrw0.2_lrb0.0048_lambd0.0051/resnet50.pth"),
-    _e("dino_resnet50", "self-supervised", "torchvision", "resnet50", FILE_ONLY, RESNET, f"{_DINO} dino_resnet50",
+    _e("dino_resnet50", "self-supervised", "torchvision", "resnet50", FILE_ONLY, RESNET_STAGES, f"{_DINO} dino_resnet50",
        "a torchvision ResNet-50 whose DINO weights neither timm nor torchvision ships: pass --weights with "
        "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"),
     _e("dino_vitb16", "self-supervised", "timm", "vit_base_patch16_224", "dino", DINO_VIT, f"{_DINO} dino_vitb16"),
@@ -187,19 +211,6 @@ def other_spec(name: str) -> BackboneSpec | None:
                         f"python -c 'import {library}; print({library}.{'models.' if library == 'torchvision' else ''}"
                         f"list_models())'")
     return None
-
-
-def default_taps(model: nn.Module, library: str) -> tuple[str, ...]:
-    """Taps for a model outside the zoo: timm's feature_info stages (the last four), or ResNet stages."""
-    names = dict(model.named_modules())
-    info = getattr(model, "feature_info", None)
-    if library == "timm" and info:
-        stages = [f["module"] for f in info if f.get("reduction", 1) >= 4 and f["module"] in names]
-        if stages:
-            return tuple(stages[-4:])
-    if all(t in names for t in RESNET):
-        return RESNET
-    return (EMBEDDING,)
 
 
 # ---------------------------------------------------------------- weights
@@ -301,11 +312,10 @@ def _fetch(spec: BackboneSpec) -> str:
 _HEADS = ("fc.", "classifier.", "head.")  # classifier weights a backbone-only checkpoint may lack
 
 
-def _load_file_into(model: nn.Module, path: Path, spec: BackboneSpec) -> list[str]:
+def _load_file_into(model: nn.Module, state: dict, path: Path, spec: BackboneSpec, assign: bool) -> list[str]:
     """Load a plain state dict into a torchvision model; returns the classifier keys the file lacked."""
-    state = read_state_dict(path)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(assignable(state, model), strict=False, assign=assign)
     except RuntimeError as err:  # shape mismatches are raised even when strict=False
         raise UserError(f"cannot load weights from {path} into torchvision {spec.arch}: "
                         f"{' '.join(str(err).split())[:300]}") from None
@@ -316,33 +326,57 @@ def _load_file_into(model: nn.Module, path: Path, spec: BackboneSpec) -> list[st
     return list(missing)
 
 
-def _build(spec: BackboneSpec, file: str | None, model_kwargs: dict | None = None) -> tuple[nn.Module, object, list]:
-    """(model, eval transform, missing classifier keys) with weights from `file` or random init."""
+def _build_timm(spec: BackboneSpec, file: str | None, kwargs: dict, on: str) -> nn.Module:
+    import timm
+
+    # A random init still takes the tag's configuration (DINO's tags have no classifier, BiT's 21k classes).
+    tag = spec.pretrained or (ZOO[spec.name].tag if spec.name in ZOO else None)
+    name = f"{spec.arch}.{tag}" if tag and tag != FILE_ONLY else spec.arch
+
+    def build(where: str) -> nn.Module:
+        with torch.device(where), logging_disabled(logging.WARNING):
+            return timm.create_model(name, pretrained=False, **kwargs)
+
+    try:
+        if file is None:
+            return build(on)
+        # Read here (safetensors, or torch.load with weights_only=True, one-line errors).
+        state = read_state_dict(file)
+        try:  # the file holds exactly the model's tensors: assign them to a model built without initialising
+            return build_and_load(build, lambda m, assign: m.load_state_dict(assignable(state, m), assign=assign))[0]
+        except RuntimeError:  # other names or shapes: timm's own loader, with its checkpoint filter for the model
+            with logging_disabled(logging.WARNING):
+                return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), **kwargs)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise UserError(f"cannot build timm {name} from {file or 'random init'}: "
+                        f"{' '.join(str(err).split())[:300]}") from None
+
+
+def build_model(spec: BackboneSpec, file: str | None, model_kwargs: dict | None = None,
+                on: str = "cpu") -> tuple[nn.Module, object, list]:
+    """(model, eval transform, missing classifier keys) with weights from `file`, or randomly initialised on `on`.
+
+    Weights from a file are assigned to a model built on the meta device (`backbone_base.build_and_load`),
+    so no random initialisation is spent on them. `on="meta"` without a file builds a shape-only model.
+    """
     kwargs = dict(model_kwargs or {})
     if spec.library == "timm":
-        import timm
         from timm.data import create_transform, resolve_model_data_config
 
-        # A random init still takes the tag's configuration (DINO's tags have no classifier, BiT's 21k classes).
-        tag = spec.pretrained or (ZOO[spec.name].tag if spec.name in ZOO else None)
-        name = f"{spec.arch}.{tag}" if tag and tag != FILE_ONLY else spec.arch
-        # Read here (safetensors, or torch.load with weights_only=True, one-line errors); timm then applies
-        # its own checkpoint filter for the model, as for its downloads.
-        state = read_state_dict(file) if file else None
-        try:
-            with _logging_disabled(logging.WARNING):
-                model = timm.create_model(name, pretrained=state is not None,
-                                          pretrained_cfg_overlay=dict(state_dict=state) if state else None, **kwargs)
-        except (RuntimeError, ValueError, KeyError) as err:
-            raise UserError(f"cannot build timm {name} from {file or 'random init'}: "
-                            f"{' '.join(str(err).split())[:300]}") from None
+        model = _build_timm(spec, file, kwargs, on)
         return model, create_transform(**resolve_model_data_config(model), is_training=False), []
     import torchvision
 
-    model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+    def build(where: str) -> nn.Module:
+        with torch.device(where):
+            return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+
     tv = _tv_weights(spec) if spec.pretrained and spec.pretrained != FILE_ONLY else \
         torchvision.models.get_model_weights(spec.arch).DEFAULT
-    missing = _load_file_into(model, Path(file), spec) if file else []
+    if file is None:
+        return build(on), tv.transforms(), []
+    state = read_state_dict(file)
+    model, missing = build_and_load(build, lambda m, assign: _load_file_into(m, state, Path(file), spec, assign))
     return model, tv.transforms(), missing
 
 
@@ -371,76 +405,16 @@ def load_zoo_backbone(spec: BackboneSpec, weights: str | os.PathLike | None = No
     file = str(path) if path is not None else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
-        model, transform, missing = _build(spec, file, model_kwargs)
+        model, transform, missing = build_model(spec, file, model_kwargs)
     if missing:
         source["missing_classifier_keys"] = len(missing)
     model = model.eval().requires_grad_(False).to(device)
-    taps = spec.taps or default_taps(model, spec.library)
+    taps = spec.taps or default_taps(model)
     validate_taps(model, taps)
     return Backbone(replace(spec, taps=tuple(taps)), model, transform, source)
 
 
-# ---------------------------------------------------------------- listing and docs
-
-def probe_dims(spec: BackboneSpec) -> dict[str, int]:
-    """Tap -> pooled dimension, from a forward pass on the meta device (no weights, no compute)."""
-    from .pooling import global_avg_pool
-    from .taps import Taps
-
-    with torch.device("meta"), _logging_disabled(logging.WARNING):
-        if spec.library == "open_clip":
-            import open_clip
-
-            from .backbones import register_local_configs, default_taps as clip_taps
-
-            register_local_configs()
-            model = open_clip.create_model(spec.arch, pretrained=None, device="meta").visual
-            size = model.image_size if isinstance(model.image_size, tuple) else (model.image_size,) * 2
-            taps = spec.taps or clip_taps(model)
-        else:
-            model, transform, _ = _build(spec, None)
-            if spec.library == "timm":
-                from timm.data import resolve_model_data_config
-
-                size = resolve_model_data_config(model)["input_size"][1:]
-            else:
-                size = (transform.crop_size[0],) * 2
-            taps = spec.taps or default_taps(model, spec.library)
-        validate_taps(model, taps)
-        with Taps(model, taps, reduce=global_avg_pool) as t:
-            out = t(torch.zeros(1, 3, *size))
-    return {k: int(v.shape[1]) for k, v in out.items()}
-
-
-def _cached(spec: BackboneSpec) -> str:
-    if spec.pretrained in (None, FILE_ONLY):
-        return "--weights only" if spec.pretrained == FILE_ONLY else "random init"
-    if spec.library == "open_clip":
-        from .backbones import cached_weights
-
-        return "cached" if cached_weights(spec) else "not cached"
-    return "cached" if weights_location(spec)[2] else "not cached"
-
-
-def list_models(with_dims: bool = True) -> list[dict]:
-    """One row per zoo name (and the registry's extra names): library, identifier, tag, taps, dims, cache status."""
-    from .backbones import BACKBONES
-
-    rows = []
-    names = list(ZOO) + [n for n in BACKBONES if n not in ZOO]
-    for name in names:
-        entry = ZOO.get(name)
-        if entry is not None and not entry.library:
-            rows.append({"name": name, "library": "-", "identifier": entry.identifier, "tag": "-", "taps": {},
-                         "status": entry.status, "cached": "-", "note": f"{entry.note}; use {entry.alternative}"})
-            continue
-        spec = zoo_spec(name) if entry is not None else BACKBONES[name]
-        dims = probe_dims(spec) if with_dims else {t: None for t in spec.taps or ()}
-        rows.append({"name": name, "library": spec.library, "identifier": spec.arch, "tag": spec.pretrained or "-",
-                     "taps": dims, "status": entry.status if entry else "available", "cached": _cached(spec),
-                     "note": entry.note if entry else ""})
-    return rows
-
+# ---------------------------------------------------------------- docs
 
 def zoo_table() -> str:
     """The 37 names as a Markdown table (name, family, library, identifier, tag, taps, status, paper's source, note)."""

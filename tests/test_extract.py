@@ -253,7 +253,7 @@ def test_forwarder_halves_batch_on_out_of_memory():
 def test_weights_file_fp16_and_wrapped_state_dict(tmp_path, pairs_dir, tiny_backbone, capsys):
     import open_clip
 
-    from featuresExtractor.backbones import register_local_configs
+    from featuresExtractor.clip_models import register_local_configs
 
     register_local_configs()
     torch.manual_seed(5)

@@ -96,14 +96,14 @@ def test_resume_with_another_world_size(reference, tiny_backbone):
                         data_aug=True, batch_size=4, workers=0, progress=False)
     from featuresExtractor.dataset import discover
     from featuresExtractor.extractor import FeatureExtractor
-    from featuresExtractor.pipeline import _fingerprint
+    from featuresExtractor.manifest import fingerprint
     from featuresExtractor.processor import parse_processor
 
     layout = discover(cfg.dataset)
     fx = FeatureExtractor(tiny_backbone, "fp32", True)
     proc = parse_processor(cfg.processor)
     model = out / "tiny_rn"
-    _start_store(model, _fingerprint(cfg, tiny_backbone, proc, layout))
+    _start_store(model, fingerprint(tiny_backbone, proc, layout, cfg.data_aug, cfg.precision))
     assert _run_batches(cfg, fx, proc, layout, model, Ranks(rank=1, world_size=2)) == 0
     assert ChunkStore(model / ".partial").done() == {4, 5, 6}
     report = run_extract(cfg, tiny_backbone)

@@ -70,7 +70,7 @@ def test_taps_order_hooks_removed_and_embedding_equals_model_output(tiny_backbon
 def test_tapped_embedding_equals_clip_encode_image():
     import open_clip
 
-    from featuresExtractor.backbones import register_local_configs
+    from featuresExtractor.clip_models import register_local_configs
 
     register_local_configs()
     torch.manual_seed(1)
@@ -165,7 +165,7 @@ def test_pca_file_round_trip_matches_sklearn(tmp_path):
 
 
 def test_truncated_pca_and_weights_files_give_user_errors(tmp_path):
-    from featuresExtractor.backbones import read_state_dict
+    from featuresExtractor.backbone_base import read_state_dict
 
     x = np.random.default_rng(1).normal(size=(20, 6)).astype(np.float32)
     save_pca(tmp_path / "pca3", fit_pca(x, 3))
@@ -177,3 +177,33 @@ def test_truncated_pca_and_weights_files_give_user_errors(tmp_path):
             broken.write_bytes(data[:cut])
             with pytest.raises(UserError):
                 loader(broken)
+
+
+@pytest.mark.parametrize("model,prefix", [("tiny_rn", "visual."), ("resnet18", "")])
+def test_weights_from_a_file_are_assigned_to_a_model_never_initialised(tmp_path, monkeypatch, model, prefix):
+    from featuresExtractor.backbones import load_backbone, resolve_spec
+
+    donor = load_backbone(resolve_spec(model, pretrained="none"), init_seed=4).visual
+    torch.save({prefix + k: v.half() if v.is_floating_point() else v for k, v in donor.state_dict().items()},
+               tmp_path / "w.pt")
+    on_meta = []
+    for name in ("normal_", "uniform_", "kaiming_normal_", "kaiming_uniform_", "zeros_", "ones_", "constant_"):
+        def spy(tensor, *a, _real=getattr(torch.nn.init, name), **k):
+            on_meta.append(tensor.is_meta)
+            return _real(tensor, *a, **k)
+        monkeypatch.setattr(torch.nn.init, name, spy)
+    loaded = load_backbone(resolve_spec(model), weights=tmp_path / "w.pt").visual
+    assert on_meta and all(on_meta)  # the builders ran their initialisers, on meta tensors only
+    got, want = loaded.state_dict(), donor.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():  # the file's fp16 values, in the model's own dtype
+        assert got[k].dtype == v.dtype and not got[k].is_meta, k
+        assert torch.equal(got[k], v.half().to(v.dtype) if v.is_floating_point() else v), k
+
+
+def test_tap_shapes_on_the_meta_device_equal_a_real_forward(tiny_backbone):
+    from featuresExtractor.taps import tap_infos
+
+    names = list(tiny_backbone.spec.taps) + ["embedding"]
+    assert tap_infos(tiny_backbone.visual, names, (3, 64, 64)) == \
+        tap_infos(tiny_backbone.visual, names, (3, 64, 64), meta=False)

@@ -170,6 +170,11 @@ def _bad(run, tmp_path):
     cases["gallery from another model"] = (
         ["--run", str(run["run"]), "search", q, "--gallery", str(tmp_path / "other" / "tiny_rn" / "features.npy")],
         "another model")
+    assert extract.main(["-d", str(run["gallery"]), "-s", str(tmp_path / "paper"), "-p", "adapt", "--normalize",
+                         "layers", "--transform", "paper", *TINY]) == 0
+    cases["gallery with the other transform"] = (
+        ["--run", str(run["run"]), "search", q, "--gallery", str(tmp_path / "paper" / "tiny_rn" / "features.npy")],
+        "extracted with --transform paper but this run's features with --transform library")
     return cases
 
 

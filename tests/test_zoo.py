@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from conftest import ROOT, make_pairs
-from featuresExtractor.backbones import EMBEDDING, load_backbone, resolve_spec
+from featuresExtractor.backbones import list_models, load_backbone, probe_dims, resolve_spec
 from featuresExtractor.pipeline import ExtractConfig, extract
 from featuresExtractor.pooling import global_avg_pool
 from featuresExtractor.taps import Taps
 from toolkit.utils import UserError
 from toolkit.cli import run_cli
-from featuresExtractor.zoo import FILE_ONLY, ZOO, list_models, load_zoo_backbone, probe_dims, zoo_spec, zoo_table
+from featuresExtractor.zoo import FILE_ONLY, ZOO, load_zoo_backbone, zoo_spec, zoo_table
 
 # The paper's models.py keys (resnext101_32x8d_ssl is defined twice there, so 37 keys).
 PAPER_NAMES = [
@@ -146,7 +146,7 @@ def test_timm_resnet_family_swsl_taps_equal_forward_features():
     assert dims == probe_dims(bb.spec) == {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
 
 
-def test_efficientnet_stages_and_pre_logits():
+def test_efficientnet_pre_logits_tap():
     bb = load_backbone(resolve_spec("efficientnet_b0", pretrained="none"))
     x = _x()
     with torch.inference_mode():
@@ -242,7 +242,7 @@ def test_missing_cache_offline_is_one_line_naming_the_three_ways(tmp_path, monke
 def test_torchvision_weights_from_the_torch_hub_cache(tmp_path, monkeypatch):
     from torchvision.models import ResNet18_Weights
 
-    import featuresExtractor.backbones as models
+    from toolkit.hashing import file_sha256
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -252,7 +252,7 @@ def test_torchvision_weights_from_the_torch_hub_cache(tmp_path, monkeypatch):
     torch.save(donor.state_dict(), path)
     bb = load_backbone(resolve_spec("resnet18"))
     assert bb.weights == {"source": "pretrained", "tag": "ResNet18_Weights.IMAGENET1K_V1",
-                          "sha256": models.file_sha256(path)}
+                          "sha256": file_sha256(path)}
     assert _same_weights(bb.visual, donor)
     assert [r["cached"] for r in list_models(with_dims=False) if r["name"] == "resnet18"] == ["cached"]
 
@@ -311,8 +311,107 @@ def test_manifest_records_the_backbone_and_the_encoder_rebuilds_it(tmp_path):
     model = manifest["model"]
     assert (model["library"], model["identifier"], model["pretrained"]) == ("timm", "tf_efficientnet_b0", None)
     assert model["weights"]["source"] == "random-init"
-    assert [t["pooled_dim"] for t in model["taps"]] == [24, 40, 112, 320, 1280]
+    assert [t["pooled_dim"] for t in model["taps"]] == [1280]  # the paper's tap: the pre-logits alone
     rec = np.load(report.out_dir / "features.npy")
     enc = Encoder.from_features_file(report.out_dir / "features.npy")
     assert enc.backbone.spec == bb.spec
     np.testing.assert_allclose(enc.encode([tmp_path / "tll" / "left" / rec["name"][0]])[0], rec["left"][0], atol=1e-5)
+
+
+# ------------------------------------------------------------------ the paper's taps and transform
+
+#: Pooled dims of the paper's taps (../shared/reference/paper_zoo_taps.md), one member per family.
+PAPER_DIMS = {
+    "clip_rn50x4": {"layer1": 320, "layer2": 640, "layer3": 1280, "layer4": 2560, "attnpool": 640},
+    "clip_vit32_b": {"ln_post": 768},
+    "resnet18": {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512},
+    "alexnet": {"features": 256},
+    "efficientnet_b0": {"global_pool": 1280},
+    "BiT-M-R50x1_in21k": {"stages.0": 256, "stages.1": 512, "stages.2": 1024, "norm": 2048},
+    "ViT": {"head_drop": 768},
+    "resnet50_swsl": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+    "barlow": {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048},
+    "deits16": {"head": 384},
+    "dino_vitb16": {"head": 768},
+}
+
+
+@pytest.mark.parametrize("name", PAPER_DIMS)
+def test_the_zoo_taps_are_the_papers(name):
+    assert probe_dims(zoo_spec(name)) == PAPER_DIMS[name]
+
+
+def test_clip_vit_b32_tap_is_ln_post_of_the_class_token_and_the_embedding_is_unchanged():
+    import open_clip
+    import torch.nn.functional as F
+
+    bb = load_backbone(resolve_spec("clip_vit32_b", pretrained="none"), init_seed=1)
+    v = bb.visual
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    hook = v.transformer.register_forward_hook(lambda m, i, o: seen.setdefault("tokens", o))
+    try:
+        with Taps(v, ["ln_post", "embedding"]) as taps, torch.inference_mode():
+            out = taps(x)
+    finally:
+        hook.remove()
+    tokens = seen["tokens"]  # (N, 1 + 49, 768), the class token first
+    by_hand = F.layer_norm(tokens[:, 0], (768,), v.ln_post.weight, v.ln_post.bias, v.ln_post.eps)
+    torch.testing.assert_close(out["ln_post"], by_hand, rtol=0, atol=0)
+    torch.testing.assert_close(out["ln_post"] @ v.proj, out["embedding"])  # the class token before the projection
+    with torch.random.fork_rng(devices=[]):  # open_clip's own tower, as built without final_ln_after_pool
+        torch.manual_seed(1)
+        plain = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), out["embedding"])
+
+
+def test_paper_transform_squeezes_to_224_with_imagenet_statistics_and_clip_keeps_its_own():
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+
+    from featuresExtractor.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    bb = load_backbone(resolve_spec("resnet18", pretrained="none"), transform="paper")
+    assert bb.transform_choice == "paper"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 300, 3), dtype=np.uint8))
+    squeezed = torch.nn.functional.interpolate(TF.to_tensor(img)[None], size=(224, 224), mode="bilinear",
+                                               align_corners=False)[0]
+    want = (squeezed - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(bb.transform(img), want)
+    library = load_backbone(resolve_spec("tiny_rn", pretrained="none"))
+    clip = load_backbone(resolve_spec("tiny_rn", pretrained="none"), transform="paper")
+    assert repr(clip.transform) == repr(library.transform) and clip.transform_choice == "paper"
+
+
+def test_transform_is_recorded_another_one_is_another_configuration_and_the_encoder_follows(tmp_path, capsys):
+    import extract
+    from featuresExtractor.encode import Encoder
+
+    make_pairs(tmp_path / "tll", 2)
+    base = ["-d", tmp_path / "tll", "-s", tmp_path / "o", "--model", "resnet18", "--pretrained", "none",
+            "-p", "adapt", "--workers", "0", "--no-progress"]
+    assert run_cli(extract.main, [str(a) for a in base + ["--transform", "paper"]]) == 0
+    manifest = json.loads((tmp_path / "o" / "resnet18" / "manifest.json").read_text())
+    assert manifest["config"]["transform"] == "paper" and manifest["model"]["transform_choice"] == "paper"
+    assert "Resize(size=[224, 224]" in manifest["model"]["transform"]
+    capsys.readouterr()
+    assert run_cli(extract.main, [str(a) for a in base]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("extract.py: error:")]
+    assert len(errors) == 1 and "another configuration (differs in: transform)" in errors[0]
+    enc = Encoder.from_features_file(tmp_path / "o" / "resnet18" / "features.npy")
+    assert enc.backbone.transform_choice == "paper"
+    rec = np.load(tmp_path / "o" / "resnet18" / "features.npy")
+    np.testing.assert_allclose(enc.encode([tmp_path / "tll" / "left" / rec["name"][0]])[0], rec["left"][0], atol=1e-5)
+
+
+def test_paper_transform_with_a_missing_module_is_one_line(tmp_path, capsys):
+    import extract
+
+    make_pairs(tmp_path / "tll", 1)
+    code = run_cli(extract.main, ["-d", str(tmp_path / "tll"), "-s", str(tmp_path / "o"), "--model", "alexnet",
+                                  "--pretrained", "none", "--transform", "paper", "--layers", "features", "nope.7",
+                                  "--workers", "0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown tap(s) ['nope.7']" in err
+    assert not (tmp_path / "o" / "alexnet").exists()
