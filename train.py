@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept the original implementation's pickled features file; unpickling can run code, so only for files you trust")
     p.add_argument("--no-images", dest="images", action="store_false",
                    help="skip the TensorBoard retrieval grid (test queries with their top 5)")
+    p.add_argument("--subset", metavar="FILE", default=None,
+                   help="train and test only on the pairs this file names: the paper's TLL_obj.csv as published, "
+                        "a CSV with a name column, or one name a line")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the runs (run*/, avg/, summary.json) already in --save-to; other files there are kept")
     return p
@@ -151,7 +154,8 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
         runs=args.runs, same_split=args.same_split, temperature=args.temperature, test_split=args.test_split,
         val_split=args.val_split, patience=args.patience, topk=tuple(dict.fromkeys(args.topk)), seed=args.seed,
         lr=args.lr, weight_decay=args.weight_decay, precision=args.precision, objective=args.objective,
-        ema=args.ema, allow_pickle=args.allow_pickle, images=args.images, overwrite=args.overwrite)
+        ema=args.ema, allow_pickle=args.allow_pickle, images=args.images, overwrite=args.overwrite,
+        subset=args.subset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under torchrun every rank parses the same command line; rank 0 alone says what is wrong with it.
     with contextlib.redirect_stderr(io.StringIO()) if ranks.rank else contextlib.nullcontext():
         args = parse_args(argv)
-    require_utf8({"-d": args.data, "-s": args.save_to})  # every rank finds the same; rank 0 says it
+    require_utf8({"-d": args.data, "-s": args.save_to, "--subset": args.subset})  # every rank finds the same; rank 0 says it
     cfg = build_config(args)
     device, device_note = select_device(args.gpu, ranks)
     device_note = device_note and f"{PROG}: {device_note}"
@@ -182,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def print_summary(summary: Summary, cfg: ExperimentConfig) -> None:
     """The tables of the final figures (and at the best validation epoch), and the collapse verdict."""
+    subset = summary.config.get("subset")
+    if subset is not None:
+        print(f"on {subset['kept']:,} of {subset['of']:,} pairs (subset {subset['file']}, sha256 {subset['sha256'][:12]})")
     print(_table(summary.final, cfg.topk, cfg.runs))
     if summary.best_val is not None:
         print(_table(summary.best_val, cfg.topk, cfg.runs, f"at best val epoch {summary.best_val['epochs']}"))

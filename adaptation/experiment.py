@@ -35,6 +35,7 @@ import torch
 
 from featuresExtractor.manifest import MANIFEST, read_manifest
 from featuresExtractor.pairs_file import Pairs, load_pairs
+from featuresExtractor.subset import describe_subset, match_subset, missing_line, read_subset
 from toolkit.distributed import Ranks
 from toolkit.lock import folder_lock
 from toolkit.utils import UserError, check_writable, os_error_line, write_json
@@ -74,6 +75,8 @@ class ExperimentConfig:
         allow_pickle: accept the original implementation's pickled features file.
         images: log the TensorBoard retrieval grid when the images are at hand.
         overwrite: replace the runs already in `save_to`.
+        subset: a subset file (`featuresExtractor.subset`): train and test on the pairs it names only
+            (e.g. the paper's published `TLL_obj.csv`).
     """
 
     data: str
@@ -97,6 +100,7 @@ class ExperimentConfig:
     allow_pickle: bool = False
     images: bool = True
     overwrite: bool = False
+    subset: str | None = None
 
 
 @dataclass
@@ -216,8 +220,11 @@ class _Plan:
 
 
 def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, device: torch.device,
-          ranks: Ranks) -> _Plan:
-    """Check the input and decide the splits and the recipe (a `UserError` on anything wrong, nothing written)."""
+          ranks: Ranks, subset: dict[str, Any] | None = None) -> _Plan:
+    """Check the input and decide the splits and the recipe (a `UserError` on anything wrong, nothing written).
+
+    `subset`: the record of the subset file `pairs` was cut to (`_apply_subset`), or None.
+    """
     topk = tuple(dict.fromkeys(cfg.topk))
     save_to = Path(cfg.save_to)
     to_remove = check_save_to(save_to, cfg.overwrite)
@@ -227,7 +234,13 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
     split_seeds = [seed if cfg.same_split else seed + run for run in range(cfg.runs)]
     splits = []
     for s in split_seeds:  # (train, test, validation) indices, validation drawn from the training pairs
-        train_idx, test_idx = split_indices(len(pairs), cfg.test_split, s, topk)
+        try:
+            train_idx, test_idx = split_indices(len(pairs), cfg.test_split, s, topk)
+        except UserError as err:
+            if subset is None:
+                raise
+            raise UserError(f"subset file {subset['file']} keeps {subset['kept']} of {subset['of']} pairs, too few "
+                            f"to split: {err}") from None
         train_idx, val_idx = split_validation(train_idx, cfg.val_split, s)
         splits.append((train_idx, test_idx, val_idx))
     n_train = len(splits[0][0])  # the same for every split
@@ -250,6 +263,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "same_split": cfg.same_split,
         "test_split": cfg.test_split,
         "n_pairs": len(pairs),
+        "subset": subset,
         "n_train": n_train,
         "n_test": len(splits[0][1]),
         "val_split": cfg.val_split,
@@ -309,13 +323,18 @@ def run_experiment(cfg: ExperimentConfig, device: torch.device, ranks: Ranks = R
 
         # Everything that can be wrong with the input is found before anything is written; under
         # torchrun every rank checks, and none goes on until all have (rank 0 then writes).
-        failure = None
+        failure, missing = None, []
         try:
             loaded = pairs if pairs is not None else load_pairs(data_path, allow_pickle=cfg.allow_pickle)
-            plan = _plan(cfg, loaded, data_path, seed, device, ranks)
+            subset = None
+            if cfg.subset is not None:
+                loaded, subset, missing = _apply_subset(loaded, Path(cfg.subset), data_path)
+            plan = _plan(cfg, loaded, data_path, seed, device, ranks, subset)
         except UserError as err:
             failure = err
         ranks.check(failure)
+        if missing and ranks.rank == 0:
+            log(missing_line(cfg.subset, missing, str(data_path)))
         out_dim = build_model(cfg.model, loaded.in_dim).out_dim
         check_memory(plan.train.batch_size, plan.shared["n_train"], loaded.in_dim, out_dim, plan.shared["n_test"],
                      device, ranks)
@@ -332,6 +351,17 @@ def run_experiment(cfg: ExperimentConfig, device: torch.device, ranks: Ranks = R
             # next(runs) inside the loop: the previous run's sets are gone before the next ones are made.
             results = [experiment.one_run(run, next(runs)) for run in range(1, cfg.runs + 1)]
             return experiment.summarise(results, out_dim)
+
+
+def _apply_subset(pairs: Pairs, path: Path, data_path: Path) -> tuple[Pairs, dict[str, Any], list[str]]:
+    """`pairs` cut to the names a subset file lists: (the kept pairs, the subset's record, the names not found)."""
+    names = read_subset(path)
+    kept, missing = match_subset(pairs.names, names)
+    if not kept:
+        raise UserError(f"subset file {path} names none of the {len(pairs)} pairs in {data_path} (first names: "
+                        f"{', '.join(names[:3])}); is it the subset of these features?")
+    record = {**describe_subset(path, names), "kept": len(kept), "of": len(pairs)}
+    return pairs.select(kept), record, missing
 
 
 def _dataset_root(data_path: Path) -> Path | None:
@@ -412,7 +442,10 @@ class _Experiment:
         """The line that says what is about to be trained."""
         cfg, shared, ranks = self.cfg, self.plan.shared, self.ranks
         n_val = shared["n_val"]
-        return (f"{shared['n_pairs']} pairs of {shared['in_dim']}-d features ({shared['n_train']} train, "
+        subset = shared["subset"]
+        what = (f"{shared['n_pairs']} pairs" if subset is None else
+                f"on {subset['kept']:,} of {subset['of']:,} pairs (subset {Path(subset['file']).name})")
+        return (f"{what} of {shared['in_dim']}-d features ({shared['n_train']} train, "
                 f"{f'{n_val} validation, ' if n_val else ''}{shared['n_test']} test, "
                 f"{'one split' if cfg.same_split else 'a new split per run'}), model {cfg.model}, {self.device.type}"
                 + (f" x {ranks.world_size} ranks" if ranks.distributed else "") +

@@ -91,6 +91,16 @@ class Pairs:
         """The feature dimension D."""
         return int(self.left.shape[1])
 
+    def select(self, kept: Sequence[int]) -> "Pairs":
+        """The originals at positions `kept` (increasing), with their flipped copies, renumbered."""
+        kept = np.asarray(kept, dtype=np.int64)
+        new_index = np.full(len(self.names), -1, dtype=np.int64)
+        new_index[kept] = np.arange(len(kept))
+        flips = new_index[self.flipped_of] >= 0
+        return Pairs(names=[self.names[i] for i in kept], left=self.left[kept], right=self.right[kept],
+                     flipped_left=self.flipped_left[flips], flipped_right=self.flipped_right[flips],
+                     flipped_of=new_index[self.flipped_of[flips]])
+
 
 def load_pairs(path: str | os.PathLike, allow_pickle: bool = False) -> Pairs:
     """Read a features file of pairs, in extract.py's format or (with `allow_pickle`) the original implementation's.

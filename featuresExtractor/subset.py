@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Sequence
 
 from toolkit.hashing import file_sha256
-from toolkit.utils import UserError
+from toolkit.utils import UserError, require_regular_file
 
 __all__ = ["read_subset", "match_subset", "describe_subset", "missing_line"]
 
 
 def _text(path: Path) -> str:
+    if path.exists() and not path.is_dir():
+        require_regular_file(path, "subset file")  # a FIFO would block the read forever
     try:
         data = path.read_bytes()
     except IsADirectoryError:
