@@ -66,7 +66,7 @@ from .fused import FUSED_MAX_SCALE, Workspace, row_block_loss, similarity_and_lo
 from toolkit.distributed import Ranks
 
 from .distributed import all_reduce_sum, gather_rows
-from .evaluation import evaluate_vectors
+from .evaluation import block_rows_for, evaluate_vectors, unit_rows
 from .losses import EPS
 from .metrics import block_partner_ranks, column_counts, metric_names, metrics_from_ranks, partner_ranks
 
@@ -138,7 +138,12 @@ def evaluate(
         `{"Loss": ..., "top k": ..., ...}` as 0-d tensors on the data's device.
     """
     model.eval()
-    return evaluate_vectors(model(left), model(right), config.temperature, config.topk, block_rows, dist)
+    rows = block_rows or block_rows_for(left.shape[0])
+    if rows >= left.shape[0] and not dist.distributed:  # one matrix: the whole outputs are no larger
+        return evaluate_vectors(model(left), model(right), config.temperature, config.topk, rows, dist)
+    # Scored in blocks: adapt and normalise in blocks too, so the outputs are held once (memory at scale).
+    return evaluate_vectors(unit_rows(model, left, rows), unit_rows(model, right, rows), config.temperature,
+                            config.topk, rows, dist, normalized=True)
 
 
 @dataclass

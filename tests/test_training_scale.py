@@ -226,3 +226,25 @@ def test_batch_size_checks_against_ranks_and_pairs():
         resolve_batch_size(63, 100, two)
     with pytest.raises(UserError, match="3 ranks but only 2 training pairs"):
         resolve_batch_size(None, 2, Ranks(rank=0, world_size=3, local_world_size=3))
+
+
+def test_blocked_evaluation_of_a_model_adapts_in_blocks_and_equals_the_full_matrix():
+    import torch.nn.functional as F
+
+    from adaptation.evaluation import unit_rows
+    from adaptation.training import evaluate
+
+    torch.manual_seed(0)
+    model = build_model("original", 16, out_dim=32).eval()
+    left, right = torch.randn(23, 16), torch.randn(23, 16)
+    with torch.no_grad():
+        slow = F.normalize(model(left), dim=1)
+    for rows in (1, 5, 23, 40):
+        assert torch.allclose(unit_rows(model, left, rows), slow, atol=1e-6)
+    cfg = TrainConfig(epochs=1, temperature=15.0, topk=(1, 3))
+    full = evaluate(model, left, right, cfg)
+    for rows in (4, 7):
+        blocked = evaluate(model, left, right, cfg, block_rows=rows)
+        assert blocked.keys() == full.keys()
+        for k in full:
+            assert blocked[k].item() == pytest.approx(full[k].item(), abs=1e-5), k
