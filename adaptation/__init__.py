@@ -40,30 +40,38 @@ Example:
     2
 """
 
-from featuresExtractor.pairs_file import Pairs, load_pairs
+import importlib
 
-from .split import TrainData, split_data, split_indices
-from .losses import contrastive_loss, similarity_matrix
-from .metrics import retrieval_metrics
-from .checkpoint import load_checkpoint
-from .models import MODELS, build_model
-from .planted import planted_pairs
-from .training import TrainConfig, make_optimizer, train
+# Where each public name lives. They are imported on first use (PEP 562), not here, so that
+# `adaptation.similarity` and `adaptation.deploy` (an ONNX export) import without torch.
+_WHERE = {
+    "Pairs": "featuresExtractor.pairs_file",
+    "load_pairs": "featuresExtractor.pairs_file",
+    "TrainData": ".split",
+    "split_data": ".split",
+    "split_indices": ".split",
+    "contrastive_loss": ".losses",
+    "similarity_matrix": ".losses",
+    "retrieval_metrics": ".metrics",
+    "load_checkpoint": ".checkpoint",
+    "MODELS": ".models",
+    "build_model": ".models",
+    "planted_pairs": ".planted",
+    "TrainConfig": ".training",
+    "make_optimizer": ".training",
+    "train": ".training",
+}
 
-__all__ = [
-    "Pairs",
-    "TrainData",
-    "load_pairs",
-    "split_data",
-    "split_indices",
-    "contrastive_loss",
-    "similarity_matrix",
-    "retrieval_metrics",
-    "MODELS",
-    "build_model",
-    "load_checkpoint",
-    "planted_pairs",
-    "TrainConfig",
-    "make_optimizer",
-    "train",
-]
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

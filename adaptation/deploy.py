@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import numpy as np
 from PIL import Image
 
 from featuresExtractor.transforms import DECODE, load_image, to_rgb
-from toolkit.utils import UserError, _umask, first_line, read_json
+from toolkit.utils import UserError, _umask, file_sha256, first_line, read_json
 
 __all__ = ["FORMAT", "VERSION", "ENCODER_FILE", "PREPROCESS_FILE", "MANIFEST_FILE", "INTERPOLATIONS", "Preprocess",
            "OnnxEncoder", "read_manifest", "write_meta", "staged", "check_target", "onnxruntime", "EXTRA"]
@@ -63,14 +62,6 @@ def onnxruntime():
     except ImportError:
         raise UserError(f"onnxruntime is not installed: {EXTRA}") from None
     return ort
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _side(v: Any) -> bool:
@@ -179,7 +170,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
               ("identity", isinstance(m.get("identity"), dict), "a dict"),
               ("embedding_dim", isinstance(m.get("embedding_dim"), int) and not isinstance(m["embedding_dim"], bool)
                and m["embedding_dim"] > 0, "a positive integer"),
-              ("batch", m.get("batch") is None or _side(m.get("batch")), "null (dynamic) or a positive integer"),
+              ("batch", m.get("batch") is None or (type(m.get("batch")) is int and m["batch"] == 1), "null (dynamic) or 1"),
               ("threshold", m.get("threshold") is None or isinstance(m.get("threshold"), dict), "null or a dict")]
     for key, ok, want in checks:
         if not ok:
@@ -190,7 +181,7 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 def write_meta(folder: Path, preprocess: Preprocess, manifest: dict) -> None:
     """Write preprocess.json and manifest.json (with the format, version and encoder.onnx's sha256) into `folder`."""
-    manifest = dict(manifest, format=FORMAT, version=VERSION, encoder_sha256=_sha256(folder / ENCODER_FILE))
+    manifest = dict(manifest, format=FORMAT, version=VERSION, encoder_sha256=file_sha256(folder / ENCODER_FILE))
     (folder / PREPROCESS_FILE).write_text(json.dumps(preprocess.to_dict(), indent=2, sort_keys=True) + "\n")
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -275,7 +266,7 @@ class OnnxEncoder:
         graph = folder / ENCODER_FILE
         if not graph.is_file():
             raise UserError(f"{folder} lacks {ENCODER_FILE}; export the run again")
-        if _sha256(graph) != manifest["encoder_sha256"]:
+        if file_sha256(graph) != manifest["encoder_sha256"]:
             raise UserError(f"{graph} is damaged (its sha256 differs from the manifest's); export the run again")
         ort = onnxruntime()
         from onnxruntime.capi import onnxruntime_pybind11_state as state
@@ -298,14 +289,9 @@ class OnnxEncoder:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed images (n, 3, H, W) float32 -> (n, dim) float32 embeddings, in batches the graph takes."""
-        step = self.batch or EMBED_BATCH
-        out = []
-        for start in range(0, len(x), step):
-            part = np.ascontiguousarray(x[start:start + step], dtype=np.float32)
-            n = len(part)
-            if self.batch and n < self.batch:  # a fixed-batch graph: pad the last slice (rows are independent)
-                part = np.concatenate([part, np.zeros((self.batch - n, *part.shape[1:]), np.float32)])
-            out.append(self.session.run(None, {self._input: part})[0][:n])
+        step = self.batch or EMBED_BATCH  # a fixed batch is 1 (adaptation.export)
+        out = [self.session.run(None, {self._input: np.ascontiguousarray(x[s:s + step], dtype=np.float32)})[0]
+               for s in range(0, len(x), step)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
     def encode(self, images: Sequence[str | os.PathLike | Image.Image]) -> np.ndarray:

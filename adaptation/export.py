@@ -135,8 +135,8 @@ def describe_transform(transform) -> Preprocess:
         elif isinstance(step, T.CenterCrop) and "crop" not in found:
             found["crop"] = _pair(step.size)
         elif isinstance(step, T.Normalize) and "mean" not in found:
-            found["mean"] = tuple(float(v) for v in torch.as_tensor(step.mean).flatten())
-            found["std"] = tuple(float(v) for v in torch.as_tensor(step.std).flatten())
+            found["mean"], found["std"] = (tuple(map(float, v.tolist() if hasattr(v, "tolist") else v))
+                                           for v in (step.mean, step.std))
         elif name in _TO_TENSOR or (name == "MaybeConvertMode" and getattr(step, "mode", None) == "RGB"):
             continue
         else:
@@ -196,8 +196,9 @@ def write_graph(graph: nn.Module, path: Path, image_shape: Sequence[int], opset:
 
 @contextlib.contextmanager
 def _quiet_logs():
+    # torch.export logs each failed step with a traceback; the failure is said in one line instead.
     previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    logging.disable(logging.CRITICAL)
     try:
         yield
     finally:

@@ -46,9 +46,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from featuresExtractor.backbones import file_sha256
 from toolkit.lock import lock_holder
-from toolkit.utils import UserError, _umask, first_line, read_json
+from toolkit.utils import UserError, _umask, file_sha256, first_line, read_json
 
 __all__ = ["FORMAT", "VERSION", "KINDS", "IndexParams", "SimilarityIndex", "normalise", "build", "write", "read",
            "read_manifest", "check_identity", "locked", "EncodeCache", "look_alike_pairs"]
@@ -407,7 +406,9 @@ def check_identity(ix: SimilarityIndex, identity: dict) -> None:
     """Refuse, with one line, an index built with another run, backbone or PCA than `identity`."""
     theirs = ix.manifest.get("identity", {})
     for key, what in (("checkpoint_sha256", "another run (checkpoint sha256 differs)"),
-                      ("backbone", "another backbone"), ("pca", "another PCA"), ("out_dim", "another model")):
+                      ("backbone", "another backbone"), ("pca", "another PCA"), ("out_dim", "another model"),
+                      # an ONNX export's vectors (adaptation.deploy) agree with the run's only to its check's figure
+                      ("encoder", "another encoder (an ONNX export and the run's torch path differ)")):
         if theirs.get(key) != identity.get(key):
             raise UserError(f"{ix.path} was built with {what}; rebuild it with this run: "
                             f"similarity.py --run RUN index build GALLERY -o {ix.path} --overwrite")

@@ -29,7 +29,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import pickle
@@ -41,7 +40,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from toolkit.utils import UserError, first_line, require_regular_file
+from toolkit.utils import UserError, file_sha256, first_line, require_regular_file
 
 __all__ = [
     "BackboneSpec", "Backbone", "BACKBONES", "EMBEDDING", "resolve_spec", "default_taps",
@@ -138,14 +137,6 @@ def hf_cache_dir() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def register_local_configs() -> None:

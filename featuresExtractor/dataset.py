@@ -28,9 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-from torch.utils.data import Dataset
-
 from .transforms import BadImage, is_image_file, load_image
 from toolkit.utils import UserError
 
@@ -107,8 +104,9 @@ def discover(root: str | Path) -> Layout:
     return Layout(root, "flat", ("feature",), tuple(names), tuple(ignored))
 
 
-class ImageItems(Dataset):
-    """Items of a layout, decoded and preprocessed: one (sides, 3, H, W) tensor each.
+class ImageItems:
+    """Items of a layout, decoded and preprocessed: one (sides, 3, H, W) tensor each (a map-style dataset
+    for torch's DataLoader; torch is imported by its items, so `discover` works without torch).
 
     An unreadable image does not raise: the item comes back as zeros with `error`
     set to the reason, so the caller can skip the whole pair and report it.
@@ -122,6 +120,8 @@ class ImageItems(Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict:
+        import torch
+
         index = self.indices[k]
         images, errors = [], []
         for side in self.layout.sides:

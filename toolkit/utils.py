@@ -235,6 +235,17 @@ def check_writable(folder: str | os.PathLike, flag: str) -> None:
                         f"choose another {flag} or fix its permissions") from None
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks (hex)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """Read a JSON file this toolkit wrote; a damaged one is a `UserError` naming it."""
     require_regular_file(path, "JSON file")
