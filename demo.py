@@ -149,6 +149,6 @@ def _held_out_gallery(out: Path, run: Path) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    from toolkit.utils import run_cli
+    from toolkit.cli import run_cli
 
     sys.exit(run_cli(main, prog="demo"))

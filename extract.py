@@ -10,7 +10,7 @@ Several processes (GPUs, or CPU ranks with gloo) share one extraction under torc
 
     torchrun --nproc_per_node K extract.py <the same flags>
 
-(see `featuresExtractor.distributed`; rank 0 writes the outputs and prints the summary).
+(see `toolkit.distributed`; rank 0 writes the outputs and prints the summary).
 
 Outputs land in `SAVE/MODEL/`: `features.npy`, `features_pca256.npy`,
 `pca256.npz` (+ `.pkl`) and `manifest.json`. See `featuresExtractor.processor`
@@ -111,11 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import contextlib
     import io
 
-    from featuresExtractor import distributed
-    from toolkit.distributed import quiet
-    from toolkit.utils import UserError
+    from toolkit.distributed import Ranks
 
-    ranks = distributed.Ranks.from_env()
+    ranks = Ranks.from_env()
     # Under torchrun every rank parses the same command line; rank 0 alone says what is wrong with it.
     with contextlib.redirect_stderr(io.StringIO()) if ranks.rank else contextlib.nullcontext():
         args = parse_args(argv)
@@ -123,28 +121,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ranks.rank == 0:
             print_models()
         return 0
-    try:
-        return _run(args, ranks)
-    except UserError as err:
-        # Bad input is found alike on every rank: rank 0 says it once.
-        raise quiet(err) if ranks.rank != 0 else err
-    finally:
-        distributed.shutdown()
+    return _run(args, ranks)
 
 
 def _run(args: argparse.Namespace, ranks) -> int:
-    import torch
-
-    from featuresExtractor import distributed
     from featuresExtractor.backbones import load_backbone, resolve_spec
     from featuresExtractor.pipeline import ExtractConfig, extract
     from toolkit.utils import check_writable, default_workers, flag_names, require_utf8, resolve_device
 
     require_utf8({"-d": args.dataset, "-s": args.save_to, "--weights": args.weights})
 
-    device = resolve_device(args.device)
-    if ranks.distributed and device.type == "cuda":
-        device = torch.device("cuda", ranks.local_rank)  # one GPU per rank
+    device = ranks.device_for(resolve_device(args.device), cpu_hint="--device cpu")  # one GPU per rank
     with flag_names(FLAGS):
         cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
                             normalize=args.normalize, data_aug=args.data_aug, precision=args.precision,
@@ -157,7 +144,7 @@ def _run(args: argparse.Namespace, ranks) -> int:
 
     ranks.check_items(len(discover(cfg.dataset)))
     check_writable(cfg.save_to, "-s")
-    ranks = distributed.init(device.type)
+    ranks = ranks.join(device)
     spec = resolve_spec(args.model, args.layers, args.pretrained)
     backbone = load_backbone(spec, weights=args.weights, device=device)
     if backbone.weights["source"] == "random-init" and ranks.rank == 0:
@@ -191,6 +178,6 @@ def _run(args: argparse.Namespace, ranks) -> int:
 
 
 if __name__ == "__main__":
-    from toolkit.utils import run_cli
+    from toolkit.cli import run_cli
 
     sys.exit(run_cli(main))

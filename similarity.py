@@ -431,6 +431,6 @@ def _pairs(sim, args) -> int:
 
 
 if __name__ == "__main__":
-    from toolkit.utils import run_cli
+    from toolkit.cli import run_cli
 
     sys.exit(run_cli(main))

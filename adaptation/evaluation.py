@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from ._fused import symmetric_cross_entropy
-from .distributed import Dist, all_reduce_sum
+from toolkit.distributed import Ranks
+
+from .distributed import all_reduce_sum
 from .losses import EPS, similarity_matrix
 from .metrics import block_partner_ranks, metrics_from_ranks, retrieval_metrics
 
@@ -47,7 +49,7 @@ def block_rows_for(n: int, budget_bytes: int = BLOCK_BYTES) -> int:
 
 
 def _one_direction(
-    queries: torch.Tensor, keys: torch.Tensor, logit_scale: float, block_rows: int, dist: Dist
+    queries: torch.Tensor, keys: torch.Tensor, logit_scale: float, block_rows: int, dist: Ranks
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partner ranks (int64) and cross-entropies (fp64) of `queries[i]` against all `keys`, partner `keys[i]`.
 
@@ -77,7 +79,7 @@ def evaluate_vectors(
     logit_scale: float,
     topk: Sequence[int],
     block_rows: int | None = None,
-    dist: Dist = Dist(),
+    dist: Ranks = Ranks(),
     eps: float = EPS,
 ) -> dict[str, torch.Tensor]:
     """Contrastive loss and retrieval metrics of adapted pairs `(left[i], right[i])`, in fp32.
@@ -96,7 +98,7 @@ def evaluate_vectors(
     """
     n = left.shape[0]
     rows = block_rows or block_rows_for(n)
-    if rows >= n and not dist.active:
+    if rows >= n and not dist.distributed:
         sim = similarity_matrix(left, right, eps)
         return {"Loss": symmetric_cross_entropy(sim, logit_scale), **retrieval_metrics(sim, topk)}
     a = F.normalize(left.float(), dim=1, eps=eps)

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,10 @@ from torch import nn
 from toolkit.utils import UserError
 
 from .losses import EPS
+
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+"""Joins the ranks' shares of a batch into the global batch, with gradient (`adaptation.distributed.gather_rows`)."""
 
 __all__ = [
     "OBJECTIVES",
@@ -194,8 +198,17 @@ class SimSiam(nn.Module):
         self.encoder, self.predictor = encoder, predictor
         self.target = None
 
-    def forward(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, left: torch.Tensor, right: torch.Tensor,
+                gather: Gather | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The loss of a batch `(left, right)` and the encoder's outputs.
+
+        Under torchrun, `left` and `right` are this rank's share of the global batch and `gather`
+        joins the ranks' encoder outputs (with gradient) before the predictor, so its BatchNorm
+        sees the global batch and every rank computes the global batch's loss.
+        """
         z1, z2 = self.encoder(left), self.encoder(right)
+        if gather is not None:
+            z1, z2 = gather(z1), gather(z2)
         return simsiam_loss(self.predictor(z1), self.predictor(z2), z1, z2), (z1, z2)
 
     def after_step(self, step: int, total_steps: int) -> None:
@@ -228,10 +241,16 @@ class BYOL(nn.Module):
         self.target = copy.deepcopy(encoder).requires_grad_(False)
         self.tau = self.ema
 
-    def forward(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def forward(self, left: torch.Tensor, right: torch.Tensor,
+                gather: Gather | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The loss of a batch `(left, right)` and the online encoder's outputs (`gather`: as `SimSiam.forward`)."""
         z1, z2 = self.encoder(left), self.encoder(right)
         with torch.no_grad():
             t1, t2 = self.target(left), self.target(right)
+        if gather is not None:
+            z1, z2 = gather(z1), gather(z2)
+            with torch.no_grad():
+                t1, t2 = gather(t1), gather(t2)
         return byol_loss(self.predictor(z1), self.predictor(z2), t1, t2), (z1, z2)
 
     def after_step(self, step: int, total_steps: int) -> None:

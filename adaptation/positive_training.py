@@ -45,6 +45,10 @@ from typing import Callable
 
 import torch
 
+from toolkit.distributed import Ranks
+from toolkit.utils import UserError
+
+from .distributed import average_gradients, gather_rows
 from .objectives import BYOL, SimSiam, output_std
 from .split import TrainData
 from .training import TrainConfig, epoch_batches, evaluate
@@ -55,32 +59,45 @@ OUTPUT_STD = "Train/output std"
 """The collapse monitor's metric name (TensorBoard tag and history key)."""
 
 
-def _step(objective: SimSiam | BYOL, sets, step, config: TrainConfig, optimizer) -> tuple[torch.Tensor, int] | None:
-    """One optimiser step over the sets' batches; (loss, originals in the batch), or None when no batch was usable."""
+def _step(objective: SimSiam | BYOL, sets, step, config: TrainConfig, optimizer,
+          dist: Ranks) -> tuple[torch.Tensor, int] | None:
+    """One optimiser step over the sets' batches; (loss, originals in the batch), or None when no batch was usable.
+
+    Under torchrun each rank encodes its share of each global batch; the objective gathers the
+    shares (`gather_rows`) so that every rank computes the global batch's loss, and the ranks'
+    gradients are averaged before the step, so every rank takes the one process's step.
+    """
     batches = []
     for i, idx in enumerate(step):
         if idx is False:  # this set has no batch left this epoch
             continue
         left, right = sets[i]
-        if idx is not None:
-            rows = torch.as_tensor(idx, device=left.device)
+        n = len(left) if idx is None else len(idx)
+        if n < 2:  # the predictor's BatchNorm needs two rows (the same verdict on every rank)
+            continue
+        share = dist.shard(n)
+        rows = torch.arange(share.start, share.stop) if idx is None else torch.as_tensor(idx[share.start:share.stop])
+        if idx is not None or dist.distributed:
+            rows = rows.to(left.device)
             left, right = left.index_select(0, rows), right.index_select(0, rows)
-        if len(left) >= 2:
-            batches.append((i, left, right))
+        batches.append((i, left, right, n))
     if not batches:
         return None
     device = batches[0][1].device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    for _, left, right in batches:
+    for _, left, right, n in batches:
+        gather = (lambda x, n=n: gather_rows(x, dist, n)) if dist.distributed else None
         with autocast:
-            loss, _ = objective(left, right)
+            loss, _ = objective(left, right, gather)
         loss = loss.float() / len(batches)
         loss.backward()
         total += loss.detach()
+    if dist.distributed:
+        average_gradients(objective, dist)
     optimizer.step()
-    n_orig = next((len(left) for i, left, _ in batches if i == 0), 0)
+    n_orig = next((n for i, _, _, n in batches if i == 0), 0)
     return total, n_orig
 
 
@@ -90,6 +107,7 @@ def train_positive(
     config: TrainConfig,
     optimizer: torch.optim.Optimizer,
     on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
+    dist: Ranks = Ranks(),
 ) -> list[dict[str, float]]:
     """Train `objective` (its encoder and predictor) for `config.epochs` epochs; see the module docstring.
 
@@ -99,6 +117,7 @@ def train_positive(
         config: epochs, batch_size and seed (the batches), temperature (the test loss), lr, topk, precision.
         optimizer: from `make_optimizer(objective, config)`: the encoder's and the predictor's parameters.
         on_epoch: called after every epoch with `(epoch, metrics)`; returning True stops training there.
+        dist: under torchrun, this process's place in the group (joined); every rank takes the same steps.
 
     Returns:
         One dict per epoch: `epoch` and the floats `Train/Loss`, `Train/output std`, the train
@@ -115,7 +134,7 @@ def train_positive(
         objective.train()
         loss_sum, weight = torch.zeros((), dtype=torch.float64, device=sets[0][0].device), 0
         for step in epoch_batches(sizes, config.batch_size, config.seed, epoch):
-            out = _step(objective, sets, step, config, optimizer)
+            out = _step(objective, sets, step, config, optimizer, dist)
             if out is None:
                 continue
             done += 1
@@ -123,12 +142,15 @@ def train_positive(
             loss, n_orig = out
             loss_sum += loss.double() * max(n_orig, 1)
             weight += max(n_orig, 1)
-        tr = evaluate(encoder, *data.train, config)  # in eval mode, fp32
+        if done == 0:  # never saved as a finished run (`adaptation.experiment.check_objective` refuses this before)
+            raise UserError(f"epoch {epoch} made no optimiser step: every batch had fewer than 2 pairs; "
+                            f"use a batch_size of 2 or more")
+        tr = evaluate(encoder, *data.train, config, dist)  # in eval mode, fp32
         tr["Loss"] = (loss_sum / max(weight, 1)).float()
         with torch.no_grad():
             tr[OUTPUT_STD.removeprefix("Train/")] = output_std(torch.cat([encoder(data.train[0]), encoder(data.train[1])]))
-        te = evaluate(encoder, *data.test, config)
-        va = evaluate(encoder, *data.val, config) if data.val is not None else {}
+        te = evaluate(encoder, *data.test, config, dist)
+        va = evaluate(encoder, *data.val, config, dist) if data.val is not None else {}
         names = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te] + [f"Val/{k}" for k in va]
         values = torch.stack([v.float() for v in (*tr.values(), *te.values(), *va.values())]).tolist()
         row = dict(zip(names, values))

@@ -63,7 +63,9 @@ from torch import nn
 
 from .split import TrainData
 from ._fused import FUSED_MAX_SCALE, Workspace, row_block_loss, similarity_and_loss
-from .distributed import Dist, all_reduce_sum, gather_rows
+from toolkit.distributed import Ranks
+
+from .distributed import all_reduce_sum, gather_rows
 from .evaluation import evaluate_vectors
 from .losses import EPS
 from .metrics import block_partner_ranks, column_counts, metric_names, metrics_from_ranks, partner_ranks
@@ -124,7 +126,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam | 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, left: torch.Tensor, right: torch.Tensor, config: TrainConfig,
-    dist: Dist = Dist(), block_rows: int | None = None,
+    dist: Ranks = Ranks(), block_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Loss and retrieval metrics of `model` on pairs `(left[i], right[i])`, in fp32.
 
@@ -145,15 +147,15 @@ class BatchContext:
 
     Attributes:
         config: the recipe.
-        n: the global batch size (this rank holds rows `dist.share(n)` of it).
-        dist: the data-parallel group (`Dist()` for one process).
+        n: the global batch size (this rank holds rows `dist.shard(n)` of it).
+        dist: the data-parallel group (`Ranks()` for one process).
         workspace: scratch matrices kept between steps (`adaptation._fused.Workspace`).
         want_ranks: whether the caller reads train metrics from this batch.
     """
 
     config: TrainConfig
     n: int
-    dist: Dist = field(default_factory=Dist)
+    dist: Ranks = field(default_factory=Ranks)
     workspace: Workspace = field(default_factory=Workspace)
     want_ranks: bool = False
 
@@ -180,7 +182,7 @@ BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchContext], Batc
 def _forward_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, ctx: BatchContext):
     device = left.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=ctx.config.precision == "bf16"):
-        if ctx.dist.active:
+        if ctx.dist.distributed:
             # One forward for both sides: DDP expects one forward per backward.
             out = model(torch.cat([left, right]))
             return out[: len(left)], out[len(left):]
@@ -200,7 +202,7 @@ def contrastive_batch_loss(model: nn.Module, left: torch.Tensor, right: torch.Te
     cfg, dist = ctx.config, ctx.dist
     bf16 = cfg.precision == "bf16"
     out_left, out_right = _forward_pair(model, left, right, ctx)
-    if not dist.active:
+    if not dist.distributed:
         sim, loss = similarity_and_loss(out_left, out_right, cfg.temperature, torch.bfloat16 if bf16 else None,
                                         ctx.workspace)
         ranks = None
@@ -212,7 +214,8 @@ def contrastive_batch_loss(model: nn.Module, left: torch.Tensor, right: torch.Te
         a = F.normalize(out_left.float(), dim=1, eps=EPS)
         b = F.normalize(out_right.float(), dim=1, eps=EPS)
         product = torch.bfloat16 if bf16 else torch.float32
-        start, stop = dist.share(ctx.n)
+        share = dist.shard(ctx.n)
+        start, stop = share.start, share.stop
         # This rank's rows of the global cosine matrix: its left vectors against every right one.
         sim = a.to(product) @ gather_rows(b, dist, ctx.n).to(product).T
         if abs(cfg.temperature) <= FUSED_MAX_SCALE:
@@ -228,7 +231,7 @@ def contrastive_batch_loss(model: nn.Module, left: torch.Tensor, right: torch.Te
     return BatchOutput(loss, ranks)
 
 
-def _row_block_ranks(sim: torch.Tensor, start: int, ctx: BatchContext, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_block_ranks(sim: torch.Tensor, start: int, ctx: BatchContext, dist: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
     """Both directions' partner ranks of this rank's pairs, from its rows of the global cosine matrix.
 
     Left to right is along this rank's rows. Right to left is down a column, over every rank's
@@ -266,7 +269,7 @@ def epoch_batches(sizes: list[int], batch_size: int | None, seed: int, epoch: in
 
 def _step(model, sets, step, config, optimizer, ctx_base: dict, batch_loss: BatchLoss, ddp) -> tuple[torch.Tensor, int, dict | None]:
     """One optimiser step over the sets' batches; returns (loss on this rank, originals batch size, metrics means or None)."""
-    dist: Dist = ctx_base["dist"]
+    dist: Ranks = ctx_base["dist"]
     present = [(i, idx) for i, idx in enumerate(step) if idx is not False]
     total = torch.zeros((), device=sets[0][0].device)
     n_orig, metrics = 0, None
@@ -275,9 +278,10 @@ def _step(model, sets, step, config, optimizer, ctx_base: dict, batch_loss: Batc
     for j, (i, idx) in enumerate(present):
         left, right = sets[i]
         n = len(left) if idx is None else len(idx)
-        start, stop = dist.share(n)
+        share = dist.shard(n)
+        start, stop = share.start, share.stop
         if idx is None:
-            left_b, right_b = (left, right) if not dist.active else (left[start:stop], right[start:stop])
+            left_b, right_b = (left, right) if not dist.distributed else (left[start:stop], right[start:stop])
         else:
             rows = torch.as_tensor(idx[start:stop], device=left.device)
             left_b, right_b = left.index_select(0, rows), right.index_select(0, rows)
@@ -295,7 +299,7 @@ def _step(model, sets, step, config, optimizer, ctx_base: dict, batch_loss: Batc
             n_orig = n
             if out.ranks is not None and stop > start:
                 metrics = metrics_from_ranks(*out.ranks, config.topk)
-                if dist.active:  # this rank's share of the counts, summed over ranks at the epoch's end
+                if dist.distributed:  # this rank's share of the counts, summed over ranks at the epoch's end
                     metrics = {k: v * (stop - start) / n for k, v in metrics.items()}
             elif out.ranks is not None:  # this rank holds none of a batch smaller than the group
                 metrics = {k: torch.zeros((), device=total.device) for k in metric_names(config.topk)}
@@ -304,10 +308,10 @@ def _step(model, sets, step, config, optimizer, ctx_base: dict, batch_loss: Batc
     return total, n_orig, metrics
 
 
-def _train_figures(parts: list, names: list[str], dist: Dist) -> dict[str, torch.Tensor]:
+def _train_figures(parts: list, names: list[str], dist: Ranks) -> dict[str, torch.Tensor]:
     """An epoch's training figures (`Loss` and, when the steps measured them, the metrics) from its steps'
     `(loss, n_originals, metrics)`, as tensors."""
-    if len(parts) == 1 and not dist.active:
+    if len(parts) == 1 and not dist.distributed:
         # The full batch: the figures as they are (no weighting to round).
         loss, _, means = parts[0]
         return {"Loss": loss, **(means or {})}
@@ -329,7 +333,7 @@ def train(
     config: TrainConfig,
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
-    dist: Dist = Dist(),
+    dist: Ranks = Ranks(),
     batch_loss: BatchLoss = contrastive_batch_loss,
 ) -> list[dict[str, float]]:
     """Run the recipe for `config.epochs` epochs; see the module docstring for what an epoch does.
@@ -359,7 +363,7 @@ def train(
     sets = data.train_sets
     device = sets[0][0].device
     ddp = None
-    if dist.active and optimizer is not None:
+    if dist.distributed and optimizer is not None:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -58,7 +58,8 @@ from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.extractor import CPU_SLICE
 from featuresExtractor.pipeline import ExtractConfig, extract
 from featuresExtractor.drawn_images import make_pairs
-from toolkit.utils import UserError, run_cli
+from toolkit.utils import UserError
+from toolkit.cli import run_cli
 
 FORMATS = {"nchw": False, "cl": True}
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -40,7 +40,7 @@ import numpy as np
 
 from adaptation import index as ixf
 from adaptation.index import IndexParams
-from toolkit.utils import run_cli
+from toolkit.cli import run_cli
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

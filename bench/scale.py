@@ -45,7 +45,8 @@ import benchlib  # bench/ is the script folder; this also puts the repo root on 
 import numpy as np
 
 from featuresExtractor.drawn_images import make_images, name_of
-from toolkit.utils import UserError, run_cli
+from toolkit.utils import UserError
+from toolkit.cli import run_cli
 
 CHILD_MARK = "SCALE-RESULT "
 

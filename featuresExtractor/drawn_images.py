@@ -44,7 +44,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from toolkit.utils import UserError, atomic_path, run_cli
+from toolkit.utils import UserError, atomic_path
+from toolkit.cli import run_cli
 
 __all__ = [
     "Shape", "Composition", "Style", "FORMATS", "compose", "styles", "jitter", "render", "render_pair", "name_of",

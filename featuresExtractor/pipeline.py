@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .dataset import ImageItems, Layout, discover
-from .distributed import Ranks
+from toolkit.distributed import Ranks
 from .backbones import Backbone, file_sha256
 from .extractor import FeatureExtractor
 from .merge import write_outputs
@@ -442,7 +442,7 @@ def extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks = Ranks()) -> R
     Steps: check the input and prepare the output folder, run the batches into the chunk store
     (`MODEL/.partial/`, so an interrupted run resumes), write the outputs, write the manifest.
 
-    Under torchrun, pass `ranks` (`featuresExtractor.distributed.init`): each rank extracts its
+    Under torchrun, pass `ranks` (`toolkit.distributed.Ranks.join`): each rank extracts its
     shard of the sorted items into the chunk store, and rank 0 alone writes the outputs and the
     manifest once every rank is done; the other ranks return a `Report` without outputs.
 

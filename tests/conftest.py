@@ -19,11 +19,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def run_script(script, argv, capsys) -> tuple[int, str, str]:
     """Run a script's `main` in this process as its command line would (`run_cli`): (exit code, stdout, stderr)."""
-    from toolkit.utils import run_cli
+    from toolkit.cli import run_cli
 
     code = run_cli(script.main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_bounded(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ import extract
 import similarity
 import train
 from conftest import ROOT, make_pairs
-from toolkit.utils import run_cli
+from toolkit.cli import run_cli
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 

@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation.distributed import Dist, share_bounds
-from conftest import run_bounded, spawn_ranks
+from conftest import free_port, run_bounded, spawn_ranks
 from adaptation.models import build_model
 from adaptation.planted import planted_array, planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, epoch_batches, make_optimizer, train
-from toolkit.distributed import destroy_group
+from toolkit.cli import run_cli
+from toolkit.distributed import Ranks, shard_bounds
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 EXACT, BF16_TOL = (1e-5, 1e-5), (1e-2, 5e-3)
@@ -43,7 +36,7 @@ def _data():
     return split_data(pairs, *split_indices(len(pairs), 0.25, seed=0))
 
 
-def _fit(cfg, dist=Dist()):
+def _fit(cfg, dist=Ranks()):
     torch.manual_seed(0)
     model = build_model("original", 8, out_dim=64)
     history = train(model, _data(), cfg, make_optimizer(model, cfg), dist=dist)
@@ -57,10 +50,10 @@ def _rank_worker(rank, port, cfg, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        model, history = _fit(cfg, Dist(rank, WORLD, WORLD))
+        model, history = _fit(cfg, Ranks(rank, WORLD, rank, WORLD))
         torch.save({"state": model.state_dict(), "history": history}, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        destroy_group()
+        Ranks.leave()
 
 
 def _spawn(fn, args, timeout=120):
@@ -81,7 +74,7 @@ def test_two_ranks_give_one_process_weights(tmp_path, batch_size, epochs, temper
     assert len(epoch_batches([31, 31], batch_size, 5, 1)) * epochs >= 3
     torch.set_num_threads(1)
     single, single_history = _fit(cfg)
-    _spawn(_rank_worker, (_free_port(), cfg, str(tmp_path)))
+    _spawn(_rank_worker, (free_port(), cfg, str(tmp_path)))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     torch.manual_seed(0)
     start = build_model("original", 8, out_dim=64).state_dict()
@@ -98,10 +91,65 @@ def test_two_ranks_give_one_process_weights(tmp_path, batch_size, epochs, temper
 
 def test_shares_cover_the_batch_in_order():
     for n in (1, 2, 7, 12, 31):
-        bounds = [share_bounds(n, r, 3) for r in range(3)]
+        bounds = [shard_bounds(n, r, 3) for r in range(3)]
         assert bounds[0][0] == 0 and bounds[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
         assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def _fit_positive(name, cfg, dist=Ranks()):
+    from adaptation.objectives import build_objective
+    from adaptation.positive_training import train_positive
+
+    torch.manual_seed(0)
+    objective = build_objective(name, build_model("original", 8, out_dim=64), ema=0.9)
+    history = train_positive(objective, _data(), cfg, make_optimizer(objective, cfg), dist=dist)
+    return objective, history
+
+
+def _positive_worker(rank, port, name, cfg, out_dir):
+    import torch.distributed as tdist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        objective, history = _fit_positive(name, cfg, Ranks(rank, WORLD, rank, WORLD))
+        torch.save({"state": objective.state_dict(), "history": history}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        Ranks.leave()
+
+
+@pytest.mark.parametrize("name", ["simsiam", "byol"])
+def test_positive_objectives_on_two_ranks_give_one_process_weights(tmp_path, name):
+    # B = 12 of 31 training pairs: batches of 12, 12 and 7 (shares 6/6 and 4/3), 3 steps; the flipped copies' set
+    # is absent here, so each step is one batch. The predictor's BatchNorm sees the global batch on every rank.
+    cfg = TrainConfig(epochs=1, temperature=15.0, lr=1e-2, topk=(1, 3), batch_size=12, seed=5)
+    assert len(epoch_batches([31], 12, 5, 1)) == 3
+    torch.set_num_threads(1)
+    single, single_history = _fit_positive(name, cfg)
+    _spawn(_positive_worker, (free_port(), name, cfg, str(tmp_path)))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    torch.manual_seed(0)
+    from adaptation.objectives import build_objective
+
+    start = build_objective(name, build_model("original", 8, out_dim=64), ema=0.9).state_dict()
+    for key, value in single.state_dict().items():
+        if value.is_floating_point() and "running_var" not in key and "target" not in key:
+            assert (value - start[key]).abs().max().item() > 1e-4, key  # the steps did move the weights
+    for r in ranks:
+        assert r["state"].keys() == single.state_dict().keys()
+        for key, value in single.state_dict().items():
+            assert (r["state"][key].double() - value.double()).abs().max().item() <= 1e-5, key
+        for mine, theirs in zip(single_history, r["history"], strict=True):
+            assert mine.keys() == theirs.keys()
+            for k in mine:
+                assert theirs[k] == pytest.approx(mine[k], abs=1e-5), k
+    # Every rank holds the same bytes: the online weights, the predictor and (byol) the EMA target.
+    for key in single.state_dict():
+        assert torch.equal(ranks[0]["state"][key], ranks[1]["state"][key]), key
+    if name == "byol":
+        assert any(k.startswith("target.") for k in single.state_dict())
 
 
 # --- train.py under torchrun -------------------------------------------------------------------------
@@ -110,7 +158,7 @@ def _torchrun(args, nproc=WORLD, timeout=180):
     # --cpu: these are gloo tests; where CUDA is available train.py would take it (one GPU per rank).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_free_port()), "train.py", "--cpu", *map(str, args)]
+           str(free_port()), "train.py", "--cpu", *map(str, args)]
     return run_bounded(cmd, timeout, cwd=ROOT, env=env)
 
 
@@ -182,16 +230,14 @@ def _failing_worker(rank, port, features, save_to, log_dir):
             return real(*a, **k)
 
         training.evaluate = broken
-    from adaptation.distributed import from_env, run_ranked_cli
-
     argv = ["-d", features, "-s", save_to, "-e", "5", "--no-images", "-k", "1", "--batch-size", "16", "--cpu"]
-    rc = run_ranked_cli(lambda _: train_script.main(argv), "train.py", from_env())
+    rc = run_cli(train_script.main, argv, "train.py")
     (Path(log_dir) / f"rank{rank}.rc").write_text(str(rc))
 
 
 def test_a_failing_rank_stops_all_and_leaves_no_run(features, tmp_path):
     save_to = tmp_path / "runs"
-    _spawn(_failing_worker, (_free_port(), str(features), str(save_to), str(tmp_path)), timeout=120)
+    _spawn(_failing_worker, (free_port(), str(features), str(save_to), str(tmp_path)), timeout=120)
     rcs = [int((tmp_path / f"rank{r}.rc").read_text()) for r in range(WORLD)]
     logs = [(tmp_path / f"rank{r}.log").read_text() for r in range(WORLD)]
     assert rcs[1] == 1 and rcs[0] != 0
@@ -208,10 +254,8 @@ def _refused_worker(rank, port, features, save_to, log_dir):
                       LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     sys.stderr = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
-    from adaptation.distributed import from_env, run_ranked_cli
-
     argv = ["-d", features, "-s", save_to, "-e", "1", "--no-images", "--cpu"]
-    rc = run_ranked_cli(lambda _: train_script.main(argv), "train.py", from_env())
+    rc = run_cli(train_script.main, argv, "train.py")
     (Path(log_dir) / f"rank{rank}.rc").write_text(str(rc))
 
 
@@ -231,7 +275,7 @@ def test_rank0_alone_checks_and_locks_the_output_folder(features, tmp_path, case
         save_to, expected = tmp_path / "afile" / "runs", "is a file, not a folder"
         held = contextlib.nullcontext()
     with held:
-        _spawn(_refused_worker, (_free_port(), str(features), str(save_to), str(logs_dir)), timeout=120)
+        _spawn(_refused_worker, (free_port(), str(features), str(save_to), str(logs_dir)), timeout=120)
         if case == "locked":
             assert not any(save_to.iterdir())  # nothing written into the folder another run holds
     rcs = [int((logs_dir / f"rank{r}.rc").read_text()) for r in range(WORLD)]

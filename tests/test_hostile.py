@@ -21,7 +21,7 @@ import extract
 import similarity
 import train
 from conftest import ROOT, draw_image, make_pairs, run_script
-from toolkit.utils import run_cli
+from toolkit.cli import run_cli
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
@@ -112,7 +112,7 @@ def test_sigterm_unwinds_main_like_ctrl_c():
     code = """if True:
         import os, signal, sys, time
         sys.path.insert(0, sys.argv[1])
-        from toolkit.utils import run_cli
+        from toolkit.cli import run_cli
         before = signal.getsignal(signal.SIGTERM)
         def main(argv):
             try:

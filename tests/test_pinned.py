@@ -15,7 +15,7 @@ import numpy as np
 
 import extract
 from conftest import make_pairs
-from toolkit.utils import run_cli
+from toolkit.cli import run_cli
 
 PINNED = {
     "features.npy": "04705a9b6b90be9b72fd6399c19bf1c99fb53dde8a86103ed6335397cfec9f22",

@@ -9,7 +9,8 @@ from PIL import Image
 from featuresExtractor import drawn_images as synthetic
 from featuresExtractor.dataset import discover
 from featuresExtractor.drawn_images import make_images, make_pairs, render_pair
-from toolkit.utils import UserError, run_cli
+from toolkit.utils import UserError
+from toolkit.cli import run_cli
 
 SMALL = (48, 60)
 

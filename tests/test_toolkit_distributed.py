@@ -1,48 +1,107 @@
-"""toolkit.distributed: torchrun's environment as both scripts read it."""
+"""toolkit.distributed.Ranks: torchrun's environment as every script reads it, and the one sharding rule."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from adaptation.distributed import Dist, from_env
-from featuresExtractor.distributed import Ranks
-from toolkit.distributed import torchrun_env
+from conftest import ROOT
+from toolkit.distributed import Ranks, shard_bounds
 from toolkit.utils import UserError
 
-
-def test_torchrun_env_reads_what_torchrun_sets_and_defaults_to_one_process():
-    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
-    assert torchrun_env(env) == {"rank": 3, "world_size": 4, "local_rank": 1, "local_world_size": 2}
-    assert torchrun_env({}) == {"rank": 0, "world_size": 1, "local_rank": 0, "local_world_size": 1}
-    # Both scripts' views come from it.
-    assert from_env(env) == Dist(rank=3, world_size=4, local_world_size=2) and from_env({}) == Dist()
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500"}
 
 
-def test_ranks_from_env_uses_the_shared_reader(monkeypatch):
-    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert Ranks.from_env() == Ranks(rank=1, world_size=2, local_rank=0)
+def test_from_env_reads_what_torchrun_sets_and_defaults_to_one_process():
+    assert Ranks.from_env(TORCHRUN) == Ranks(rank=3, world_size=4, local_rank=1, local_world_size=2)
+    assert Ranks.from_env({}) == Ranks() and not Ranks().distributed
+    one = {"RANK": "0", "WORLD_SIZE": "1"}  # torchrun --nproc_per_node 1 needs no address
+    assert Ranks.from_env(one) == Ranks()
 
 
-@pytest.mark.parametrize("key", ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"])
-def test_a_non_integer_is_one_user_error(key):
-    with pytest.raises(UserError, match="must be integers"):
-        torchrun_env({key: "two"})
+@pytest.mark.parametrize("change,message", [
+    ({"RANK": "x"}, "RANK='x' is not an integer"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"LOCAL_RANK": "1.5"}, "LOCAL_RANK='1.5' is not an integer"),
+    ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE=0: there must be at least one rank"),
+    ({"WORLD_SIZE": "-1", "RANK": "0"}, "WORLD_SIZE=-1: there must be at least one rank"),
+    ({"RANK": "4"}, "RANK=4 is outside 0..3"),
+    ({"RANK": "-1"}, "RANK=-1 is outside 0..3"),
+    ({"LOCAL_RANK": "2"}, "LOCAL_RANK=2 and LOCAL_WORLD_SIZE=2 do not fit"),
+    ({"LOCAL_WORLD_SIZE": "5"}, "LOCAL_RANK=1 and LOCAL_WORLD_SIZE=5 do not fit WORLD_SIZE=4"),
+    ({"MASTER_ADDR": ""}, "WORLD_SIZE=4 but MASTER_ADDR is not set"),
+    ({"MASTER_ADDR": "", "MASTER_PORT": ""}, "MASTER_ADDR and MASTER_PORT are not set"),
+])
+def test_an_inconsistent_environment_is_one_user_error(change, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        Ranks.from_env({**TORCHRUN, **change})
 
 
-@pytest.mark.parametrize("script", ["train.py", "extract.py"])
-def test_scripts_refuse_a_non_integer_rank_in_one_line(script, tmp_path):
-    import os
-    import subprocess
-    import sys
+def test_rank_beyond_a_one_rank_world():
+    with pytest.raises(UserError, match=r"RANK=1 is outside 0\.\.0 \(WORLD_SIZE=1\)"):
+        Ranks.from_env({"RANK": "1", "WORLD_SIZE": "1"})
 
-    from conftest import ROOT
 
-    env = {**os.environ, "RANK": "x", "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / script), "-d", str(tmp_path / "none"), "-s", str(tmp_path / "out")],
-                          capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"{script}: error: RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE "
-                                                "must be integers (torchrun sets them)"]
-    assert not (tmp_path / "out").exists()
+def _slow_shard(n: int, rank: int, world: int) -> list[int]:
+    """The rule spelled out: deal the items out one by one to the ranks, the first ranks first, then cut."""
+    sizes = [0] * world
+    for i in range(n):
+        sizes[i % world] += 1
+    start = sum(sizes[:rank])
+    return list(range(start, start + sizes[rank]))
+
+
+def test_one_sharding_rule_against_a_slow_one():
+    for n in range(0, 23):
+        for world in (1, 2, 3, 5):
+            shards = [list(Ranks(rank=r, world_size=world).shard(n)) for r in range(world)]
+            assert shards == [_slow_shard(n, r, world) for r in range(world)]
+            assert sum(shards, []) == list(range(n))
+            assert Ranks(world_size=world).layout(n) == [list(shard_bounds(n, r, world)) for r in range(world)]
+    assert Ranks(rank=1, world_size=3).shard(10) == range(4, 7)
+    with pytest.raises(UserError, match="3 ranks for 2 item"):
+        Ranks(world_size=3).check_items(2)
+
+
+def test_device_for_gives_each_rank_its_gpu(monkeypatch):
+    import torch
+
+    two = [Ranks(rank=r, world_size=2, local_rank=r, local_world_size=2) for r in range(2)]
+    cpu = torch.device("cpu")
+    assert two[1].device_for(cpu) == cpu and Ranks().device_for(torch.device("cuda")) == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="needs 2 GPUs, found 1; use torchrun --nproc_per_node 1, or --cpu"):
+        two[0].device_for(torch.device("cuda"), cpu_hint="--cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [r.device_for(torch.device("cuda")) for r in two] == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+BAD_ENVIRONMENTS = {
+    "RANK=x": ({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x' is not an integer"),
+    "WORLD_SIZE=0": ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: there must be at least one rank"),
+    "WORLD_SIZE=-1": ({"WORLD_SIZE": "-1"}, "WORLD_SIZE=-1: there must be at least one rank"),
+    "RANK=1 WORLD_SIZE=1": ({"RANK": "1", "WORLD_SIZE": "1"}, "RANK=1 is outside 0..0"),
+    "no MASTER_ADDR": ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "MASTER_ADDR is not set"),
+}
+
+
+@pytest.mark.parametrize("script,case", [("train.py", case) for case in sorted(BAD_ENVIRONMENTS)]
+                         + [(script, case) for script in ("extract.py", "similarity.py")
+                            for case in ("WORLD_SIZE=0", "no MASTER_ADDR")])
+def test_every_script_refuses_a_bad_torchrun_environment_in_one_line(script, case, tmp_path):
+    change, message = BAD_ENVIRONMENTS[case]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT")}
+    env.update(change, PYTHONPATH=str(ROOT))
+    args = {"similarity.py": ["--run", str(tmp_path / "run"), "pair", "a.png", "b.png"]}.get(
+        script, ["-d", str(tmp_path / "none"), "-s", str(tmp_path / "out")])
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, env=env,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and message in lines[0], proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no .partial, no output folder

@@ -241,7 +241,7 @@ def test_failed_overwrite_puts_earlier_runs_back(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_script, "train", boom)
+    monkeypatch.setattr("adaptation.experiment.train", boom)
     with pytest.raises(KeyboardInterrupt):
         train_script.main(args + ["--overwrite"])
     assert (runs / "summary.json").read_bytes() == before and (runs / "run1" / "model_and_optimizer.pt").is_file()
@@ -276,17 +276,19 @@ def test_each_run_draws_its_own_split_unless_same_split(features, tmp_path, caps
 
 
 def test_device_default_is_cuda_when_available(monkeypatch):
+    from adaptation.experiment import select_device
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    device, note = train._select_device(None)
+    device, note = select_device(None)
     assert device.type == "cpu" and "CUDA is not available" in note and "--gpu" not in note
-    assert train._select_device(False) == (torch.device("cpu"), None)
-    device, note = train._select_device(True)
+    assert select_device(False) == (torch.device("cpu"), None)
+    device, note = select_device(True)
     assert device.type == "cpu" and "--gpu given" in note
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
-    device, note = train._select_device(None)
+    device, note = select_device(None)
     assert device.type == "cuda" and "Fake GPU" in note and "--cpu" in note
-    assert train._select_device(False) == (torch.device("cpu"), None)
+    assert select_device(False) == (torch.device("cpu"), None)
     assert train.parse_args(["-d", "f", "-s", "s"]).gpu is None
     assert train.parse_args(["-d", "f", "-s", "s", "--cpu"]).gpu is False
 

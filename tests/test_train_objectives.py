@@ -143,15 +143,20 @@ def test_collapse_verdict():
     assert collapse_verdict([0.03], 1024)["verdict"] == "no run collapsed"
 
 
-def test_positive_objectives_refused_under_torchrun(features):
-    from adaptation.distributed import Dist
-
-    args = train.parse_args(["-d", str(features), "-s", "x", "--objective", "simsiam"])
-    with pytest.raises(UserError, match="without torchrun"):
-        train._check_objective_flags(args, Dist(rank=0, world_size=2))
-    train._check_objective_flags(args, Dist())  # one process: accepted
-    contrastive = train.parse_args(["-d", str(features), "-s", "x"])
-    train._check_objective_flags(contrastive, Dist(rank=0, world_size=2))
+@pytest.mark.parametrize("objective,args", [("simsiam", ["--batch-size", "1"]), ("byol", ["--batch-size", "1"]),
+                                            ("simsiam", ["--test-split", "0.995"])])
+def test_a_run_that_would_make_no_step_is_refused_before_anything_is_written(features, tmp_path, capsys, objective,
+                                                                               args):
+    # A batch of one pair is skipped (the predictor's BatchNorm needs two): such a run would write a finished-looking
+    # run with Train/Loss 0 for every epoch. 120 pairs at --test-split 0.995 leave 1 training pair.
+    code, out, err = cli(["-d", features, "-s", tmp_path / "r", "-e", "2", "--seed", "0", "--objective", objective,
+                          *args], capsys)
+    assert code == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"train.py: error: --objective {objective} needs at least 2 pairs "
+                                                   "per batch"), err
+    assert "would make no optimiser step; use --batch-size 2 or more" in lines[0]
+    assert not (tmp_path / "r").exists()
 
 
 def test_load_objective_refuses_a_damaged_record(features, tmp_path, capsys):

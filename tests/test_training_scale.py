@@ -174,7 +174,7 @@ def test_bad_batch_size(features, tmp_path, value, message):
 
 
 def test_memory_check_refuses_with_the_largest_batch(features, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "_available_bytes", lambda device: float(step_bytes(40, 16, 1024, 30)))
+    monkeypatch.setattr("adaptation.experiment.available_bytes", lambda device: float(step_bytes(40, 16, 1024, 30)))
     rc, _, err = cli(["-d", features, "-s", tmp_path / "r", "-e", "1", "--no-images"], capsys)
     assert rc == 2
     line = err.strip().splitlines()[-1]
@@ -197,33 +197,34 @@ def test_block_ranks_are_the_row_ranks():
 
 @pytest.mark.parametrize("gpu", [True, None], ids=["--gpu", "default"])
 def test_cuda_under_torchrun_needs_a_gpu_per_rank(monkeypatch, gpu):
-    from adaptation.distributed import Dist
+    from adaptation.experiment import select_device
+    from toolkit.distributed import Ranks
     from toolkit.utils import UserError
 
-    two = [Dist(rank=r, world_size=2, local_world_size=2) for r in range(2)]
+    two = [Ranks(rank=r, world_size=2, local_rank=r, local_world_size=2) for r in range(2)]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"Fake GPU {torch.device(d).index}")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match="needs 2 GPUs, found 1; use torchrun --nproc_per_node 1, or --cpu"):
-        train._select_device(gpu, two[0])
+        select_device(gpu, two[0])
     # --cpu needs no GPU at all, under torchrun as alone.
-    assert train._select_device(False, two[0]) == (torch.device("cpu"), None)
+    assert select_device(False, two[0]) == (torch.device("cpu"), None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for rank in range(2):
-        monkeypatch.setenv("LOCAL_RANK", str(rank))
-        device, note = train._select_device(gpu, two[rank])
+        device, note = select_device(gpu, two[rank])
         assert device == torch.device("cuda", rank)
         assert f"Fake GPU {rank}" in note and "cuda:LOCAL_RANK" in note
 
 
 def test_batch_size_checks_against_ranks_and_pairs():
-    from adaptation.distributed import Dist
+    from adaptation.experiment import resolve_batch_size
+    from toolkit.distributed import Ranks
     from toolkit.utils import UserError
 
-    two = Dist(rank=0, world_size=2, local_world_size=2)
-    assert train._batch_size(None, 100, two) is None and train._batch_size(500, 100, two) is None
-    assert train._batch_size(64, 100, two) == 64
-    with pytest.raises(UserError, match="use --batch-size 64"):
-        train._batch_size(63, 100, two)
+    two = Ranks(rank=0, world_size=2, local_world_size=2)
+    assert resolve_batch_size(None, 100, two) is None and resolve_batch_size(500, 100, two) is None
+    assert resolve_batch_size(64, 100, two) == 64
+    with pytest.raises(UserError, match="use batch_size 64"):
+        resolve_batch_size(63, 100, two)
     with pytest.raises(UserError, match="3 ranks but only 2 training pairs"):
-        train._batch_size(None, 2, Dist(rank=0, world_size=3, local_world_size=3))
+        resolve_batch_size(None, 2, Ranks(rank=0, world_size=3, local_world_size=3))

@@ -14,7 +14,8 @@ from featuresExtractor.backbones import EMBEDDING, load_backbone, resolve_spec
 from featuresExtractor.pipeline import ExtractConfig, extract
 from featuresExtractor.pooling import global_avg_pool
 from featuresExtractor.taps import Taps
-from toolkit.utils import UserError, run_cli
+from toolkit.utils import UserError
+from toolkit.cli import run_cli
 from featuresExtractor.zoo import FILE_ONLY, ZOO, list_models, load_zoo_backbone, probe_dims, zoo_spec, zoo_table
 
 # The paper's models.py keys (resnext101_32x8d_ssl is defined twice there, so 37 keys).

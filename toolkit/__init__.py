@@ -1,7 +1,11 @@
 """toolkit: what both packages and the scripts share, owned by neither's domain code.
 
-- `toolkit.utils`: `UserError` (bad input: one line, exit 2), `run_cli` (a script's `main` with
-  that rule applied), atomic file writes (`atomic_path`, `write_json`, `save_npy`) and `read_json`.
+- `toolkit.utils`: `UserError` (bad input: one line, exit 2), atomic file writes (`atomic_path`,
+  `write_json`, `save_npy`) and `read_json`.
+- `toolkit.cli`: `run_cli`, the one runner of a script's `main` (that rule applied, in one process or
+  as one rank under torchrun).
+- `toolkit.distributed`: `Ranks`, the one rank type of every script under torchrun (shards, verdicts,
+  joining and leaving the process group).
 - `toolkit.lock`: `folder_lock`, the operating-system lock extract.py and train.py hold on their output
   folder, so two runs never write into the same one.
 

@@ -13,14 +13,13 @@ import json
 import os
 import re
 import signal
-import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = ["UserError", "default_workers", "first_line", "atomic_path", "atomic_paths", "read_json", "write_json",
-           "save_npy", "run_cli", "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device",
+           "save_npy", "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device",
            "check_writable", "os_error_line", "require_regular_file", "require_utf8"]
 
 
@@ -40,10 +39,24 @@ class Terminated(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
-def _raise_terminated(signum, frame):
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second kill must not cut the clean-up short
+_STOPPING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop_taking_signals() -> None:
+    # A second Ctrl-C or kill (torchrun's launcher sends one to its ranks after the user's) must not cut
+    # the clean-up of the first short: it would leave set-aside results or a half-written folder behind.
+    for sig in _STOPPING:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def _raise_terminated(signum, frame):
+    _stop_taking_signals()
     raise Terminated(signum)
+
+
+def _raise_interrupt(signum, frame):
+    _stop_taking_signals()
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -51,21 +64,25 @@ def terminated_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise `Terminated` instead of ending the process on the spot.
 
     Their default action skips every `finally` and `except`, which left half-written runs and set-aside
-    results behind. A signal that is ignored (e.g. SIGHUP under nohup) or already handled stays as it is;
-    the previous handlers come back after the block. Outside the main thread this does nothing.
+    results behind. Ctrl-C raises KeyboardInterrupt as usual. Once one of them has been raised, the
+    others (and a second Ctrl-C) are ignored until the block is left, so the clean-up runs whole. A
+    signal that is ignored (e.g. SIGHUP under nohup) or handled by someone else stays as it is; the
+    previous handlers come back after the block. Outside the main thread this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.getsignal(sig) for sig in _STOPPING}
     for sig, handler in previous.items():
-        if handler is signal.SIG_DFL:
+        if handler is signal.SIG_DFL and sig != signal.SIGINT:
             signal.signal(sig, _raise_terminated)
+        elif handler is signal.default_int_handler:
+            signal.signal(sig, _raise_interrupt)
     try:
         yield
     finally:
         for sig, handler in previous.items():
-            if handler is signal.SIG_DFL:
+            if handler is not None:  # None: a handler installed outside Python, which stays
                 signal.signal(sig, handler)
 
 
@@ -276,31 +293,6 @@ def os_error_line(err: OSError) -> str:
     hint = {28: "free some space", 30: "write somewhere else", 13: "fix the permissions or write elsewhere",
             20: "a part of the path is a file, not a folder"}.get(err.errno or 0)
     return f"{where or 'an output file'}: {reason}" + (f" ({hint})" if hint else "")
-
-
-def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
-            prog: str | None = None) -> int:
-    """Run a script's `main`, turning `UserError` into one line on stderr and exit 2.
-
-    Ctrl-C, SIGTERM and SIGHUP unwind `main` (its clean-up runs) and end in one line, exit 128 + the signal.
-
-    `prog` names the script in the message; by default the module that defines `main`.
-    """
-    prog = prog or (main.__module__ if main.__module__ != "__main__" else Path(sys.argv[0]).stem) + ".py"
-    try:
-        with terminated_as_interrupt():
-            return int(main(argv) or 0)
-    except UserError as err:
-        if not getattr(err, "quiet", False):  # quiet: another process (rank 0) has printed it
-            print(f"{prog}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        # Disk full, read-only place, a path component that is a file...: one line, path and reason.
-        print(f"{prog}: error: {os_error_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP as `Terminated`
-        print(f"{prog}: interrupted" + (f" ({err})" if isinstance(err, Terminated) else ""), file=sys.stderr)
-        return getattr(err, "exit_code", 130)
 
 
 @contextlib.contextmanager

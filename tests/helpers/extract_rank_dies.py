@@ -8,7 +8,7 @@ import sys
 
 import extract
 import featuresExtractor.pipeline as pipeline
-from toolkit.utils import run_cli
+from toolkit.cli import run_cli
 
 _store_batch = pipeline._store_batch
 
