@@ -33,7 +33,7 @@ from typing import Sequence
 
 import benchlib
 
-from toolkit.utils import run_cli
+from toolkit.cli import run_cli
 
 ROOT = benchlib.ROOT
 
