@@ -241,6 +241,8 @@ def export_run(sim, out_dir: str | os.PathLike, config: ExportConfig = ExportCon
     cannot be exported, the check fails, or `out_dir` cannot be written or holds other files.
     """
     out_dir = Path(out_dir)
+    if sim.onnx or str(sim.device) != "cpu":
+        raise UserError("export a run loaded on the CPU: VisualSimilarity.from_run(RUN, device='cpu')")
     deploy.check_target(out_dir, config.overwrite)
     versions = _packages()
     images, source = check_images(config.check_images)  # bad check images are refused before the slow export
