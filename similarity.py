@@ -97,6 +97,7 @@ def _add_search_parser(sub) -> None:
     search.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates explored (default: the index's)")
     search.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited (default: the index's)")
     search.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _add_strict(search)
 
 
 def _add_index_parser(sub) -> None:
@@ -125,6 +126,12 @@ def _add_index_parser(sub) -> None:
     add.add_argument("gallery", help="folder of images, image list file, or features.npy")
     for q in (build, add):
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        _add_strict(q)
+
+
+def _add_strict(parser) -> None:
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse a gallery entry that is unreadable or not an image file instead of skipping it")
 
 
 def _add_pairs_parser(sub) -> None:
@@ -176,14 +183,13 @@ def _queries(args: Sequence[str]) -> list[str]:
     return out
 
 
-def _check_outputs(paths: Sequence[str | None], overwrite: bool) -> None:
-    from toolkit.utils import UserError, check_writable
+def _check_outputs(outputs: dict[str, str | None], overwrite: bool) -> None:
+    """Output files (flag -> path): none the same file as another, a folder, or existing without --overwrite."""
+    from toolkit.folders import check_outputs
+    from toolkit.utils import check_writable
 
-    for path in paths:
-        if path and Path(path).is_dir():
-            raise UserError(f"{path} is a folder; give a file name")
-        if path and Path(path).exists() and not overwrite:
-            raise UserError(f"{path} already exists; pass --overwrite or choose another name")
+    check_outputs(outputs, overwrite)
+    for path in outputs.values():
         if path:
             check_writable(Path(path).parent, "output")  # before the model loads
 
@@ -208,7 +214,11 @@ def _threshold_text(threshold) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
-    from toolkit.utils import require_utf8, resolve_device
+    from toolkit.distributed import Ranks
+    from toolkit.utils import UserError, require_utf8, resolve_device
+
+    if Ranks.from_env().distributed:  # every rank would encode the same images and write the same files
+        raise UserError("similarity.py runs in one process; start it without torchrun")
 
     named = {"a": "first image", "b": "second image", "gallery": "gallery", "index": "--index", "json": "--json",
              "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder", "check_images": "--check-images"}
@@ -234,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sim = VisualSimilarity.from_onnx(args.onnx)
     else:
         sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
+        if not sim.provenance_checked:
+            print(f"note: {args.run}'s checkpoint records no sha256 of its features file and PCA (written before "
+                  f"checkpoint format 2), so they are not checked; retrain to have them checked", file=sys.stderr)
     if args.command == "export":
         return _export(sim, args, config)
     if args.command == "pair":
@@ -269,8 +282,8 @@ def _check_export_args(args):
         raise UserError(f"--opset must be an ONNX opset number such as 18 (got {args.opset})")
     if args.check_images is not None and not Path(args.check_images).exists():
         raise UserError(f"--check-images {args.check_images} does not exist")
-    check_target(Path(args.out), args.overwrite)
-    check_writable(Path(args.out).parent, "-o")
+    check_target(args.out, args.overwrite)
+    check_writable(args.out, "-o")
     return ExportConfig(args.opset, args.dynamic_batch, args.check_images, args.overwrite)
 
 
@@ -287,6 +300,7 @@ def _export(sim, args, config) -> int:
 
 
 def _check_search_args(args) -> None:
+    from adaptation.similarity import check_source
     from toolkit.utils import UserError
 
     if args.k < 1:
@@ -294,10 +308,11 @@ def _check_search_args(args) -> None:
     for fmt in ("json", "csv"):
         if getattr(args, fmt) and Path(getattr(args, fmt)).suffix.lower() != f".{fmt}":
             raise UserError(f"--{fmt} {getattr(args, fmt)}: the file name must end in .{fmt}")
-    _check_outputs([args.html, args.json, args.csv], args.overwrite)
-    source = args.gallery or args.index
-    if not Path(source).exists():
-        raise UserError(f"{'gallery' if args.gallery else 'index'} {source} does not exist")
+    _check_outputs({"--json": args.json, "--csv": args.csv, "--html": args.html}, args.overwrite)
+    if args.gallery:
+        check_source(args.gallery)
+    elif not Path(args.index).exists():
+        raise UserError(f"index {args.index} does not exist")
 
 
 def _check_pairs_args(args) -> None:
@@ -309,23 +324,23 @@ def _check_pairs_args(args) -> None:
         raise UserError(f"--top must be at least 1 (got {args.top})")
     if args.per_image < 1 or args.html_rows < 0:
         raise UserError("--per-image must be at least 1 and --html-rows at least 0")
-    _check_outputs([args.out + ".csv", args.out + ".html"], args.overwrite)
+    _check_outputs({"-o (CSV)": args.out + ".csv", "-o (HTML)": args.out + ".html"}, args.overwrite)
 
 
 def _check_index_args(args):
     """Checks the index command's inputs; returns the IndexParams of a build, None for an add."""
     from adaptation.index import IndexParams
-    from toolkit.utils import UserError, check_writable
+    from adaptation.index_folder import check_target
+    from adaptation.similarity import check_source
+    from toolkit.utils import check_writable
 
-    source = args.gallery
-    if not Path(source).exists():
-        raise UserError(f"gallery {source} does not exist")
+    check_source(args.gallery)
     if args.index_command != "build":
+        check_target(args.index_dir, True, "index folder", existing=True)
         return None
     params = IndexParams(args.kind, args.hnsw_m, args.ef_construction, args.ef_search, args.nlist, args.pq_m,
                          args.nbits, args.nprobe)
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f"{args.out} already exists; pass --overwrite or choose another folder")
+    check_target(args.out, args.overwrite, "-o")
     check_writable(args.out, "-o")
     return params
 
@@ -352,7 +367,7 @@ def _search(sim, args) -> int:
     if args.index:
         gallery = sim.load_index(args.index, ef_search=args.ef_search, nprobe=args.nprobe)
     else:
-        gallery = sim.gallery(args.gallery)
+        gallery = sim.gallery(args.gallery, strict=args.strict)
         for name, reason in gallery.skipped.items():
             print(f"skipped unreadable gallery image {name}: {reason}", file=sys.stderr)
     queries = _queries(args.query)
@@ -396,10 +411,11 @@ def _write_search_outputs(hits, threshold, args) -> None:
 def _index(sim, args, params) -> int:
     if args.index_command == "build":
         index, skipped = sim.build_index(args.gallery, args.out, params, overwrite=args.overwrite,
-                                         progress=not args.no_progress)
+                                         progress=not args.no_progress, strict=args.strict)
         added = len(index)
     else:
-        index, added, skipped = sim.add_to_index(args.index_dir, args.gallery, progress=not args.no_progress)
+        index, added, skipped = sim.add_to_index(args.index_dir, args.gallery, progress=not args.no_progress,
+                                                 strict=args.strict)
     for name, reason in skipped.items():
         print(f"skipped unreadable gallery image {name}: {reason}", file=sys.stderr)
     verb = "indexed" if args.index_command == "build" else "added"

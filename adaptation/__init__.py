@@ -25,8 +25,10 @@ And the files a training run writes, each format with one owner:
 - `adaptation.checkpoint`: the checkpoint (`save_checkpoint`, `load_checkpoint`).
 - `adaptation.runs`: the runs folder (`run*/`, `avg/`, `summary.json`, replacing earlier runs).
 
-`adaptation.similarity` applies a trained run to new images; `adaptation.export` writes a run as one ONNX
-graph, which `adaptation.deploy` runs with onnxruntime, without torch. `train.py` at the top of the repository wires them to the command line, TensorBoard and files.
+`adaptation.similarity` applies a trained run to new images; `adaptation.index` is its faiss index in
+memory and `adaptation.index_folder` the folder an index is kept in (with `adaptation.encode_cache`
+keeping an interrupted build's encoded chunks); `adaptation.export` writes a run as one ONNX graph, which
+`adaptation.deploy` runs with onnxruntime, without torch. `train.py` at the top of the repository wires them to the command line, TensorBoard and files.
 
 Example:
     >>> import torch

@@ -20,9 +20,17 @@ so `torch.load(weights_only=True)` reads it without running code):
 | `threshold`      | only with a validation split: `adaptation.calibration.Threshold.to_dict()` of this model on them |
 | `objective`      | only for `simsiam` and `byol` runs: `name`, `predictor_hidden`, `ema`,  |
 |                  | `predictor` and `target` (state_dicts; `target` None for simsiam)       |
+| `provenance`     | from format 2: `{"features_sha256": hex, "pca_sha256": {file name: hex}}`, the |
+|                  | features file trained on and the PCA files beside it that made it (`provenance_of`) |
 
 `model_and_optimizer.pt` holds the last epoch; with a validation split, `best.pt` (`BEST_CHECKPOINT`)
 beside it holds the best validation epoch, in the same format.
+
+A run must know the exact features and PCA it was trained on: `check_provenance` compares the
+files there now with the `provenance` recorded, and refuses, in one line naming the file and the
+remedy, a features file re-extracted or a PCA replaced since. Format 1 checkpoints (and format 2
+ones written without it) have no `provenance`: they still load, and `check_provenance` returns False
+(not checked), for the caller to say so.
 
 `state_dict` is always the model similarity uses (for simsiam and byol, the online encoder), so
 `load_checkpoint` and similarity.py read every run alike; a contrastive run's checkpoint has no
@@ -38,11 +46,16 @@ import io
 import os
 import pickle
 import struct
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from featuresExtractor.backbones import file_sha256
+from featuresExtractor.encode import model_taps
+from featuresExtractor.pipeline import MANIFEST, read_manifest
+from featuresExtractor.processor import Processor, pca_stems
 from toolkit.utils import UserError, atomic_path, first_line
 
 from .calibration import Threshold
@@ -50,23 +63,72 @@ from .models import build_model, model_kwargs
 from .objectives import BYOL, DEFAULT_EMA, SimSiam, build_objective
 
 __all__ = ["CHECKPOINT", "BEST_CHECKPOINT", "FORMAT_VERSION", "CHECKPOINT_KEYS", "save_checkpoint", "load_checkpoint",
-           "load_objective"]
+           "load_objective", "provenance_of", "check_provenance"]
 
 CHECKPOINT = "model_and_optimizer.pt"
 """The checkpoint's file name in a run folder."""
 BEST_CHECKPOINT = "best.pt"
 """The best validation epoch's checkpoint in a run folder (runs with a validation split)."""
-FORMAT_VERSION = 1
-"""Written into every checkpoint as `format_version`."""
+FORMAT_VERSION = 2
+"""Written into every checkpoint as `format_version` (2: `provenance` added; 1 is still read)."""
+
+
+def provenance_of(features_path: str | os.PathLike) -> dict[str, Any]:
+    """The sha256 of a features file and of the PCA files beside it that made it, as a checkpoint records them.
+
+    The PCA files are those its extraction manifest's processor fits (none without an extract.py
+    manifest, e.g. planted features). Returns `{"features_sha256": hex, "pca_sha256": {name: hex}}`.
+    """
+    features_path = Path(features_path)
+    pcas: dict[str, str] = {}
+    try:
+        manifest = read_manifest(features_path) if (features_path.parent / MANIFEST).is_file() else None
+    except UserError:  # not an extract.py manifest (planted features): no PCA, and similarity cannot use the run
+        manifest = None
+    if manifest is not None:
+        p = manifest["processor"]
+        for stem in pca_stems(Processor(p["name"], p["n_components"], p["normalize"]), model_taps(manifest)):
+            pca = features_path.parent / f"{stem}.npz"
+            if pca.is_file():
+                pcas[f"{stem}.npz"] = file_sha256(pca)
+    return {"features_sha256": file_sha256(features_path), "pca_sha256": pcas}
+
+
+def check_provenance(ckpt: Mapping[str, Any], ckpt_path: str | os.PathLike) -> bool:
+    """Refuse (`UserError`, one line) a features file or PCA that differs from the one the checkpoint was trained on.
+
+    The features file is `ckpt["config"]["data"]` (skipped when it is gone: what is used to encode new
+    images is the PCA), the PCA files lie beside it. Returns False when the checkpoint records no
+    provenance (format 1), so nothing was checked; True when everything matched.
+    """
+    recorded = ckpt.get("provenance")
+    if recorded is None:
+        return False
+    features = Path(ckpt["config"]["data"])
+    retrain = f"or retrain: train.py -d {features} ..."
+    if features.is_file() and file_sha256(features) != recorded["features_sha256"]:
+        raise UserError(f"{features} is not the features file {ckpt_path} was trained on (its sha256 differs: "
+                        f"extracted again since?); restore it, {retrain}")
+    for name, sha in recorded["pca_sha256"].items():
+        pca = features.parent / name
+        if not pca.is_file():
+            raise UserError(f"{pca}, the PCA {ckpt_path} was trained with, is missing; restore it, {retrain}")
+        if file_sha256(pca) != sha:
+            raise UserError(f"{pca} is not the PCA {ckpt_path} was trained with (its sha256 differs: extracted "
+                            f"again since?); restore it, {retrain}")
+    return True
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
                     model_name: str, epoch: int, config: Mapping[str, Any], test_names: Sequence[str],
                     final_metrics: Mapping[str, float], train_names: Sequence[str] = (),
                     optimizer_state: Mapping[str, Any] | None = None, val_names: Sequence[str] | None = None,
-                    threshold: Mapping[str, Any] | None = None, objective: SimSiam | BYOL | None = None) -> None:
+                    threshold: Mapping[str, Any] | None = None, objective: SimSiam | BYOL | None = None,
+                    provenance: Mapping[str, Any] | None = None) -> None:
     """Atomically write a checkpoint of `model` (and `optimizer`) that `load_checkpoint` rebuilds.
 
+    `provenance` (`provenance_of(features file)`) records the features and PCA trained on, for
+    `check_provenance`; without it the checkpoint cannot tell when they are replaced.
     `optimizer_state` stands in for `optimizer` when the state was kept from an earlier epoch;
     `val_names` and `threshold` are written only when given (runs with a validation split).
     With `objective` (a SimSiam or BYOL around `model`), its predictor and target are kept too.
@@ -88,6 +150,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         checkpoint["val_names"] = list(val_names)
     if threshold is not None:
         checkpoint["threshold"] = dict(threshold)
+    if provenance is not None:
+        checkpoint["provenance"] = {"features_sha256": provenance["features_sha256"],
+                                    "pca_sha256": dict(provenance["pca_sha256"])}
     if objective is not None:
         checkpoint["objective"] = {
             "name": objective.name,
@@ -202,12 +267,25 @@ def _check_structure(path: str, ckpt: Any) -> None:
     if "val_names" in ckpt and not (isinstance(ckpt["val_names"], list)
                                     and all(isinstance(n, str) for n in ckpt["val_names"])):
         raise UserError(f"{path} is damaged: val_names is not a list of names; retrain, or use another run")
+    if "provenance" in ckpt and not _is_provenance(ckpt["provenance"]):
+        raise UserError(f"{path} is damaged: provenance is not {{\"features_sha256\": hex, \"pca_sha256\": "
+                        f"{{file name: hex}}}}; retrain, or use another run")
     if "threshold" in ckpt:
         try:
             Threshold.from_dict(ckpt["threshold"])
         except ValueError as err:
             raise UserError(f"{path} is damaged: its calibrated threshold is wrong ({err}); retrain with "
                             f"--val-split, or use another run") from None
+
+
+def _is_provenance(record: Any) -> bool:
+    def sha(v: Any) -> bool:
+        return isinstance(v, str) and len(v) == 64
+
+    pcas = record.get("pca_sha256") if isinstance(record, dict) else None
+    return (isinstance(record, dict) and sha(record.get("features_sha256")) and isinstance(pcas, dict)
+            and all(isinstance(k, str) and k and not k.startswith("/") and ".." not in k.split("/") and sha(v)
+                    for k, v in pcas.items()))
 
 
 def load_objective(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SimSiam | BYOL, dict[str, Any]]:

@@ -29,8 +29,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -39,10 +37,12 @@ import numpy as np
 from PIL import Image
 
 from featuresExtractor.transforms import DECODE, load_image, to_rgb
-from toolkit.utils import UserError, _umask, file_sha256, first_line, read_json
+from toolkit.folders import FolderFormat, check_folder, replacing_folder
+from toolkit.lock import sibling_lock
+from toolkit.utils import UserError, file_sha256, first_line, read_json
 
 __all__ = ["FORMAT", "VERSION", "ENCODER_FILE", "PREPROCESS_FILE", "MANIFEST_FILE", "INTERPOLATIONS", "Preprocess",
-           "OnnxEncoder", "read_manifest", "write_meta", "staged", "check_target", "onnxruntime", "EXTRA"]
+           "OnnxEncoder", "EXPORT_FOLDER", "read_manifest", "write_meta", "staged", "check_target", "onnxruntime", "EXTRA"]
 
 FORMAT = "visual-similarity-onnx"
 VERSION = 1
@@ -186,55 +186,43 @@ def write_meta(folder: Path, preprocess: Preprocess, manifest: dict) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+def _recognise(folder: Path) -> bool:
+    """An existing folder is an export when its manifest says so, or is damaged past reading (export again)."""
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True  # it holds only an export's names (checked first): a damaged export, which an export replaces
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+EXPORT_FOLDER = FolderFormat("an ONNX export", (ENCODER_FILE, PREPROCESS_FILE, MANIFEST_FILE), _recognise)
+"""The export folder as `toolkit.folders` sees it: the three files it owns, and how one is told."""
+
+
+def check_target(target: str | os.PathLike, overwrite: bool, flag: str = "-o") -> Path:
+    """The real folder an export may be written to (`toolkit.folders.check_folder`); a `UserError` otherwise:
+    an existing export without `overwrite`, or a folder holding anything but an export, even with it."""
+    return check_folder(target, EXPORT_FOLDER, overwrite=overwrite, flag=flag)
+
+
 @contextlib.contextmanager
-def staged(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden sibling folder of `target` to write an export into; put it in place whole on success.
+def staged(target: str | os.PathLike, overwrite: bool = False, flag: str = "-o") -> Iterator[Path]:
+    """Yield a new folder beside `target` to write an export into; put it in place whole when the block ends well.
 
-    The files are fsynced and the folder renamed onto `target`, so a failure (an exception in the
-    block, a full disk, a read-only place) leaves `target` as it was and no temporary folder behind.
-    An existing `target` is replaced only with `overwrite` and only if it holds nothing but an export.
+    Under `target`'s lock (`toolkit.lock.sibling_lock`) and `toolkit.folders.replacing_folder`: a
+    failure (an exception in the block, a full disk, a read-only place) or an interrupt leaves
+    `target` as it was and nothing beside it.
     """
-    target = Path(target)
-    check_target(target, overwrite)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as err:
-        raise UserError(f"cannot write {target} ({first_line(err)}); choose a writable folder") from None
-    old = None
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would make the export private by accident
-        check_target(target, overwrite)  # again: the export takes minutes, the folder may have changed
-        if target.exists():
-            old = target.parent / f".{target.name}.old.{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except OSError as err:
-        if old is not None and not target.exists():
-            os.replace(old, target)
-            old = None
-        raise UserError(f"cannot write {target} ({first_line(err)}); nothing was changed") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse an export folder that exists (without `overwrite`) or holds anything but an export."""
-    if target.exists() and not target.is_dir():
-        raise UserError(f"{target} is a file; give a folder for the export")
-    if not target.is_dir() or not any(target.iterdir()):
-        return
-    if not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite or choose another folder")
-    others = sorted(p.name for p in target.iterdir() if p.name not in (ENCODER_FILE, PREPROCESS_FILE, MANIFEST_FILE))
-    if others:
-        raise UserError(f"{target} holds other files ({', '.join(others[:3])}); it is left alone: choose another folder")
+    with sibling_lock(target, flag) as real:
+        real = check_target(real, overwrite, flag)  # again, under the lock: the export takes minutes
+        try:
+            with replacing_folder(real, EXPORT_FOLDER) as tmp:
+                yield tmp
+        except OSError as err:
+            raise UserError(f"cannot write {target} ({first_line(err)}); nothing was changed: free some space or "
+                            f"choose a writable folder") from None
 
 
 class OnnxEncoder:

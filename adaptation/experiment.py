@@ -39,7 +39,7 @@ from toolkit.lock import folder_lock
 from toolkit.utils import UserError, check_writable, os_error_line, read_json, write_json
 
 from .calibration import calibrate
-from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, save_checkpoint
+from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, provenance_of, save_checkpoint
 from .distributed import all_reduce_min, broadcast_int
 from .losses import similarity_matrix
 from .models import build_model, model_kwargs
@@ -238,6 +238,8 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
     manifest = data_path.parent / "manifest.json"
     shared = {
         "data": str(data_path),
+        # sha256 of the features and PCA, checked wherever the run is used (None: pairs given in memory, no file)
+        "provenance": provenance_of(data_path) if data_path.is_file() else None,
         "manifest": str(manifest) if manifest.is_file() else None,
         "model": cfg.model,
         "in_dim": pairs.in_dim,
@@ -548,11 +550,12 @@ def _save_run(folder: Path, model_name: str, model, optimizer, objective, keeper
         save_checkpoint(folder / BEST_CHECKPOINT, best_model, None, model_name=model_name, epoch=keeper.epoch,
                         config=config, test_names=data.test_names, train_names=data.train_names,
                         final_metrics={k: v for k, v in best_row.items() if k != "epoch"},
-                        optimizer_state=keeper.optimizer, **{**extra, "threshold": keeper.threshold})
+                        optimizer_state=keeper.optimizer, provenance=config["provenance"],
+                        **{**extra, "threshold": keeper.threshold})
     write_json(folder / "metrics.json", record)
     save_checkpoint(folder / CHECKPOINT, model, optimizer, model_name=model_name, epoch=len(history), config=config,
                     test_names=data.test_names, train_names=data.train_names, final_metrics=final, objective=objective,
-                    **extra)
+                    provenance=config["provenance"], **extra)
     return best_row
 
 

@@ -29,11 +29,14 @@ from tqdm.auto import tqdm
 
 from featuresExtractor.dataset import discover
 from featuresExtractor.transforms import BadImage, load_image
+from toolkit.folders import special_kind
 from toolkit.utils import UserError, first_line
 
-from . import index as ix_format
+from . import index as faiss_index
+from . import index_folder
 from .calibration import Threshold
 from .deploy import OnnxEncoder
+from .encode_cache import EncodeCache
 from .index import IndexParams, SimilarityIndex
 
 # torch, the backbone and the checkpoint are imported by from_run, not here: an ONNX export
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
 
     from featuresExtractor.encode import Encoder
 
-__all__ = ["VisualSimilarity", "Gallery", "Match", "Hits", "Verdict", "NO_THRESHOLD", "gallery_items"]
+__all__ = ["VisualSimilarity", "Gallery", "Match", "Hits", "Verdict", "NO_THRESHOLD", "gallery_items", "check_source"]
 
 NO_THRESHOLD = ("no calibrated threshold: this run was trained without --val-split, so nothing says which "
                 "score means alike")
@@ -104,14 +107,42 @@ class Hits:
     error: str | None = None
 
 
+def check_source(path: str | os.PathLike, what: str = "gallery") -> None:
+    """A `UserError` unless `path` (a gallery or list argument) is a folder or a regular file.
+
+    A FIFO, socket or device would block the read, or never end it: it is refused, never opened.
+    """
+    kind = special_kind(path)
+    if kind in ("missing", "a broken link"):
+        raise UserError(f"{what} {path} does not exist" + (" (a broken link)" if kind == "a broken link" else ""))
+    if kind not in (None, "a folder"):
+        raise UserError(f"{what} {path} is {kind}; give a folder of images, a list of image paths (one per line) "
+                        f"or a features .npy file")
+
+
+def entry_problem(image: ImageLike) -> str | None:
+    """Why a gallery or query entry cannot be an image file (a FIFO, a folder, a broken link...); None if it can."""
+    if isinstance(image, Image.Image):
+        return None
+    kind = special_kind(image)
+    return None if kind is None else f"{kind}, not an image file"
+
+
+def item_key(name: str, image: str | None) -> str:
+    """What identifies a gallery item across runs: its image's real path (links and `..` resolved), else its name."""
+    return os.path.realpath(image) if image else name
+
+
 def gallery_items(source: str | os.PathLike | Sequence[ImageLike]) -> list[tuple[str, ImageLike]]:
     """(name, image) for each gallery image: a flat or left/right folder, a list file, or a list.
 
     A list file holds one image path per line (a tab-separated pair of paths counts as two
     images); relative paths are relative to the list file, and the name is the path as written.
+    A list file that is not a regular file (a FIFO...) is refused before it is opened.
     """
     if not isinstance(source, (str, os.PathLike)):
         return [(Path(im).name if not isinstance(im, Image.Image) else f"image{n}", im) for n, im in enumerate(source)]
+    check_source(source, "image list" if not Path(source).is_dir() else "gallery")
     path = Path(source)
     if path.is_dir():
         layout = discover(path)
@@ -134,9 +165,11 @@ class VisualSimilarity:
     (`from_onnx`, no torch: `encoder` is an `adaptation.deploy.OnnxEncoder` and `model` is None)."""
 
     def __init__(self, encoder: Encoder | OnnxEncoder, model: torch.nn.Module | None, checkpoint: dict,
-                 device: torch.device | None, checkpoint_sha256: str | None = None):
+                 device: torch.device | None, checkpoint_sha256: str | None = None, provenance_checked: bool = False):
         self.encoder, self.model, self.checkpoint, self.device = encoder, model, checkpoint, device
         self.checkpoint_sha256 = checkpoint_sha256
+        self.provenance_checked = provenance_checked
+        """True when the features file and PCA were found to be the run's own (False: the checkpoint records none)."""
 
     @property
     def onnx(self) -> bool:
@@ -166,14 +199,16 @@ class VisualSimilarity:
 
         `device` defaults to CUDA when available. `weights` points at the backbone
         checkpoint when the extraction used `--weights` and the file has moved.
-        Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch.
+        Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch, among them a
+        features file or PCA other than the ones the run was trained on
+        (`adaptation.checkpoint.check_provenance`, before the backbone loads).
         """
         import torch
 
         from featuresExtractor.encode import Encoder
         from toolkit.utils import file_sha256
 
-        from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, load_checkpoint
+        from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, check_provenance, load_checkpoint
 
         run_dir = Path(run_dir)
         name = BEST_CHECKPOINT if best else CHECKPOINT
@@ -187,11 +222,12 @@ class VisualSimilarity:
         data = ckpt["config"].get("data")
         if not isinstance(data, str) or not data:
             raise UserError(f"{ckpt_path} does not record its features file; retrain with this toolkit's train.py")
+        checked = check_provenance(ckpt, ckpt_path)
         encoder = Encoder.from_features_file(data, device=device, weights=weights)
         if encoder.dim != int(ckpt["in_dim"]):
             raise UserError(f"{ckpt_path} expects {ckpt['in_dim']}-d features but {Path(data).name} "
                             f"(via its PCA) gives {encoder.dim}-d ones")
-        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path))
+        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), checked)
 
     def raw(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The features before adaptation, as extract.py would have stored them: (n, in_dim)."""
@@ -243,15 +279,18 @@ class VisualSimilarity:
         e = self.adapt(raw)
         return float(cosines(e[:1], e[1:])[0])
 
-    def gallery(self, source: str | os.PathLike | Sequence[ImageLike]) -> Gallery:
-        """A gallery from a folder of images (extracted now), a flat features file, an image list file, or a list."""
+    def gallery(self, source: str | os.PathLike | Sequence[ImageLike], strict: bool = False) -> Gallery:
+        """A gallery from a folder of images (extracted now), a flat features file, an image list file, or a list.
+
+        Unreadable images are skipped (listed in `Gallery.skipped`); with `strict`, refused.
+        """
         if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npy":
             return self._gallery_file(Path(source))
         if isinstance(source, (str, os.PathLike)) and not Path(source).is_file() and discover(source).kind != "flat":
             raise UserError(f"{source} holds left/ and right/: a gallery is a flat folder of images")
         items = gallery_items(source)
         names, images, vectors, skipped = [], [], [], {}
-        for chunk in tqdm(self._encode(items), desc="gallery", unit="chunk", leave=False,
+        for chunk in tqdm(self._encode(items, strict), desc="gallery", unit="chunk", leave=False,
                           total=-(-len(items) // GALLERY_CHUNK), disable=len(items) <= GALLERY_CHUNK):
             names += chunk[0]
             images += chunk[1]
@@ -261,15 +300,26 @@ class VisualSimilarity:
             raise UserError("the gallery has no readable image")
         return Gallery(names, images, np.concatenate(vectors), skipped)
 
-    def _encode(self, items: Sequence[tuple[str, ImageLike]]) -> Iterator[tuple[list, list, np.ndarray, dict]]:
-        """(names, images, raw vectors, skipped) for `items` ((name, image) pairs), GALLERY_CHUNK at a time."""
+    def _encode(self, items: Sequence[tuple[str, ImageLike]],
+                strict: bool = False) -> Iterator[tuple[list, list, np.ndarray, dict]]:
+        """(names, images, raw vectors, skipped) for `items` ((name, image) pairs), GALLERY_CHUNK at a time.
+
+        An item that is not an image file (a FIFO, a folder, a broken link) is skipped, never opened,
+        as an unreadable image is; with `strict`, either is a `UserError` instead.
+        """
         # Decoded images are large (about 1 MB each at 288 px), so only a chunk is held at a time.
         for start in range(0, len(items), GALLERY_CHUNK):
             names, images, decoded, skipped = [], [], [], {}
             for name, item in items[start:start + GALLERY_CHUNK]:
                 try:
+                    problem = entry_problem(item)
+                    if problem:
+                        raise BadImage(problem)
                     decoded.append(item if isinstance(item, Image.Image) else load_image(item))
                 except BadImage as err:
+                    if strict:
+                        raise UserError(f"gallery image {name}: {err} (--strict: fix or remove it, or drop "
+                                        f"--strict to skip it)") from None
                     skipped[name] = str(err)
                     continue
                 names.append(name)
@@ -332,7 +382,7 @@ class VisualSimilarity:
         single = isinstance(query, (str, os.PathLike, Image.Image))
         queries = [query] if single else list(query)
         if isinstance(gallery, (str, os.PathLike)) and Path(gallery).is_dir() and \
-                (Path(gallery) / ix_format.MANIFEST_FILE).is_file():
+                (Path(gallery) / index_folder.MANIFEST_FILE).is_file():
             gallery = self.load_index(gallery)
         if not isinstance(gallery, (Gallery, SimilarityIndex)):
             gallery = self.gallery(gallery)
@@ -351,7 +401,7 @@ class VisualSimilarity:
         if good:
             q = self.adapt(np.concatenate(raw))
             if isinstance(gallery, SimilarityIndex):
-                scores, ids = gallery.search(ix_format.normalise(np.asarray(q)), k)
+                scores, ids = gallery.search(faiss_index.normalise(np.asarray(q)), k)
                 for row, i in enumerate(good):
                     matches[i] = [Match(gallery.names[j], float(s), gallery.images[j])
                                   for s, j in zip(scores[row], ids[row]) if j >= 0]
@@ -366,7 +416,7 @@ class VisualSimilarity:
         return [Hits(labels[i], None if isinstance(q, Image.Image) else str(q), matches.get(i, []), errors.get(i))
                 for i, q in enumerate(queries)]
 
-    # -- persistent index (format: adaptation.index) -------------------------------------------
+    # -- persistent index (folder format: adaptation.index_folder) -------------------------------------------
 
     def identity(self) -> dict:
         """What an index built with this run depends on: checkpoint sha256, backbone, PCA, output dim."""
@@ -396,30 +446,41 @@ class VisualSimilarity:
     def _index_vectors(self, raw: np.ndarray) -> np.ndarray:
         """Adapted, L2-normalised rows, ADAPT_BATCH at a time."""
         out = [np.asarray(self.adapt(raw[s:s + ADAPT_BATCH])) for s in range(0, len(raw), ADAPT_BATCH)]
-        return ix_format.normalise(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
+        return faiss_index.normalise(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
 
-    def _index_gallery(self, source, cache_dir: Path, known: set | None = None, progress: bool = True):
-        """(vectors, names, images, skipped, cache) of a gallery, minus items in `known` (image paths or names).
+    def _index_gallery(self, source, cache_dir: Path, known: set | None = None, progress: bool = True,
+                       strict: bool = False):
+        """(vectors, names, images, skipped, cache) of a gallery, minus items in `known` (`item_key`s).
 
         Images are encoded resumably through an `EncodeCache` (returned, to be removed once written).
         """
+        known = known or set()
         if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npy":
             g = self._gallery_file(Path(source))
-            keep = [i for i, (nm, im) in enumerate(zip(g.names, g.images)) if not known or (im or nm) not in known]
+            keep = [i for i, (nm, im) in enumerate(zip(g.names, g.images)) if item_key(nm, im) not in known]
             return (self._index_vectors(g.vectors[keep]), [g.names[i] for i in keep], [g.images[i] for i in keep], {}, None)
         items = [(nm, im) for nm, im in gallery_items(source)
-                 if not known or (str(im) if not isinstance(im, Image.Image) else nm) not in known]
+                 if isinstance(im, Image.Image) or item_key(nm, str(im)) not in known]
         if any(isinstance(im, Image.Image) for _, im in items):
             cache = None  # in-memory images cannot be recognised on a later run
         else:
-            cache = ix_format.EncodeCache(cache_dir, {"identity": self.identity(), "items": items})
+            cache = EncodeCache(cache_dir, {"identity": self.identity(), "items": items})
+        try:
+            return self._encode_resumably(items, cache, progress, strict) + (cache,)
+        except UserError:
+            if cache:
+                cache.remove()  # refused work is not resumed: nothing is left beside the index
+            raise
+
+    def _encode_resumably(self, items, cache: EncodeCache | None, progress: bool, strict: bool):
+        """(vectors, names, images, skipped) of gallery `items`, INDEX_CHUNK at a time, kept in `cache`."""
         vectors, names, images, skipped = [], [], [], {}
         bar = tqdm(total=len(items), desc="encode", unit="img", disable=not progress)
         for c, start in enumerate(range(0, len(items), INDEX_CHUNK)):
             chunk = items[start:start + INDEX_CHUNK]
             done = cache.load(c) if cache else None
             if done is None:
-                parts = list(self._encode(chunk))
+                parts = list(self._encode(chunk, strict))
                 raw = np.concatenate([p[2] for p in parts])
                 done = (self._index_vectors(raw), [n for p in parts for n in p[0]], [i for p in parts for i in p[1]],
                         {k: v for p in parts for k, v in p[3].items()})
@@ -432,52 +493,71 @@ class VisualSimilarity:
             bar.update(len(chunk))
         bar.close()
         nonempty = [v for v in vectors if len(v)]
-        return (np.concatenate(nonempty) if nonempty else np.zeros((0, 1), np.float32)), names, images, skipped, cache
+        return (np.concatenate(nonempty) if nonempty else np.zeros((0, 1), np.float32)), names, images, skipped
 
     def build_index(self, gallery: str | os.PathLike | Sequence[ImageLike], out_dir: str | os.PathLike,
                     params: IndexParams = IndexParams(), overwrite: bool = False,
-                    progress: bool = True) -> tuple[SimilarityIndex, dict[str, str]]:
+                    progress: bool = True, strict: bool = False) -> tuple[SimilarityIndex, dict[str, str]]:
         """Encode, adapt and index a gallery into `out_dir`; returns (index, skipped images -> reason).
 
         `gallery` is an image folder, an image list file, a features file of the run's backbone
         (extract.py's flat `features.npy`), or a list of images. Encoding resumes from
-        `OUT_DIR.partial/` after an interruption. An existing `out_dir` needs `overwrite`.
+        `OUT_DIR.partial/` after an interruption. `out_dir` must be missing, empty, or (with
+        `overwrite`) an index folder (`adaptation.index_folder.check_target`). With `strict`, an
+        unreadable gallery image is refused instead of skipped.
 
         Example:
             >>> index, skipped = sim.build_index("photos/", "photos_index", IndexParams("hnsw"))   # doctest: +SKIP
         """
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not overwrite:
-            raise UserError(f"{out_dir} already exists; pass --overwrite or choose another folder")
-        with ix_format.locked(out_dir):
-            vectors, names, images, skipped, cache = self._index_gallery(gallery, out_dir, progress=progress)
-            index = ix_format.build(vectors, names, images, params, self.identity(), progress=progress)
-            ix_format.write(index, out_dir, overwrite=overwrite)
+        index_folder.check_target(out_dir, overwrite)  # before a lock file is made beside it
+        with index_folder.locked(out_dir, "-o") as real:
+            index_folder.check_target(out_dir, overwrite)  # again: another writer may have finished meanwhile
+            index, _, skipped = self._write_index(real, out_dir, None, gallery, params, progress, strict, overwrite)
+        return index, skipped
+
+    def _write_index(self, real: Path, out_dir, base: SimilarityIndex | None, gallery, params: IndexParams | None,
+                     progress: bool, strict: bool, overwrite: bool) -> tuple[SimilarityIndex, int, dict[str, str]]:
+        """Encode `gallery` (minus what `base` holds), build an index (or extend `base`) and write it.
+
+        Returns (index, how many added, skipped). The encoding cache goes once written, or refused.
+        """
+        known = {item_key(nm, im) for nm, im in zip(base.names, base.images)} if base is not None else None
+        cache_at = real if base is None else real.parent / f"{real.name}.add"
+        vectors, names, images, skipped, cache = self._index_gallery(gallery, cache_at, known, progress, strict)
+        try:
+            if base is None:
+                index = faiss_index.build(vectors, names, images, params, self.identity(), progress=progress)
+            else:
+                index = base
+                if names:
+                    faiss_index.add(index, vectors, names, images, progress=progress)
+            if base is None or names:
+                index_folder.write(index, out_dir, overwrite=overwrite, flag="-o" if base is None else "index folder")
+        except UserError:
             if cache:
                 cache.remove()
-        return index, skipped
+            raise
+        if cache:
+            cache.remove()
+        return index, len(names), skipped
 
     def load_index(self, index_dir: str | os.PathLike, ef_search: int | None = None,
                    nprobe: int | None = None) -> SimilarityIndex:
         """Read an index folder, refusing one built with another run, backbone or PCA."""
-        index = ix_format.read(index_dir)
-        ix_format.check_identity(index, self.identity())
+        index = index_folder.read(index_dir)
+        index_folder.check_identity(index, self.identity())
         index.set_search(ef_search=ef_search, nprobe=nprobe)
         return index
 
     def add_to_index(self, index_dir: str | os.PathLike, more: str | os.PathLike | Sequence[ImageLike],
-                     progress: bool = True) -> tuple[SimilarityIndex, int, dict[str, str]]:
-        """Append the images of `more` not yet in the index; returns (index, how many added, skipped)."""
-        index_dir = Path(index_dir)
-        ix_format.read_manifest(index_dir)  # a wrong folder is refused before a lock file is made beside it
-        with ix_format.locked(index_dir):
-            index = self.load_index(index_dir)
-            known = {im or nm for nm, im in zip(index.names, index.images)}
-            vectors, names, images, skipped, cache = self._index_gallery(more, index_dir.parent / f"{index_dir.name}.add",
-                                                                         known=known, progress=progress)
-            if names:
-                ix_format.add(index, vectors, names, images, progress=progress)
-                ix_format.write(index, index_dir, overwrite=True)
-            if cache:
-                cache.remove()
-        return index, len(names), skipped
+                     progress: bool = True, strict: bool = False) -> tuple[SimilarityIndex, int, dict[str, str]]:
+        """Append the images of `more` not yet in the index; returns (index, how many added, skipped).
+
+        An image already there is recognised by its real path, so the same gallery reached through
+        a link or `..` is not added twice.
+        """
+        flag = "index folder"
+        index_folder.check_target(index_dir, True, flag, existing=True)  # before a lock file is made beside it
+        with index_folder.locked(index_dir, flag) as real:
+            index_folder.check_target(index_dir, True, flag, existing=True)
+            return self._write_index(real, index_dir, self.load_index(index_dir), more, None, progress, strict, True)

@@ -7,7 +7,7 @@ that approximate search is not trivial. Within a cluster, points vary mostly alo
 embeddings do (`--intrinsic 0`: isotropic noise in all 1024 dimensions, where nearest
 neighbours are barely nearer than any cluster member and every ANN method struggles).
 Queries are fresh draws from the same clusters (not gallery items). Each kind is built with `adaptation.index.build`
-(the code `similarity.py index build` runs), written with `adaptation.index.write`
+(the code `similarity.py index build` runs), written with `adaptation.index_folder.write`
 (size on disk) and searched in one batch of all queries (median of `--repeat`).
 Recall@10 is the share of the exact (flat) top 10 that a kind returns in its top 10.
 "RAM" is the growth of this process's resident memory while the index was built
@@ -39,6 +39,7 @@ import benchlib  # bench/ is the script folder; this also puts the repo root on 
 import numpy as np
 
 from adaptation import index as ixf
+from adaptation import index_folder as ixd
 from adaptation.index import IndexParams
 from toolkit.cli import run_cli
 
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ram = benchlib.rss_bytes() - rss0
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             t = time.perf_counter()
-            ixf.write(ix, Path(tmp) / "ix")
+            ixd.write(ix, Path(tmp) / "ix")
             write_s = time.perf_counter() - t
             disk = (Path(tmp) / "ix" / "index.faiss").stat().st_size
         times = []

@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/objectives.py                                  # planted pairs (600)
     PYTHONPATH=. python bench/objectives.py --features demo_out/features/clip_rn50x4/features_pca64.npy --label demo
 
-Runs `train.py` itself once per objective with `-r RUNS` (3 runs: seeds SEED,
+Runs the experiment of `train.py` (`adaptation.experiment.run_experiment`, in this process) once per objective with `-r RUNS` (3 runs: seeds SEED,
 SEED+1, SEED+2 for the initialisation, one split: `--same-split`), 150 epochs and `-t 15`, the paper's command
 otherwise; simsiam and byol in minibatches of `--batch-size`. Without `--features` it trains on
 planted pairs with bench/train.py's planted settings (64 signal dimensions shared by a pair,
@@ -23,8 +23,6 @@ Prints a Markdown table and writes bench/results/objectives-TIMESTAMP.json.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +34,7 @@ import numpy as np
 import torch
 
 from adaptation.checkpoint import CHECKPOINT, load_checkpoint
+from adaptation.experiment import run_experiment
 from adaptation.models import build_model
 from adaptation.objectives import OBJECTIVES, is_collapsed, output_std
 from adaptation.planted import planted_array
@@ -62,6 +61,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true",
                    help="with --keep: read runs already finished there instead of training them again")
     return p.parse_args(argv)
+
+
+def _train_script():
+    """The repository's train.py as a module (bench/train.py, this folder's benchmark, shadows the name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", benchlib.ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 BASELINE = "dummy"
@@ -125,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         np.save(features, planted_array(args.pairs, args.dim, signal_dim=64, noise=1.0, nuisance=2.0, seed=args.seed))
         label = args.label or f"planted {args.pairs}"
     rows = []
+    train_script = _train_script()
     for objective in [BASELINE, *args.objectives]:
         save_to = work / label.replace(" ", "_") / objective
         cmd = command(features, save_to, objective, args)
@@ -134,11 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = read_summary(save_to)
             seconds = None
         else:
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            done = subprocess.run([sys.executable, str(benchlib.ROOT / "train.py"), *cmd, "--overwrite"], env=env,
-                                  cwd=benchlib.ROOT, stdout=subprocess.DEVNULL)
-            if done.returncode:
-                return done.returncode
+            # train.py's own parser and config, so --extra takes exactly train.py's flags.
+            config = train_script.build_config(train_script.parse_args([*cmd, "--overwrite", "--cpu"]))
+            run_experiment(config, torch.device("cpu"))
             seconds = time.perf_counter() - start
             summary = read_summary(save_to)
         final = summary["final"]

@@ -80,7 +80,8 @@ def train_row(features: Path, pairs: int, batch: str, ranks: int, precision: str
     if ranks > 1 or args.torchrun:
         cmd = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
                str(29500 + pairs % 1000), *cmd]
-    env = {**os.environ, "PYTHONPATH": str(benchlib.ROOT)}
+    paths = [str(benchlib.ROOT), os.environ.get("PYTHONPATH")]  # packages carried to a device machine stay visible
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     if ranks > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // ranks))
     rc, rss, last = _run([sys.executable, *cmd], args.timeout, env)

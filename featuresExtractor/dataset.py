@@ -79,6 +79,9 @@ def discover(root: str | Path) -> Layout:
     if root.is_file():
         raise UserError(f"dataset {root} is a file; give a folder, a .csv of pairs (left,right[,name]) or a .txt list "
                         f"of images")
+    if root.exists() and not root.is_dir():  # a FIFO, socket or device: never opened (a read would block)
+        raise UserError(f"dataset {root} is not a regular file (a FIFO, socket or device); give a folder, a .csv of "
+                        f"pairs (left,right[,name]) or a .txt list of images")
     if not root.is_dir():
         raise UserError(f"dataset folder {root} does not exist (expected DIR/left + DIR/right, or a folder of images)")
     left, right = root / "left", root / "right"

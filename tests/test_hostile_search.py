@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from adaptation import index as ixf
+from adaptation import index_folder as ixd
 from adaptation.calibration import Threshold
 from adaptation.checkpoint import CHECKPOINT, load_checkpoint
 from test_index import cli, one_error_line
@@ -24,7 +25,7 @@ from toolkit.utils import UserError
 def flat_index(tmp_path):
     x = ixf.normalise(np.random.default_rng(0).normal(size=(5, 4)))
     ix = ixf.build(x, [f"v{i}" for i in range(5)], [None] * 5, ixf.IndexParams("flat"), identity={})
-    return ixf.write(ix, tmp_path / "ix")
+    return ixd.write(ix, tmp_path / "ix")
 
 
 def _edit_manifest(path, change):
@@ -56,10 +57,10 @@ MANIFEST_DAMAGE = {
 @pytest.mark.parametrize("damage", MANIFEST_DAMAGE, ids=list(MANIFEST_DAMAGE))
 def test_index_of_the_wrong_shape_is_refused_where_it_is_read(flat_index, damage):
     change, said = MANIFEST_DAMAGE[damage]
-    assert len(ixf.read(flat_index)) == 5  # intact, it reads
+    assert len(ixd.read(flat_index)) == 5  # intact, it reads
     _edit_manifest(flat_index, lambda m: change(m, flat_index))
     with pytest.raises(UserError, match="rebuild the index") as err:
-        ixf.read(flat_index)
+        ixd.read(flat_index)
     assert said in str(err.value)
 
 
@@ -240,6 +241,10 @@ WEIGHT_DAMAGE = {  # before: a ValueError traceback, a 32 TB allocation failing 
                                    "the file holds str"),
     "a newer format": (lambda c: c.update(format_version=99), "has checkpoint format 99, which this toolkit cannot read"),
     "a format that is no number": (lambda c: c.update(format_version="1"), "has checkpoint format '1'"),
+    "provenance that is no sha256": (lambda c: c["provenance"].update(features_sha256="x"),
+                                     "is damaged: provenance is not"),
+    "a PCA outside the features folder": (lambda c: c["provenance"]["pca_sha256"].update({"../p.npz": "0" * 64}),
+                                          "is damaged: provenance is not"),
 }
 
 

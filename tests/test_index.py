@@ -17,6 +17,7 @@ from conftest import draw_image, run_script
 from test_similarity import TINY, ImgCounter, run  # noqa: F401  (run: the module-scoped tiny run fixture)
 
 from adaptation import index as ixf
+from adaptation import index_folder as ixd
 from adaptation.index import IndexParams
 
 
@@ -56,7 +57,7 @@ def test_flat_index_search_equals_brute_force_order(run, sim, big_gallery, tmp_p
     assert code == 0, err
     assert "indexed 22 image(s)" in stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["kind"] == "flat" and manifest["count"] == 22 and manifest["version"] == ixf.VERSION
+    assert manifest["kind"] == "flat" and manifest["count"] == 22 and manifest["version"] == ixd.VERSION
     assert manifest["identity"]["checkpoint_sha256"] == sim.checkpoint_sha256
     assert manifest["identity"]["pca"]["n_components"] == 8 and manifest["identity"]["backbone"]["name"] == "tiny_rn"
     assert not (tmp_path / "ix.partial").exists()
@@ -85,8 +86,8 @@ def test_approximate_kinds_find_the_exact_top1_for_most_queries(params, tmp_path
     names = [f"v{i}" for i in range(len(x))]
     exact = ixf.build(x, names, [None] * len(x), IndexParams("flat"), identity={})
     approx = ixf.build(x, names, [None] * len(x), params, identity={})
-    ixf.write(approx, tmp_path / "ix")
-    approx = ixf.read(tmp_path / "ix")  # search-time settings survive the round trip
+    ixd.write(approx, tmp_path / "ix")
+    approx = ixd.read(tmp_path / "ix")  # search-time settings survive the round trip
     assert approx.manifest["params"] == params.resolved(len(x), x.shape[1])
     _, truth = exact.search(q, 1)
     _, found = approx.search(q, 10)
@@ -310,7 +311,7 @@ def test_writes_are_atomic_locked_and_overwrite_only_when_asked(run, sim, tmp_pa
     out = tmp_path / "ix"
     first, _ = sim.build_index(run["gallery"], out, progress=False)
     before = {f.name: f.read_bytes() for f in out.iterdir()}
-    with ixf.locked(out):  # another writer holds the lock
+    with ixd.locked(out):  # another writer holds the lock
         code, _, err = cli(["--run", str(run["run"]), "index", "add", str(out), str(run["root"] / "tll")], capsys)
     assert code == 2 and f"is being written by process {os.getpid()}" in one_error_line(err)
 
@@ -333,7 +334,9 @@ def test_writes_are_atomic_locked_and_overwrite_only_when_asked(run, sim, tmp_pa
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ixf.tempfile, "mkdtemp", read_only)  # root ignores chmod, so the refusal is simulated
+    import toolkit.folders
+
+    monkeypatch.setattr(toolkit.folders.tempfile, "mkdtemp", read_only)  # root ignores chmod, so the refusal is simulated
     code, _, err = cli(["--run", str(run["run"]), "index", "build", str(run["gallery"]), "-o", str(tmp_path / "ro"),
                         "--no-progress"], capsys)
     assert code == 2 and "writable" in one_error_line(err) and not (tmp_path / "ro").exists()

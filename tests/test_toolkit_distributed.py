@@ -105,3 +105,17 @@ def test_every_script_refuses_a_bad_torchrun_environment_in_one_line(script, cas
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: ") and message in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no .partial, no output folder
+
+
+def test_similarity_refuses_torchrun_in_one_line(tmp_path):
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29500", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "similarity.py"), "--run", str(tmp_path / "run"), "pair",
+                           "a.png", "b.png"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    # Every rank refuses alike; rank 0 says it (this is rank 1: it exits 2 without a line of its own).
+    assert proc.returncode == 2 and proc.stderr == ""
+    env["RANK"], env["LOCAL_RANK"] = "0", "0"
+    proc = subprocess.run([sys.executable, str(ROOT / "similarity.py"), "--run", str(tmp_path / "run"), "pair",
+                           "a.png", "b.png"], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "similarity.py: error: similarity.py runs in one process; start it without torchrun"

@@ -1,10 +1,15 @@
-"""An operating-system lock on an output folder, so two runs never write into the same one.
+"""Operating-system locks on outputs, so two runs never write the same one: one helper, two places.
 
-`folder_lock(path)` takes an exclusive `flock` on the folder itself (no lock file is left
-behind). The lock belongs to the open file description, so the kernel releases it when the
-process ends, however it ends: a crashed run never leaves a stale lock. A second run that
-finds the folder locked stops at once with a `UserError` naming the process that holds it
-(read from `/proc/locks` where there is one).
+- `folder_lock(path, flag)` takes an exclusive `flock` on the folder itself (no lock file is left
+  behind): for folders whose files are replaced one by one (extract.py's `SAVE/MODEL`, train.py's runs).
+- `sibling_lock(path, flag)` locks a hidden file `.NAME.lock` beside `path`: for an output that is
+  replaced whole by a rename (an index folder), where a lock on the old folder would not guard the
+  new one. The lock file is removed again when the lock is released.
+
+A lock belongs to the open file description, so the kernel releases it when the process ends,
+however it ends: a crashed run never leaves a stale lock (a lock file a crash leaves behind is
+taken over by the next run). A second run that finds the output locked stops at once with a
+`UserError` naming the process that holds it (read from `/proc/locks` where there is one).
 
 Example:
     >>> with folder_lock("out/clip_rn50x4", "-s"):      # doctest: +SKIP
@@ -19,15 +24,15 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .utils import UserError
+from .utils import UserError, first_line
 
-__all__ = ["folder_lock", "lock_holder"]
+__all__ = ["folder_lock", "sibling_lock", "lock_holder"]
 
 
-def lock_holder(folder: str | os.PathLike) -> int | None:
-    """The pid holding a flock on `folder`, from /proc/locks (None when it cannot be told)."""
+def lock_holder(path: str | os.PathLike) -> int | None:
+    """The pid holding a flock on `path` (a folder or a file), from /proc/locks (None when it cannot be told)."""
     try:
-        st = os.stat(folder)
+        st = os.stat(path)
         lines = Path("/proc/locks").read_text().splitlines()
     except OSError:
         return None
@@ -38,6 +43,17 @@ def lock_holder(folder: str | os.PathLike) -> int | None:
         if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == wanted:
             return int(parts[4])
     return None
+
+
+def _take(fd: int, locked: Path, shown: str, flag: str) -> None:
+    """flock `fd` (open on `locked`) or raise the one `UserError` both helpers give, naming the holder."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = lock_holder(locked)
+        who = f"process {pid}" if pid else "another process"
+        raise UserError(f"{flag} {shown} is being written by {who} (another run of this command?); wait for it to "
+                        f"finish, or choose another {flag}") from None
 
 
 @contextlib.contextmanager
@@ -52,13 +68,7 @@ def folder_lock(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = lock_holder(folder)
-            who = f"process {pid}" if pid else "another process"
-            raise UserError(f"{flag} {folder} is being written by {who} (another run of this command?); wait for "
-                            f"it to finish, or choose another {flag}") from None
+        _take(fd, folder, str(folder), flag)
         try:
             yield folder
         finally:
@@ -67,3 +77,47 @@ def folder_lock(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
                     made.rmdir()
     finally:
         os.close(fd)  # releases the lock
+
+
+def lock_file_of(target: str | os.PathLike) -> Path:
+    """The lock file `sibling_lock` uses for `target`: `.NAME.lock` beside the real (link-resolved) target."""
+    real = Path(os.path.realpath(target))
+    return real.parent / f".{real.name}.lock"
+
+
+@contextlib.contextmanager
+def sibling_lock(target: str | os.PathLike, flag: str) -> Iterator[Path]:
+    """Hold an exclusive lock on `target` through the file `lock_file_of(target)`; yields the real target.
+
+    A symlinked target is locked (and, by the caller, written) where the link points, so the link
+    stays a link. The lock file is made for the block and removed after it; whoever finds it held
+    gets a `UserError` naming the holder. A lock file removed or replaced between its opening and
+    its locking (its holder finishing) is opened again, so two writers never hold two files.
+    """
+    real = Path(os.path.realpath(target))
+    lock_file = lock_file_of(real)
+    shown = str(target)
+    while True:
+        try:
+            real.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as err:
+            raise UserError(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
+        try:
+            _take(fd, lock_file, shown, flag)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock_file))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder removed it while we waited for it: lock the new one
+    try:
+        yield real
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock_file.unlink()  # still holding the lock: a waiter that opened this file sees it gone, above
+        os.close(fd)

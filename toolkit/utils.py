@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 __all__ = ["UserError", "default_workers", "first_line", "atomic_path", "atomic_paths", "read_json", "write_json",
            "save_npy", "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device",
-           "check_writable", "os_error_line", "require_regular_file", "require_utf8"]
+           "check_writable", "os_error_line", "require_regular_file", "require_utf8", "umask"]
 
 
 class UserError(Exception):
@@ -150,9 +150,11 @@ def atomic_paths(paths: Sequence[str | os.PathLike], suffix: str = "", replace: 
 
     Every file is written and fsynced under its temporary name before any is put in place, so a full
     disk or a failed write leaves none of them changed; with `replace=False`, the files this call
-    already put in place are removed again if a later one finds its name taken.
+    already put in place are removed again if a later one finds its name taken. A path that is a
+    symlink stays one: the file it points to is replaced.
     """
-    targets = [Path(p) for p in paths]
+    # A symlinked output stays a link: the file it points to is what is written.
+    targets = [Path(os.path.realpath(p)) if os.path.islink(p) else Path(p) for p in paths]
     tmps: list[Path] = []
     placed: list[Path] = []
     try:
@@ -161,7 +163,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike], suffix: str = "", replace: 
             fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
             os.close(fd)
             tmps.append(Path(name))
-            os.chmod(name, 0o666 & ~_umask())  # mkstemp's 0600 would make results private by accident
+            os.chmod(name, 0o666 & ~umask())  # mkstemp's 0600 would make results private by accident
         yield tmps
         for tmp, target in zip(tmps, targets):
             try:
@@ -199,7 +201,8 @@ def _link_new(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's file-creation mask (read without changing it), for modes of files made by mkstemp/mkdtemp."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

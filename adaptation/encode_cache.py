@@ -1,0 +1,65 @@
+"""Encoded chunks of a gallery kept beside an index folder while it is built, so an interrupted build resumes.
+
+    INDEX_DIR.partial/
+      key.txt            sha256 of the work (the run's identity and the item list)
+      chunk0000000.npz   vectors, names, images and skipped items of one chunk (no pickles)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from toolkit.utils import UserError, atomic_path, first_line
+
+__all__ = ["EncodeCache"]
+
+
+class EncodeCache:
+    """Encoded chunks of a gallery kept in `INDEX_DIR.partial/`, so an interrupted build resumes.
+
+    `key` identifies the work (the run's identity and the item list); a cache left by other work
+    is discarded. Each chunk is one pickle-free `.npz` written atomically.
+    """
+
+    def __init__(self, index_dir: str | os.PathLike, key: dict):
+        target = Path(index_dir)
+        self.dir = target.parent / f"{target.name}.partial"
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+        key_file = self.dir / "key.txt"
+        try:
+            if self.dir.exists() and (not key_file.is_file() or key_file.read_text().strip() != self.key):
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            key_file.write_text(self.key + "\n")
+        except OSError as err:
+            raise UserError(f"cannot write {self.dir} ({first_line(err)}); choose a writable folder") from None
+
+    def _chunk(self, i: int) -> Path:
+        return self.dir / f"chunk{i:07d}.npz"
+
+    def load(self, i: int) -> tuple[np.ndarray, list[str], list[str | None], dict[str, str]] | None:
+        """Chunk i as (vectors, names, images, skipped), or None when not (readably) there."""
+        try:
+            with np.load(self._chunk(i), allow_pickle=False) as z:
+                images = [None if s == "" else str(s) for s in z["images"]]
+                skipped = dict(zip(map(str, z["skipped_names"]), map(str, z["skipped_reasons"])))
+                return z["vectors"].astype(np.float32), [str(s) for s in z["names"]], images, skipped
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+
+    def save(self, i: int, vectors: np.ndarray, names: list[str], images: list[str | None],
+             skipped: dict[str, str]) -> None:
+        with atomic_path(self._chunk(i), suffix=".npz") as tmp:
+            np.savez(tmp, vectors=np.asarray(vectors, dtype=np.float32), names=np.asarray(names, dtype=str),
+                     images=np.asarray([im or "" for im in images], dtype=str),
+                     skipped_names=np.asarray(list(skipped), dtype=str),
+                     skipped_reasons=np.asarray(list(skipped.values()), dtype=str))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
