@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/objectives.py
 	$(BIN)/python bench/index.py --threads 1
 	$(BIN)/python bench/train_scale.py
+	$(BIN)/python bench/onnx.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo_out

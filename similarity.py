@@ -6,6 +6,8 @@
     python similarity.py --run RUNS/run1 index add INDEX_DIR MORE_IMAGES
     python similarity.py --run RUNS/run1 search Q1.jpg Q2.jpg QUERY_DIR --index INDEX_DIR -k 10 --json hits.json --html hits.html
     python similarity.py --run RUNS/run1 pairs --index INDEX_DIR --threshold 0.9 -o look_alikes
+    python similarity.py --run RUNS/run1 export -o RUN1_ONNX [--best] [--opset 18] [--dynamic-batch]
+    python similarity.py --onnx RUN1_ONNX pair A.jpg B.jpg        (and search, index build/add, pairs: no torch)
 
 `pair` prints the adapted similarity of two images, the cosine of their raw features
 for comparison and, when the run was trained with `--val-split`, the threshold calibrated
@@ -16,6 +18,10 @@ file from extract.py), or a persistent index built once with `index build`, for 
 many queries (image files, folders, list files); it prints a table (marking the results
 at or above the calibrated threshold) and can write `--json`, `--csv` and a
 self-contained `--html` page (the same marks).
+`export` writes the run's whole image-to-embedding path as one ONNX graph with its
+preprocessing and manifest (`adaptation.export`), after checking it against the torch path;
+`--onnx DIR` then runs every other command through onnxruntime, without torch
+(`adaptation.deploy`). An index built with `--onnx` is used with that export only.
 `pairs` lists the look-alike pairs of an indexed gallery (each pair once) as
 PREFIX.csv and PREFIX.html. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
@@ -46,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     """similarity.py's argument parser; its help is also the command-line reference of the HTML docs."""
     p = argparse.ArgumentParser(prog="similarity.py", description="Score or search images with a trained adaptation.",
                                 allow_abbrev=False)
-    p.add_argument("--run", required=True, help="a run folder of train.py (holding model_and_optimizer.pt)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="a run folder of train.py (holding model_and_optimizer.pt)")
+    which.add_argument("--onnx", metavar="DIR", help="an ONNX export of a run (made with: --run RUN export -o DIR); "
+                                                     "runs without torch")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     p.add_argument("--best", action="store_true", help="use best.pt, the best validation epoch (runs with --val-split)")
     p.add_argument("--weights", default=None, help="the backbone checkpoint, if the extraction used --weights and it moved")
@@ -57,7 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_parser(sub)
     _add_index_parser(sub)
     _add_pairs_parser(sub)
+    _add_export_parser(sub)
     return p
+
+
+def _add_export_parser(sub) -> None:
+    from adaptation.deploy import ENCODER_FILE, MANIFEST_FILE, PREPROCESS_FILE
+
+    export = sub.add_parser("export", help="write the run's image-to-embedding path as an ONNX graph (needs --run)",
+                            allow_abbrev=False)
+    export.add_argument("-o", "--out", required=True, metavar="DIR",
+                        help=f"the export folder to write ({ENCODER_FILE}, {PREPROCESS_FILE}, {MANIFEST_FILE})")
+    export.add_argument("--opset", type=int, default=18, help="the ONNX opset (default 18)")
+    export.add_argument("--dynamic-batch", action="store_true", help="a graph taking any batch size (default: 1)")
+    export.add_argument("--check-images", default=None, metavar="DIR",
+                        help="images (a folder or list) to check the graph on (default: drawn images)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
 
 
 def _add_search_parser(sub) -> None:
@@ -197,11 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("similarity.py runs in one process; start it without torchrun")
 
     named = {"a": "first image", "b": "second image", "gallery": "gallery", "index": "--index", "json": "--json",
-             "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder"}
-    require_utf8({"--run": args.run, "--weights": args.weights,
+             "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder", "check_images": "--check-images"}
+    require_utf8({"--run": args.run, "--onnx": args.onnx, "--weights": args.weights,
                   **{label: getattr(args, name) for name, label in named.items() if hasattr(args, name)},
                   **{f"query {i + 1}": q for i, q in enumerate(getattr(args, "query", []))}})
-    device = resolve_device(args.device)
+    _check_source_args(args)
+    device = None if args.onnx else resolve_device("cpu" if args.command == "export" else args.device)
     # Bad input is refused before the model loads, which is the slow part.
     params = None
     if args.command == "search":
@@ -210,13 +235,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_pairs_args(args)
     if args.command == "index":
         params = _check_index_args(args)
+    if args.command == "export":
+        config = _check_export_args(args)
 
     from adaptation.similarity import VisualSimilarity
 
-    sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
-    if not sim.provenance_checked:
-        print(f"note: {args.run}'s checkpoint records no sha256 of its features file and PCA (written before "
-              f"checkpoint format 2), so they are not checked; retrain to have them checked", file=sys.stderr)
+    if args.onnx:
+        sim = VisualSimilarity.from_onnx(args.onnx)
+    else:
+        sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
+        if not sim.provenance_checked:
+            print(f"note: {args.run}'s checkpoint records no sha256 of its features file and PCA (written before "
+                  f"checkpoint format 2), so they are not checked; retrain to have them checked", file=sys.stderr)
+    if args.command == "export":
+        return _export(sim, args, config)
     if args.command == "pair":
         return _pair(sim, args)
     if args.command == "index":
@@ -224,6 +256,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pairs":
         return _pairs(sim, args)
     return _search(sim, args)
+
+
+def _check_source_args(args) -> None:
+    """--onnx takes none of --run's options, and cannot export; export runs on the CPU."""
+    from toolkit.utils import UserError
+
+    if args.onnx:
+        given = [flag for flag, v in (("--device", args.device), ("--weights", args.weights), ("--best", args.best)) if v]
+        if given:
+            raise UserError(f"{', '.join(given)} applies to --run only: an ONNX export runs its own graph on the CPU")
+        if args.command == "export":
+            raise UserError("export is made from a run: similarity.py --run RUN export -o DIR")
+    elif args.command == "export" and args.device not in (None, "cpu"):
+        raise UserError(f"export runs on the CPU (got --device {args.device}); leave --device out")
+
+
+def _check_export_args(args):
+    """Checks the export's inputs; returns its ExportConfig."""
+    from adaptation.deploy import check_target
+    from adaptation.export import ExportConfig
+    from toolkit.utils import UserError, check_writable
+
+    if not 7 <= args.opset <= 30:
+        raise UserError(f"--opset must be an ONNX opset number such as 18 (got {args.opset})")
+    if args.check_images is not None and not Path(args.check_images).exists():
+        raise UserError(f"--check-images {args.check_images} does not exist")
+    check_target(args.out, args.overwrite)
+    check_writable(args.out, "-o")
+    return ExportConfig(args.opset, args.dynamic_batch, args.check_images, args.overwrite)
+
+
+def _export(sim, args, config) -> int:
+    from adaptation.export import export_run
+
+    manifest = export_run(sim, args.out, config)
+    check = manifest["check"]
+    print(f"check: minimum cosine {check['min_cosine']:.7f} (onnxruntime against torch) on {check['images']} "
+          f"{check['source']} image(s), batch {' and '.join(map(str, check['batches']))}")
+    print(f"wrote {args.out} ({manifest['identity']['backbone']['arch']}, {manifest['embedding_dim']}-d, opset "
+          f"{manifest['opset']}, batch {manifest['batch'] or 'dynamic'})")
+    return 0
 
 
 def _check_search_args(args) -> None:
@@ -277,10 +350,11 @@ def _pair(sim, args) -> int:
 
     a, b = _query_image(args.a), _query_image(args.b)
     raw = sim.raw([a, b])
-    cos = float(raw[0] @ raw[1] / max(np.linalg.norm(raw[0]) * np.linalg.norm(raw[1]), 1e-12))
     verdict = sim.verdict(sim.score_raw(raw))
     print(f"adapted similarity  {verdict.score:.4f}")
-    print(f"raw cosine          {cos:.4f}")
+    if not sim.onnx:  # an export's graph gives adapted vectors only
+        cos = float(raw[0] @ raw[1] / max(np.linalg.norm(raw[0]) * np.linalg.norm(raw[1]), 1e-12))
+        print(f"raw cosine          {cos:.4f}")
     print(f"threshold           {_threshold_text(sim.threshold)}")
     if verdict.alike is not None:
         print(f"verdict             {'alike' if verdict.alike else 'not alike'}")

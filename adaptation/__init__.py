@@ -27,7 +27,8 @@ And the files a training run writes, each format with one owner:
 `adaptation.experiment` is a whole train.py experiment (`run_experiment(ExperimentConfig, device)`:
 the runs, their folders and the summary). `adaptation.similarity` applies a trained run to new images; `adaptation.index` is its faiss index in
 memory and `adaptation.index_folder` the folder an index is kept in (with `adaptation.encode_cache`
-keeping an interrupted build's encoded chunks). `train.py` at the top of the repository wires them to the command line, TensorBoard and files.
+keeping an interrupted build's encoded chunks); `adaptation.export` writes a run as one ONNX graph, which
+`adaptation.deploy` runs with onnxruntime, without torch. `train.py` at the top of the repository wires them to the command line, TensorBoard and files.
 
 Example:
     >>> import torch
@@ -43,28 +44,37 @@ Example:
     2
 """
 
-from featuresExtractor.pairs_file import Pairs, load_pairs
+import importlib
 
-from .split import TrainData, split_data, split_indices
-from .losses import contrastive_loss, similarity_matrix
-from .metrics import retrieval_metrics
-from .checkpoint import load_checkpoint
-from .models import MODELS, build_model
-from .training import TrainConfig, make_optimizer, train
+# Where each public name lives. They are imported on first use (PEP 562), not here, so that
+# `adaptation.similarity` and `adaptation.deploy` (an ONNX export) import without torch.
+_WHERE = {
+    "Pairs": "featuresExtractor.pairs_file",
+    "load_pairs": "featuresExtractor.pairs_file",
+    "TrainData": ".split",
+    "split_data": ".split",
+    "split_indices": ".split",
+    "contrastive_loss": ".losses",
+    "similarity_matrix": ".losses",
+    "retrieval_metrics": ".metrics",
+    "load_checkpoint": ".checkpoint",
+    "MODELS": ".models",
+    "build_model": ".models",
+    "TrainConfig": ".training",
+    "make_optimizer": ".training",
+    "train": ".training",
+}
 
-__all__ = [
-    "Pairs",
-    "TrainData",
-    "load_pairs",
-    "split_data",
-    "split_indices",
-    "contrastive_loss",
-    "similarity_matrix",
-    "retrieval_metrics",
-    "MODELS",
-    "build_model",
-    "load_checkpoint",
-    "TrainConfig",
-    "make_optimizer",
-    "train",
-]
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

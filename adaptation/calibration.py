@@ -29,8 +29,12 @@ from __future__ import annotations
 import numbers
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a tensor comes in: Threshold is read by ONNX exports, without torch
+    import torch
 
 __all__ = ["Threshold", "pair_scores", "threshold_curve", "max_f1_threshold", "precision_threshold", "calibrate"]
 
@@ -89,7 +93,11 @@ class Threshold:
 
 def pair_scores(sim: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flatten an (N, N) left-by-right similarity matrix into scores and labels (diagonal = 1)."""
-    sim = np.asarray(torch.as_tensor(sim).detach().float().cpu(), dtype=np.float64)
+    if not isinstance(sim, np.ndarray):
+        import torch
+
+        sim = torch.as_tensor(sim).detach().float().cpu().numpy()
+    sim = np.asarray(sim, dtype=np.float64)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] < 2:
         raise ValueError(f"expected a square similarity matrix of at least 2 pairs, got shape {sim.shape}")
     return sim.ravel(), np.eye(len(sim), dtype=bool).ravel()

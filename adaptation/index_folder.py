@@ -167,7 +167,9 @@ def check_identity(ix: SimilarityIndex, identity: dict) -> None:
     """Refuse, with one line, an index built with another run, backbone or PCA than `identity`."""
     theirs = ix.manifest.get("identity", {})
     for key, what in (("checkpoint_sha256", "another run (checkpoint sha256 differs)"),
-                      ("backbone", "another backbone"), ("pca", "another PCA"), ("out_dim", "another model")):
+                      ("backbone", "another backbone"), ("pca", "another PCA"), ("out_dim", "another model"),
+                      # an ONNX export's vectors (adaptation.deploy) agree with the run's only to its check's figure
+                      ("encoder", "another encoder (an ONNX export and the run's torch path differ)")):
         if theirs.get(key) != identity.get(key):
             raise UserError(f"{ix.path} was built with {what}; rebuild it with this run: "
                             f"similarity.py --run RUN index build GALLERY -o {ix.path} --overwrite")

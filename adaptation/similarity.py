@@ -21,17 +21,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from featuresExtractor.dataset import discover
-from featuresExtractor.encode import Encoder
-from featuresExtractor.manifest import read_manifest, transform_choice
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.folders import special_kind
 from toolkit.hashing import file_sha256
@@ -40,9 +36,16 @@ from toolkit.utils import UserError, first_line
 from . import index as faiss_index
 from . import index_folder
 from .calibration import Threshold
-from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, check_provenance, load_checkpoint
+from .deploy import OnnxEncoder
 from .encode_cache import EncodeCache
 from .index import IndexParams, SimilarityIndex
+
+# torch, the backbone and the checkpoint are imported by from_run, not here: an ONNX export
+# (from_onnx) is used with neither torch nor open_clip installed.
+if TYPE_CHECKING:
+    import torch
+
+    from featuresExtractor.encode import Encoder
 
 __all__ = ["VisualSimilarity", "Gallery", "Match", "Hits", "Verdict", "NO_THRESHOLD", "gallery_items", "check_source"]
 
@@ -52,6 +55,12 @@ GALLERY_CHUNK = 64
 INDEX_CHUNK = 1024  # images per resumable chunk of an index build
 ADAPT_BATCH = 8192
 ImageLike = str | os.PathLike | Image.Image
+
+
+def cosines(q, g) -> np.ndarray:
+    """Cosines of one row `q` (1, d) with each row of `g` (n, d): (n,) float32 (numpy or torch rows)."""
+    q, g = (np.asarray(a, dtype=np.float32) for a in (q, g))
+    return (g @ q[0]) / np.maximum(np.linalg.norm(g, axis=1) * np.linalg.norm(q[0]), 1e-8)
 
 
 @dataclass(frozen=True)
@@ -153,14 +162,36 @@ def gallery_items(source: str | os.PathLike | Sequence[ImageLike]) -> list[tuple
 
 
 class VisualSimilarity:
-    """A trained adaptation with the feature extraction it was trained on."""
+    """A trained adaptation with the feature extraction it was trained on (`from_run`), or its ONNX export
+    (`from_onnx`, no torch: `encoder` is an `adaptation.deploy.OnnxEncoder` and `model` is None)."""
 
-    def __init__(self, encoder: Encoder, model: torch.nn.Module, checkpoint: dict, device: torch.device,
-                 checkpoint_sha256: str | None = None, provenance_checked: bool = False):
+    def __init__(self, encoder: Encoder | OnnxEncoder, model: torch.nn.Module | None, checkpoint: dict,
+                 device: torch.device | None, checkpoint_sha256: str | None = None, provenance_checked: bool = False):
         self.encoder, self.model, self.checkpoint, self.device = encoder, model, checkpoint, device
         self.checkpoint_sha256 = checkpoint_sha256
         self.provenance_checked = provenance_checked
         """True when the features file and PCA were found to be the run's own (False: the checkpoint records none)."""
+
+    @property
+    def onnx(self) -> bool:
+        """True for an ONNX export: `raw` already gives the adapted, L2-normalised embedding."""
+        return self.model is None
+
+    @classmethod
+    def from_onnx(cls, folder: str | os.PathLike, threads: int | None = None) -> "VisualSimilarity":
+        """Open an export folder (`similarity.py --run RUN export -o DIR`) with onnxruntime; no torch needed.
+
+        The result has the same `score`, `judge`, `search`, `embed` and index methods as `from_run`'s;
+        `embed` gives L2-normalised numpy rows. `threads` sets onnxruntime's threads. Raises `UserError`.
+        """
+        encoder = OnnxEncoder.load(folder, threads=threads)
+        threshold = encoder.manifest.get("threshold")
+        if threshold is not None:
+            try:
+                Threshold.from_dict(threshold)
+            except ValueError as err:
+                raise UserError(f"{folder}: the manifest's threshold is damaged ({err}); export the run again") from None
+        return cls(encoder, None, {"threshold": threshold}, None, encoder.manifest["identity"].get("checkpoint_sha256"))
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None,
@@ -173,6 +204,12 @@ class VisualSimilarity:
         features file or PCA other than the ones the run was trained on
         (`adaptation.checkpoint.check_provenance`, before the backbone loads).
         """
+        import torch
+
+        from featuresExtractor.encode import Encoder
+
+        from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, check_provenance, load_checkpoint
+
         run_dir = Path(run_dir)
         name = BEST_CHECKPOINT if best else CHECKPOINT
         ckpt_path = run_dir / name
@@ -196,13 +233,21 @@ class VisualSimilarity:
         """The features before adaptation, as extract.py would have stored them: (n, in_dim)."""
         return self.encoder.encode(list(images))
 
-    def adapt(self, raw: np.ndarray) -> torch.Tensor:
-        """Apply the adaptation to raw feature rows: (n, in_dim) -> (n, out_dim), on the CPU."""
+    def adapt(self, raw: np.ndarray) -> torch.Tensor | np.ndarray:
+        """Apply the adaptation to raw feature rows: (n, in_dim) -> (n, out_dim), on the CPU.
+
+        An ONNX export's rows are already adapted: they are returned as they are (numpy).
+        """
+        if self.onnx:
+            return np.asarray(raw, dtype=np.float32)
+        import torch
+
         with torch.inference_mode():
             return self.model(torch.as_tensor(raw, dtype=torch.float32, device=self.device)).float().cpu()
 
-    def embed(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """Adapted vectors for images (paths or PIL images): (n, out_dim), not normalised."""
+    def embed(self, images: Sequence[ImageLike]) -> torch.Tensor | np.ndarray:
+        """Adapted vectors for images (paths or PIL images): (n, out_dim), not normalised (a torch tensor);
+        from an ONNX export, L2-normalised (a numpy array)."""
         return self.adapt(self.raw(images))
 
     @property
@@ -232,7 +277,7 @@ class VisualSimilarity:
     def score_raw(self, raw: np.ndarray) -> float:
         """The adapted cosine of two raw feature rows, (2, in_dim) as `raw` returns them."""
         e = self.adapt(raw)
-        return float(F.cosine_similarity(e[:1], e[1:], eps=1e-8))
+        return float(cosines(e[:1], e[1:])[0])
 
     def gallery(self, source: str | os.PathLike | Sequence[ImageLike], strict: bool = False) -> Gallery:
         """A gallery from a folder of images (extracted now), a flat features file, an image list file, or a list.
@@ -283,6 +328,11 @@ class VisualSimilarity:
             yield names, images, raw, skipped
 
     def _gallery_file(self, path: Path) -> Gallery:
+        if self.onnx:
+            raise UserError(f"{path}: an ONNX export encodes images, not extracted features; give the gallery's "
+                            f"images (a folder or an image list)")
+        from featuresExtractor.manifest import read_manifest, transform_choice
+
         try:
             rec = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:  # truncated, pickled or not a .npy at all
@@ -355,15 +405,15 @@ class VisualSimilarity:
         if good:
             q = self.adapt(np.concatenate(raw))
             if isinstance(gallery, SimilarityIndex):
-                scores, ids = gallery.search(faiss_index.normalise(q.numpy()), k)
+                scores, ids = gallery.search(faiss_index.normalise(np.asarray(q)), k)
                 for row, i in enumerate(good):
                     matches[i] = [Match(gallery.names[j], float(s), gallery.images[j])
                                   for s, j in zip(scores[row], ids[row]) if j >= 0]
             else:
                 adapted = self.adapt(gallery.vectors)
                 for row, i in enumerate(good):
-                    scores = F.cosine_similarity(q[row:row + 1], adapted, eps=1e-8)
-                    order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+                    scores = cosines(q[row:row + 1], adapted)
+                    order = np.argsort(-scores, kind="stable")[:k].tolist()
                     matches[i] = [Match(gallery.names[j], float(scores[j]), gallery.images[j]) for j in order]
         if single:
             return matches[0]
@@ -374,7 +424,11 @@ class VisualSimilarity:
 
     def identity(self) -> dict:
         """What an index built with this run depends on: checkpoint sha256, backbone, PCA, output dim."""
+        if self.onnx:
+            return self.encoder.identity()
         import hashlib
+
+        import torch
 
         model = self.encoder.manifest["model"]
         weights = {k: v for k, v in model["weights"].items() if k != "path"}  # the file may move
@@ -395,7 +449,7 @@ class VisualSimilarity:
 
     def _index_vectors(self, raw: np.ndarray) -> np.ndarray:
         """Adapted, L2-normalised rows, ADAPT_BATCH at a time."""
-        out = [self.adapt(raw[s:s + ADAPT_BATCH]).numpy() for s in range(0, len(raw), ADAPT_BATCH)]
+        out = [np.asarray(self.adapt(raw[s:s + ADAPT_BATCH])) for s in range(0, len(raw), ADAPT_BATCH)]
         return faiss_index.normalise(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
 
     def _index_gallery(self, source, cache_dir: Path, known: set | None = None, progress: bool = True,

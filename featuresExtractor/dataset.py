@@ -29,9 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-from torch.utils.data import Dataset
-
 from .transforms import BadImage, is_image_file, load_image
 from toolkit.utils import UserError
 
@@ -206,8 +203,9 @@ def read_list(path: str | os.PathLike) -> Layout:
                   paths=tuple(p for _, p, _ in items), source=path.suffix.lower()[1:])
 
 
-class ImageItems(Dataset):
-    """Items of a layout, decoded and preprocessed: one (sides, 3, H, W) tensor each.
+class ImageItems:
+    """Items of a layout, decoded and preprocessed: one (sides, 3, H, W) tensor each (a map-style dataset
+    for torch's DataLoader; torch is imported by its items, so `discover` works without torch).
 
     An unreadable image does not raise: the item comes back as zeros with `error`
     set to the reason, so the caller can skip the whole pair and report it.
@@ -221,6 +219,8 @@ class ImageItems(Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict:
+        import torch
+
         index = self.indices[k]
         images, errors = [], []
         for side in self.layout.sides:

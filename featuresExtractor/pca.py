@@ -336,7 +336,13 @@ class PCAParams:
         return int(self.components_.shape[1])
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """Project rows of `x` (..., in_dim) to (..., n_components), as `PCA.transform` does."""
+        """Project rows of `x` (..., in_dim) to (..., n_components), as `PCA.transform` does.
+
+        A torch tensor gives a tensor (the ONNX export, `adaptation.export`, traces this same function).
+        """
+        if type(x).__module__.startswith("torch"):  # without importing torch for numpy callers
+            x = x.float()
+            return (x - x.new_tensor(self.mean_)) @ x.new_tensor(self.components_).T
         return ((np.asarray(x, dtype=np.float32) - self.mean_) @ self.components_.T).astype(np.float32)
 
 

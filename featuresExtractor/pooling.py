@@ -48,18 +48,21 @@ def l2_normalize(x, eps: float = 1e-12):
 
 def concat_parts(parts: Mapping[str, np.ndarray], normalize: str = "all",
                  embedding: str | None = None) -> np.ndarray:
-    """Concatenate pooled parts along the last axis, in mapping order.
+    """Concatenate pooled parts along the last axis, in mapping order (numpy arrays, or torch tensors).
 
     `normalize` is "all" (every part L2-normalised), "layers" (all but the
     `embedding` part, which stays raw, as the published 39.39% run did) or "none".
     """
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, not {normalize!r}")
-    out: list[np.ndarray] = []
+    # Torch tensors stay tensors: the ONNX export (adaptation.export) traces this same function.
+    tensors = all(isinstance(p, torch.Tensor) for p in parts.values())
+    out: list = []
     for name, part in parts.items():
         keep_raw = normalize == "none" or (normalize == "layers" and name == embedding)
-        out.append(np.asarray(part, dtype=np.float32) if keep_raw else l2_normalize(part))
-    return np.concatenate(out, axis=-1)
+        part = part.float() if tensors else np.asarray(part, dtype=np.float32)
+        out.append(part if keep_raw else l2_normalize(part))
+    return torch.cat(out, dim=-1) if tensors else np.concatenate(out, axis=-1)
 
 
 def part_slices(dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:

@@ -23,9 +23,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:  # decoding is torch-free: ONNX exports (adaptation.deploy) decode images without torch
+    import torch
 
 __all__ = ["IMAGE_EXTENSIONS", "DECODE", "TRANSFORMS", "IMAGENET_MEAN", "IMAGENET_STD", "paper_transform", "is_image_file",
            "to_rgb", "load_image", "hflip", "BadImage"]
@@ -116,4 +120,6 @@ def load_image(path: str | Path) -> Image.Image:
 
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Mirror a preprocessed (..., H, W) tensor left-right."""
+    import torch
+
     return torch.flip(x, dims=(-1,))
