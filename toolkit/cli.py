@@ -71,6 +71,6 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         return 1
     finally:
         if ranks.distributed:
-            if not ok:  # on the way out: torchrun's SIGTERM must not cut the group's teardown short
-                ignore_termination()
-            Ranks.leave()
+            # On the way out, torchrun's SIGTERM must not cut the group's teardown short.
+            ignore_termination()
+            Ranks.leave(together=ok)

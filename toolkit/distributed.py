@@ -27,6 +27,8 @@ collectives in the same order; a rank leaves the group only once every rank has 
 - `stop_together()`: 1. from here on SIGTERM and SIGHUP are ignored (see below); 2. a barrier,
   so no rank closes its connections while a peer is still receiving the verdict (gloo aborts a
   process, SIGABRT, whose peer hangs up in the middle of a transfer).
+- **Success**: every rank returns from `main`, then passes a barrier (`Ranks.leave(together=True)`),
+  so no rank leaves while another is still at work (rank 0 writing the outputs) or receiving.
 - **Leaving** (`Ranks.leave()`, in `run_cli`'s `finally`, on every path: success, refusal,
   failure, Ctrl-C): collect garbage, destroy the group, collect again. Objects that hold the
   group (DDP's reducer, gloo work kept by exception frames) would otherwise be destroyed at
@@ -210,11 +212,21 @@ class Ranks:
         return Ranks(self.rank, self.world_size, self.local_rank, self.local_world_size, backend)
 
     @staticmethod
-    def leave() -> None:
-        """Leave the process group, if this process joined one (every path out of a script; see the module doc)."""
+    def leave(together: bool = False) -> None:
+        """Leave the process group, if this process joined one (every path out of a script; see the module doc).
+
+        `together`: first wait at a barrier for every rank (the success path, where every rank is on its
+        way out), so that no rank tears its connections down while another still works or still has
+        transfers in flight (seen: gloo aborting a rank that left while rank 0 was still writing).
+        """
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            if together:
+                try:
+                    dist.barrier()
+                except RuntimeError:  # a peer has gone (it failed after this rank finished): it says why
+                    pass
             gc.collect()
             dist.destroy_process_group()
             gc.collect()
