@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from toolkit.folders import describe_entries
 from toolkit.utils import UserError, read_json, write_json
 
 from .objectives import COLLAPSE_RATIO, is_collapsed
@@ -54,15 +55,24 @@ def is_run_entry(name: str) -> bool:
 def check_save_to(save_to: Path, overwrite: bool) -> list[Path]:
     """What `overwrite` will replace; refuse a non-empty folder without it. Deletes nothing itself.
 
+    Other files beside the runs are kept (notes, say); a folder holding none of train.py's entries
+    (an extraction, an index, anything else) is not a runs folder and is refused even with `overwrite`.
+
     Raises:
-        UserError: `save_to` is a file, or a non-empty folder and `overwrite` is False.
+        UserError: `save_to` is a file, a non-empty folder and `overwrite` is False, or not a runs folder.
     """
     if save_to.exists() and not save_to.is_dir():
         raise UserError(f"save_to {save_to} exists and is not a folder")
     entries = sorted(save_to.iterdir()) if save_to.is_dir() else []
     if entries and not overwrite:
         raise UserError(f"save_to {save_to} already exists and is not empty; choose another folder or pass overwrite")
-    return [e for e in entries if is_run_entry(e.name)]
+    ours = [e for e in entries if is_run_entry(e.name) or e.name == ASIDE]
+    if entries and not ours:
+        # Not a runs folder (an extraction, an index, something else): overwrite replaces runs only.
+        raise UserError(f"save_to {save_to} is not a runs folder (it holds "
+                        f"{describe_entries(save_to, [e.name for e in entries])}); overwrite replaces only the runs "
+                        f"train.py wrote, and this folder is left alone: choose another folder")
+    return [e for e in ours if e.name != ASIDE]
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from toolkit.utils import UserError, default_workers, save_npy
 from .backbone_base import Backbone
 from .dataset import ImageItems, Layout, discover
 from toolkit.distributed import Ranks
+from toolkit.folders import describe_entries
 from .extractor import FeatureExtractor
 from .manifest import (MANIFEST, build_manifest, damaged_outputs, file_digest, fingerprint, read_manifest_file, swap_in,
                        write_manifest)
@@ -123,6 +125,12 @@ def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> tuple[bool
     """
     manifest = out_dir / MANIFEST
     replaced: list[str] = []
+    if out_dir.is_dir() and not (manifest.exists() or manifest.is_symlink() or (out_dir / ".partial").exists()):
+        entries = os.listdir(out_dir)
+        if entries:  # an unknown folder (a run, an index, a user's files): an extraction never writes over it
+            raise UserError(f"-s {out_dir} is not an extraction folder (it holds "
+                            f"{describe_entries(out_dir, entries)}); it is left alone, even with --overwrite: "
+                            f"move them out or choose another -s")
     if manifest.is_file() or manifest.is_symlink():
         old = read_manifest_file(manifest)
         if old["config"] == config and not overwrite:

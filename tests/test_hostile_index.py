@@ -214,3 +214,27 @@ def test_a_run_refuses_a_features_file_or_pca_it_was_not_trained_on_and_accepts_
     torch.save(ckpt, run_dir / CHECKPOINT)
     code, out, err = cli(pair, capsys)
     assert code == 0 and out == before and "records no sha256 of its features file and PCA" in err, err
+
+
+def test_train_and_extract_never_write_over_a_folder_that_is_not_theirs(tmp_path, capsys):
+    # train.py --overwrite into an extraction (or any folder without runs) and extract.py into a folder
+    # holding a run: one line each, nothing touched.
+    import extract
+    import train
+    from conftest import make_pairs, planted_features, run_script
+
+    feats = planted_features(tmp_path / "feats" / "features.npy", 40)
+    (tmp_path / "feats" / "manifest.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "feats").iterdir()}
+    code, _, err = run_script(train, ["-d", feats, "-s", tmp_path / "feats", "-e", "1", "--overwrite"], capsys)
+    assert code == 2 and "is not a runs folder (it holds features.npy, manifest.json)" in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "feats").iterdir()} == before
+
+    make_pairs(tmp_path / "tll", 3)
+    (tmp_path / "out" / "tiny_rn").mkdir(parents=True)
+    (tmp_path / "out" / "tiny_rn" / "features.npy").write_bytes(b"a user's file")
+    code, _, err = run_script(extract, ["-d", tmp_path / "tll", "-s", tmp_path / "out", "--model", "tiny_rn",
+                                        "--pretrained", "none", "--workers", "0", "--no-progress", "-p", "adapt", "--overwrite"],
+                              capsys)
+    assert code == 2 and "is not an extraction folder (it holds features.npy)" in err
+    assert (tmp_path / "out" / "tiny_rn" / "features.npy").read_bytes() == b"a user's file"
