@@ -379,9 +379,14 @@ def train(
             model.train()
             steps = epoch_batches([len(s[0]) for s in sets], config.batch_size, config.seed, epoch)
             parts = [_step(model, sets, step, config, optimizer, ctx_base, batch_loss, ddp) for step in steps]
+            tr = _train_figures(parts, names, dist)
+            del parts
+            if block_rows_for(len(data.test[0])) < len(data.test[0]):
+                # A test set scored in blocks is a large one: let the B x B training matrices go first, so
+                # they and the evaluation's blocks are not held at once (re-made once per epoch).
+                ctx_base["workspace"] = Workspace()
             te = evaluate(model, *data.test, config, dist)
             va = evaluate(model, *data.val, config, dist) if data.val is not None else {}
-            tr = _train_figures(parts, names, dist)
             keys = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te] + [f"Val/{k}" for k in va]
             # One device-to-host transfer per epoch, not one per metric.
             values = torch.stack([v.float() for v in (*tr.values(), *te.values(), *va.values())]).tolist()
