@@ -44,7 +44,7 @@ from .store import ChunkStore
 from .subset import describe_subset, match_subset, read_subset
 from .transforms import hflip
 
-__all__ = ["ExtractConfig", "Report", "extract", "dataset_items"]
+__all__ = ["ExtractConfig", "Report", "extract", "dataset_items", "run_shard", "start_store"]
 
 
 @dataclass(frozen=True)
@@ -202,11 +202,13 @@ def _check_strict(batch: dict, layout: Layout) -> None:
                             f"to skip such pairs and list them in the manifest)")
 
 
-def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
-                 ranks: Ranks) -> int:
+def run_shard(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, out_dir: Path,
+              ranks: Ranks) -> int:
     """Forward every item of this rank's shard not yet in the chunk store into it; returns how many were there.
 
-    On a `UserError` (`strict`), the chunks this rank wrote are removed again.
+    One rank's part of `extract` (its items under `ranks`), public so that a shard can be run alone (the
+    tests resume another world size's shards). On a `UserError` (`strict`), the chunks this rank wrote
+    are removed again.
     """
     store = ChunkStore(out_dir / ".partial")
     shard = ranks.shard(len(layout))
@@ -233,7 +235,7 @@ def _run_batches(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layo
     return len(shard) - len(todo)
 
 
-def _start_store(out_dir: Path, config: dict) -> bool:
+def start_store(out_dir: Path, config: dict) -> bool:
     """Create the chunk store before any rank writes into it; whether it is new."""
     store = ChunkStore(out_dir / ".partial")
     if store.folder.exists():
@@ -338,7 +340,7 @@ def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: context
         if not proc.pooled:
             _check_disk(out_dir, left, sum(int(np.prod(s)) for s in fx.info.shapes.values())
                         * len(layout.sides) * (2 if cfg.data_aug else 1))
-        return False, replaced, _start_store(out_dir, config)
+        return False, replaced, start_store(out_dir, config)
 
     # Rank 0 alone looks at, locks and prepares the output folder; the others wait for its verdict.
     done_before, replaced, fresh = ranks.agree(prepare)
@@ -346,7 +348,7 @@ def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: context
         report.already_done = True
         return report
     try:
-        report.resumed_items = sum(ranks.all_succeed(lambda: _run_batches(cfg, fx, proc, layout, out_dir, ranks)))
+        report.resumed_items = sum(ranks.all_succeed(lambda: run_shard(cfg, fx, proc, layout, out_dir, ranks)))
     except UserError:
         if fresh and ranks.rank == 0:
             _drop_fresh_store(out_dir)

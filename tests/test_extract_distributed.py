@@ -17,7 +17,7 @@ import pytest
 
 import extract
 from conftest import ROOT, make_pairs, run_bounded, spawn_ranks
-from featuresExtractor.pipeline import ExtractConfig, _run_batches, _start_store, extract as run_extract
+from featuresExtractor.pipeline import ExtractConfig, extract as run_extract, run_shard, start_store
 from featuresExtractor.store import ChunkStore
 from toolkit.distributed import Ranks
 from toolkit.utils import UserError
@@ -103,8 +103,8 @@ def test_resume_with_another_world_size(reference, tiny_backbone):
     fx = FeatureExtractor(tiny_backbone, "fp32", True)
     proc = parse_processor(cfg.processor)
     model = out / "tiny_rn"
-    _start_store(model, fingerprint(tiny_backbone, proc, layout, cfg.data_aug, cfg.precision))
-    assert _run_batches(cfg, fx, proc, layout, model, Ranks(rank=1, world_size=2)) == 0
+    start_store(model, fingerprint(tiny_backbone, proc, layout, cfg.data_aug, cfg.precision))
+    assert run_shard(cfg, fx, proc, layout, model, Ranks(rank=1, world_size=2)) == 0
     assert ChunkStore(model / ".partial").done() == {4, 5, 6}
     report = run_extract(cfg, tiny_backbone)
     assert report.resumed_items == 3 and report.n_kept == 7

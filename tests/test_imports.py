@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("featuresExtractor", "toolkit")
+PACKAGES = ("featuresExtractor", "toolkit", "adaptation")
 
 
 def _module_name(path: Path) -> str:
@@ -83,11 +83,11 @@ def test_no_import_circles():
 
 def test_no_private_name_imported_from_another_module():
     crossing = []
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            for target, names in _imports(path):
-                crossing += [f"{_module_name(path)}: {target}.{n}" for n in names
-                             if n.startswith("_") and not n.startswith("__")]
+    scripts = [ROOT / f"{name}.py" for name in ("extract", "train", "similarity", "demo")]
+    for path in [*(p for pkg in (*PACKAGES, "tests", "bench") for p in (ROOT / pkg).rglob("*.py")), *scripts]:
+        for target, names in _imports(path):
+            crossing += [f"{_module_name(path)}: {target}.{n}" for n in names
+                         if n.startswith("_") and not n.startswith("__")]
     assert not crossing, crossing
 
 
