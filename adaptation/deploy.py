@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from featuresExtractor.transforms import DECODE, load_image, to_rgb
-from toolkit.folders import FolderFormat, check_folder, replacing_folder
+from toolkit.folders import FolderFormat, by_manifest, check_folder, replacing_folder
 from toolkit.lock import sibling_lock
 from toolkit.hashing import file_sha256
 from toolkit.utils import UserError, first_line, read_json
@@ -187,18 +187,8 @@ def write_meta(folder: Path, preprocess: Preprocess, manifest: dict) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def _recognise(folder: Path) -> bool:
-    """An existing folder is an export when its manifest says so, or is damaged past reading (export again)."""
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):
-        return True  # it holds only an export's names (checked first): a damaged export, which an export replaces
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
-EXPORT_FOLDER = FolderFormat("an ONNX export", (ENCODER_FILE, PREPROCESS_FILE, MANIFEST_FILE), _recognise)
+EXPORT_FOLDER = FolderFormat("an ONNX export", (ENCODER_FILE, PREPROCESS_FILE, MANIFEST_FILE),
+                             by_manifest(MANIFEST_FILE, FORMAT))
 """The export folder as `toolkit.folders` sees it: the three files it owns, and how one is told."""
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from toolkit.hashing import file_sha256
-from toolkit.folders import FolderFormat, check_folder, replacing_folder
+from toolkit.folders import FolderFormat, by_manifest, check_folder, replacing_folder
 from toolkit.lock import sibling_lock
 from toolkit.utils import UserError, first_line, read_json
 
@@ -48,18 +48,8 @@ def locked(index_dir: str | os.PathLike, flag: str = "index folder") -> Iterator
         yield real
 
 
-def _recognise(folder: Path) -> bool:
-    """An existing folder is an index when its manifest says so, or is damaged past reading (rebuild it)."""
-    try:
-        manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError):
-        return True  # it holds only an index's names (checked first): a damaged index, which a build replaces
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-
-
-INDEX_FOLDER = FolderFormat("an index folder", (INDEX_FILE, NAMES_FILE, MANIFEST_FILE), _recognise)
+INDEX_FOLDER = FolderFormat("an index folder", (INDEX_FILE, NAMES_FILE, MANIFEST_FILE),
+                            by_manifest(MANIFEST_FILE, FORMAT))
 """The index folder as `toolkit.folders` sees it: the three files it owns, and how one is told."""
 
 

@@ -33,6 +33,7 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
+import json
 import os
 import shutil
 import stat
@@ -64,6 +65,24 @@ class FolderFormat:
     def owns(self, name: str) -> bool:
         """Whether an entry called `name` is one this format writes."""
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.names)
+
+
+def by_manifest(manifest_name: str, fmt: str) -> Callable[[Path], bool]:
+    """A `FolderFormat.recognise` for formats that write a JSON manifest naming them (`{"format": fmt}`).
+
+    A folder whose manifest is damaged past reading counts as one (it holds only the format's names,
+    checked first), so that writing the format again replaces it; a folder without one does not.
+    """
+    def recognise(folder: Path) -> bool:
+        try:
+            manifest = json.loads((folder / manifest_name).read_text())
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return True
+        return isinstance(manifest, dict) and manifest.get("format") == fmt
+
+    return recognise
 
 
 def special_kind(path: str | os.PathLike) -> str | None:
