@@ -73,7 +73,9 @@ def test_a_killed_rank_resumes_with_the_same_command(reference):
     model = out / "tiny_rn"
     assert not (model / "manifest.json").exists()  # nothing looks complete
     done = ChunkStore(model / ".partial").done()
-    assert 3 in done and not {4, 5, 6} <= done  # rank 1 wrote one chunk (item 3) and died
+    # Rank 1's shard is items 4..6 (the first 7 % 2 ranks take one more): it wrote one chunk (item 4) and
+    # died; how far rank 0 got in items 0..3 before torchrun stopped it depends on timing.
+    assert 4 in done and not {5, 6} <= done
     # A damaged chunk is discarded by rank 0 before the other rank reads the store, and re-extracted.
     first = ChunkStore(model / ".partial").chunks()[0]
     first.write_bytes(first.read_bytes()[:50])
