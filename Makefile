@@ -8,13 +8,13 @@ STAMP  := $(VENV)/.installed
 
 # What the HTML docs cover (pdoc, from the docstrings).
 # adaptation/__init__ has an __all__, which hides its submodules from pdoc: list them.
-DOC_MODULES := extract train similarity demo toolkit featuresExtractor adaptation \
+DOC_MODULES := extract train similarity demo toolkit featuresExtractor adaptation retrieval \
 	$(sort $(patsubst %.py,%,$(subst /,.,$(wildcard adaptation/[a-z]*.py))))
 # COLUMNS fixes the width of the argparse help in the scripts' pages (.ci/pdoc shows it), whatever the terminal.
-PDOC = PYTHONHASHSEED=0 COLUMNS=100 $(BIN)/python -m pdoc -t .ci/pdoc --docformat google --footer-text "featuresExtractor + adaptation" -o
+PDOC = PYTHONHASHSEED=0 COLUMNS=100 $(BIN)/python -m pdoc -t .ci/pdoc --docformat google --footer-text "featuresExtractor + adaptation + retrieval" -o
 
 # The venv is rebuilt only when a requirements file or pyproject.toml changes; the project itself is
-# installed editable, so `featuresExtractor` and `adaptation` import from any directory.
+# installed editable, so `featuresExtractor`, `adaptation` and `retrieval` import from any directory.
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt

@@ -19,13 +19,13 @@ many queries (image files, folders, list files); it prints a table (marking the 
 at or above the calibrated threshold) and can write `--json`, `--csv` and a
 self-contained `--html` page (the same marks).
 `export` writes the run's whole image-to-embedding path as one ONNX graph with its
-preprocessing and manifest (`adaptation.export`), after checking it against the torch path;
+preprocessing and manifest (`retrieval.export`), after checking it against the torch path;
 `--onnx DIR` then runs every other command through onnxruntime, without torch
-(`adaptation.deploy`). An index built with `--onnx` is used with that export only.
+(`retrieval.deploy`). An index built with `--onnx` is used with that export only.
 `pairs` lists the look-alike pairs of an indexed gallery (each pair once) as
 PREFIX.csv and PREFIX.html. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
-`adaptation.similarity.VisualSimilarity` for the API and `adaptation.index` for the
+`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index` for the
 index folder.
 
 Example:
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_export_parser(sub) -> None:
-    from adaptation.deploy import ENCODER_FILE, MANIFEST_FILE, PREPROCESS_FILE
+    from retrieval.deploy import ENCODER_FILE, MANIFEST_FILE, PREPROCESS_FILE
 
     export = sub.add_parser("export", help="write the run's image-to-embedding path as an ONNX graph (needs --run)",
                             allow_abbrev=False)
@@ -108,7 +108,7 @@ def _add_index_parser(sub) -> None:
     build.add_argument("-o", "--out", required=True, help="the index folder to write")
     build.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
                        help="flat: exact; hnsw, ivfpq: approximate (faster / smaller)")
-    from adaptation.index import IndexParams
+    from retrieval.index import IndexParams
 
     d = IndexParams()  # the defaults shown in --help
     build.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help=f"hnsw: links per vector (default {d.hnsw_m})")
@@ -168,7 +168,7 @@ def _query_image(path: str):
 
 def _queries(args: Sequence[str]) -> list[str]:
     """Query image paths from files, folders and list files (missing ones are kept, to be reported)."""
-    from adaptation.similarity import gallery_items
+    from retrieval.visual_similarity import gallery_items
     from featuresExtractor.transforms import IMAGE_EXTENSIONS
 
     out = []
@@ -202,7 +202,7 @@ def _print_matches(matches, sim) -> None:
 
 
 def _threshold_text(threshold) -> str:
-    from adaptation.similarity import NO_THRESHOLD
+    from retrieval.visual_similarity import NO_THRESHOLD
 
     if threshold is None:
         return NO_THRESHOLD
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "export":
         config = _check_export_args(args)
 
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     if args.onnx:
         sim = VisualSimilarity.from_onnx(args.onnx)
@@ -274,8 +274,8 @@ def _check_source_args(args) -> None:
 
 def _check_export_args(args):
     """Checks the export's inputs; returns its ExportConfig."""
-    from adaptation.deploy import check_target
-    from adaptation.export import ExportConfig
+    from retrieval.deploy import check_target
+    from retrieval.export import ExportConfig
     from toolkit.utils import UserError, check_writable
 
     if not 7 <= args.opset <= 30:
@@ -288,7 +288,7 @@ def _check_export_args(args):
 
 
 def _export(sim, args, config) -> int:
-    from adaptation.export import export_run
+    from retrieval.export import export_run
 
     manifest = export_run(sim, args.out, config)
     check = manifest["check"]
@@ -300,7 +300,7 @@ def _export(sim, args, config) -> int:
 
 
 def _check_search_args(args) -> None:
-    from adaptation.similarity import check_source
+    from retrieval.visual_similarity import check_source
     from toolkit.utils import UserError
 
     if args.k < 1:
@@ -329,9 +329,9 @@ def _check_pairs_args(args) -> None:
 
 def _check_index_args(args):
     """Checks the index command's inputs; returns the IndexParams of a build, None for an add."""
-    from adaptation.index import IndexParams
-    from adaptation.index_folder import check_target
-    from adaptation.similarity import check_source
+    from retrieval.index import IndexParams
+    from retrieval.index_folder import check_target
+    from retrieval.visual_similarity import check_source
     from toolkit.utils import check_writable
 
     check_source(args.gallery)
@@ -392,11 +392,11 @@ def _search(sim, args) -> int:
 
 def _write_search_outputs(hits, threshold, args) -> None:
     # Every output is made before any is written, so one that cannot be made leaves none behind.
-    from adaptation.results import search_results_text, write_texts
+    from retrieval.results import search_results_text, write_texts
 
     texts = {path: search_results_text(hits, path) for path in (args.json, args.csv) if path}
     if args.html:
-        from adaptation.visualize import search_page
+        from retrieval.pages import search_page
 
         where = Path(args.index or args.gallery).name
         title = f"{Path(hits[0].query).name}: top {args.k} in {where}" if len(hits) == 1 else \
@@ -424,9 +424,9 @@ def _index(sim, args, params) -> int:
 
 
 def _pairs(sim, args) -> int:
-    from adaptation.index import look_alike_pairs
-    from adaptation.results import pairs_text, write_texts
-    from adaptation.visualize import pairs_page
+    from retrieval.index import look_alike_pairs
+    from retrieval.results import pairs_text, write_texts
+    from retrieval.pages import pairs_page
     from toolkit.utils import UserError
 
     index = sim.load_index(args.index)

@@ -25,10 +25,9 @@ And the files a training run writes, each format with one owner:
 - `adaptation.runs`: the runs folder (`run*/`, `avg/`, `summary.json`, replacing earlier runs).
 
 `adaptation.experiment` is a whole train.py experiment (`run_experiment(ExperimentConfig, device)`:
-the runs, their folders and the summary). `adaptation.similarity` applies a trained run to new images; `adaptation.index` is its faiss index in
-memory and `adaptation.index_folder` the folder an index is kept in (with `adaptation.encode_cache`
-keeping an interrupted build's encoded chunks); `adaptation.export` writes a run as one ONNX graph, which
-`adaptation.deploy` runs with onnxruntime, without torch. `train.py` at the top of the repository wires them to the command line, TensorBoard and files.
+the runs, their folders and the summary); `train.py` at the top of the repository wires it to the command line.
+Applying a trained run to new images (search, index, export, deploy) is the `retrieval` package,
+which imports this one, never the reverse.
 
 Example:
     >>> import torch
@@ -47,7 +46,8 @@ Example:
 import importlib
 
 # Where each public name lives. They are imported on first use (PEP 562), not here, so that
-# `adaptation.similarity` and `adaptation.deploy` (an ONNX export) import without torch.
+# `retrieval.visual_similarity` and `retrieval.deploy` (an ONNX export) import `adaptation.calibration`
+# without torch.
 _WHERE = {
     "Pairs": "featuresExtractor.pairs_file",
     "load_pairs": "featuresExtractor.pairs_file",

@@ -6,8 +6,8 @@ that approximate search is not trivial. Within a cluster, points vary mostly alo
 `--intrinsic` shared random directions plus a little noise in all 1024, as learnt
 embeddings do (`--intrinsic 0`: isotropic noise in all 1024 dimensions, where nearest
 neighbours are barely nearer than any cluster member and every ANN method struggles).
-Queries are fresh draws from the same clusters (not gallery items). Each kind is built with `adaptation.index.build`
-(the code `similarity.py index build` runs), written with `adaptation.index_folder.write`
+Queries are fresh draws from the same clusters (not gallery items). Each kind is built with `retrieval.index.build`
+(the code `similarity.py index build` runs), written with `retrieval.index_folder.write`
 (size on disk) and searched in one batch of all queries (median of `--repeat`).
 Recall@10 is the share of the exact (flat) top 10 that a kind returns in its top 10.
 "RAM" is the growth of this process's resident memory while the index was built
@@ -38,9 +38,9 @@ import benchlib  # bench/ is the script folder; this also puts the repo root on 
 
 import numpy as np
 
-from adaptation import index as ixf
-from adaptation import index_folder as ixd
-from adaptation.index import IndexParams
+from retrieval import index as ixf
+from retrieval import index_folder as ixd
+from retrieval.index import IndexParams
 from toolkit.cli import run_cli
 
 

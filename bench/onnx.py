@@ -6,11 +6,11 @@ and measures, interleaved over repeats so load from other processes hits them al
 
 * graph images/s on preprocessed batches (`--batch` images, the model's own input size):
   onnxruntime (fp32, its default threads) against the torch path as `VisualSimilarity` runs it
-  (`adaptation.export.EmbeddingGraph`: taps, pooling, normalisation, PCA, adaptation) in fp32 and
+  (`retrieval.export.EmbeddingGraph`: taps, pooling, normalisation, PCA, adaptation) in fp32 and
   in bf16 autocast, channels_last, `torch.get_num_threads()` threads;
 * embed images/s from decoded images (PIL) to embeddings: `VisualSimilarity.embed` of
   `from_onnx` (Pillow/numpy preprocessing + onnxruntime) against `from_run`'s (fp32);
-* start-up: a fresh Python process importing `adaptation.similarity` and opening the run
+* start-up: a fresh Python process importing `retrieval.visual_similarity` and opening the run
   (`from_run`) or the export (`from_onnx`), wall time to ready, and the export's own time and size.
 
 A table is printed with the CPU and the load average; `--save` writes bench/results/onnx-TIMESTAMP.json.
@@ -70,7 +70,7 @@ def script(argv: list) -> None:
 
 STARTUP = """import sys, time
 t = time.perf_counter()
-from adaptation.similarity import VisualSimilarity
+from retrieval.visual_similarity import VisualSimilarity
 sim = VisualSimilarity.from_onnx(sys.argv[2]) if sys.argv[1] == "onnx" else VisualSimilarity.from_run(sys.argv[2], device="cpu")
 print(time.perf_counter() - t)
 """
@@ -94,8 +94,8 @@ def bench_model(model: str, args, tmp: Path) -> dict:
     import numpy as np
     import torch
 
-    from adaptation.export import EmbeddingGraph
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.export import EmbeddingGraph
+    from retrieval.visual_similarity import VisualSimilarity
     from toolkit.synthetic.drawn_images import render_pair
 
     t = time.perf_counter()

@@ -338,7 +338,7 @@ class PCAParams:
     def transform(self, x: np.ndarray) -> np.ndarray:
         """Project rows of `x` (..., in_dim) to (..., n_components), as `PCA.transform` does.
 
-        A torch tensor gives a tensor (the ONNX export, `adaptation.export`, traces this same function).
+        A torch tensor gives a tensor (the ONNX export, `retrieval.export`, traces this same function).
         """
         if type(x).__module__.startswith("torch"):  # without importing torch for numpy callers
             x = x.float()

@@ -55,7 +55,7 @@ def concat_parts(parts: Mapping[str, np.ndarray], normalize: str = "all",
     """
     if normalize not in NORMALIZE_MODES:
         raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, not {normalize!r}")
-    # Torch tensors stay tensors: the ONNX export (adaptation.export) traces this same function.
+    # Torch tensors stay tensors: the ONNX export (retrieval.export) traces this same function.
     tensors = all(isinstance(p, torch.Tensor) for p in parts.values())
     out: list = []
     for name, part in parts.items():

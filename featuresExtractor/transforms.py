@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-if TYPE_CHECKING:  # decoding is torch-free: ONNX exports (adaptation.deploy) decode images without torch
+if TYPE_CHECKING:  # decoding is torch-free: ONNX exports (retrieval.deploy) decode images without torch
     import torch
 
 __all__ = ["IMAGE_EXTENSIONS", "DECODE", "TRANSFORMS", "IMAGENET_MEAN", "IMAGENET_STD", "paper_transform", "is_image_file",

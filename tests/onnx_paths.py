@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from adaptation.models import build_model
-from adaptation.similarity import VisualSimilarity
+from retrieval.visual_similarity import VisualSimilarity
 from toolkit.synthetic.drawn_images import render_pair
 from featuresExtractor.encode import Encoder
 from featuresExtractor.extractor import FeatureExtractor

@@ -147,7 +147,7 @@ def test_a_fifo_as_the_dataset_list_is_said_to_be_one(tmp_path, capsys):
 
 
 def test_search_outputs_naming_one_file_are_refused_before_any_work(run, tmp_path, capsys, monkeypatch):  # noqa: F811
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the outputs were checked")

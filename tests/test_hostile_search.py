@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from adaptation import index as ixf
-from adaptation import index_folder as ixd
+from retrieval import index as ixf
+from retrieval import index_folder as ixd
 from adaptation.calibration import Threshold
 from adaptation.checkpoint import CHECKPOINT, load_checkpoint
 from test_index import cli, one_error_line
@@ -162,7 +162,7 @@ def test_output_written_by_another_run_meanwhile_is_never_overwritten(run, tmp_p
     # Before: the "already exists" check ran before the model loaded and the write renamed over whatever
     # was there by then, so two searches started together into one --json both said "wrote" and exit 0,
     # the later one replacing the other's results without --overwrite.
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     out = tmp_path / "r.json"
     real = VisualSimilarity.search
@@ -183,7 +183,7 @@ def test_output_written_by_another_run_meanwhile_is_never_overwritten(run, tmp_p
 
 
 def test_write_pairs_without_overwrite_never_replaces(tmp_path):
-    from adaptation.results import read_pairs, write_pairs
+    from retrieval.results import read_pairs, write_pairs
 
     rows = [("a", "b", 0.5, None, None)]
     write_pairs(rows, tmp_path / "p.csv", overwrite=False)
@@ -220,7 +220,7 @@ def test_outputs_are_all_written_or_none_changed(run, tmp_path, capsys, monkeypa
 
 
 def test_write_texts_without_overwrite_takes_back_what_it_placed(tmp_path):
-    from adaptation.results import write_texts
+    from retrieval.results import write_texts
 
     (tmp_path / "b.html").write_text("another run's page")
     with pytest.raises(UserError, match="b.html appeared while this run was working"):

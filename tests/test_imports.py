@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("featuresExtractor", "toolkit", "adaptation")
+PACKAGES = ("featuresExtractor", "toolkit", "adaptation", "retrieval")
 
 
 def _module_name(path: Path) -> str:

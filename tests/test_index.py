@@ -16,9 +16,9 @@ import train
 from conftest import draw_image, run_script
 from test_similarity import TINY, ImgCounter, run  # noqa: F401  (run: the module-scoped tiny run fixture)
 
-from adaptation import index as ixf
-from adaptation import index_folder as ixd
-from adaptation.index import IndexParams
+from retrieval import index as ixf
+from retrieval import index_folder as ixd
+from retrieval.index import IndexParams
 
 
 def cli(argv, capsys):
@@ -33,7 +33,7 @@ def one_error_line(err: str) -> str:
 
 @pytest.fixture(scope="module")
 def sim(run):  # noqa: F811
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     return VisualSimilarity.from_run(run["run"], device="cpu")
 
@@ -156,7 +156,7 @@ def test_gallery_kinds_features_file_and_list_file(run, sim, tmp_path):  # noqa:
 
 
 def test_interrupted_build_resumes_from_its_cache(run, sim, big_gallery, tmp_path, monkeypatch):  # noqa: F811
-    import adaptation.similarity as S
+    import retrieval.visual_similarity as S
 
     monkeypatch.setattr(S, "INDEX_CHUNK", 5)  # 22 images: 5 chunks
     calls = []
@@ -184,7 +184,7 @@ def test_interrupted_build_resumes_from_its_cache(run, sim, big_gallery, tmp_pat
 
 
 def test_search_json_csv_round_trip_html_and_an_unreadable_query(run, sim, big_gallery, tmp_path, capsys):  # noqa: F811
-    from adaptation.results import read_search_results
+    from retrieval.results import read_search_results
 
     out = tmp_path / "ix"
     assert cli(["--run", str(run["run"]), "index", "build", str(big_gallery), "-o", str(out)], capsys)[0] == 0
@@ -237,7 +237,7 @@ def test_look_alike_pairs_against_all_pairs():
 
 
 def test_pairs_cli_writes_csv_and_html(run, sim, big_gallery, tmp_path, capsys):  # noqa: F811
-    from adaptation.results import read_pairs
+    from retrieval.results import read_pairs
 
     out = tmp_path / "ix"
     assert cli(["--run", str(run["run"]), "index", "build", str(big_gallery), "-o", str(out)], capsys)[0] == 0
@@ -345,7 +345,7 @@ def test_writes_are_atomic_locked_and_overwrite_only_when_asked(run, sim, tmp_pa
 @pytest.mark.parametrize("content", ["name_a,name_b,score,image_a,image_b\na,b\n", "a,b,c\n1,2,3\n",
                                      "name_a,name_b,score,image_a,image_b\na,b,high,,\n", "\xff\xfe"])
 def test_a_damaged_pairs_file_is_one_user_error(tmp_path, content):
-    from adaptation.results import read_pairs
+    from retrieval.results import read_pairs
     from toolkit.utils import UserError
 
     path = tmp_path / "pairs.csv"

@@ -18,10 +18,10 @@ from onnx_paths import drawn, memory_sim
 from test_index import cli, one_error_line
 from test_similarity import run  # noqa: F401  (run: the module-scoped tiny run fixture)
 
-from adaptation import deploy, export
-from adaptation.deploy import OnnxEncoder, Preprocess
-from adaptation.export import ExportConfig, export_run
-from adaptation.similarity import VisualSimilarity
+from retrieval import deploy, export
+from retrieval.deploy import OnnxEncoder, Preprocess
+from retrieval.export import ExportConfig, export_run
+from retrieval.visual_similarity import VisualSimilarity
 from toolkit.utils import UserError
 
 pytest.importorskip("onnxruntime")
@@ -175,7 +175,7 @@ def test_onnx_path_runs_without_torch(exported, run, tmp_path):  # noqa: F811
     probe = run_bounded([sys.executable, "-c", "import torch"], 60, env=env)
     assert probe.returncode != 0 and "made unimportable" in probe.stderr
     left = sorted((run["root"] / "tll" / "left").iterdir())
-    code = ("import sys\nfrom adaptation.similarity import VisualSimilarity\n"
+    code = ("import sys\nfrom retrieval.visual_similarity import VisualSimilarity\n"
             f"sim = VisualSimilarity.from_onnx({str(exported['dir'])!r})\n"
             f"print(sim.score({str(left[0])!r}, {str(left[1])!r}), sim.embed([{str(left[2])!r}]).shape)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip')))\n")

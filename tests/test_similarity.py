@@ -49,7 +49,7 @@ class ImgCounter(HTMLParser):
 
 
 def test_new_images_follow_the_training_path(run):
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     sim = VisualSimilarity.from_run(run["run"], device="cpu")
     rec = np.load(run["features"])
@@ -64,7 +64,7 @@ def test_pair_scores_and_self_similarity_is_maximal(run, capsys):
     code, out, err = cli(["--run", str(run["run"]), "pair", str(a), str(b)], capsys)
     assert code == 0, err
     assert "adapted similarity" in out and "raw cosine" in out
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     sim = VisualSimilarity.from_run(run["run"], device="cpu")
     self_score = sim.score(a, a)
@@ -93,10 +93,10 @@ def test_search_folder_prints_ranking_and_writes_html(run, capsys, tmp_path):
 
 
 def test_gallery_features_file_matches_folder_search(run, tmp_path, monkeypatch):
-    import adaptation.similarity
-    from adaptation.similarity import VisualSimilarity
+    import retrieval.visual_similarity
+    from retrieval.visual_similarity import VisualSimilarity
 
-    monkeypatch.setattr(adaptation.similarity, "GALLERY_CHUNK", 4)  # the folder is encoded in two chunks
+    monkeypatch.setattr(retrieval.visual_similarity, "GALLERY_CHUNK", 4)  # the folder is encoded in two chunks
 
     assert extract.main(["-d", str(run["gallery"]), "-s", str(tmp_path / "g"), "-p", "adapt", "--normalize", "layers",
                          *TINY]) == 0
@@ -110,7 +110,7 @@ def test_gallery_features_file_matches_folder_search(run, tmp_path, monkeypatch)
 
 
 def test_gallery_file_for_a_run_trained_on_the_concatenation(run, tmp_path):
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     full = run["features"].parent / "features.npy"
     assert train.main(["-d", str(full), "--model", "original", "-s", str(tmp_path / "runs"), "-e", "2", "-t", "15",
@@ -213,7 +213,7 @@ def val_run(run):
 
 
 def test_pair_without_validation_says_no_threshold_exists(run, capsys):
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     a, b = run["root"] / "tll" / "left" / "pair000.png", run["root"] / "tll" / "right" / "pair000.png"
     code, out, err = cli(["--run", str(run["run"]), "pair", str(a), str(b)], capsys)
@@ -227,7 +227,7 @@ def test_pair_without_validation_says_no_threshold_exists(run, capsys):
 
 
 def test_pair_and_search_with_a_calibrated_threshold(run, val_run, capsys, tmp_path):
-    from adaptation.similarity import VisualSimilarity
+    from retrieval.visual_similarity import VisualSimilarity
 
     a, b = run["root"] / "tll" / "left" / "pair000.png", run["root"] / "tll" / "right" / "pair000.png"
     sim = VisualSimilarity.from_run(val_run, device="cpu")

@@ -6,7 +6,7 @@ file, extract.py's `manifest.json` and `pca{N}.npz` say how its vectors were mad
 PCA, adaptation), so a new image is treated exactly as the training images were.
 
 Example:
-    >>> from adaptation.similarity import VisualSimilarity
+    >>> from retrieval.visual_similarity import VisualSimilarity
     >>> sim = VisualSimilarity.from_run("runs/run1")                    # doctest: +SKIP
     >>> sim.score("cat.jpg", "cloud.jpg")                               # doctest: +SKIP
     0.8123
@@ -35,7 +35,7 @@ from toolkit.utils import UserError, first_line
 
 from . import index as faiss_index
 from . import index_folder
-from .calibration import Threshold
+from adaptation.calibration import Threshold
 from .deploy import OnnxEncoder
 from .encode_cache import EncodeCache
 from .index import IndexParams, SimilarityIndex
@@ -163,7 +163,7 @@ def gallery_items(source: str | os.PathLike | Sequence[ImageLike]) -> list[tuple
 
 class VisualSimilarity:
     """A trained adaptation with the feature extraction it was trained on (`from_run`), or its ONNX export
-    (`from_onnx`, no torch: `encoder` is an `adaptation.deploy.OnnxEncoder` and `model` is None)."""
+    (`from_onnx`, no torch: `encoder` is an `retrieval.deploy.OnnxEncoder` and `model` is None)."""
 
     def __init__(self, encoder: Encoder | OnnxEncoder, model: torch.nn.Module | None, checkpoint: dict,
                  device: torch.device | None, checkpoint_sha256: str | None = None, provenance_checked: bool = False):
@@ -208,7 +208,7 @@ class VisualSimilarity:
 
         from featuresExtractor.encode import Encoder
 
-        from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, check_provenance, load_checkpoint
+        from adaptation.checkpoint import BEST_CHECKPOINT, CHECKPOINT, check_provenance, load_checkpoint
 
         run_dir = Path(run_dir)
         name = BEST_CHECKPOINT if best else CHECKPOINT
@@ -420,7 +420,7 @@ class VisualSimilarity:
         return [Hits(labels[i], None if isinstance(q, Image.Image) else str(q), matches.get(i, []), errors.get(i))
                 for i, q in enumerate(queries)]
 
-    # -- persistent index (folder format: adaptation.index_folder) -------------------------------------------
+    # -- persistent index (folder format: retrieval.index_folder) -------------------------------------------
 
     def identity(self) -> dict:
         """What an index built with this run depends on: checkpoint sha256, backbone, PCA, output dim."""
@@ -507,7 +507,7 @@ class VisualSimilarity:
         `gallery` is an image folder, an image list file, a features file of the run's backbone
         (extract.py's flat `features.npy`), or a list of images. Encoding resumes from
         `OUT_DIR.partial/` after an interruption. `out_dir` must be missing, empty, or (with
-        `overwrite`) an index folder (`adaptation.index_folder.check_target`). With `strict`, an
+        `overwrite`) an index folder (`retrieval.index_folder.check_target`). With `strict`, an
         unreadable gallery image is refused instead of skipped.
 
         Example:

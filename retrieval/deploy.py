@@ -13,8 +13,8 @@ neither torch nor open_clip (onnxruntime is imported when a folder is opened):
                         identity (checkpoint sha256, backbone, weights, taps, PCA, dims), the
                         calibrated threshold, opset, batch, package versions and the export's check
 
-`adaptation.export` makes the folder (it needs torch); `OnnxEncoder.load(DIR)` reads it and
-turns images into embeddings through onnxruntime; `adaptation.similarity.VisualSimilarity.from_onnx`
+`retrieval.export` makes the folder (it needs torch); `OnnxEncoder.load(DIR)` reads it and
+turns images into embeddings through onnxruntime; `retrieval.visual_similarity.VisualSimilarity.from_onnx`
 wraps that encoder with the same score / judge / search / embed / index methods as a run.
 
 Example:
@@ -268,7 +268,7 @@ class OnnxEncoder:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed images (n, 3, H, W) float32 -> (n, dim) float32 embeddings, in batches the graph takes."""
-        step = self.batch or EMBED_BATCH  # a fixed batch is 1 (adaptation.export)
+        step = self.batch or EMBED_BATCH  # a fixed batch is 1 (retrieval.export)
         out = [self.session.run(None, {self._input: np.ascontiguousarray(x[s:s + step], dtype=np.float32)})[0]
                for s in range(0, len(x), step)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)

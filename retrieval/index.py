@@ -8,7 +8,7 @@ adapted cosine that `VisualSimilarity.score` returns. Kinds:
 - `ivfpq`: `faiss.IndexIVFPQ` over an `IndexFlatIP` coarse quantizer; `nlist`, `pq_m`, `nbits`,
   `nprobe`. Vectors are stored compressed, so its scores are approximate too.
 
-`adaptation.index_folder` owns the folder an index is kept in (written, read, validated);
+`retrieval.index_folder` owns the folder an index is kept in (written, read, validated);
 `look_alike_pairs` lists the look-alike pairs of an index.
 
 Example:
@@ -98,7 +98,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
 @dataclass
 class SimilarityIndex:
     """A faiss index with its item names, image paths and manifest (kind, params, dim, count, identity, ...;
-    `adaptation.index_folder` adds the folder's own entries when it writes or reads one)."""
+    `retrieval.index_folder` adds the folder's own entries when it writes or reads one)."""
 
     index: object  # a faiss.Index
     names: list[str]

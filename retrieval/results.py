@@ -9,7 +9,7 @@ Search results, one entry per query:
 Pairs CSV: columns `name_a, name_b, score, image_a, image_b`, best first, each pair once.
 
 Example:
-    >>> from adaptation.similarity import Hits, Match
+    >>> from retrieval.visual_similarity import Hits, Match
     >>> hits = [Hits("q.jpg", "q.jpg", [Match("a.jpg", 0.9, "a.jpg")])]
     >>> write_search_results(hits, "out.json")                          # doctest: +SKIP
     >>> read_search_results("out.json") == hits                         # doctest: +SKIP
@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 from toolkit.utils import UserError, atomic_paths, first_line
 
-from .similarity import Hits, Match
+from .visual_similarity import Hits, Match
 
 __all__ = ["write_text", "write_texts", "search_results_text", "write_search_results", "read_search_results",
            "write_pairs", "pairs_text", "read_pairs", "SEARCH_COLUMNS", "PAIR_COLUMNS"]

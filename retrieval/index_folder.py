@@ -1,7 +1,7 @@
 """The index folder: the format a similarity index is kept in; this module writes, reads and validates it.
 
     INDEX_DIR/
-      index.faiss     the faiss index (`adaptation.index.save_faiss`), ids 0..count-1 in `names.json` order
+      index.faiss     the faiss index (`retrieval.index.save_faiss`), ids 0..count-1 in `names.json` order
       names.json      [{"name": ..., "image": path or null}, ...]
       manifest.json   format, version, kind, parameters, count, dim, sha256 of the two files above, and
                       the run's identity: checkpoint sha256, backbone (model, weights, taps, precision), PCA
@@ -158,7 +158,7 @@ def check_identity(ix: SimilarityIndex, identity: dict) -> None:
     theirs = ix.manifest.get("identity", {})
     for key, what in (("checkpoint_sha256", "another run (checkpoint sha256 differs)"),
                       ("backbone", "another backbone"), ("pca", "another PCA"), ("out_dim", "another model"),
-                      # an ONNX export's vectors (adaptation.deploy) agree with the run's only to its check's figure
+                      # an ONNX export's vectors (retrieval.deploy) agree with the run's only to its check's figure
                       ("encoder", "another encoder (an ONNX export and the run's torch path differ)")):
         if theirs.get(key) != identity.get(key):
             raise UserError(f"{ix.path} was built with {what}; rebuild it with this run: "

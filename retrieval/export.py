@@ -1,7 +1,7 @@
 """Export a trained adaptation to ONNX: the whole image-to-embedding path of a run as one graph.
 
 `export_run(sim, out_dir, ExportConfig())` takes a `VisualSimilarity` loaded with `from_run`
-and writes the folder `adaptation.deploy` owns (encoder.onnx, preprocess.json, manifest.json):
+and writes the folder `retrieval.deploy` owns (encoder.onnx, preprocess.json, manifest.json):
 
 - `EmbeddingGraph` is the run's path as one torch module, built from the modules
   `VisualSimilarity` itself runs: the backbone's taps (`featuresExtractor.taps.Taps`), pooling
@@ -17,7 +17,7 @@ and writes the folder `adaptation.deploy` owns (encoder.onnx, preprocess.json, m
   cosine must reach `MIN_COSINE`; otherwise nothing is written.
 
 Example:
-    >>> from adaptation.similarity import VisualSimilarity
+    >>> from retrieval.visual_similarity import VisualSimilarity
     >>> sim = VisualSimilarity.from_run("runs/run1", device="cpu")                 # doctest: +SKIP
     >>> export_run(sim, "run1_onnx", ExportConfig(dynamic_batch=True))["check"]    # doctest: +SKIP
     {'images': 8, 'source': 'drawn', 'min_cosine': 0.99999994, 'batches': [1, 8]}
@@ -211,7 +211,7 @@ def check_images(source: str | None) -> tuple[list, str]:
         from toolkit.synthetic.drawn_images import render_pair
 
         return [im for i in range(CHECK_DRAWN // 2) for im in render_pair(seed=0, index=i)], "drawn"
-    from .similarity import gallery_items
+    from .visual_similarity import gallery_items
 
     images = []
     for name, path in gallery_items(source)[:CHECK_LIMIT]:
