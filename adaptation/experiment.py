@@ -2,7 +2,7 @@
 
 `run_experiment(config, device)` does what `train.py` does once its flags are parsed: it checks
 everything that can be wrong with the input before writing anything, draws each run's split,
-trains each run (`adaptation.training.train`, or `adaptation.positive_training.train_positive`
+trains each run (`adaptation.training.train`, with `adaptation.positive_training.PositivePairLoss`
 for the positive-pair objectives), writes each run's folder (config.json, metrics.json,
 TensorBoard events, the checkpoint and `best.pt` with validation pairs) and the summary over
 runs (`adaptation.runs`), and returns that summary. The user manual is train.py's `--help` and
@@ -46,7 +46,7 @@ from .distributed import all_reduce_min, broadcast_int
 from .losses import similarity_matrix
 from .models import build_model, model_kwargs
 from .objectives import DEFAULT_EMA, build_objective
-from .positive_training import OUTPUT_STD, train_positive
+from .positive_training import OUTPUT_STD, PositivePairLoss
 from .runs import AVERAGE, average_curves, check_save_to, collapse_verdict, replacing, run_dir, summarise, write_summary
 from .selection import best_epoch, patience_exhausted, split_validation
 from .split import TrainData, split_each, split_indices
@@ -499,7 +499,8 @@ class _Experiment:
     def _train(self, model, objective, optimizer, data: TrainData, on_epoch) -> list[dict[str, float]]:
         if objective is None:
             return train(model, data, self.plan.train, optimizer, on_epoch=on_epoch, dist=self.ranks)
-        return train_positive(objective, data, self.plan.train, optimizer, on_epoch=on_epoch, dist=self.ranks)
+        return train(objective, data, self.plan.train, optimizer, on_epoch=on_epoch, dist=self.ranks,
+                     batch_loss=PositivePairLoss())
 
     def _train_logged(self, run: int, model, objective, optimizer, keeper, data: TrainData,
                       writer) -> tuple[list[dict[str, float]], float]:
