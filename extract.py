@@ -134,11 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, ranks) -> int:
     from featuresExtractor.backbones import load_backbone, resolve_spec
     from featuresExtractor.pipeline import ExtractConfig, extract
-    from toolkit.utils import check_writable, default_workers, flag_names, require_utf8, resolve_device
+    from toolkit.device import choose_device
+    from toolkit.utils import check_writable, default_workers, flag_names, require_utf8
 
     require_utf8({"-d": args.dataset, "-s": args.save_to, "--weights": args.weights, "--subset": args.subset})
 
-    device = ranks.device_for(resolve_device(args.device), cpu_hint="--device cpu")  # one GPU per rank
+    device = choose_device(args.device, ranks, cpu_hint="--device cpu")  # one GPU per rank
     with flag_names(FLAGS):
         cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
                             normalize=args.normalize, data_aug=args.data_aug, precision=args.precision,

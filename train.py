@@ -19,13 +19,16 @@ import math
 import sys
 from typing import Sequence
 
-from adaptation.experiment import ExperimentConfig, Summary, run_experiment, select_device
+import torch
+
+from adaptation.experiment import ExperimentConfig, Summary, run_experiment
 from adaptation.metrics import metric_names
 from adaptation.models import MODELS
 from adaptation.objectives import DEFAULT_EMA, OBJECTIVES
 from adaptation.positive_training import OUTPUT_STD
 from adaptation.training import PRECISIONS
 from toolkit.cli import run_cli
+from toolkit.device import choose_device
 from toolkit.distributed import Ranks
 from toolkit.utils import flag_names, require_utf8
 
@@ -57,6 +60,24 @@ def _float_check(predicate, what: str):
         return value
 
     return parse
+
+
+def select_device(gpu: bool | None, ranks: Ranks = Ranks()) -> tuple[torch.device, str | None]:
+    """The paper's `--gpu/--cpu` choice (`toolkit.device.choose_device`): CUDA when available unless `gpu` is False,
+    `cuda:LOCAL_RANK` under torchrun.
+
+    `gpu`: True (asked for CUDA), None (not asked either way) or False (the CPU). Returns the
+    device and a line that says the choice (None: nothing to say), for the caller to print.
+    """
+    # --gpu without CUDA trains on the CPU, as the paper's train.py did: only a note, not an error.
+    device = choose_device("cpu" if gpu is False else None, ranks, cpu_hint="--cpu")
+    if gpu is False:
+        return device, None
+    if device.type == "cuda":
+        where = ", one GPU per rank: cuda:LOCAL_RANK" if ranks.distributed else ""
+        return device, (f"training on CUDA ({torch.cuda.get_device_name(device)}{where}); pass --cpu to "
+                        f"train on the CPU")
+    return device, f"{'--gpu given but ' if gpu else ''}CUDA is not available; training on the CPU"
 
 
 def build_parser() -> argparse.ArgumentParser:

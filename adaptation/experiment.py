@@ -52,7 +52,7 @@ from .selection import best_epoch, patience_exhausted, split_validation
 from .split import TrainData, split_each, split_indices
 from .training import TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 
-__all__ = ["ExperimentConfig", "Summary", "run_experiment", "select_device", "resolve_batch_size", "check_objective",
+__all__ = ["ExperimentConfig", "Summary", "run_experiment", "resolve_batch_size", "check_objective",
            "check_memory", "available_bytes", "output_folder", "event_writer"]
 
 
@@ -158,22 +158,6 @@ def resolve_batch_size(requested: int | None, n_train: int, ranks: Ranks) -> int
         raise UserError(f"batch_size {requested} is not a multiple of the {k} ranks (each rank takes an equal "
                         f"share); use batch_size {nearest}")
     return requested
-
-
-def select_device(gpu: bool | None, ranks: Ranks = Ranks()) -> tuple[torch.device, str | None]:
-    """CUDA when available unless `gpu` is False (the paper's default), `cuda:LOCAL_RANK` under torchrun.
-
-    `gpu`: True (asked for CUDA), None (not asked either way) or False (the CPU). Returns the
-    device and a line that says the choice (None: nothing to say), for the caller to print.
-    """
-    if gpu is False:
-        return torch.device("cpu"), None
-    if torch.cuda.is_available():
-        device = ranks.device_for(torch.device("cuda"), cpu_hint="--cpu")
-        where = ", one GPU per rank: cuda:LOCAL_RANK" if ranks.distributed else ""
-        return device, (f"training on CUDA ({torch.cuda.get_device_name(device)}{where}); pass --cpu to "
-                        f"train on the CPU")
-    return torch.device("cpu"), f"{'--gpu given but ' if gpu else ''}CUDA is not available; training on the CPU"
 
 
 def available_bytes(device: torch.device) -> float:
