@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
-import math
 import sys
 from typing import Sequence
 
@@ -26,40 +26,16 @@ from adaptation.metrics import metric_names
 from adaptation.models import MODELS
 from adaptation.objectives import DEFAULT_EMA, OBJECTIVES
 from adaptation.positive_training import OUTPUT_STD
-from adaptation.training import PRECISIONS
+from adaptation.training import PRECISIONS, TrainConfig
+from toolkit.checks import default_of, flag_rule
 from toolkit.cli import run_cli
 from toolkit.device import choose_device
 from toolkit.distributed import Ranks
 from toolkit.utils import flag_names, require_utf8
 
 PROG = "train.py"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32-1, got {value}")
-    return value
-
-
-def _float_check(predicate, what: str):
-    def parse(text: str) -> float:
-        value = float(text)
-        if not math.isfinite(value) or not predicate(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-
-    return parse
+TRAIN_FLAGS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "seed"]  # --seed is the experiment's
+EXPERIMENT_FLAGS = [f.name for f in dataclasses.fields(ExperimentConfig) if f.name not in ("data", "save_to", "train")]
 
 
 def select_device(gpu: bool | None, ranks: Ranks = Ranks()) -> tuple[torch.device, str | None]:
@@ -80,8 +56,21 @@ def select_device(gpu: bool | None, ranks: Ranks = Ranks()) -> tuple[torch.devic
     return device, f"{'--gpu given but ' if gpu else ''}CUDA is not available; training on the CPU"
 
 
+def _default(name: str):
+    """A flag's default, from the config field that writes it once."""
+    return default_of(TrainConfig if name in TRAIN_FLAGS else ExperimentConfig, name)
+
+
+def _rule(name: str) -> dict:
+    """A flag's `type` and `default`, from the config field that writes them once."""
+    return flag_rule(TrainConfig if name in TRAIN_FLAGS else ExperimentConfig, name)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """train.py's argument parser; its help is also the command-line reference of the HTML docs."""
+    """train.py's argument parser; its help is also the command-line reference of the HTML docs.
+
+    Defaults and value rules come from the config fields (`ExperimentConfig`, `TrainConfig`), where they are written once.
+    """
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Train an adaptation function on pairs of features; log top-k retrieval to TensorBoard.",
@@ -91,57 +80,66 @@ def build_parser() -> argparse.ArgumentParser:
                    help="features file of pairs written by extract.py (DIR/MODEL/features.npy), or the original implementation's with --allow-pickle")
     p.add_argument("-s", "--save-to", required=True, metavar="DIR",
                    help="output folder: run1/, run2/, ... (TensorBoard, checkpoint, metrics), avg/, summary.json")
-    p.add_argument("--model", choices=sorted(MODELS), default="original",
-                   help="original: Linear(D,1024,no bias)+ReLU; peterson: x*relu(w); dummy: raw features, no training (default: original)")
-    p.add_argument("-e", "--epochs", type=_positive_int, default=150, help="epochs (default: 150)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+    p.add_argument("--model", choices=sorted(MODELS), **_rule("model"),
+                   help="original: Linear(D,1024,no bias)+ReLU; peterson: x*relu(w); dummy: raw features, no training "
+                        f"(default: {_default('model')})")
+    p.add_argument("-e", "--epochs", **_rule("epochs"), help=f"epochs (default: {_default('epochs')})")
+    p.add_argument("--batch-size", **_rule("batch_size"), metavar="B",
                    help="pairs per Adam step (the global batch under torchrun), shuffled each epoch; "
                         "default: all training pairs, one full-batch step per epoch (the paper's recipe)")
-    p.add_argument("-r", "--runs", type=_positive_int, default=1,
-                   help="independent runs, each with its own split and initialisation, as in the paper (default: 1)")
-    p.add_argument("--same-split", action="store_true",
+    p.add_argument("-r", "--runs", **_rule("runs"),
+                   help=f"independent runs, each with its own split and initialisation, as in the paper (default: {_default('runs')})")
+    p.add_argument("--same-split", action="store_true", default=_default("same_split"),
                    help="train every run on run 1's split, so runs differ only in their initialisation")
-    p.add_argument("-t", "--temperature", type=_float_check(lambda v: v > 0, "a positive number"), default=1.0,
-                   help="multiplies the cosines before the softmax, as in the paper's code (default: 1; the paper's command uses 15)")
-    p.add_argument("--test-split", type=_float_check(lambda v: True, "a number"), default=0.25,
-                   help="fraction of pairs held out for testing, in (0, 1) (default: 0.25)")
-    p.add_argument("--val-split", type=_float_check(lambda v: 0 <= v < 1, "at least 0 and below 1"), default=0.0,
+    p.add_argument("-t", "--temperature", **_rule("temperature"),
+                   help="multiplies the cosines before the softmax, as in the paper's code "
+                        f"(default: {_default('temperature'):g}; the paper's command uses 15)")
+    # The share's rule is split_indices's (a UserError naming --test-split), checked once there.
+    p.add_argument("--test-split", type=float, default=_default("test_split"),
+                   help=f"fraction of pairs held out for testing, in (0, 1) (default: {_default('test_split')})")
+    p.add_argument("--val-split", **_rule("val_split"),
                    help="share of the training pairs held out for validation: best.pt, a calibrated threshold, "
-                        "--patience (default: 0, none)")
-    p.add_argument("--patience", type=_positive_int, default=None, metavar="P",
+                        f"--patience (default: {_default('val_split'):g}, none)")
+    p.add_argument("--patience", **_rule("patience"), metavar="P",
                    help="stop a run after P epochs without a better validation top-1 (needs --val-split)")
-    p.add_argument("-k", "--topk", type=_positive_int, nargs="+", default=[1, 3], metavar="K",
-                   help="k values of the top-k metrics (default: 1 3)")
+    p.add_argument("-k", "--topk", **_rule("topk"), nargs="+", metavar="K",
+                   help=f"k values of the top-k metrics (default: {' '.join(map(str, _default('topk')))})")
     dev = p.add_mutually_exclusive_group()
     # As in the paper's train.py: CUDA when present unless --cpu; None = not asked either way.
     dev.add_argument("--gpu", dest="gpu", action="store_true", default=None,
                      help="train on CUDA (the default when CUDA is available; without it, the CPU, said on stderr)")
     dev.add_argument("--cpu", dest="gpu", action="store_false", help="train on the CPU even when CUDA is available")
-    p.add_argument("--seed", type=_seed, default=None,
+    p.add_argument("--seed", **_rule("seed"),
                    help="fixes the splits and the initialisations (run i uses SEED+i-1), 0 to 2**32-1; "
                         "default: drawn at random and recorded")
-    p.add_argument("--lr", type=_float_check(lambda v: v > 0, "a positive number"), default=1e-3, help="Adam learning rate (default: 1e-3)")
-    p.add_argument("--weight-decay", type=_float_check(lambda v: v >= 0, "zero or more"), default=0.0,
-                   help="Adam weight decay (default: 0)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32 (default: fp32)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="contrastive",
+    _add_later_flags(p)
+    return p
+
+
+def _add_later_flags(p: argparse.ArgumentParser) -> None:
+    """The optimiser's, the objective's and the input's and output's flags."""
+    p.add_argument("--lr", **_rule("lr"), help=f"Adam learning rate (default: {_default('lr'):g})")
+    p.add_argument("--weight-decay", **_rule("weight_decay"),
+                   help=f"Adam weight decay (default: {_default('weight_decay'):g})")
+    p.add_argument("--precision", choices=PRECISIONS, **_rule("precision"),
+                   help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32 "
+                        f"(default: {_default('precision')})")
+    p.add_argument("--objective", choices=OBJECTIVES, **_rule("objective"),
                    help="contrastive: the paper's loss with in-batch negatives; simsiam: positive pairs only, predictor + "
                         "stop-gradient (Chen and He, 2021); byol: positive pairs only, predictor + momentum target "
-                        "(Grill et al., 2020) (default: contrastive)")
-    p.add_argument("--ema", type=_float_check(lambda v: 0 <= v <= 1, "in [0, 1]"), default=None,
+                        f"(Grill et al., 2020) (default: {_default('objective')})")
+    p.add_argument("--ema", **_rule("ema"),
                    help=f"byol: base decay of the target, raised to 1 along a cosine over the steps (default: {DEFAULT_EMA})")
-    p.add_argument("--allow-pickle", action="store_true",
+    p.add_argument("--allow-pickle", action="store_true", default=_default("allow_pickle"),
                    help="accept the original implementation's pickled features file; unpickling can run code, so only for files you trust")
-    p.add_argument("--no-images", dest="images", action="store_false",
+    p.add_argument("--no-images", dest="images", action="store_false", default=_default("images"),
                    help="skip the TensorBoard retrieval grid (test queries with their top 5)")
-    p.add_argument("--subset", metavar="FILE", default=None,
+    p.add_argument("--subset", metavar="FILE", **_rule("subset"),
                    help="train and test only on the pairs this file names: the paper's TLL_obj.csv as published, "
                         "a CSV with a name column, or one name a line")
-    p.add_argument("--overwrite", action="store_true",
+    p.add_argument("--overwrite", action="store_true", default=_default("overwrite"),
                    help="replace the runs (run*/, avg/, summary.json) already in --save-to; other files there are "
                         "kept, and a folder holding no runs (an extraction, an index) is refused")
-    return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -170,14 +168,11 @@ FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--te
 
 
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
-    """The one frozen configuration of this invocation, from the parsed flags."""
+    """The one frozen configuration of this invocation, from the parsed flags (its dataclasses check them)."""
+    values = vars(args)
     return ExperimentConfig(
-        data=args.data, save_to=args.save_to, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-        runs=args.runs, same_split=args.same_split, temperature=args.temperature, test_split=args.test_split,
-        val_split=args.val_split, patience=args.patience, topk=tuple(dict.fromkeys(args.topk)), seed=args.seed,
-        lr=args.lr, weight_decay=args.weight_decay, precision=args.precision, objective=args.objective,
-        ema=args.ema, allow_pickle=args.allow_pickle, images=args.images, overwrite=args.overwrite,
-        subset=args.subset)
+        data=args.data, save_to=args.save_to, train=TrainConfig(**{name: values[name] for name in TRAIN_FLAGS}),
+        **{name: values[name] for name in EXPERIMENT_FLAGS})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,9 +206,9 @@ def print_summary(summary: Summary, cfg: ExperimentConfig) -> None:
     subset = summary.config.get("subset")
     if subset is not None:
         print(f"on {subset['kept']:,} of {subset['of']:,} pairs (subset {subset['file']}, sha256 {subset['sha256'][:12]})")
-    print(_table(summary.final, cfg.topk, cfg.runs))
+    print(_table(summary.final, cfg.train.topk, cfg.runs))
     if summary.best_val is not None:
-        print(_table(summary.best_val, cfg.topk, cfg.runs, f"at best val epoch {summary.best_val['epochs']}"))
+        print(_table(summary.best_val, cfg.train.topk, cfg.runs, f"at best val epoch {summary.best_val['epochs']}"))
     collapse = summary.collapse
     if collapse is not None:
         print(f"collapse: {collapse['verdict']} (final output std {', '.join(f'{s:.4f}' for s in collapse['output_std'])}; "

@@ -13,7 +13,7 @@ that only rank 0 makes (the output folder) and failures any rank finds reach eve
 `toolkit.distributed.Ranks`.
 
 Example:
-    >>> cfg = ExperimentConfig(data="features.npy", save_to="runs", epochs=5, temperature=15)  # doctest: +SKIP
+    >>> cfg = ExperimentConfig(data="features.npy", save_to="runs", train=TrainConfig(epochs=5, temperature=15))  # doctest: +SKIP
     >>> summary = run_experiment(cfg, torch.device("cpu"))                                      # doctest: +SKIP
     >>> summary.final["Test/top 1"]["mean"]                                                      # doctest: +SKIP
     0.39
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -36,6 +37,7 @@ import torch
 from featuresExtractor.manifest import MANIFEST, read_manifest
 from featuresExtractor.pairs_file import Pairs, load_pairs
 from featuresExtractor.subset import describe_subset, match_subset, missing_line, read_subset
+from toolkit.checks import check_fields
 from toolkit.distributed import Ranks
 from toolkit.lock import folder_lock
 from toolkit.utils import UserError, check_writable, os_error_line, write_json
@@ -45,12 +47,12 @@ from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, provenance_of, save_checkpo
 from .distributed import all_reduce_min, broadcast_int
 from .losses import similarity_matrix
 from .models import build_model, model_kwargs
-from .objectives import DEFAULT_EMA, build_objective
+from .objectives import DEFAULT_EMA, EMA, build_objective
 from .positive_training import OUTPUT_STD, PositivePairLoss
 from .runs import AVERAGE, average_curves, check_save_to, collapse_verdict, replacing, run_dir, summarise, write_summary
-from .selection import best_epoch, patience_exhausted, split_validation
+from .selection import VAL_SPLIT, best_epoch, patience_exhausted, split_validation
 from .split import TrainData, split_each, split_indices
-from .training import TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
+from .training import AT_LEAST_1, SEED, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 
 __all__ = ["ExperimentConfig", "Summary", "run_experiment", "resolve_batch_size", "check_objective",
            "check_memory", "available_bytes", "output_folder", "event_writer"]
@@ -60,12 +62,18 @@ __all__ = ["ExperimentConfig", "Summary", "run_experiment", "resolve_batch_size"
 class ExperimentConfig:
     """Everything one invocation of train.py decides, as plain values (train.py's flags, one to one).
 
+    Each field's default and rule are written here (and in `train`'s `TrainConfig`) once: train.py's
+    flags take them from these fields (`toolkit.checks`). A bad value is a `ValueError`; what
+    depends on the data (a split too small, a batch the ranks cannot share) is a `UserError` of
+    `run_experiment`, before anything is written.
+
     Attributes:
         data: the features file of pairs (extract.py's `features*.npy`).
         save_to: the runs folder.
         model: `original`, `peterson` or `dummy` (`adaptation.models`).
-        epochs, batch_size, temperature, lr, weight_decay, precision, topk: the recipe
-            (`adaptation.training.TrainConfig`); `batch_size=None` is the full batch.
+        train: the recipe (`adaptation.training.TrainConfig`: epochs, batch_size, temperature, lr,
+            weight_decay, precision, topk); `batch_size=None` is the full batch. Its `seed` is
+            left as it is: the runs take `seed`.
         runs: independent runs; run i splits and initialises with `seed + i - 1` unless `same_split`.
         test_split, val_split: shares of the pairs held out for testing, and of the training pairs
             for validation (0: none).
@@ -82,25 +90,24 @@ class ExperimentConfig:
     data: str
     save_to: str
     model: str = "original"
-    epochs: int = 150
-    batch_size: int | None = None
-    runs: int = 1
+    train: TrainConfig = TrainConfig()
+    runs: int = field(default=1, metadata={"check": AT_LEAST_1})
     same_split: bool = False
-    temperature: float = 1.0
     test_split: float = 0.25
-    val_split: float = 0.0
-    patience: int | None = None
-    topk: tuple[int, ...] = (1, 3)
-    seed: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    precision: str = "fp32"
+    val_split: float = field(default=0.0, metadata={"check": VAL_SPLIT})
+    patience: int | None = field(default=None, metadata={"check": AT_LEAST_1})
+    seed: int | None = field(default=None, metadata={"check": SEED})
     objective: str = "contrastive"
-    ema: float | None = None
+    ema: float | None = field(default=None, metadata={"check": EMA})
     allow_pickle: bool = False
     images: bool = True
     overwrite: bool = False
     subset: str | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.train.seed != TrainConfig.seed:  # it would be ignored: the runs take `seed`
+            raise ValueError(f"train.seed is the experiment's: give seed={self.train.seed}, not train.seed")
 
 
 @dataclass
@@ -133,16 +140,14 @@ def check_objective(cfg: ExperimentConfig, n_train: int, batch_size: int | None)
     """Refuse flag combinations that would be silently ignored, or that would never make an optimiser step."""
     if cfg.ema is not None and cfg.objective != "byol":
         raise UserError(f"ema applies to objective byol only (this run: {cfg.objective})")
-    if cfg.objective == "contrastive":
+    if cfg.objective == "contrastive":  # (a model with nothing to train is build_objective's to refuse)
         return
-    if cfg.model == "dummy":
-        raise UserError(f"objective {cfg.objective} trains the adaptation, and model dummy has nothing to train; "
-                        f"use model original or peterson")
-    # The predictor's BatchNorm needs two rows: a batch of one is skipped, so it would never step.
-    if min(batch_size or n_train, n_train) < 2:
-        raise UserError(f"objective {cfg.objective} needs at least 2 pairs per batch (its predictor's BatchNorm), "
+    # The predictor's BatchNorm needs two rows: a smaller batch is left out, so the run would never step.
+    least = PositivePairLoss.min_rows
+    if min(batch_size or n_train, n_train) < least:
+        raise UserError(f"objective {cfg.objective} needs at least {least} pairs per batch (its predictor's BatchNorm), "
                         f"and batch_size {batch_size or n_train} of {n_train} training pairs would make no "
-                        f"optimiser step; use batch_size 2 or more")
+                        f"optimiser step; use batch_size {least} or more")
 
 
 def resolve_batch_size(requested: int | None, n_train: int, ranks: Ranks) -> int | None:
@@ -204,35 +209,23 @@ class _Plan:
 
 
 def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, device: torch.device,
-          ranks: Ranks, subset: dict[str, Any] | None = None) -> _Plan:
+          ranks: Ranks, subset: dict[str, Any] | None, kwargs: dict[str, Any]) -> _Plan:
     """Check the input and decide the splits and the recipe (a `UserError` on anything wrong, nothing written).
 
     `subset`: the record of the subset file `pairs` was cut to (`_apply_subset`), or None.
+    `kwargs`: the model's (`adaptation.models.model_kwargs` of run 1's model).
     """
-    topk = tuple(dict.fromkeys(cfg.topk))
     save_to = Path(cfg.save_to)
     to_remove = check_save_to(save_to, cfg.overwrite)
     if cfg.patience is not None and cfg.val_split == 0:
         raise UserError("patience needs validation pairs; add val_split (e.g. 0.1)")
     # Run i draws its split from SEED+i-1 (the paper re-splits for every run), unless same_split.
     split_seeds = [seed if cfg.same_split else seed + run for run in range(cfg.runs)]
-    splits = []
-    for s in split_seeds:  # (train, test, validation) indices, validation drawn from the training pairs
-        try:
-            train_idx, test_idx = split_indices(len(pairs), cfg.test_split, s, topk)
-        except UserError as err:
-            if subset is None:
-                raise
-            raise UserError(f"subset file {subset['file']} keeps {subset['kept']} of {subset['of']} pairs, too few "
-                            f"to split: {err}") from None
-        train_idx, val_idx = split_validation(train_idx, cfg.val_split, s)
-        splits.append((train_idx, test_idx, val_idx))
+    splits = [_split(cfg, len(pairs), s, subset) for s in split_seeds]
     n_train = len(splits[0][0])  # the same for every split
-    batch_size = resolve_batch_size(cfg.batch_size, n_train, ranks)
+    batch_size = resolve_batch_size(cfg.train.batch_size, n_train, ranks)
     check_objective(cfg, n_train, batch_size)
-    train_cfg = TrainConfig(epochs=cfg.epochs, temperature=cfg.temperature, lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, topk=topk, precision=cfg.precision,
-                            batch_size=batch_size, seed=seed)
+    train_cfg = dataclasses.replace(cfg.train, batch_size=batch_size, seed=seed)
     manifest = data_path.parent / MANIFEST
     shared = {
         "data": str(data_path),
@@ -241,7 +234,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "manifest": str(manifest) if manifest.is_file() else None,
         "model": cfg.model,
         "in_dim": pairs.in_dim,
-        "model_kwargs": model_kwargs(build_model(cfg.model, pairs.in_dim)),
+        "model_kwargs": kwargs,
         "runs": cfg.runs,
         "seed": seed,
         "same_split": cfg.same_split,
@@ -259,10 +252,43 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "torch": str(torch.__version__),
         **train_cfg.to_dict(),
         "objective": cfg.objective,
-        **({"ema": cfg.ema if cfg.ema is not None else DEFAULT_EMA,
-            "ema_schedule": "cosine from ema to 1 over the optimiser steps (BYOL)"} if cfg.objective == "byol" else {}),
+        **({"ema": _ema(cfg), "ema_schedule": "cosine from ema to 1 over the optimiser steps (BYOL)"}
+           if cfg.objective == "byol" else {}),
     }
     return _Plan(train_cfg, seed, split_seeds, splits, shared, to_remove)
+
+
+def _split(cfg: ExperimentConfig, n_pairs: int, seed: int,
+           subset: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One run's (train, test, validation) indices, the validation pairs drawn from the training pairs."""
+    try:
+        train_idx, test_idx = split_indices(n_pairs, cfg.test_split, seed, cfg.train.topk)
+    except UserError as err:
+        if subset is None:
+            raise
+        raise UserError(f"subset file {subset['file']} keeps {subset['kept']} of {subset['of']} pairs, too few "
+                        f"to split: {err}") from None
+    train_idx, val_idx = split_validation(train_idx, cfg.val_split, seed)
+    return train_idx, test_idx, val_idx
+
+
+def _ema(cfg: ExperimentConfig) -> float:
+    return DEFAULT_EMA if cfg.ema is None else cfg.ema
+
+
+def _build(cfg: ExperimentConfig, in_dim: int, run_seed: int, device: torch.device):
+    """A run's model, its objective (None for the contrastive one) and optimiser, seeded for the run.
+
+    The one place a run's model is built (once per run); `build_objective` refuses a model with
+    nothing to train.
+    """
+    torch.manual_seed(run_seed)
+    model = build_model(cfg.model, in_dim).to(device)
+    objective = None
+    if cfg.objective != "contrastive":
+        objective = build_objective(cfg.objective, model, ema=_ema(cfg)).to(device)
+    optimizer = make_optimizer(model if objective is None else objective, cfg.train)  # reads lr and weight_decay
+    return model, objective, optimizer
 
 
 @contextlib.contextmanager
@@ -313,19 +339,20 @@ def run_experiment(cfg: ExperimentConfig, device: torch.device, ranks: Ranks = R
             subset = None
             if cfg.subset is not None:
                 loaded, subset, missing = _apply_subset(loaded, Path(cfg.subset), data_path)
-            plan = _plan(cfg, loaded, data_path, seed, device, ranks, subset)
+            first = _build(cfg, loaded.in_dim, seed, device)  # run 1's model, its one build
+            plan = _plan(cfg, loaded, data_path, seed, device, ranks, subset, model_kwargs(first[0]))
         except UserError as err:
             failure = err
         ranks.check(failure)
         if missing and ranks.rank == 0:
             log(missing_line(cfg.subset, missing, str(data_path)))
-        out_dim = build_model(cfg.model, loaded.in_dim).out_dim
+        out_dim = first[0].out_dim
         check_memory(plan.train.batch_size, plan.shared["n_train"], loaded.in_dim, out_dim, plan.shared["n_test"],
                      device, ranks)
         images_root = _dataset_root(data_path) if cfg.images else None
         runs = split_each(loaded, plan.splits, device)
         del loaded, pairs  # `runs` holds the vectors now and lets them go before the last run trains
-        experiment = _Experiment(cfg, plan, device, ranks, images_root, log)
+        experiment = _Experiment(cfg, plan, device, ranks, images_root, log, first)
         if ranks.rank != 0:
             for run in range(1, cfg.runs + 1):
                 experiment.one_run(run, next(runs))
@@ -421,6 +448,7 @@ class _Experiment:
     ranks: Ranks
     images_root: Path | None
     log: Log
+    first: tuple | None  # run 1's model, objective and optimiser (`_build`), until run 1 takes them
 
     def headline(self) -> str:
         """The line that says what is about to be trained."""
@@ -433,18 +461,7 @@ class _Experiment:
                 f"{f'{n_val} validation, ' if n_val else ''}{shared['n_test']} test, "
                 f"{'one split' if cfg.same_split else 'a new split per run'}), model {cfg.model}, {self.device.type}"
                 + (f" x {ranks.world_size} ranks" if ranks.distributed else "") +
-                f", {cfg.precision}, batch {self.plan.train.batch_size or 'full'}, seed {self.plan.seed}")
-
-    def _model(self, run_seed: int):
-        """The run's model, its objective (None for the contrastive one) and optimiser, seeded for the run."""
-        torch.manual_seed(run_seed)
-        model = build_model(self.cfg.model, self.plan.shared["in_dim"]).to(self.device)
-        objective = None
-        if self.cfg.objective != "contrastive":
-            ema = self.plan.shared.get("ema", DEFAULT_EMA)
-            objective = build_objective(self.cfg.objective, model, ema=ema).to(self.device)
-        optimizer = make_optimizer(model if objective is None else objective, self.plan.train)
-        return model, objective, optimizer
+                f", {self.plan.train.precision}, batch {self.plan.train.batch_size or 'full'}, seed {self.plan.seed}")
 
     def one_run(self, run: int, data: TrainData) -> tuple[list[dict[str, float]], dict[str, float] | None, float]:
         """Train run number `run` on its sets and (rank 0) write its folder.
@@ -454,13 +471,14 @@ class _Experiment:
         """
         cfg, plan = self.cfg, self.plan
         run_seed = plan.seed + run - 1
-        model, objective, optimizer = self._model(run_seed)
+        built, self.first = self.first, None
+        model, objective, optimizer = built or _build(cfg, plan.shared["in_dim"], run_seed, self.device)
         keeper = _BestKeeper(model, optimizer, data, plan.train.topk[0], cfg.patience, keep=self.ranks.rank == 0) \
             if data.val is not None else None
         if self.ranks.rank != 0:
             # Every rank gets the same figures, so every rank stops at the same epoch (non-finite, or patience).
             def follow(epoch: int, metrics: dict[str, float]) -> bool:
-                _check_finite(run, epoch, metrics, cfg.temperature)
+                _check_finite(run, epoch, metrics, plan.train.temperature)
                 return keeper is not None and keeper.update(epoch, metrics)
 
             return self._train(model, objective, optimizer, data, follow), None, 0.0
@@ -492,10 +510,10 @@ class _Experiment:
         from tqdm.auto import tqdm  # slow import, only needed from here on
 
         k = self.plan.train.topk[0]
-        bar = tqdm(total=self.cfg.epochs, desc=f"run {run}/{self.cfg.runs}", unit="epoch", file=sys.stderr)
+        bar = tqdm(total=self.plan.train.epochs, desc=f"run {run}/{self.cfg.runs}", unit="epoch", file=sys.stderr)
 
         def log(epoch: int, metrics: dict[str, float]) -> bool:
-            _check_finite(run, epoch, metrics, self.cfg.temperature)
+            _check_finite(run, epoch, metrics, self.plan.train.temperature)
             for name, value in metrics.items():
                 writer.add_scalar(name, value, epoch)
             bar.update(1)

@@ -63,6 +63,7 @@ from torch import nn
 
 from .split import TrainData
 from .fused import FUSED_MAX_SCALE, Workspace, row_block_loss, similarity_and_loss
+from toolkit.checks import Check, check_fields
 from toolkit.distributed import Ranks
 from toolkit.utils import UserError
 
@@ -71,43 +72,51 @@ from .evaluation import block_rows_for, evaluate_vectors, unit_rows
 from .losses import EPS
 from .metrics import block_partner_ranks, column_counts, metric_names, metrics_from_ranks, partner_ranks
 
-__all__ = ["PRECISIONS", "TrainConfig", "BatchContext", "BatchOutput", "BatchLoss", "contrastive_batch_loss",
+__all__ = ["PRECISIONS", "AT_LEAST_1", "POSITIVE", "ZERO_OR_MORE", "SEED", "TrainConfig", "BatchContext", "BatchOutput", "BatchLoss", "contrastive_batch_loss",
            "make_optimizer", "evaluate", "epoch_batches", "train", "step_bytes", "largest_fitting_batch"]
 
 PRECISIONS = ("fp32", "bf16")
+
+
+AT_LEAST_1 = Check(int, "at least 1", lambda v: v >= 1)
+"""epochs, every k, a batch size (and, in an experiment, runs and patience)."""
+POSITIVE = Check(float, "a positive number", lambda v: v > 0)
+ZERO_OR_MORE = Check(float, "zero or more", lambda v: v >= 0)
+SEED = Check(int, "between 0 and 2**32-1", lambda v: 0 <= v < 2**32)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The recipe's hyper-parameters (defaults: the paper's code's, except its per-run learning rates).
 
+    Each field's default and rule are written here once: train.py's flags take them from these
+    fields (`toolkit.checks`). A bad value is a `ValueError`.
+
     Attributes:
         epochs: passes over the training sets.
         temperature: the paper's `-t`: the loss's `logit_scale`, which multiplies the cosines before the softmax.
         lr, weight_decay: Adam's.
-        topk: the k values of the retrieval metrics.
+        topk: the k values of the retrieval metrics (repeats dropped, order kept).
         precision: `fp32`, or `bf16` for autocast of the model and the similarity products.
         batch_size: pairs per step (the global batch under torchrun); None: the whole set, one step per epoch.
-        seed: seeds each epoch's shuffle (used only with a `batch_size` smaller than a set).
+        seed: seeds each epoch's shuffle (used only with a `batch_size` smaller than a set); in an
+            experiment, the experiment's seed (`adaptation.experiment.ExperimentConfig.seed`).
     """
 
-    epochs: int = 150
-    temperature: float = 1.0
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    topk: tuple[int, ...] = (1, 3)
+    epochs: int = field(default=150, metadata={"check": AT_LEAST_1})
+    temperature: float = field(default=1.0, metadata={"check": POSITIVE})
+    lr: float = field(default=1e-3, metadata={"check": POSITIVE})
+    weight_decay: float = field(default=0.0, metadata={"check": ZERO_OR_MORE})
+    topk: tuple[int, ...] = field(default=(1, 3), metadata={"check": AT_LEAST_1})
     precision: str = "fp32"
-    batch_size: int | None = None
-    seed: int = 0
+    batch_size: int | None = field(default=None, metadata={"check": AT_LEAST_1})
+    seed: int = field(default=0, metadata={"check": SEED})
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.epochs < 1 or not self.topk or min(self.topk) < 1:
-            raise ValueError("epochs and every k must be at least 1")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size
-                                            or self.batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
+        check_fields(self)
+        object.__setattr__(self, "topk", tuple(dict.fromkeys(self.topk)))  # frozen: set once, here
 
     def to_dict(self) -> dict:
         """Plain values (lists, not tuples), for JSON and for `torch.load(weights_only=True)`."""
