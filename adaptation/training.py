@@ -20,12 +20,14 @@ With `batch_size=B` smaller than a training set, each epoch shuffles each set (s
 full set's, and makes one Adam step. The train figures are then the in-batch ones, averaged over
 the epoch's batches weighted by their size; memory is O(B x B) instead of O(N x N).
 
-The per-batch objective is a seam: `train(..., batch_loss=...)` takes any function
-`(model, left, right, ctx) -> BatchOutput`; `contrastive_batch_loss` is the paper's.
+The per-batch objective is a seam: `train(..., batch_loss=...)` takes a `BatchLoss`, or any
+function `(model, left, right, ctx) -> BatchOutput`; `contrastive_batch_loss` is the paper's, and
+`adaptation.positive_training.PositivePairLoss` runs SimSiam and BYOL in this same loop.
 
 Under `torchrun` (`dist` with several ranks) each rank takes its share of every global batch and
-the adapted vectors are gathered with gradient (`adaptation.distributed`); the parameters stay
-those of one process at the same global batch. Test figures come from
+the adapted vectors are gathered with gradient (`adaptation.distributed`); DistributedDataParallel
+averages the ranks' gradients (the one gradient sync), so the parameters stay those of one process
+at the same global batch. Test figures come from
 `adaptation.evaluation.evaluate_vectors`, which never holds an N x N matrix beyond its block
 budget.
 
