@@ -244,9 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sim = VisualSimilarity.from_onnx(args.onnx)
     else:
         sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
-        if not sim.provenance_checked:
-            print(f"note: {args.run}'s checkpoint records no sha256 of its features file and PCA (written before "
-                  f"checkpoint format 2), so they are not checked; retrain to have them checked", file=sys.stderr)
+        if sim.provenance_note:
+            print(f"note: {sim.provenance_note}", file=sys.stderr)
     if args.command == "export":
         return _export(sim, args, config)
     if args.command == "pair":

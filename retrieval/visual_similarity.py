@@ -166,11 +166,12 @@ class VisualSimilarity:
     (`from_onnx`, no torch: `encoder` is an `retrieval.deploy.OnnxEncoder` and `model` is None)."""
 
     def __init__(self, encoder: Encoder | OnnxEncoder, model: torch.nn.Module | None, checkpoint: dict,
-                 device: torch.device | None, checkpoint_sha256: str | None = None, provenance_checked: bool = False):
+                 device: torch.device | None, checkpoint_sha256: str | None = None, provenance_note: str | None = None):
         self.encoder, self.model, self.checkpoint, self.device = encoder, model, checkpoint, device
         self.checkpoint_sha256 = checkpoint_sha256
-        self.provenance_checked = provenance_checked
-        """True when the features file and PCA were found to be the run's own (False: the checkpoint records none)."""
+        self.provenance_note = provenance_note
+        """None when the features, manifest and PCA were all found to be the run's own; else what the checkpoint's
+        format could not record, so was not checked (`adaptation.checkpoint.check_provenance`), for a note."""
 
     @property
     def onnx(self) -> bool:
@@ -201,7 +202,7 @@ class VisualSimilarity:
         `device` defaults to CUDA when available. `weights` points at the backbone
         checkpoint when the extraction used `--weights` and the file has moved.
         Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch, among them a
-        features file or PCA other than the ones the run was trained on
+        features file, extraction manifest or PCA other than the ones the run was trained on
         (`adaptation.checkpoint.check_provenance`, before the backbone loads).
         """
         import torch
@@ -222,12 +223,12 @@ class VisualSimilarity:
         data = ckpt["config"].get("data")
         if not isinstance(data, str) or not data:
             raise UserError(f"{ckpt_path} does not record its features file; retrain with this toolkit's train.py")
-        checked = check_provenance(ckpt, ckpt_path)
+        note = check_provenance(ckpt, ckpt_path)
         encoder = Encoder.from_features_file(data, device=device, weights=weights)
         if encoder.dim != int(ckpt["in_dim"]):
             raise UserError(f"{ckpt_path} expects {ckpt['in_dim']}-d features but {Path(data).name} "
                             f"(via its PCA) gives {encoder.dim}-d ones")
-        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), checked)
+        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), note)
 
     def raw(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The features before adaptation, as extract.py would have stored them: (n, in_dim)."""
