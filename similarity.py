@@ -290,6 +290,9 @@ def _export(sim, args, config) -> int:
     from retrieval.export import export_run
 
     manifest = export_run(sim, args.out, config)
+    if manifest["opset"] != config.opset:
+        print(f"note: --opset {config.opset} asked, but torch's exporter writes no opset below {manifest['opset']}: "
+              f"the graph is opset {manifest['opset']} (the manifest says so)", file=sys.stderr)
     check = manifest["check"]
     print(f"check: minimum cosine {check['min_cosine']:.7f} (onnxruntime against torch) on {check['images']} "
           f"{check['source']} image(s), batch {' and '.join(map(str, check['batches']))}")
