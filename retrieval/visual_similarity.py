@@ -31,7 +31,7 @@ from featuresExtractor.dataset import discover
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.folders import special_kind
 from toolkit.hashing import file_sha256
-from toolkit.utils import UserError, first_line
+from toolkit.utils import UserError, decode_text, first_line
 
 from . import index as faiss_index
 from . import index_folder
@@ -149,11 +149,12 @@ def gallery_items(source: str | os.PathLike | Sequence[ImageLike]) -> list[tuple
         layout = discover(path)
         return [((name if layout.kind == "flat" else f"{side}/{name}"), os.path.abspath(layout.path(i, side)))
                 for side in layout.sides for i, name in enumerate(layout.names)]
+    hint = "give a folder, a list of image paths (one per line) or a features .npy file"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read image list {path} ({first_line(err)}); give a folder, a list of image paths "
-                        f"(one per line) or a features .npy file") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read image list {path} ({first_line(err)}); {hint}") from None
+    lines = decode_text(data, f"image list {path}", hint).splitlines()
     items = [(f, os.path.abspath(path.parent / f)) for line in lines if line.strip() and not line.startswith("#")
              for f in (part.strip() for part in line.split("\t")) if f]
     if not items:
