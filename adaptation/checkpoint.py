@@ -57,7 +57,7 @@ from torch import nn
 
 from toolkit.hashing import file_sha256
 from featuresExtractor.encode import model_taps
-from featuresExtractor.manifest import MANIFEST, read_manifest
+from featuresExtractor.manifest import MANIFEST, check_output, read_manifest
 from featuresExtractor.processor import Processor, pca_stems
 from toolkit.utils import UserError, atomic_path, first_line
 
@@ -89,8 +89,9 @@ def provenance_of(features_path: str | os.PathLike) -> dict[str, Any]:
 
     These are every file (besides the checkpoint itself) whose bytes change what the run scores:
     the manifest says how images are decoded, transformed, pooled and normalised, the PCA projects
-    them. Without an extract.py manifest (e.g. planted features) there is no PCA, and
-    `manifest_sha256` is that of whatever `manifest.json` lies there (None: none).
+    them. Each must be what extract.py wrote (the manifest's record; a `UserError` otherwise). Without
+    an extract.py manifest (e.g. planted features) there is no PCA, and `manifest_sha256` is that of
+    whatever `manifest.json` lies there (None: none).
     Returns `{"features_sha256": hex, "pca_sha256": {name: hex}, "manifest_sha256": hex | None}`.
     """
     features_path = Path(features_path)
@@ -103,7 +104,11 @@ def provenance_of(features_path: str | os.PathLike) -> dict[str, Any]:
     for name in _pca_files(manifest) if manifest is not None else ():
         if (features_path.parent / name).is_file():
             pcas[name] = file_sha256(features_path.parent / name)
-    return {"features_sha256": file_sha256(features_path), "pca_sha256": pcas,
+    features_sha = file_sha256(features_path)
+    if manifest is not None:  # what is recorded must be what extract.py wrote, not a file edited since
+        for name, sha in ((features_path.name, features_sha), *pcas.items()):
+            check_output(manifest, features_path.parent, name, sha)
+    return {"features_sha256": features_sha, "pca_sha256": pcas,
             "manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None}
 
 

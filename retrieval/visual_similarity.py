@@ -333,7 +333,7 @@ class VisualSimilarity:
         if self.onnx:
             raise UserError(f"{path}: an ONNX export encodes images, not extracted features; give the gallery's "
                             f"images (a folder or an image list)")
-        from featuresExtractor.manifest import read_manifest, transform_choice
+        from featuresExtractor.manifest import check_output, read_manifest, transform_choice
 
         try:
             rec = np.load(path, allow_pickle=False)
@@ -342,6 +342,7 @@ class VisualSimilarity:
         if not isinstance(rec, np.ndarray) or rec.dtype.names is None or "feature" not in rec.dtype.names:
             raise UserError(f"{path} is not a gallery features file (a flat folder extracted by extract.py)")
         mine, theirs = self.encoder.manifest, read_manifest(path)
+        check_output(theirs, path.parent, path.name)  # the vectors extract.py wrote, not ones edited since
         if transform_choice(mine) != transform_choice(theirs):
             raise UserError(f"{path} was extracted with --transform {transform_choice(theirs)} but this run's features "
                             f"with --transform {transform_choice(mine)}; extract the gallery with --transform "

@@ -95,3 +95,57 @@ def test_older_formats_load_with_a_note_saying_what_is_not_checked(copy, capsys)
 
     code, out, err = cli(copy["save"](format1), capsys)
     assert code == 0 and out == before and "records no sha256 of its features file, manifest and PCA" in err, err
+
+
+# ---------------------------------------------------------------- further members of the class (issue 30's search)
+
+def _nudge(path):
+    """Rewrite a .npy or .npz with one value changed: still a valid file, other bytes."""
+    import numpy as np
+
+    if path.suffix == ".npy":
+        a = np.load(path, allow_pickle=False)
+        field = next(f for f in ("feature", "left") if f in a.dtype.names)  # a flat or a pairs features file
+        a[field][0, 0] += 0.5
+        np.save(path, a)
+    else:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        arrays["mean_"] = arrays["mean_"] + 0.5
+        np.savez(path, **arrays)
+
+
+def test_train_refuses_features_edited_after_extraction(copy, tmp_path, capsys):
+    # Provenance records what is there at training; what is there must first be what extract.py wrote.
+    import train
+    from conftest import run_script
+
+    features = copy["feats"] / "features_pca8.npy"
+    _nudge(features)
+    code, _, err = run_script(train, ["-d", features, "-s", tmp_path / "runs", "-e", "1", "-k", "1", "--no-images"],
+                              capsys)
+    assert code == 2 and f"{features} is not the file extract.py wrote" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_pca_edited_after_extraction_is_refused_even_for_a_format_1_run(copy, capsys):
+    def format1(c):
+        del c["provenance"]
+        c["format_version"] = 1
+
+    _nudge(copy["feats"] / "pca8.npz")
+    code, _, err = cli(copy["save"](format1), capsys)
+    assert code == 2 and f"{copy['feats'] / 'pca8.npz'} is not the file extract.py wrote" in one_error_line(err), err
+
+
+def test_a_gallery_features_file_edited_after_extraction_is_refused(run, tmp_path, capsys):  # noqa: F811
+    import extract
+    from test_similarity import TINY
+
+    assert extract.main(["-d", str(run["gallery"]), "-s", str(tmp_path / "g"), "-p", "adapt", "--normalize", "layers",
+                         *TINY]) == 0
+    gallery = tmp_path / "g" / "tiny_rn" / "features.npy"
+    _nudge(gallery)
+    q = str(run["gallery"] / "g0.png")
+    code, _, err = cli(["--run", str(run["run"]), "search", q, "--gallery", str(gallery)], capsys)
+    assert code == 2 and f"{gallery} is not the file extract.py wrote" in one_error_line(err), err
