@@ -395,7 +395,7 @@ def create_app(config: ServeConfig, load: Callable[[], Any]):
 def _fastapi():
     try:
         import fastapi
-        import multipart  # noqa: F401 - python-multipart, which FastAPI's form parsing needs
+        import python_multipart  # noqa: F401 - which FastAPI parses forms with
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as err:
@@ -579,7 +579,7 @@ def _embedding_body(body: Any, dim: int) -> np.ndarray:
 async def _form(request):
     ctype = request.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        raise ApiError(400, "send the images as multipart/form-data file fields (no URL: the images themselves)")
+        raise ApiError(400, "send the images themselves as multipart/form-data file fields (URLs are not fetched)")
     return await request.form(max_files=1000, max_fields=1000)
 
 
