@@ -315,11 +315,6 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         svc, started, status = self.service, time.perf_counter(), [500]
-        if svc.draining and scope["path"] != "/healthz":
-            return await _send_error(send, 503, "the server is shutting down")
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            return await _send_error(send, 413, self._too_large())
         received = [0]
 
         async def counting_receive():
@@ -334,9 +329,15 @@ class Guard:
                 status[0] = message["status"]
             await send(message)
 
+        length = dict(scope.get("headers") or []).get(b"content-length")
         svc.inflight += 1
         try:
-            await self.app(scope, counting_receive, recording_send)
+            if svc.draining and scope["path"] != "/healthz":
+                await _send_error(recording_send, 503, "the server is shutting down")
+            elif length is not None and (not length.isdigit() or int(length) > self.limit):
+                await _send_error(recording_send, 413, self._too_large())
+            else:
+                await self.app(scope, counting_receive, recording_send)
         finally:
             svc.inflight -= 1
             route = getattr(scope.get("route"), "path", "unmatched")
@@ -346,7 +347,11 @@ class Guard:
                 svc.metrics.errors.labels(route, str(status[0])).inc()
 
     def _too_large(self) -> str:
-        return f"the request is over --max-upload-mb {self.service.config.max_upload_mb:g}; send a smaller image"
+        return _too_large_line(self.service.config)
+
+
+def _too_large_line(config: ServeConfig) -> str:
+    return f"the request is over --max-upload-mb {config.max_upload_mb:g}; send a smaller image"
 
 
 async def _send_error(send, status: int, message: str) -> None:
@@ -429,7 +434,7 @@ def _add_error_handlers(app, service: Service) -> None:
 
     @app.exception_handler(_TooLarge)
     async def too_large(request, err):
-        return _error(413, f"the request is over --max-upload-mb {service.config.max_upload_mb:g}; send a smaller image")
+        return _error(413, _too_large_line(service.config))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err: RequestValidationError):

@@ -36,6 +36,7 @@ from retrieval import index_folder  # noqa: E402
 from retrieval.export import ExportConfig, export_run  # noqa: E402
 from retrieval.serve import MicroBatcher, ServeConfig, create_app  # noqa: E402
 from retrieval.visual_similarity import VisualSimilarity  # noqa: E402
+from toolkit.hashing import file_sha256  # noqa: E402
 
 KEY = "test-key-0123456789"
 BLOCKER = '''import sys
@@ -153,8 +154,7 @@ def test_endpoints_answer_as_the_cli(served, capsys):
         code, out, _ = cli(["--onnx", served["onnx"], "pair", a, b], capsys)
         assert code == 0 and f"adapted similarity  {score['score']:.4f}" in out
         info = c.get("/v1/index").json()
-        assert info["size"] == 8 and info["manifest_sha256"] == __import__("hashlib").sha256(
-            (served["ix"] / "manifest.json").read_bytes()).hexdigest()
+        assert info["size"] == 8 and info["manifest_sha256"] == file_sha256(served["ix"] / "manifest.json")
         thumb = Image.open(io.BytesIO(c.get("/v1/images/g3.png", params={"size": 64}).content))
         assert thumb.format == "JPEG" and thumb.size == (53, 64)  # the 80 x 96 image, its aspect kept
         page = c.get("/").text
