@@ -209,6 +209,9 @@ class Snapshot:
     index: SimilarityIndex
     by_name: dict[str, int]
     manifest_sha256: str
+    # faiss searches are thread-safe, but SimilarityIndex.search sets an hnsw index's efSearch for each k
+    # first: one search at a time per snapshot (searching is quick next to encoding a query).
+    searching: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @classmethod
     def of(cls, index: SimilarityIndex, folder: str | os.PathLike) -> "Snapshot":
@@ -611,7 +614,8 @@ def _ranked(snap: Snapshot, query: np.ndarray, k: int, offset: int) -> list[dict
     n = len(snap.index)
     if offset >= n:
         return []
-    scores, ids = snap.index.search(query[None].astype(np.float32), min(k + offset, n))
+    with snap.searching:
+        scores, ids = snap.index.search(query[None].astype(np.float32), min(k + offset, n))
     out = []
     for rank, (s, j) in enumerate(zip(scores[0], ids[0]), start=1):
         if rank > offset and j >= 0:
@@ -681,8 +685,9 @@ def _reload(service: Service) -> Snapshot:
             with index_folder.locked(service.config.index, "index folder"):
                 index = service.sim.load_index(service.config.index)
                 snap = Snapshot.of(index, service.config.index)
-        except UserError as err:
-            raise ApiError(409, f"cannot reload ({err}); still serving the previous index") from None
+        except (UserError, OSError) as err:
+            why = err if isinstance(err, UserError) else first_line(err)
+            raise ApiError(409, f"cannot reload ({why}); still serving the previous index") from None
         service.snapshot = snap
     return snap
 
