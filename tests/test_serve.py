@@ -22,7 +22,6 @@ from PIL import Image
 
 import similarity
 from conftest import ROOT, draw_image, run_script
-from onnx_paths import memory_sim
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -33,7 +32,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from adaptation.calibration import Threshold  # noqa: E402
 from retrieval import index_folder  # noqa: E402
-from retrieval.export import ExportConfig, export_run  # noqa: E402
+from retrieval import deploy  # noqa: E402
 from retrieval.serve import MicroBatcher, ServeConfig, create_app  # noqa: E402
 from retrieval.visual_similarity import VisualSimilarity  # noqa: E402
 from toolkit.hashing import file_sha256  # noqa: E402
@@ -52,14 +51,42 @@ def cli(argv, capsys):
     return run_script(similarity, argv, capsys)
 
 
+def linear_export(out: Path, seed: int, dim: int = 16, side: int = 32, threshold: dict | None = None) -> Path:
+    """An export folder (`retrieval.deploy`'s format, written by its own `staged` and `write_meta`) whose graph is
+    a random linear map of the 32 x 32 pixels, L2-normalised.
+
+    The service treats every export alike; a real backbone's export takes a minute here (test_onnx.py checks
+    those), which would make each run of this file that much longer.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).normal(size=(3 * side * side, dim)).astype(np.float32)
+    nodes = [helper.make_node("Flatten", ["images"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"], ["y"]),
+             helper.make_node("ReduceL2", ["y", "axes"], ["norm"], keepdims=1),
+             helper.make_node("Div", ["y", "norm"], ["embedding"])]
+    graph = helper.make_graph(
+        nodes, "linear", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["N", 3, side, side])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", dim])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1], np.int64), "axes")])
+    identity = {"checkpoint_sha256": f"{seed:064d}", "backbone": {"arch": "RandomLinear"}, "pca": None, "out_dim": dim}
+    with deploy.staged(out) as tmp:
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp / deploy.ENCODER_FILE)
+        preprocess = deploy.Preprocess(side, "bilinear", (side, side), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        deploy.write_meta(tmp, preprocess, {"identity": identity, "embedding_dim": dim, "batch": None,
+                                            "threshold": threshold, "opset": 18})
+    return out
+
+
+THRESHOLD = Threshold(0.9, 1.0, 1.0, 1.0, 0.95, 1.0, 0.95, 4).to_dict()
+
+
 @pytest.fixture(scope="module")
-def served(tiny_backbone, tmp_path_factory):
-    """A tiny run with a calibrated threshold, exported to ONNX; an 8-image gallery indexed with the export;
-    a query that is a copy of gallery image g3 under another name."""
+def served(tmp_path_factory):
+    """An export with a calibrated threshold (0.9); an 8-image gallery indexed with it; a query that is a copy
+    of gallery image g3 under another name."""
     root = tmp_path_factory.mktemp("serve")
-    sim = memory_sim(tiny_backbone)
-    sim.checkpoint["threshold"] = Threshold(0.9, 1.0, 1.0, 1.0, 0.95, 1.0, 0.95, 4).to_dict()
-    export_run(sim, root / "onnx", ExportConfig(dynamic_batch=True))
+    linear_export(root / "onnx", 0, threshold=THRESHOLD)
     for i in range(8):
         draw_image(root / "gallery" / f"g{i}.png", 700 + i)
     draw_image(root / "more" / "m0.png", 800)
@@ -67,8 +94,7 @@ def served(tiny_backbone, tmp_path_factory):
     shutil.copy(root / "gallery" / "g3.png", root / "q.png")
     assert similarity.main(["--onnx", str(root / "onnx"), "index", "build", str(root / "gallery"), "-o",
                             str(root / "ix"), "--no-progress"]) == 0
-    return {"root": root, "onnx": root / "onnx", "ix": root / "ix", "torch_sim": sim,
-            "sim": VisualSimilarity.from_onnx(root / "onnx")}
+    return {"root": root, "onnx": root / "onnx", "ix": root / "ix", "sim": VisualSimilarity.from_onnx(root / "onnx")}
 
 
 @pytest.fixture
@@ -125,7 +151,7 @@ def test_endpoints_answer_as_the_cli(served, capsys):
         assert c.get("/healthz").json() == {"status": "ok"}
         ready = c.get("/readyz").json()
         assert ready["index"] == {"kind": "flat", "size": 8, "dim": sim.encoder.dim}
-        assert ready["encoder"]["runtime"] == "onnxruntime" and ready["encoder"]["arch"] == "TinyRN"
+        assert ready["encoder"]["runtime"] == "onnxruntime" and ready["encoder"]["arch"] == "RandomLinear"
         for query in (root / "q.png", root / "more" / "m0.png"):
             got = c.post("/v1/search", params={"k": 5}, files={"image": png(query)}).json()
             want = cli_search(served, served["ix"], query, 5, capsys)[0]["matches"]
@@ -164,8 +190,10 @@ def test_endpoints_answer_as_the_cli(served, capsys):
         assert "similarity_batch_size_count" in metrics and "similarity_request_seconds_bucket" in metrics
 
 
-def test_the_run_path_serves_too(served, tmp_path):
-    sim = served["torch_sim"]
+def test_the_run_path_serves_too(served, tiny_backbone, tmp_path):
+    from onnx_paths import memory_sim
+
+    sim = memory_sim(tiny_backbone)  # a run's torch path: tiny random backbone, PCA and adaptation
     sim.build_index(served["root"] / "gallery", tmp_path / "ix", progress=False)
     with client(tmp_path / "ix", lambda: sim) as c:
         assert c.get("/readyz").json()["encoder"]["runtime"] == "torch"
@@ -406,10 +434,12 @@ def test_startup_refuses_damaged_or_mismatched(served, start_server, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(served["ix"], damaged)
     (damaged / "names.json").write_text((damaged / "names.json").read_text().replace("g1", "gZ"))
-    other = tmp_path / "torch_ix"  # built with the run's torch path: not the export's vectors
-    served["torch_sim"].build_index(served["root"] / "gallery", other, progress=False)
+    other = tmp_path / "other_ix"  # built with another export
+    linear_export(tmp_path / "other_onnx", 1)
+    assert similarity.main(["--onnx", str(tmp_path / "other_onnx"), "index", "build", str(served["root"] / "gallery"),
+                            "-o", str(other), "--no-progress"]) == 0
     (tmp_path / "empty").mkdir()
-    for index, words in ((damaged, "damaged"), (other, "another encoder"), (tmp_path / "empty", "not an index folder")):
+    for index, words in ((damaged, "damaged"), (other, "was built with another run"), (tmp_path / "empty", "not an index folder")):
         server = start_server(index)
         assert server.proc.wait(60) == 2
         err = server.proc.stderr.read()
