@@ -287,9 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sim = VisualSimilarity.from_onnx(args.onnx)
     else:
         sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
-        if not sim.provenance_checked:
-            print(f"note: {args.run}'s checkpoint records no sha256 of its features file and PCA (written before "
-                  f"checkpoint format 2), so they are not checked; retrain to have them checked", file=sys.stderr)
+        if sim.provenance_note:
+            print(f"note: {sim.provenance_note}", file=sys.stderr)
     if args.command == "export":
         return _export(sim, args, config)
     if args.command == "pair":
@@ -352,6 +351,9 @@ def _export(sim, args, config) -> int:
     from retrieval.export import export_run
 
     manifest = export_run(sim, args.out, config)
+    if manifest["opset"] != config.opset:
+        print(f"note: --opset {config.opset} asked, but torch's exporter writes no opset below {manifest['opset']}: "
+              f"the graph is opset {manifest['opset']} (the manifest says so)", file=sys.stderr)
     check = manifest["check"]
     print(f"check: minimum cosine {check['min_cosine']:.7f} (onnxruntime against torch) on {check['images']} "
           f"{check['source']} image(s), batch {' and '.join(map(str, check['batches']))}")
