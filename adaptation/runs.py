@@ -21,13 +21,12 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from toolkit.folders import describe_entries
+from toolkit.folders import FolderFormat, describe_entries, replacing_entries
 from toolkit.utils import UserError, read_json, write_json
 
 from .objectives import COLLAPSE_RATIO, is_collapsed
@@ -75,9 +74,12 @@ def check_save_to(save_to: Path, overwrite: bool) -> list[Path]:
     return [e for e in ours if e.name != ASIDE]
 
 
-@contextlib.contextmanager
-def replacing(save_to: Path, old: Sequence[Path]) -> Iterator[None]:
-    """Run the block with `old` (earlier runs being replaced) set aside.
+RUNS_FOLDER = FolderFormat("a runs folder", ("run[0-9]*", "avg", "summary.json"), lambda folder: True)
+"""The runs folder as `toolkit.folders` sees it: the entries train.py writes (other files may live beside them)."""
+
+
+def replacing(save_to: Path, old: Sequence[Path]) -> contextlib.AbstractContextManager[None]:
+    """Run the block with `old` (earlier runs being replaced) set aside (`toolkit.folders.replacing_entries`).
 
     They are deleted once the block has succeeded; if it fails or is interrupted, what
     it wrote is removed and they are put back.
@@ -86,38 +88,9 @@ def replacing(save_to: Path, old: Sequence[Path]) -> Iterator[None]:
         UserError: runs set aside by an earlier interrupted replacement are still there.
     """
     aside = save_to / ASIDE
-    if aside.exists():
-        raise UserError(f"{aside} holds runs set aside by an interrupted --overwrite; move them back into "
-                        f"{save_to} or delete {aside}, then re-run")
-    done = False
-    try:
-        # Inside the try: an interrupt while they are being moved puts back what was moved.
-        if old:
-            aside.mkdir(parents=True)
-            for path in old:
-                path.rename(aside / path.name)
-        yield
-        done = True
-    finally:
-        if done:
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            _restore(save_to, aside, {p.name for p in old})
-
-
-def _restore(save_to: Path, aside: Path, earlier: set[str]) -> None:
-    """Remove what this run wrote and move the earlier runs (named `earlier`) back from `aside`.
-
-    An earlier run that an interrupt left in place, not yet set aside, is kept where it is.
-    """
-    moved = {p.name for p in aside.iterdir()} if aside.is_dir() else set()
-    for path in (save_to.iterdir() if save_to.is_dir() else []):
-        if is_run_entry(path.name) and (path.name not in earlier or path.name in moved):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if aside.is_dir():
-        for path in aside.iterdir():
-            path.rename(save_to / path.name)
-        aside.rmdir()
+    return replacing_entries(save_to, old, RUNS_FOLDER, ASIDE,
+                             f"{aside} holds runs set aside by an interrupted --overwrite; move them back into "
+                             f"{save_to} or delete {aside}, then re-run")
 
 
 def summarise(finals: Sequence[dict[str, float]]) -> dict[str, dict]:

@@ -16,6 +16,9 @@ One mechanism for every output a command creates or replaces:
 - `check_outputs({flag: path}, overwrite)` checks the output files of one command: none a folder
   or a special file, none existing without `overwrite`, and no two the same file (through links,
   `..` or hard links), all in one line before any work.
+- `replacing_entries(folder, old, fmt)`: for a folder whose entries are replaced one by one and which
+  may hold other files too (train.py's runs folder): `old` is set aside while the block writes the
+  new entries and put back if it fails.
 
 Call `replacing_folder` under the output's lock (`toolkit.lock.sibling_lock`), after `check_folder`.
 
@@ -40,11 +43,12 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 from .utils import UserError, umask
 
-__all__ = ["FolderFormat", "check_folder", "replacing_folder", "check_outputs", "describe_entries", "special_kind"]
+__all__ = ["FolderFormat", "check_folder", "replacing_folder", "replacing_entries", "check_outputs", "describe_entries",
+           "special_kind"]
 
 
 @dataclass(frozen=True)
@@ -248,3 +252,50 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None], overwrite: bo
             raise UserError(f"{flag} {path} is {kind}; give a file name")
         if kind is None and not overwrite:
             raise UserError(f"{flag} {path} already exists; pass --overwrite or choose another name")
+
+
+@contextlib.contextmanager
+def replacing_entries(folder: Path, old: Sequence[Path], fmt: FolderFormat, aside_name: str,
+                      interrupted: str) -> Iterator[None]:
+    """Run the block with `old` (entries of `fmt` in `folder` being replaced) set aside in `folder/aside_name`.
+
+    They are deleted once the block has succeeded; if it fails or is interrupted, what it wrote
+    (entries `fmt` names that were not in `folder` before the block) is removed and they are put back.
+
+    Raises:
+        UserError: `interrupted`, when entries set aside by an earlier interrupted replacement are still there.
+    """
+    aside = folder / aside_name
+    if aside.exists():
+        raise UserError(interrupted)
+    before = set(os.listdir(folder)) if folder.is_dir() else set()
+    done = False
+    try:
+        # Inside the try: an interrupt while they are being moved puts back what was moved.
+        if old:
+            aside.mkdir(parents=True)
+            for path in old:
+                path.rename(aside / path.name)
+        yield
+        done = True
+    finally:
+        if done:
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            _restore(folder, aside, before, fmt)
+
+
+def _restore(folder: Path, aside: Path, before: set[str], fmt: FolderFormat) -> None:
+    """Remove what this run wrote and move the earlier entries back from `aside`.
+
+    What this run wrote: entries `fmt` names that were not in the folder `before` it, or that
+    were set aside. An earlier entry that an interrupt left in place, not yet set aside, is kept.
+    """
+    moved = {p.name for p in aside.iterdir()} if aside.is_dir() else set()
+    for path in (folder.iterdir() if folder.is_dir() else []):
+        if fmt.owns(path.name) and (path.name not in before or path.name in moved):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if aside.is_dir():
+        for path in aside.iterdir():
+            path.rename(folder / path.name)
+        aside.rmdir()
