@@ -76,7 +76,7 @@ def write(ix: SimilarityIndex, index_dir: str | os.PathLike, overwrite: bool = F
         raise ValueError("the index, its names and its images differ in length")
     ix.manifest["count"] = len(ix)
     try:
-        with replacing_folder(real, INDEX_FOLDER) as tmp:
+        with replacing_folder(real, INDEX_FOLDER, flag) as tmp:
             save_faiss(ix, tmp / INDEX_FILE)
             entries = [{"name": n, "image": im} for n, im in zip(ix.names, ix.images)]
             (tmp / NAMES_FILE).write_text(json.dumps(entries) + "\n")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
+
+from conftest import ROOT
 
 from toolkit.lock import folder_lock, lock_file_of, sibling_lock
 from toolkit.utils import UserError
@@ -36,7 +40,11 @@ def test_sibling_lock_of_a_link_is_beside_its_target(tmp_path):
 
 
 def test_a_lock_file_left_by_a_crash_is_taken_over(tmp_path):
-    lock_file_of(tmp_path / "ix").write_text("")  # no process holds it
+    # A writer killed while it held the lock (os._exit: no clean-up) leaves its lock file; no process holds it.
+    code = ("import os, sys; sys.path.insert(0, sys.argv[2]); from toolkit.lock import sibling_lock\n"
+            "with sibling_lock(sys.argv[1], '-o'):\n    os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path / "ix"), str(ROOT)], timeout=60).returncode == 9
+    assert lock_file_of(tmp_path / "ix").is_file()
     with sibling_lock(tmp_path / "ix", "-o"):
         pass
     assert not lock_file_of(tmp_path / "ix").exists()
