@@ -60,7 +60,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 from .utils import UserError, umask
 
 __all__ = ["FolderFormat", "MARKER", "by_manifest", "manifest_format", "check_folder", "check_shared_folder",
-           "replacing_folder", "replacing_entries", "scratch_format", "claim_scratch", "discard_scratch", "check_outputs",
+           "replacing_folder", "replacing_entries", "scratch_format", "claim_scratch", "is_own_scratch", "discard_scratch", "check_outputs",
            "describe_entries", "special_kind"]
 
 MARKER = ".made-by.json"
@@ -243,7 +243,7 @@ def _mark(folder: Path, owner: str, **extra: str) -> None:
         json.dump({"owner": owner, **extra}, fh)
 
 
-def _is_own_scratch(folder: Path, fmt: FolderFormat) -> bool:
+def is_own_scratch(folder: Path, fmt: FolderFormat) -> bool:
     """`folder` is a real folder (not a link) whose marker is `fmt`'s, holding only names `fmt` writes."""
     try:
         return (folder.is_dir() and not folder.is_symlink() and fmt.recognise(folder)
@@ -263,7 +263,7 @@ def claim_scratch(folder: str | os.PathLike, fmt: FolderFormat, *, owner: str, f
     try:
         os.mkdir(folder)
     except FileExistsError:
-        if _is_own_scratch(folder, fmt):
+        if is_own_scratch(folder, fmt):
             return False
         held = describe_entries(folder, os.listdir(folder)) if folder.is_dir() and not folder.is_symlink() else None
         raise UserError(f"{flag} {shown}: {folder} is in the way: {fmt.what} is kept there, and this one was not made "
@@ -276,7 +276,7 @@ def claim_scratch(folder: str | os.PathLike, fmt: FolderFormat, *, owner: str, f
 def discard_scratch(folder: str | os.PathLike, fmt: FolderFormat) -> bool:
     """Remove `folder` when it is `fmt`'s own scratch (its marker, nothing but `fmt`'s names); whether it was."""
     folder = Path(folder)
-    if not _is_own_scratch(folder, fmt):
+    if not is_own_scratch(folder, fmt):
         return False
     shutil.rmtree(folder, ignore_errors=True)
     return True
