@@ -230,3 +230,13 @@ def test_an_empty_mount_point_as_output_is_one_line_that_says_so(run, tmp_path, 
     code, _, err = cli(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", mount, "--no-progress"],
                        capsys)
     assert "mount point" in error_line(code, err)
+
+
+def test_the_demo_never_deletes_a_users_gallery_folder(tmp_path, capsys):
+    # Found beyond the examples: demo.py removed OUT/gallery (whatever it held) to copy its gallery there.
+    import demo
+
+    before = photos(tmp_path / "gallery")
+    code, _, err = cli(demo, ["--out", tmp_path, "--model", "tiny_rn"], capsys)
+    assert "gallery" in error_line(code, err) and "left alone" in err
+    assert snapshot(tmp_path / "gallery") == before and sorted(p.name for p in tmp_path.iterdir()) == ["gallery"]
