@@ -161,15 +161,16 @@ def _check_own_folder(out_dir: Path, store: ChunkStore) -> None:
     a folder holding neither, but other files, is not an extraction folder.
     """
     manifest = out_dir / MANIFEST
-    if manifest.is_file() or manifest.is_symlink():
+    fmt = manifest_format(manifest)
+    if (manifest.is_file() or manifest.is_symlink()) and fmt != FORMAT:
         try:
-            found = json.loads(manifest.read_text())
+            json.loads(manifest.read_text())
         except (OSError, ValueError) as err:
             raise UserError(f"-s {out_dir}: cannot read {manifest} ({first_line(err)}); it is left alone, even with "
                             f"--overwrite: restore it, or choose another -s") from None
-        if not isinstance(found, dict) or found.get("format") != FORMAT:
-            raise UserError(f"-s {out_dir} is not an extraction folder (its {MANIFEST} is not extract.py's"
-                            f"{_format_named(found)}); it is left alone, even with --overwrite: choose another -s")
+        named = f": it is a {fmt!r} manifest" if fmt else ""
+        raise UserError(f"-s {out_dir} is not an extraction folder (its {MANIFEST} is not extract.py's{named}); it is "
+                        f"left alone, even with --overwrite: choose another -s")
     store.check_own()
     if out_dir.is_dir() and not (manifest.exists() or manifest.is_symlink() or store.folder.exists()):
         entries = os.listdir(out_dir)
@@ -177,11 +178,6 @@ def _check_own_folder(out_dir: Path, store: ChunkStore) -> None:
             raise UserError(f"-s {out_dir} is not an extraction folder (it holds "
                             f"{describe_entries(out_dir, entries)}); it is left alone, even with --overwrite: "
                             f"move them out or choose another -s")
-
-
-def _format_named(manifest) -> str:
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    return f": it is a {fmt!r} manifest" if isinstance(fmt, str) else ""
 
 
 def _check_save_to(save_to: Path) -> None:

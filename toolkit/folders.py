@@ -94,7 +94,7 @@ class FolderFormat:
 def manifest_format(path: Path) -> str | None:
     """The `format` a JSON manifest at `path` names; None when it is missing, unreadable, not JSON or names none."""
     try:
-        if not path.is_file() or path.is_symlink():
+        if not path.is_file():  # a FIFO would block the read
             return None
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
