@@ -176,6 +176,14 @@ def test_a_missing_foreign_or_mismatched_collection_is_refused(run, sim, server,
     code, _, err = cli(["--run", str(run["run"]), "search", str(next(run["gallery"].iterdir())), "--index",
                         str(tmp_path / "mv")], capsys)
     assert code == 2 and "collection gone does not exist" in one_error_line(err)
+    manifest = json.loads((tmp_path / "mv" / "manifest.json").read_text())
+    manifest["milvus"]["uri"] = f"http://127.0.0.1:{free_port()}"  # the server moved, or is down
+    (tmp_path / "mv" / "manifest.json").write_text(json.dumps(manifest))
+    for argv in (["search", str(next(run["gallery"].iterdir())), "--index", str(tmp_path / "mv")],
+                 ["index", "add", str(tmp_path / "mv"), str(run["gallery"])]):
+        code, _, err = cli(["--run", str(run["run"]), *argv], capsys)
+        assert code == 2 and "cannot reach a Milvus server at http://127.0.0.1:" in one_error_line(err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mv"]
     # a collection this toolkit did not make is never used nor dropped, even with --overwrite
     from pymilvus import DataType
 
