@@ -2,7 +2,7 @@
 
     python similarity.py --run RUNS/run1 pair A.jpg B.jpg
     python similarity.py --run RUNS/run1 search QUERY.jpg --gallery DIR_OR_FEATURES.npy -k 5 --html results.html
-    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR [--kind flat|hnsw|ivfpq]
+    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR [--kind flat|hnsw|ivf|ivfpq]
     python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR --kind hnsw --target-recall 0.98
     python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR --backend milvus --uri http://127.0.0.1:19530 [--collection NAME] [--token-file FILE]
     python similarity.py --run RUNS/run1 index add INDEX_DIR MORE_IMAGES
@@ -119,7 +119,7 @@ def _add_search_parser(sub) -> None:
     search.add_argument("--csv", default=None, help="write the results here as CSV")
     search.add_argument("--html", default=None, help="write a self-contained results page here")
     search.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates explored (default: the index's)")
-    search.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited (default: the index's)")
+    search.add_argument("--nprobe", type=int, default=None, help="ivf, ivfpq: lists visited (default: the index's)")
     search.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_strict(search)
 
@@ -152,10 +152,10 @@ def _add_index_parser(sub) -> None:
                        help=f"hnsw: build-time candidates (default {d.ef_construction})")
     build.add_argument("--ef-search", type=int, default=d.ef_search,
                        help=f"hnsw: search-time candidates (default {d.ef_search})")
-    build.add_argument("--nlist", type=int, default=d.nlist, help="ivfpq: inverted lists (default: 4 sqrt(n))")
+    build.add_argument("--nlist", type=int, default=d.nlist, help="ivf, ivfpq: inverted lists (default: 4 sqrt(n), at most 1680)")
     build.add_argument("--pq-m", type=int, default=d.pq_m, help="ivfpq: bytes per vector code (default: dim / 8)")
     build.add_argument("--nbits", type=int, default=d.nbits, help=f"ivfpq: bits per code part (default {d.nbits})")
-    build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivfpq: lists visited per query (default {d.nprobe})")
+    build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivf, ivfpq: lists visited per query (default {d.nprobe})")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     add = isub.add_parser("add", help="append images to an index (those already in it are skipped)", allow_abbrev=False)
     add.add_argument("index_dir", metavar="INDEX_DIR", help="an index folder built with: index build")

@@ -126,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     x, q = clustered(args.n, args.queries, args.dim, args.clusters, args.spread, args.seed, args.intrinsic)
     print(f"{args.n} x {args.dim} vectors, {args.clusters} clusters, {args.queries} queries "
           f"(drawn in {time.perf_counter() - t0:.1f} s); faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
-    names, images = [""] * args.n, [None] * args.n
+    # --target-recall adds its held-out sample last: ids are mapped back to gallery rows through the names
+    names, images = [str(i) for i in range(args.n)], [None] * args.n
     rows, truth, alive = [], None, []
     kinds = ["flat"] + [k for k in args.kinds if k != "flat"]  # flat first: it is the truth for recall
     for kind in kinds:
@@ -148,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.perf_counter()
             _, ids = ix.search(q, args.k)
             times.append(time.perf_counter() - t)
+        ids = np.array([int(name) for name in ix.names] + [-1])[ids]  # id -> gallery row (-1 stays -1)
         if kind == "flat":
             truth = ids
         recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids.tolist(), truth.tolist())]))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from test_index import _clustered, big_gallery, cli, one_error_line, sim  # noqa: F401  (module fixtures)
+from test_index import clustered, big_gallery, cli, one_error_line, sim  # noqa: F401  (module fixtures)
 from test_similarity import run  # noqa: F401  (the module-scoped tiny run fixture)
 
 from retrieval import index as ixf
@@ -18,7 +18,7 @@ from toolkit.utils import UserError
 
 @pytest.mark.parametrize("kind", ["hnsw", "ivf"])
 def test_target_recall_keeps_the_smallest_setting_that_reaches_it(kind, tmp_path):
-    x, q = _clustered(n=4000, dim=64, clusters=40)
+    x, q = clustered(n=4000, dim=64, clusters=40)
     names = [f"v{i}" for i in range(len(x))]
     params = IndexParams(kind, hnsw_m=8, ef_construction=40, nlist=64 if kind == "ivf" else 0, target_recall=0.99)
     ix = ixf.build(x, names, [None] * len(x), params, identity={})
@@ -52,7 +52,7 @@ def test_target_recall_keeps_the_smallest_setting_that_reaches_it(kind, tmp_path
 
 
 def test_an_ivf_index_is_exact_in_its_scores_and_round_trips_with_nprobe_override(tmp_path):
-    x, q = _clustered(n=3000, dim=64, clusters=30)
+    x, q = clustered(n=3000, dim=64, clusters=30)
     names = [f"v{i}" for i in range(len(x))]
     ix = ixf.build(x, names, [None] * len(x), IndexParams("ivf", nlist=32, nprobe=32), identity={})
     scores, ids = ix.search(q, 5)
