@@ -488,7 +488,7 @@ def _index(sim, args, params) -> int:
         print(f"{tuned['param']} {tuned['value']}: recall@{tuned['k']} {tuned['recall']:.4f} against exact search on "
               f"{tuned['queries']} held-out gallery vectors (target {tuned['target']})")
         if not tuned["reached"]:
-            print(f"no {tuned['param']} reached recall@{tuned['k']} {tuned['target']}; the largest tried is kept: "
+            print(f"no {tuned['param']} reached recall@{tuned['k']} {tuned['target']}; the best tried is kept: "
                   f"build with a larger --hnsw-m / --ef-construction, or --nlist, or use --kind flat", file=sys.stderr)
     return 0
 

@@ -54,6 +54,7 @@ IVF_MIN_LISTS = 16  # an ivf of fewer lists saves little over flat
 TUNE_K = 10
 TUNE_QUERIES = 1000  # held-out vectors --target-recall measures on (at most a tenth of the gallery)
 EF_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+PLATEAU_STEPS, PLATEAU_GAIN = 3, 0.002
 NPROBE_GRID = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 4096)
 
 
@@ -308,7 +309,8 @@ def tune(ix: SimilarityIndex, indexed: np.ndarray, queries: np.ndarray, target: 
 
     `indexed` are the vectors `ix` holds (in id order): exact search over them is the truth.
     Returns what goes in the manifest's `tuned`: param, value, recall, target, k, queries, reached.
-    When no setting reaches it, the largest tried is kept and `reached` is False.
+    When no setting reaches it (or recall stops rising: `PLATEAU_STEPS` steps adding under
+    `PLATEAU_GAIN`), the best tried is kept and `reached` is False.
     """
     faiss = _faiss()
     k = min(TUNE_K, len(indexed))
@@ -320,11 +322,16 @@ def tune(ix: SimilarityIndex, indexed: np.ndarray, queries: np.ndarray, target: 
     else:
         nlist = ix.manifest["params"]["nlist"]
         param, grid = "nprobe", tuple(p for p in NPROBE_GRID if p < nlist) + (nlist,)
+    tried: list[tuple[float, int]] = []
     for value in grid:
         ix.set_search(**{param: value})
         recall = recall_at(ix.search(queries, k)[1], truth)
-        if recall >= target:
+        tried.append((recall, value))
+        # reached; or a plateau (ivfpq's compressed scores cap its recall): more would only cost time
+        if recall >= target or (len(tried) > PLATEAU_STEPS and recall - tried[-1 - PLATEAU_STEPS][0] < PLATEAU_GAIN):
             break
+    recall, value = max(tried, key=lambda rv: (rv[0], -rv[1]))  # unreached: the best, at its smallest setting
+    ix.set_search(**{param: value})
     return {"param": param, "value": value, "recall": recall, "target": target, "k": k, "queries": len(queries),
             "reached": recall >= target}
 

@@ -96,3 +96,13 @@ def test_cli_target_recall_prints_and_records_the_choice_and_refuses_a_small_ivf
         assert code == 2 and says in one_error_line(err) and not (tmp_path / "x").exists(), err
     with pytest.raises(UserError, match="at least 10"):
         ixf.build(ixf.normalise(np.eye(4, 8)), list("abcd"), [None] * 4, IndexParams("hnsw", target_recall=0.5), {})
+
+
+def test_an_unreachable_target_keeps_the_best_setting_tried_and_stops_once_recall_stalls():
+    x, _ = clustered(n=4000, dim=64, clusters=40)
+    # 4 codes of 6 bits for 64 dims: the compressed scores cap recall far below the target, whatever nprobe
+    params = IndexParams("ivfpq", nlist=64, pq_m=4, nbits=6, target_recall=0.99)
+    ix = ixf.build(x, [f"v{i}" for i in range(len(x))], [None] * len(x), params, identity={})
+    tuned = ix.manifest["tuned"]
+    assert not tuned["reached"] and tuned["recall"] < 0.5
+    assert ix.manifest["params"]["nprobe"] == tuned["value"] < 64  # stopped before trying every list
