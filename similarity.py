@@ -139,7 +139,8 @@ def _add_index_parser(sub) -> None:
                        help="hnsw / ivf kinds: choose --ef-search / --nprobe as the smallest reaching recall@10 R "
                             "(0 < R <= 1) on a held-out sample of the gallery against exact search")
     build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss",
-                       help="faiss: the vectors in the index folder; milvus: in a Milvus collection (needs --uri)")
+                       help="faiss (the default): the vectors in the index folder; milvus: in a Milvus collection "
+                            "(needs --uri)")
     build.add_argument("--uri", default=None, help="milvus: the server, e.g. http://127.0.0.1:19530")
     build.add_argument("--collection", default=None,
                        help="milvus: the collection (default: vs_ and the index folder's name)")
@@ -152,7 +153,8 @@ def _add_index_parser(sub) -> None:
                        help=f"hnsw: build-time candidates (default {d.ef_construction})")
     build.add_argument("--ef-search", type=int, default=d.ef_search,
                        help=f"hnsw: search-time candidates (default {d.ef_search})")
-    build.add_argument("--nlist", type=int, default=d.nlist, help="ivf, ivfpq: inverted lists (default: 4 sqrt(n), at most 1680)")
+    build.add_argument("--nlist", type=int, default=d.nlist,
+                       help="ivf, ivfpq: inverted lists (default: 4 sqrt(n), at most 1680)")
     build.add_argument("--pq-m", type=int, default=d.pq_m, help="ivfpq: bytes per vector code (default: dim / 8)")
     build.add_argument("--nbits", type=int, default=d.nbits, help=f"ivfpq: bits per code part (default {d.nbits})")
     build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivf, ivfpq: lists visited per query (default {d.nprobe})")
