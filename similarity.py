@@ -400,9 +400,10 @@ def _milvus_target(args, params):
 
     if args.uri is None:
         raise UserError("--backend milvus needs --uri, the Milvus server (e.g. http://127.0.0.1:19530)")
-    if args.kind not in MILVUS_KINDS or params.target_recall is not None:
-        raise UserError(f"--backend milvus builds --kind {' or '.join(MILVUS_KINDS)}, without --target-recall "
-                        f"(Milvus tunes its own search); got --kind {args.kind}")
+    if args.kind not in MILVUS_KINDS:
+        raise UserError(f"--backend milvus builds --kind {' or '.join(MILVUS_KINDS)} (got --kind {args.kind})")
+    if params.target_recall is not None:
+        raise UserError("--target-recall applies to --backend faiss; with Milvus, set --ef-search (hnsw) instead")
     target = MilvusTarget(args.uri, args.collection or default_collection(args.out), args.token_file)
     connect(target).close()
     return target

@@ -153,6 +153,7 @@ def test_refusals_are_one_line_exit_2_and_write_nothing(run, server, tmp_path, c
         (["--uri", "127.0.0.1:19530"], "is not a Milvus server address"),
         (["--uri", server, "--collection", "no-dash"], "collection name"),
         (["--uri", server, "--kind", "ivf"], "flat or hnsw"),
+        (["--uri", server, "--kind", "hnsw", "--target-recall", "0.9"], "applies to --backend faiss"),
         (["--uri", server, "--token-file", str(tmp_path / "missing")], "does not exist"),
         (["--uri", server, "--token-file", str(token)], "empty"),
         ([], "needs --uri"),
