@@ -216,3 +216,26 @@ def test_a_refused_token_is_one_line_naming_the_token_file(tmp_path):
     (tmp_path / "token").write_text("root:Milvus\n")
     assert target.token() == "root:Milvus"
     assert "root:Milvus" not in json.dumps(target.manifest())
+
+
+def test_the_search_service_serves_a_milvus_folder_as_it_serves_a_faiss_one(run, sim, big_gallery, server,  # noqa: F811
+                                                                            tmp_path, capsys):
+    from fastapi.testclient import TestClient
+
+    from retrieval.serve import ServeConfig, create_app
+
+    for name, extra in (("mv", ["--backend", "milvus", "--uri", server, "--collection", "served"]), ("fx", [])):
+        code, _, err = build(run, big_gallery, tmp_path / name, capsys, *extra)
+        assert code == 0, err
+    query = sorted(big_gallery.iterdir())[3]
+    got = {}
+    for name in ("mv", "fx"):
+        with TestClient(create_app(ServeConfig(str(tmp_path / name)), lambda: sim)) as c:
+            deadline = time.monotonic() + 60
+            while c.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, c.get("/readyz").text
+                time.sleep(0.05)
+            got[name] = c.post("/v1/search", params={"k": 5},
+                               files={"image": (query.name, query.read_bytes(), "image/png")}).json()["results"]
+    assert [r["name"] for r in got["mv"]] == [r["name"] for r in got["fx"]] and got["mv"][0]["name"] == query.name
+    np.testing.assert_allclose([r["score"] for r in got["mv"]], [r["score"] for r in got["fx"]], atol=1e-5)
