@@ -5,7 +5,7 @@ this measures, on the real RN50x4 architecture with random weights (no network):
 
 * forward-only: `model.visual(x)` on pre-made tensors, at the pipeline's batch;
 * pipeline: `featuresExtractor.pipeline.extract` with processor `adapt` on
-  generated TLL-like pairs (200x250 JPEG, `toolkit.synthetic.drawn_images`): decode,
+  generated TLL-like pairs (200x250 JPEG, `synthetic.drawn_images`): decode,
   preprocess, forward with the taps, pooling, chunk writes and the final files.
   "e2e" is images / wall time of one `extract()` call, fixed costs included (the
   probe forward, setup, final files: large for a few images, nothing for TLL's
@@ -72,7 +72,7 @@ import torch
 from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.extractor import CPU_SLICE
 from featuresExtractor.pipeline import ExtractConfig, extract
-from toolkit.synthetic.drawn_images import make_pairs
+from synthetic.drawn_images import make_pairs
 from toolkit.utils import UserError
 from toolkit.cli import run_cli
 

@@ -37,7 +37,7 @@ from adaptation.checkpoint import CHECKPOINT, load_checkpoint
 from adaptation.experiment import run_experiment
 from adaptation.models import build_model
 from adaptation.objectives import OBJECTIVES, is_collapsed, output_std
-from toolkit.synthetic.planted import planted_array
+from synthetic.planted import planted_array
 from adaptation.runs import read_summary
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, evaluate

@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def small_run(model: str, root: Path, pairs: int, pca: int) -> Path:
     """A run folder of `model` (random init) trained on drawn pairs."""
-    from toolkit.synthetic.drawn_images import make_pairs
+    from synthetic.drawn_images import make_pairs
 
     make_pairs(root / "tll", n_pairs=pairs, seed=0)
     # The scripts run as their command lines (bench/extract.py would shadow an `import extract` here).
@@ -96,7 +96,7 @@ def bench_model(model: str, args, tmp: Path) -> dict:
 
     from retrieval.export import EmbeddingGraph
     from retrieval.visual_similarity import VisualSimilarity
-    from toolkit.synthetic.drawn_images import render_pair
+    from synthetic.drawn_images import render_pair
 
     t = time.perf_counter()
     run = small_run(model, tmp / model, args.pairs, args.pca)

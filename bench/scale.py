@@ -44,7 +44,7 @@ import benchlib  # bench/ is the script folder; this also puts the repo root on 
 
 import numpy as np
 
-from toolkit.synthetic.drawn_images import make_images, name_of
+from synthetic.drawn_images import make_images, name_of
 from toolkit.utils import UserError
 from toolkit.cli import run_cli
 

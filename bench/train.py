@@ -39,7 +39,7 @@ import torch
 
 from adaptation.split import split_data, split_indices
 from adaptation.models import build_model
-from toolkit.synthetic.planted import planted_pairs
+from synthetic.planted import planted_pairs
 from adaptation.training import PRECISIONS, TrainConfig, make_optimizer, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -34,7 +34,7 @@ from typing import Sequence
 import benchlib
 import numpy as np
 
-from toolkit.synthetic.planted import planted_array
+from synthetic.planted import planted_array
 
 WRAP = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)")

@@ -208,7 +208,7 @@ def _quiet_logs():
 def check_images(source: str | None) -> tuple[list, str]:
     """(images, source label) for the check: drawn pairs, or up to `CHECK_LIMIT` images of a folder or list."""
     if source is None:
-        from toolkit.synthetic.drawn_images import render_pair
+        from synthetic.drawn_images import render_pair
 
         return [im for i in range(CHECK_DRAWN // 2) for im in render_pair(seed=0, index=i)], "drawn"
     from .visual_similarity import gallery_items

@@ -39,7 +39,7 @@ def planted_features(path: Path, n_pairs: int, dim: int = 16, signal_dim: int = 
     """Save a features file of `n_pairs` planted pairs (with flipped copies) at `path`; returns `path`."""
     import numpy as np
 
-    from toolkit.synthetic.planted import planted_array
+    from synthetic.planted import planted_array
 
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, planted_array(n_pairs, dim, signal_dim=signal_dim, nuisance=2.0, seed=0))

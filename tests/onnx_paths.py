@@ -14,7 +14,7 @@ import torch
 
 from adaptation.models import build_model
 from retrieval.visual_similarity import VisualSimilarity
-from toolkit.synthetic.drawn_images import render_pair
+from synthetic.drawn_images import render_pair
 from featuresExtractor.encode import Encoder
 from featuresExtractor.extractor import FeatureExtractor
 from featuresExtractor.pca import PCAParams

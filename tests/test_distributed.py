@@ -13,7 +13,7 @@ import torch
 
 from conftest import free_port, planted_features, run_bounded, spawn_ranks
 from adaptation.models import build_model
-from toolkit.synthetic.planted import planted_pairs
+from synthetic.planted import planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, epoch_batches, make_optimizer, train
 from toolkit.cli import run_cli

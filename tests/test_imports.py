@@ -101,7 +101,7 @@ def _modules_after(tmp_path, model: str) -> dict:
 import json, sys
 before = sorted(sys.modules)
 import extract
-from toolkit.synthetic.drawn_images import make_pairs
+from synthetic.drawn_images import make_pairs
 make_pairs({str(tmp_path / 'd')!r}, n_pairs=1, seed=0)
 code = extract.main(["-d", {str(tmp_path / 'd')!r}, "-s", {str(tmp_path / 'o')!r}, "--model", {model!r},
                      "--pretrained", "none", "-p", "adapt", "--workers", "0", "--no-progress"])

@@ -16,7 +16,7 @@ from adaptation.metrics import retrieval_metrics
 from adaptation.checkpoint import load_checkpoint
 from adaptation.models import build_model
 from adaptation.selection import best_epoch, patience_exhausted, split_validation
-from toolkit.synthetic.planted import planted_array
+from synthetic.planted import planted_array
 from adaptation.training import TrainConfig, make_optimizer
 from adaptation.training import train as train_fn
 from conftest import planted_features, run_script

@@ -12,7 +12,7 @@ import torch
 
 import train
 from adaptation.checkpoint import load_checkpoint
-from toolkit.synthetic.planted import planted_array
+from synthetic.planted import planted_array
 from conftest import run_script
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
 

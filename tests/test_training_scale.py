@@ -15,7 +15,7 @@ from adaptation.evaluation import block_rows_for, evaluate_vectors
 from adaptation.losses import similarity_matrix
 from adaptation.metrics import retrieval_metrics
 from adaptation.models import build_model
-from toolkit.synthetic.planted import planted_pairs
+from synthetic.planted import planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import (BatchOutput, TrainConfig, epoch_batches, largest_fitting_batch, make_optimizer,
                                  step_bytes, train as train_loop)

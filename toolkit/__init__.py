@@ -9,7 +9,6 @@
 - `toolkit.lock`: `folder_lock`, the operating-system lock extract.py and train.py hold on their output
   folder, so two runs never write into the same one.
 - `toolkit.hashing`: `file_sha256`, the content hash the manifests and checkpoints record.
-- `toolkit.synthetic`: generated test data (drawn look-alike images) for the tests, the demo and `bench/`.
 
 Nothing is loaded at import time.
 """

@@ -26,7 +26,7 @@ Example:
 
 From the shell (refuses a non-empty OUT_DIR unless `--overwrite`):
 
-    python -m toolkit.synthetic.drawn_images demo_out/tll --pairs 48 --seed 0
+    python -m synthetic.drawn_images demo_out/tll --pairs 48 --seed 0
 """
 
 from __future__ import annotations
@@ -365,9 +365,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line of `python -m toolkit.synthetic.drawn_images`."""
+    """Parse the command line of `python -m synthetic.drawn_images`."""
     p = argparse.ArgumentParser(
-        prog="python -m toolkit.synthetic.drawn_images",
+        prog="python -m synthetic.drawn_images",
         description="Draw a deterministic set of look-alike image pairs (TLL layout: OUT_DIR/left, OUT_DIR/right).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write; must be empty or absent unless --overwrite")
