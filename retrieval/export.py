@@ -12,7 +12,7 @@ and writes the folder `retrieval.deploy` owns (encoder.onnx, preprocess.json, ma
 - `describe_transform` reads the backbone's own eval transform (open_clip's and timm's
   `Compose`, torchvision's `ImageClassification`) into a `deploy.Preprocess`.
 - The export then checks itself: the graph, run by onnxruntime on images preprocessed by
-  `Preprocess` (no torch), against `VisualSimilarity.embed` on the same images (drawn ones, or
+  `Preprocess` (no torch), against `VisualSimilarity.embed` on the same images (`probe_images`, or
   `check_images`), at batch 1 and at the whole set when the batch is dynamic. The minimum
   cosine must reach `MIN_COSINE`; otherwise nothing is written.
 
@@ -54,7 +54,8 @@ __all__ = ["ExportConfig", "EmbeddingGraph", "describe_transform", "export_run",
 MIN_COSINE = 0.9999
 """The export is refused when the graph and the torch path agree less than this on any check image."""
 DEFAULT_OPSET = 18
-CHECK_DRAWN = 8  # drawn check images when none are given
+CHECK_DRAWN = 8  # check images drawn by `probe_images` when none are given
+PROBE_SIZES = ((200, 250), (250, 200), (224, 224), (131, 97))  # (width, height)
 CHECK_LIMIT = 64  # at most this many images of --check-images are used
 
 
@@ -65,7 +66,7 @@ class ExportConfig:
     Attributes:
         opset: the ONNX opset.
         dynamic_batch: a graph taking any batch size (else a fixed batch of 1).
-        check_images: a folder (or image list file) of images for the check; None: drawn images.
+        check_images: a folder (or image list file) of images for the check; None: `probe_images`.
         overwrite: replace an existing export folder (never one holding other files).
     """
 
@@ -206,11 +207,9 @@ def _quiet_logs():
 
 
 def check_images(source: str | None) -> tuple[list, str]:
-    """(images, source label) for the check: drawn pairs, or up to `CHECK_LIMIT` images of a folder or list."""
+    """(images, source label) for the check: `probe_images`, or up to `CHECK_LIMIT` images of a folder or list."""
     if source is None:
-        from synthetic.drawn_images import render_pair
-
-        return [im for i in range(CHECK_DRAWN // 2) for im in render_pair(seed=0, index=i)], "drawn"
+        return probe_images(CHECK_DRAWN), "drawn"
     from .visual_similarity import gallery_items
 
     images = []
@@ -220,6 +219,24 @@ def check_images(source: str | None) -> tuple[list, str]:
         except BadImage as err:
             raise UserError(f"--check-images: cannot read {name}: {err}") from None
     return images, str(source)
+
+
+def probe_images(n: int, seed: int = 0) -> list[Image.Image]:
+    """`n` RGB images drawn from a seeded generator, the same on every machine: the export's own check images.
+
+    Each is a coarse random colour field (a few blocks, resized bilinearly) plus fine pixel noise, so both
+    smooth regions and edges reach the backbone; sizes cycle through `PROBE_SIZES` (portrait, landscape,
+    square, odd) so the check covers the resize and the centre crop of `Preprocess`, not only the graph.
+    """
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        width, height = PROBE_SIZES[i % len(PROBE_SIZES)]
+        coarse = Image.fromarray(rng.integers(0, 256, (5, 4, 3), dtype=np.uint8), "RGB")
+        smooth = np.asarray(coarse.resize((width, height), Image.BILINEAR), dtype=np.int16)
+        fine = rng.integers(-24, 25, (height, width, 3), dtype=np.int16)
+        images.append(Image.fromarray(np.clip(smooth + fine, 0, 255).astype(np.uint8), "RGB"))
+    return images
 
 
 def agreement(sim, encoder: OnnxEncoder, images: Sequence[Image.Image], batches: Sequence[int]) -> float:
