@@ -55,7 +55,7 @@ from torch import nn
 from toolkit.hashing import file_sha256
 from featuresExtractor.encode import model_taps
 from featuresExtractor.manifest import MANIFEST, read_manifest
-from featuresExtractor.processor import Processor, pca_stems
+from featuresExtractor.processor import Processor
 from toolkit.utils import UserError, atomic_path, first_line
 
 from .calibration import Threshold
@@ -86,8 +86,7 @@ def provenance_of(features_path: str | os.PathLike) -> dict[str, Any]:
     except UserError:  # not an extract.py manifest (planted features): no PCA, and similarity cannot use the run
         manifest = None
     if manifest is not None:
-        p = manifest["processor"]
-        for stem in pca_stems(Processor(p["name"], p["n_components"], p["normalize"]), model_taps(manifest)):
+        for stem in Processor.from_record(manifest["processor"]).pca_stems(model_taps(manifest)):
             pca = features_path.parent / f"{stem}.npz"
             if pca.is_file():
                 pcas[f"{stem}.npz"] = file_sha256(pca)

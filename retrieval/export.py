@@ -6,7 +6,7 @@ and writes the folder `retrieval.deploy` owns (encoder.onnx, preprocess.json, ma
 - `EmbeddingGraph` is the run's path as one torch module, built from the modules
   `VisualSimilarity` itself runs: the backbone's taps (`featuresExtractor.taps.Taps`), pooling
   (`featuresExtractor.pooling.global_avg_pool`), the processor's per-part normalisation,
-  concatenation and PCA (`featuresExtractor.processor.project`), the adaptation model, and an L2
+  concatenation and PCA (`featuresExtractor.processor.Processor.project`), the adaptation model, and an L2
   normalisation (`l2_normalize`). It runs in fp32; `torch.onnx.export` (the torch.export-based
   exporter, which needs onnxscript) turns it into encoder.onnx.
 - `describe_transform` reads the backbone's own eval transform (open_clip's and timm's
@@ -41,7 +41,6 @@ from PIL import Image
 from torch import nn
 
 from featuresExtractor.pooling import global_avg_pool, l2_normalize
-from featuresExtractor.processor import project
 from featuresExtractor.taps import Taps
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.utils import UserError, first_line
@@ -92,7 +91,7 @@ class EmbeddingGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with Taps(self.visual, self.taps, reduce=global_avg_pool) as taps:
             pooled = taps(images)
-        vectors = project(self.processor, pooled, self.embedding, self.pcas)[self.output]
+        vectors = self.processor.project(pooled, self.embedding, self.pcas)[self.output]
         return l2_normalize(self.model(vectors))
 
 
