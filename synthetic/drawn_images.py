@@ -115,10 +115,6 @@ def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
 
 
-def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(0, 256, size=3))
-
-
 def _saturated(rng: np.random.Generator) -> tuple[int, int, int]:
     # Strong colours, kept apart from the grey backgrounds: the identity lives in the hue.
     hue, sat, val = rng.uniform(0, 1), rng.uniform(0.75, 1.0), rng.uniform(0.7, 1.0)
