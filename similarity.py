@@ -25,7 +25,7 @@ preprocessing and manifest (`retrieval.export`), after checking it against the t
 `pairs` lists the look-alike pairs of an indexed gallery (each pair once) as
 PREFIX.csv and PREFIX.html. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
-`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index` for the
+`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index_folder` for the
 index folder.
 
 Example:

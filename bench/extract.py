@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import benchlib  # bench/ is the script folder; this also puts the repo root on sys.path
+import benchlib  # bench/ is the script's folder, so it is on sys.path; the packages come from the install
 
 import numpy as np
 import torch

@@ -34,7 +34,7 @@ import sys
 import time
 from typing import Sequence
 
-import benchlib  # bench/ is the script's folder; benchlib also puts the repository on sys.path
+import benchlib  # bench/ is the script's folder, so it is on sys.path; the packages come from the install
 import torch
 
 from adaptation.split import split_data, split_indices
