@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -15,6 +16,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Never touch the network from the tests: a missing weight must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
+"""extract.py's flags for the tiny random-init backbone (see `tiny_backbone`), read in this process, no bar."""
+
+
+def script_cli(script):
+    """`cli(argv, capsys)` for one script's tests: `run_script` bound to `script`."""
+    return functools.partial(run_script, script)
 
 
 def run_script(script, argv, capsys) -> tuple[int, str, str]:

@@ -20,14 +20,9 @@ import pytest
 import extract
 import similarity
 import train
-from conftest import ROOT, draw_image, make_pairs, run_script
+from conftest import ROOT, TINY, draw_image, make_pairs
+from conftest import run_script as run
 from toolkit.cli import run_cli
-
-TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
-
-
-def run(script, argv, capsys):
-    return run_script(script, argv, capsys)
 
 
 def one_line_error(code, err, prog):
