@@ -102,3 +102,11 @@ def save_results(name: str, payload: dict, out_dir: str | os.PathLike = RESULTS)
     payload = {**payload, "load_avg_end": os.getloadavg()}
     write_json(path, payload)
     return path
+
+
+def finish(name: str, args, machine_info: dict, prefix: str = "", **results) -> int:
+    """The end of every bench script: `args`, `machine_info` and `results` saved by `save_results`,
+    where they went printed (after `prefix`); returns the exit status 0."""
+    path = save_results(name, {"args": vars(args), "machine": machine_info, **results})
+    print(f"{prefix}wrote {path}")
+    return 0

@@ -161,10 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {r['kind']}: {r['params']}")
     info = benchlib.machine()
     print(f"CPU: {info['cpu']}, {info['cores']} cores; load average {os.getloadavg()[0]:.2f} at the end")
-    if args.save:
-        path = benchlib.save_results("index", {"args": vars(args), "machine": info, "rows": rows})
-        print(f"wrote {path}")
-    return 0
+    return benchlib.finish("index", args, info, rows=rows) if args.save else 0
 
 
 if __name__ == "__main__":

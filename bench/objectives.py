@@ -182,9 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"| {r['data']} | {r['objective']} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
               f"{100 * r['mrr_mean']:.2f} ± {100 * r['mrr_std']:.2f} | {sum(r['collapsed'])} of {len(r['collapsed'])} | "
               f"{min(r['output_std_x_sqrt_d']):.2f}–{max(r['output_std_x_sqrt_d']):.2f} |")
-    path = benchlib.save_results("objectives", {"args": vars(args), "machine": machine, "rows": rows})
-    print(f"\nwrote {path}")
-    return 0
+    return benchlib.finish("objectives", args, machine, rows=rows, prefix="\n")
 
 
 if __name__ == "__main__":

@@ -181,9 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = check_targets(rows, args.epochs)
     for line in targets:
         print(line)
-    path = benchlib.save_results("train", {"args": vars(args), "machine": machine, "rows": rows, "targets": targets})
-    print(f"wrote {path}")
-    return 0
+    return benchlib.finish("train", args, machine, rows=rows, targets=targets)
 
 
 if __name__ == "__main__":

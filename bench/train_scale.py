@@ -147,9 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamed evaluation of {e['eval_pairs']} test pairs ({e['dim']}-d): {e['seconds']:.1f} s, "
               f"peak RSS {e['peak_rss_gb']:.2f} GB (+{e['extra_gb']:.2f} GB for the evaluation; the full matrix "
               f"alone would be {e['full_matrix_gb']:.0f} GB)")
-    path = benchlib.save_results("train_scale", {"args": vars(args), "machine": machine, "rows": rows, "evals": evals})
-    print(f"wrote {path}")
-    return 0
+    return benchlib.finish("train_scale", args, machine, rows=rows, evals=evals)
 
 
 if __name__ == "__main__":
