@@ -93,13 +93,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from featuresExtractor.backbones import resolve_spec
     from featuresExtractor.clip_models import cached_weights
+    from featuresExtractor.processor import AdaptPCA
 
     out = Path(args.out).resolve()
     py = sys.executable
     pretrained = "default" if args.model == "clip_rn50x4" and cached_weights(resolve_spec(args.model)) else "none"
     if pretrained == "none":
         print(BANNER, flush=True)
-    features = out / "features" / args.model / f"features_pca{args.pca}.npy"
+    features = out / "features" / args.model / AdaptPCA(args.pca).reduced_file
     topk = (1, 3, 5)
     try:
         _run([py, "-m", "synthetic.drawn_images", str(out / "tll"), "--pairs", str(args.pairs), "--seed", "0",

@@ -32,7 +32,7 @@ from .backbones import load_backbone, resolve_spec
 from .extractor import CPU_SLICE, FeatureExtractor
 from .pca import PCAParams, load_pca
 from .manifest import read_manifest, transform_choice
-from .processor import Processor
+from .processor import CONCATENATION, Processor
 
 __all__ = ["Encoder", "model_taps"]
 
@@ -105,7 +105,7 @@ class Encoder:
         """This encoder's vectors from rows of an `adapt`/`adapt-pca` `features.npy` (the concatenation)."""
         if not self.processor.concatenates:
             raise UserError(f"a {self.processor.name} extraction has no concatenated features to start from")
-        if self.output == "features.npy":
+        if self.output == CONCATENATION:
             return np.asarray(full, dtype=np.float32)
         (stem,) = self.processor.pca_stems(self.backbone.spec.taps)
         return self.pcas[stem].transform(full)

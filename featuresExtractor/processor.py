@@ -54,7 +54,7 @@ from .pca import PCAParams
 from .pooling import NORMALIZE_MODES, concat_parts, part_slices
 from toolkit.utils import UserError
 
-__all__ = ["Processor", "Adapt", "AdaptPCA", "PerTapPCA", "Save", "KINDS", "parse_processor", "FLAG"]
+__all__ = ["Processor", "Adapt", "AdaptPCA", "PerTapPCA", "Save", "KINDS", "parse_processor", "FLAG", "CONCATENATION"]
 
 FLAG = "-p/--processor"
 """The flag that chooses a processor, named by every error about one."""
@@ -138,6 +138,11 @@ class _PCA(Processor):
     takes_n: ClassVar[bool] = True
     limited_by: ClassVar[str]  # what bounds N besides the number of vectors
 
+    @property
+    def reduced_file(self) -> str:
+        """The features file of the N-d vectors."""
+        return f"features_pca{self.n_components}.npy"
+
     def pca_dim(self, dims: Mapping[str, int]) -> int:
         raise NotImplementedError
 
@@ -165,12 +170,12 @@ class AdaptPCA(_PCA, Adapt):
         return {f"pca{self.n_components}": None}
 
     def files(self, dims):
-        return {**super().files(dims), f"features_pca{self.n_components}.npy": self.n_components}
+        return {**super().files(dims), self.reduced_file: self.n_components}
 
     def project(self, pooled, embedding, pcas):
         out = super().project(pooled, embedding, pcas)
         (stem,) = self.pca_stems(list(pooled))
-        out[f"features_pca{self.n_components}.npy"] = pcas[stem].transform(out[CONCATENATION])
+        out[self.reduced_file] = pcas[stem].transform(out[CONCATENATION])
         return out
 
 
@@ -188,13 +193,13 @@ class PerTapPCA(_PCA):
         return {f"pca{self.n_components}/{tap}": tap for tap in taps}
 
     def files(self, dims):
-        return {f"features_pca{self.n_components}.npy": self.n_components * len(dims)}
+        return {self.reduced_file: self.n_components * len(dims)}
 
     def project(self, pooled, embedding, pcas):
         stems = self.pca_stems(list(pooled))
         reduced = {tap: pcas[stem].transform(concat_parts({tap: pooled[tap]}, self.normalize, embedding))
                    for stem, tap in stems.items()}
-        return {f"features_pca{self.n_components}.npy": concat_parts(reduced, "none")}
+        return {self.reduced_file: concat_parts(reduced, "none")}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from featuresExtractor.dataset import discover
+from featuresExtractor.processor import CONCATENATION
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.folders import special_kind
 from toolkit.hashing import file_sha256
@@ -350,7 +351,7 @@ class VisualSimilarity:
             raise UserError(f"{path} was extracted with another model (differs in {', '.join(diff)}); extract the "
                             f"gallery with the run's settings")
         proc = self.encoder.processor
-        if path.name != "features.npy" or theirs["processor"]["normalize"] != proc.normalize or not proc.concatenates:
+        if path.name != CONCATENATION or theirs["processor"]["normalize"] != proc.normalize or not proc.concatenates:
             raise UserError(f"use the gallery's concatenated features.npy extracted with: -p adapt --normalize "
                             f"{proc.normalize} (this run projects them with its own PCA)")
         rows = rec[~rec["augmented"]]
