@@ -1,4 +1,4 @@
-"""toolkit: what both packages and the scripts share, owned by neither's domain code.
+"""toolkit: the ground floor: what the packages and the scripts share, owned by no domain (it imports none of them).
 
 - `toolkit.utils`: `UserError` (bad input: one line, exit 2), atomic file writes (`atomic_path`,
   `write_json`, `save_npy`) and `read_json`.
