@@ -100,7 +100,7 @@ class Processor:
         return {}
 
     def parts(self, file: str, dims: Mapping[str, int]) -> dict[str, tuple[int, int]]:
-        """Where each tap's part sits in the vectors of `file`: tap -> (start, stop)."""
+        """Where each tap's part sits in the vectors of `file`: tap -> (start, stop); {} when no part is a tap's."""
         return part_slices(dims if file == CONCATENATION else {tap: self.n_components for tap in dims})
 
     def project(self, pooled: Mapping[str, np.ndarray], embedding: str | None,
@@ -171,6 +171,10 @@ class AdaptPCA(_PCA, Adapt):
 
     def files(self, dims):
         return {**super().files(dims), self.reduced_file: self.n_components}
+
+    def parts(self, file, dims):
+        # One PCA of the whole concatenation mixes the taps: its N dims are no tap's part.
+        return {} if file == self.reduced_file else super().parts(file, dims)
 
     def project(self, pooled, embedding, pcas):
         out = super().project(pooled, embedding, pcas)
