@@ -28,7 +28,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from featuresExtractor.dataset import discover
-from featuresExtractor.processor import CONCATENATION
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.folders import special_kind
 from toolkit.hashing import file_sha256
@@ -333,6 +332,7 @@ class VisualSimilarity:
             raise UserError(f"{path}: an ONNX export encodes images, not extracted features; give the gallery's "
                             f"images (a folder or an image list)")
         from featuresExtractor.manifest import read_manifest, transform_choice
+        from featuresExtractor.processor import CONCATENATION
 
         try:
             rec = np.load(path, allow_pickle=False)
