@@ -31,7 +31,7 @@ from .backbone_base import Backbone
 from .backbones import load_backbone, resolve_spec
 from .extractor import CPU_SLICE, FeatureExtractor
 from .pca import PCAParams, load_pca
-from .manifest import read_manifest, transform_choice
+from .manifest import check_output, read_manifest, transform_choice
 from .processor import CONCATENATION, Processor
 
 __all__ = ["Encoder", "model_taps"]
@@ -88,7 +88,10 @@ class Encoder:
                 raise UserError(f"the cached {spec.arch} '{spec.pretrained}' weights differ from the extraction's")
         proc = Processor.from_record(manifest["processor"])
         base = features_path.parent
-        pcas = {stem: load_pca(base / f"{stem}.npz") for stem in proc.pca_stems(spec.taps)}
+        pcas = {}
+        for stem in proc.pca_stems(spec.taps):
+            pcas[stem] = load_pca(base / f"{stem}.npz")
+            check_output(manifest, base, f"{stem}.npz")  # the PCA extract.py fitted, not one edited since
         extractor = FeatureExtractor(backbone, manifest.get("precision", "fp32"), bool(manifest.get("channels_last", True)))
         return cls(extractor, proc, features_path.name, pcas, manifest)
 

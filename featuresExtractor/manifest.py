@@ -40,7 +40,8 @@ from .processor import KINDS, Processor
 from .transforms import DECODE, TRANSFORMS
 
 __all__ = ["MANIFEST", "FORMAT", "fingerprint", "build_manifest", "write_manifest", "read_manifest",
-           "read_manifest_file", "transform_choice", "file_digest", "damaged_outputs", "is_inside", "swap_in"]
+           "read_manifest_file", "transform_choice", "file_digest", "damaged_outputs", "check_output", "is_inside",
+           "swap_in"]
 
 MANIFEST = "manifest.json"
 FORMAT = "featuresExtractor/1"
@@ -224,6 +225,18 @@ def damaged_outputs(out_dir: Path, manifest: dict) -> list[str]:
         elif "sha256" in info and file_digest(target)["sha256"] != info["sha256"]:
             bad.append(f"{rel} (contents changed)")
     return bad
+
+
+def check_output(manifest: dict, folder: Path, rel: str, sha256: str | None = None) -> None:
+    """Refuse (`UserError`) an output about to be used whose bytes are not what extract.py wrote and recorded.
+
+    `sha256`: the file's, when the caller has already hashed it. An output the manifest records no
+    sha256 of (an older manifest) is not checked.
+    """
+    recorded = manifest["outputs"].get(rel, {}).get("sha256")
+    if recorded is not None and (sha256 or file_sha256(folder / rel)) != recorded:
+        raise UserError(f"{folder / rel} is not the file extract.py wrote (its sha256 differs from the one "
+                        f"{folder / MANIFEST} records: edited or replaced since?); restore it, or extract again")
 
 
 def swap_in(out_dir: Path, staged: Path, raw: Path, outputs: dict, replaced: list[str]) -> None:

@@ -10,7 +10,11 @@ and writes the folder `retrieval.deploy` owns (encoder.onnx, preprocess.json, ma
   normalisation (`l2_normalize`). It runs in fp32; `torch.onnx.export` (the torch.export-based
   exporter, which needs onnxscript) turns it into encoder.onnx.
 - `describe_transform` reads the backbone's own eval transform (open_clip's and timm's
-  `Compose`, torchvision's `ImageClassification`) into a `deploy.Preprocess`.
+  `Compose`, torchvision's `ImageClassification`) into a `deploy.Preprocess`. The paper's
+  transform (`--transform paper`: a tensor squeeze without antialiasing) has no such description.
+- The manifest records the opset the graph really has, read from it: torch's exporter writes no
+  opset below its own (18 here) and, above the highest it converts to, leaves the graph at its
+  own opset with operators of later ones, which is refused in one line.
 - The export then checks itself: the graph, run by onnxruntime on images preprocessed by
   `Preprocess` (no torch), against `VisualSimilarity.embed` on the same images (`probe_images`, or
   `check_images`), at batch 1 and at the whole set when the batch is dynamic. The minimum
@@ -194,6 +198,37 @@ def write_graph(graph: nn.Module, path: Path, image_shape: Sequence[int], opset:
     program.save(str(path))
 
 
+def graph_opset(path: Path) -> int:
+    """The ONNX opset (default domain) a saved graph declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _check_opset(wanted: int, real: int) -> None:
+    """Refuse a graph left below the opset asked for (its conversion upward failed; seen: an opset-23 operator
+    in a graph that says opset 18, which onnxruntime refuses)."""
+    if real < wanted:
+        raise UserError(f"torch {torch.__version__.split('+')[0]} cannot export at opset {wanted}: its exporter could "
+                        f"not convert the graph to it (it is left at opset {real}); choose a lower --opset (the "
+                        f"default {DEFAULT_OPSET} is the one it writes natively)")
+
+
+def _preprocess(sim) -> Preprocess:
+    """`describe_transform` of the run's transform; a refusal naming `--transform paper` when the run used it."""
+    try:
+        return describe_transform(sim.encoder.extractor.transform)
+    except UserError:
+        if getattr(sim.encoder.backbone, "transform_choice", "library") != "paper":
+            raise
+        data = sim.checkpoint.get("config", {}).get("data", "its features file")
+        raise UserError(f"the run was trained on features extracted with --transform paper ({data}): the paper's "
+                        f"224 x 224 squeeze of the tensor, without antialiasing or crop, which an export's "
+                        f"preprocess.json (Pillow) cannot reproduce; to export, extract the images again with "
+                        f"--transform library (the default) and train on those features") from None
+
+
 @contextlib.contextmanager
 def _quiet_logs():
     # torch.export logs each failed step with a traceback; the failure is said in one line instead.
@@ -262,7 +297,7 @@ def export_run(sim, out_dir: str | os.PathLike, config: ExportConfig = ExportCon
     deploy.check_target(out_dir, config.overwrite)
     versions = _packages()
     images, source = check_images(config.check_images)  # bad check images are refused before the slow export
-    preprocess = describe_transform(sim.encoder.extractor.transform)
+    preprocess = _preprocess(sim)
     graph = EmbeddingGraph(sim.encoder, sim.model).cpu().float().eval()
     identity = sim.identity()
     arch = identity["backbone"]["arch"]
@@ -272,8 +307,15 @@ def export_run(sim, out_dir: str | os.PathLike, config: ExportConfig = ExportCon
                 "output": "embedding"}
     with deploy.staged(out_dir, config.overwrite) as tmp:
         write_graph(graph, tmp / deploy.ENCODER_FILE, (3, *preprocess.crop), config.opset, config.dynamic_batch, arch)
+        manifest["opset"] = graph_opset(tmp / deploy.ENCODER_FILE)  # what the graph has, not what was asked
+        _check_opset(config.opset, manifest["opset"])
         deploy.write_meta(tmp, preprocess, manifest)
-        encoder = OnnxEncoder.load(tmp)
+        try:
+            encoder = OnnxEncoder.load(tmp)
+        except deploy.GraphLoadError as err:  # the graph is gone with the staging folder: no path, no "export again"
+            raise UserError(f"onnxruntime cannot load the graph torch exported at opset {manifest['opset']} "
+                            f"({err.reason}); choose another --opset (the default is {DEFAULT_OPSET}); nothing was "
+                            f"written") from None
         batches = [1, len(images)] if config.dynamic_batch else [1]
         cosine = agreement(sim, encoder, images, batches)
         manifest["check"] = {"images": len(images), "source": source, "min_cosine": cosine, "batches": batches,

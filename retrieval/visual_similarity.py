@@ -31,7 +31,7 @@ from featuresExtractor.dataset import discover
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.folders import special_kind
 from toolkit.hashing import file_sha256
-from toolkit.utils import UserError, first_line
+from toolkit.utils import UserError, decode_text, first_line
 
 from . import index as faiss_index
 from . import index_folder
@@ -149,11 +149,12 @@ def gallery_items(source: str | os.PathLike | Sequence[ImageLike]) -> list[tuple
         layout = discover(path)
         return [((name if layout.kind == "flat" else f"{side}/{name}"), os.path.abspath(layout.path(i, side)))
                 for side in layout.sides for i, name in enumerate(layout.names)]
+    hint = "give a folder, a list of image paths (one per line) or a features .npy file"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read image list {path} ({first_line(err)}); give a folder, a list of image paths "
-                        f"(one per line) or a features .npy file") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read image list {path} ({first_line(err)}); {hint}") from None
+    lines = decode_text(data, f"image list {path}", hint).splitlines()
     items = [(f, os.path.abspath(path.parent / f)) for line in lines if line.strip() and not line.startswith("#")
              for f in (part.strip() for part in line.split("\t")) if f]
     if not items:
@@ -166,11 +167,12 @@ class VisualSimilarity:
     (`from_onnx`, no torch: `encoder` is an `retrieval.deploy.OnnxEncoder` and `model` is None)."""
 
     def __init__(self, encoder: Encoder | OnnxEncoder, model: torch.nn.Module | None, checkpoint: dict,
-                 device: torch.device | None, checkpoint_sha256: str | None = None, provenance_checked: bool = False):
+                 device: torch.device | None, checkpoint_sha256: str | None = None, provenance_note: str | None = None):
         self.encoder, self.model, self.checkpoint, self.device = encoder, model, checkpoint, device
         self.checkpoint_sha256 = checkpoint_sha256
-        self.provenance_checked = provenance_checked
-        """True when the features file and PCA were found to be the run's own (False: the checkpoint records none)."""
+        self.provenance_note = provenance_note
+        """None when the features, manifest and PCA were all found to be the run's own; else what the checkpoint's
+        format could not record, so was not checked (`adaptation.checkpoint.check_provenance`), for a note."""
 
     @property
     def onnx(self) -> bool:
@@ -201,7 +203,7 @@ class VisualSimilarity:
         `device` defaults to CUDA when available. `weights` points at the backbone
         checkpoint when the extraction used `--weights` and the file has moved.
         Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch, among them a
-        features file or PCA other than the ones the run was trained on
+        features file, extraction manifest or PCA other than the ones the run was trained on
         (`adaptation.checkpoint.check_provenance`, before the backbone loads).
         """
         import torch
@@ -222,12 +224,12 @@ class VisualSimilarity:
         data = ckpt["config"].get("data")
         if not isinstance(data, str) or not data:
             raise UserError(f"{ckpt_path} does not record its features file; retrain with this toolkit's train.py")
-        checked = check_provenance(ckpt, ckpt_path)
+        note = check_provenance(ckpt, ckpt_path)
         encoder = Encoder.from_features_file(data, device=device, weights=weights)
         if encoder.dim != int(ckpt["in_dim"]):
             raise UserError(f"{ckpt_path} expects {ckpt['in_dim']}-d features but {Path(data).name} "
                             f"(via its PCA) gives {encoder.dim}-d ones")
-        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), checked)
+        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), note)
 
     def raw(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The features before adaptation, as extract.py would have stored them: (n, in_dim)."""
@@ -331,7 +333,7 @@ class VisualSimilarity:
         if self.onnx:
             raise UserError(f"{path}: an ONNX export encodes images, not extracted features; give the gallery's "
                             f"images (a folder or an image list)")
-        from featuresExtractor.manifest import read_manifest, transform_choice
+        from featuresExtractor.manifest import check_output, read_manifest, transform_choice
         from featuresExtractor.processor import CONCATENATION
 
         try:
@@ -341,6 +343,7 @@ class VisualSimilarity:
         if not isinstance(rec, np.ndarray) or rec.dtype.names is None or "feature" not in rec.dtype.names:
             raise UserError(f"{path} is not a gallery features file (a flat folder extracted by extract.py)")
         mine, theirs = self.encoder.manifest, read_manifest(path)
+        check_output(theirs, path.parent, path.name)  # the vectors extract.py wrote, not ones edited since
         if transform_choice(mine) != transform_choice(theirs):
             raise UserError(f"{path} was extracted with --transform {transform_choice(theirs)} but this run's features "
                             f"with --transform {transform_choice(mine)}; extract the gallery with --transform "

@@ -213,7 +213,8 @@ def _failing_worker(rank, port, features, save_to, log_dir):
     import adaptation.training as training
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                      TORCHELASTIC_RUN_ID="spawned")  # as torchrun's ranks have it (toolkit.distributed refuses others)
     torch.set_num_threads(1)
     sys.stderr = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
     if rank == 1:
@@ -248,7 +249,8 @@ def _refused_worker(rank, port, features, save_to, log_dir):
     import train as train_script
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                      TORCHELASTIC_RUN_ID="spawned")  # as torchrun's ranks have it (toolkit.distributed refuses others)
     torch.set_num_threads(1)
     sys.stderr = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
     argv = ["-d", features, "-s", save_to, "-e", "1", "--no-images", "--cpu"]

@@ -232,7 +232,7 @@ def test_damaged_export_is_refused(exported, run, tmp_path, capsys):  # noqa: F8
     blob = bytearray((d / "encoder.onnx").read_bytes())
     (d / "encoder.onnx").write_bytes(bytes(blob[: len(blob) // 2]))
     code, _, err = cli(["--onnx", d, "pair", img, img], capsys)
-    assert code == 2 and "damaged (its sha256 differs" in one_error_line(err)
+    assert code == 2 and "encoder.onnx is damaged or edited (its sha256 differs" in one_error_line(err)
     # a manifest made to match the damaged graph: onnxruntime's refusal, in one line
     m = json.loads((d / "manifest.json").read_text())
     m["encoder_sha256"] = deploy.file_sha256(d / "encoder.onnx")
@@ -255,9 +255,60 @@ def test_absurd_preprocess_is_refused(exported, run, tmp_path, capsys, key, valu
     else:
         p[key] = value
     (d / "preprocess.json").write_text(json.dumps(p))
+    m = json.loads((d / "manifest.json").read_text())  # its sha256 made to match, to reach the value checks
+    m["preprocess_sha256"] = deploy.file_sha256(d / "preprocess.json")
+    (d / "manifest.json").write_text(json.dumps(m))
     img = sorted((run["root"] / "tll" / "left").iterdir())[0]
     code, _, err = cli(["--onnx", d, "pair", img, img], capsys)
     assert code == 2 and f"preprocess.json is damaged: {key} is" in one_error_line(err)
+
+
+@pytest.mark.parametrize("key, value", [("mean", [0.5, 0.5, 0.5]), ("interpolation", "bilinear")])
+def test_an_edited_preprocess_is_refused_by_its_sha256(exported, run, tmp_path, capsys, key, value):  # noqa: F811
+    # Plausible values change every score silently (0.648 became 0.824): the manifest's sha256 catches them.
+    d = damaged_copy(exported, tmp_path)
+    p = json.loads((d / "preprocess.json").read_text())
+    assert p[key] != value
+    p[key] = value
+    (d / "preprocess.json").write_text(json.dumps(p, indent=2, sort_keys=True) + "\n")
+    img = sorted((run["root"] / "tll" / "left").iterdir())[0]
+    code, _, err = cli(["--onnx", d, "pair", img, img], capsys)
+    assert code == 2 and f"{d / 'preprocess.json'} is damaged or edited (its sha256 differs" in one_error_line(err)
+    m = json.loads((d / "manifest.json").read_text())
+    del m["preprocess_sha256"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    code, _, err = cli(["--onnx", d, "pair", img, img], capsys)
+    assert code == 2 and "preprocess_sha256 is 'missing', expected a sha256" in one_error_line(err), err
+
+
+def test_the_manifest_records_the_opset_the_graph_has(tiny_backbone, tmp_path):
+    m = export_run(memory_sim(tiny_backbone), tmp_path / "out", ExportConfig(opset=7))
+    assert m["opset"] == export.graph_opset(tmp_path / "out" / "encoder.onnx") == 18
+    assert m["preprocess_sha256"] == deploy.file_sha256(tmp_path / "out" / "preprocess.json")
+
+
+def test_an_opset_the_exporter_cannot_reach_is_one_true_line(tiny_backbone, tmp_path):
+    with pytest.raises(UserError) as caught:
+        export_run(memory_sim(tiny_backbone), tmp_path / "out", ExportConfig(opset=30))
+    line = str(caught.value)
+    assert "cannot export at opset 30" in line and "choose a lower --opset" in line, line
+    assert ".tmp" not in line and "export the run again" not in line, line  # no gone file, no retry that fails
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_paper_transform_run_is_named_when_export_refuses_it(tiny_backbone, tmp_path):
+    from dataclasses import replace
+
+    from featuresExtractor.transforms import paper_transform
+
+    sim = memory_sim(tiny_backbone)
+    # As a non-CLIP backbone extracted with --transform paper has it (CLIP backbones keep their own).
+    sim.encoder.extractor.backbone = replace(tiny_backbone, transform=paper_transform(), transform_choice="paper")
+    with pytest.raises(UserError) as caught:
+        export_run(sim, tmp_path / "out")
+    line = str(caught.value)
+    assert "extracted with --transform paper" in line and "--transform library" in line, line
+    assert "has no crop" not in line and os.listdir(tmp_path) == []
 
 
 def test_failed_check_leaves_nothing(tiny_backbone, tmp_path, monkeypatch):

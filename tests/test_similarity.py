@@ -144,6 +144,7 @@ def _bad(run, tmp_path):
     ckpt = torch.load(run["run"] / "model_and_optimizer.pt", weights_only=True)
     ckpt["config"]["data"] = str(tmp_path / "f6" / "tiny_rn" / "features_pca6.npy")
     del ckpt["provenance"]  # as a format-1 checkpoint: else it is refused first as not trained on these features
+    ckpt["format_version"] = 1
     (tmp_path / "mismatch").mkdir()
     torch.save(ckpt, tmp_path / "mismatch" / "model_and_optimizer.pt")
     cases["dim mismatch"] = (["--run", str(tmp_path / "mismatch"), "pair", q, q], "expects 8-d features")
