@@ -36,6 +36,23 @@ def run_script(script, argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+TORCH_BLOCKER = '''import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "open_clip", "torchvision", "timm"):
+            raise ImportError(name + " is made unimportable by this test")
+sys.meta_path.insert(0, Blocker())
+'''
+
+
+def torch_free_env(folder: Path, **extra: str) -> dict[str, str]:
+    """An environment whose Python processes cannot import torch, open_clip, torchvision or timm (a
+    sitecustomize.py written into `folder` refuses them) and import this repository; `extra` added."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(TORCH_BLOCKER)
+    return dict(os.environ, PYTHONPATH=f"{folder}{os.pathsep}{ROOT}", **extra)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a process group's rendezvous)."""
     import socket
