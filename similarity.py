@@ -29,7 +29,7 @@ preprocessing and manifest (`retrieval.export`), after checking it against the t
 PREFIX.csv and PREFIX.html. `serve` answers searches over HTTP (JSON, a search page, metrics;
 `retrieval.serve`), on 127.0.0.1 unless `--host` says otherwise. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
-`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index` for the
+`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index_folder` for the
 index folder. `--backend milvus` keeps the vectors in a Milvus collection (Milvus Lite, or a
 Milvus cluster: the URI and a token file differ, nothing else; `retrieval.milvus_index`); the
 folder then holds the manifest, and `search`, `pairs` and `index add` use it as they use a faiss one.

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import benchlib  # bench/ is the script folder; this also puts the repo root on sys.path
+import benchlib  # bench/ is the script's folder, so it is on sys.path; the packages come from the install
 
 import numpy as np
 
@@ -180,10 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = benchlib.machine()
     print(f"CPU: {info['cpu']}, {info['cores']} cores; load average {load0:.2f} at the start, "
           f"{os.getloadavg()[0]:.2f} at the end")
-    if args.save:
-        path = benchlib.save_results("index", {"args": vars(args), "machine": info, "rows": rows})
-        print(f"wrote {path}")
-    return 0
+    return benchlib.finish("index", args, info, rows=rows) if args.save else 0
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from toolkit.utils import UserError, read_json, write_json
 from .backbone_base import Backbone
 from .dataset import Layout
 from .extractor import FeatureInfo
-from .processor import PROCESSORS, Processor
+from .processor import KINDS, Processor
 from .transforms import DECODE, TRANSFORMS
 
 __all__ = ["MANIFEST", "FORMAT", "fingerprint", "build_manifest", "write_manifest", "read_manifest",
@@ -99,7 +99,7 @@ def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Pr
                   "weights": backbone.weights, "embedding_tap": info.embedding,
                   "taps": [{"name": t.name, "shape": list(t.shape), "pooled_dim": t.pooled_dim} for t in info.taps],
                   "transform": repr(backbone.transform), "transform_choice": backbone.transform_choice},
-        "processor": {"name": proc.name, "n_components": proc.n_components, "normalize": proc.normalize},
+        "processor": proc.record(),
         "augmentation": {"hflip": data_aug, "applied_to": "preprocessed tensor"},
         "decode": DECODE,
         "precision": precision, "device": device, "channels_last": channels_last,
@@ -164,9 +164,9 @@ def read_manifest_file(path: str | os.PathLike) -> dict:
                for t in taps):
         raise UserError(f"{path} is damaged: model.taps should list objects with a name and a pooled_dim")
     proc = obj["processor"]
-    if proc["name"] not in PROCESSORS:
-        raise UserError(f"{path} is damaged: processor.name {proc['name']!r} is not one of {', '.join(PROCESSORS)}")
-    if PROCESSORS[proc["name"]][0] and not (proc["n_components"] or 0) > 0:
+    if proc["name"] not in KINDS:
+        raise UserError(f"{path} is damaged: processor.name {proc['name']!r} is not one of {', '.join(KINDS)}")
+    if KINDS[proc["name"]].takes_n and not (proc["n_components"] or 0) > 0:
         raise UserError(f"{path} is damaged: processor {proc['name']} needs a positive n_components, not "
                         f"{proc['n_components']!r}")
     weights = obj["model"]["weights"]

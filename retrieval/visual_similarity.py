@@ -331,6 +331,7 @@ class VisualSimilarity:
             raise UserError(f"{path}: an ONNX export encodes images, not extracted features; give the gallery's "
                             f"images (a folder or an image list)")
         from featuresExtractor.manifest import check_output, read_manifest, transform_choice
+        from featuresExtractor.processor import CONCATENATION
 
         try:
             rec = np.load(path, allow_pickle=False)
@@ -350,8 +351,7 @@ class VisualSimilarity:
             raise UserError(f"{path} was extracted with another model (differs in {', '.join(diff)}); extract the "
                             f"gallery with the run's settings")
         proc = self.encoder.processor
-        if path.name != "features.npy" or theirs["processor"]["normalize"] != proc.normalize \
-                or proc.name not in ("adapt", "adapt-pca"):
+        if path.name != CONCATENATION or theirs["processor"]["normalize"] != proc.normalize or not proc.concatenates:
             raise UserError(f"use the gallery's concatenated features.npy extracted with: -p adapt --normalize "
                             f"{proc.normalize} (this run projects them with its own PCA)")
         rows = rec[~rec["augmented"]]

@@ -13,16 +13,15 @@ import pytest
 import extract
 import similarity
 import train
-from conftest import draw_image, run_script
-from test_similarity import TINY, ImgCounter, run  # noqa: F401  (run: the module-scoped tiny run fixture)
+from conftest import TINY, script_cli
+from test_similarity import ImgCounter, run  # noqa: F401  (run: the module-scoped tiny run fixture)
 
 from retrieval import index as ixf
 from retrieval import index_folder as ixd
 from retrieval.index import IndexParams
 
 
-def cli(argv, capsys):
-    return run_script(similarity, argv, capsys)
+cli = script_cli(similarity)
 
 
 def one_error_line(err: str) -> str:
