@@ -5,7 +5,6 @@ failed before the fix (a user's photos deleted, a user's lock file removed, a us
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -16,12 +15,8 @@ import pytest
 import extract
 import similarity
 import train
-from conftest import ROOT, draw_image, make_pairs, planted_features, run_script
-from test_similarity import TINY, run  # noqa: F401  (run: the module-scoped tiny run fixture)
-
-
-def cli(script, argv, capsys):
-    return run_script(script, argv, capsys)
+from conftest import ROOT, TINY, draw_image, make_pairs, planted_features, run_script
+from test_similarity import run  # noqa: F401  (run: the module-scoped tiny run fixture)
 
 
 def error_line(code: int, err: str) -> str:
@@ -46,7 +41,7 @@ def test_a_users_folder_named_like_the_build_scratch_is_never_emptied(run, tmp_p
     # Before: `index build shots.partial -o shots` took shots.partial/ for its cache and deleted the 6 photos.
     shots = tmp_path / "shots.partial"
     before = photos(shots)
-    code, _, err = cli(similarity, ["--run", run["run"], "index", "build", shots, "-o", tmp_path / "shots",
+    code, _, err = run_script(similarity, ["--run", run["run"], "index", "build", shots, "-o", tmp_path / "shots",
                                     "--no-progress"], capsys)
     line = error_line(code, err)
     assert "shots.partial" in line and "photo0.png" in line and "left alone" in line, line
@@ -55,12 +50,12 @@ def test_a_users_folder_named_like_the_build_scratch_is_never_emptied(run, tmp_p
 
 def test_a_users_folder_named_like_the_add_scratch_is_never_emptied(run, tmp_path, capsys):  # noqa: F811
     index = tmp_path / "ix"
-    assert cli(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", index, "--no-progress"],
+    assert run_script(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", index, "--no-progress"],
                capsys)[0] == 0
     mine = tmp_path / "ix.add.partial"
     before = photos(mine)
     indexed = snapshot(index)
-    code, _, err = cli(similarity, ["--run", run["run"], "index", "add", index, run["root"] / "tll" / "left",
+    code, _, err = run_script(similarity, ["--run", run["run"], "index", "add", index, run["root"] / "tll" / "left",
                                     "--no-progress"], capsys)
     assert "ix.add.partial" in error_line(code, err)
     assert snapshot(mine) == before and snapshot(index) == indexed
@@ -69,7 +64,7 @@ def test_a_users_folder_named_like_the_add_scratch_is_never_emptied(run, tmp_pat
 
 def test_a_users_file_named_like_the_lock_file_is_neither_taken_nor_removed(run, tmp_path, capsys):  # noqa: F811
     (tmp_path / ".idx.lock").write_text("my notes")
-    code, _, err = cli(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", tmp_path / "idx",
+    code, _, err = run_script(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", tmp_path / "idx",
                                     "--no-progress"], capsys)
     assert ".idx.lock" in error_line(code, err) and "not a lock file" in err
     assert (tmp_path / ".idx.lock").read_text() == "my notes"
@@ -85,11 +80,11 @@ def test_a_gallery_with_no_readable_image_is_one_line_and_leaves_nothing(run, tm
     (bad / "b.jpg").write_bytes(b"")
     index = tmp_path / "ix"
     if command == "add":
-        assert cli(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", index, "--no-progress"],
+        assert run_script(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", index, "--no-progress"],
                    capsys)[0] == 0
     before = sorted(p.name for p in tmp_path.iterdir())
     argv = ["index", "build", bad, "-o", index] if command == "build" else ["index", "add", index, bad]
-    code, _, err = cli(similarity, ["--run", run["run"], *argv, "--no-progress"], capsys)
+    code, _, err = run_script(similarity, ["--run", run["run"], *argv, "--no-progress"], capsys)
     assert f"no readable image in {bad}" in error_line(code, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -105,7 +100,7 @@ def test_export_never_replaces_a_users_folder_whose_manifest_is_not_an_exports(r
     (mine / "manifest.json").write_text("format: mine\nversion: 3\n")  # YAML: cannot be parsed as JSON
     before = snapshot(mine)
     for extra in ([], ["--overwrite"]):
-        code, _, err = cli(similarity, ["--run", run["run"], "export", "-o", mine, *extra], capsys)
+        code, _, err = run_script(similarity, ["--run", run["run"], "export", "-o", mine, *extra], capsys)
         line = error_line(code, err)
         assert "is not an ONNX export" in line and "pass --overwrite" not in line, line
         assert snapshot(mine) == before
@@ -130,7 +125,7 @@ def test_a_killed_export_leaves_leftovers_that_a_rerun_removes_and_only_those(ru
     users = tmp_path / ".exp.mine.tmp"  # a user's folder of the same shape, not marked as the export's
     users.mkdir()
     (users / "notes.txt").write_text("mine")
-    assert cli(similarity, ["--run", run["run"], "export", "-o", out], capsys)[0] == 0
+    assert run_script(similarity, ["--run", run["run"], "export", "-o", out], capsys)[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".exp.mine.tmp", "exp"]
     assert (users / "notes.txt").read_text() == "mine"
 
@@ -146,38 +141,38 @@ def test_train_overwrite_never_deletes_a_users_avg_summary_or_run_named_folder(t
     (mine / "avg" / "plot.png").write_bytes(b"png")
     (mine / "summary.json").write_text('{"my": "summary"}')
     before = snapshot(mine)
-    code, _, err = cli(train, argv + ["-s", mine], capsys)
+    code, _, err = run_script(train, argv + ["-s", mine], capsys)
     line = error_line(code, err)
     assert "avg/, summary.json" in line and "left alone" in line, line
     assert snapshot(mine) == before
     # Real runs beside a user's run2024/ (no config.json, no checkpoint): before, it was deleted as a run.
     runs = tmp_path / "runs"
-    assert cli(train, ["-d", feats, "-s", runs, "-e", "1", "-r", "2", "--no-images"], capsys)[0] == 0
+    assert run_script(train, ["-d", feats, "-s", runs, "-e", "1", "-r", "2", "--no-images"], capsys)[0] == 0
     (runs / "run2024").mkdir()
     (runs / "run2024" / "notes.txt").write_text("mine")
     before = snapshot(runs)
-    code, _, err = cli(train, argv + ["-s", runs], capsys)
+    code, _, err = run_script(train, argv + ["-s", runs], capsys)
     assert "run2024/" in error_line(code, err)
     assert snapshot(runs) == before
     (runs / "run2024" / "notes.txt").rename(tmp_path / "notes.txt")
     (runs / "run2024").rmdir()
-    assert cli(train, argv + ["-s", runs], capsys)[0] == 0  # train.py's own runs are replaced as before
+    assert run_script(train, argv + ["-s", runs], capsys)[0] == 0  # train.py's own runs are replaced as before
 
 
 # --- extract.py into another command's folder --------------------------------------------------------
 
 def test_extract_into_an_index_or_export_folder_is_refused_without_advising_overwrite(run, tmp_path, capsys):  # noqa: F811
     index = tmp_path / "ix"
-    assert cli(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", index, "--no-progress"],
+    assert run_script(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", index, "--no-progress"],
                capsys)[0] == 0
     nested = tmp_path / "save" / "tiny_rn"  # SAVE/MODEL is the index
-    assert cli(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", nested, "--no-progress"],
+    assert run_script(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", nested, "--no-progress"],
                capsys)[0] == 0
     before = snapshot(tmp_path)
     base = ["-d", run["root"] / "tll", "-p", "adapt", *TINY]
     for save, says in ((index, "another command's output folder"), (tmp_path / "save", "not an extraction folder")):
         for extra in ([], ["--overwrite"]):
-            code, _, err = cli(extract, base + ["-s", save, *extra], capsys)
+            code, _, err = run_script(extract, base + ["-s", save, *extra], capsys)
             line = error_line(code, err)
             assert says in line and "visual-similarity-index" in line and "pass --overwrite" not in line, line
             assert snapshot(tmp_path) == before
@@ -189,7 +184,7 @@ def test_extract_never_takes_or_removes_a_users_partial_folder(tmp_path, capsys)
     (model / ".partial").mkdir(parents=True)
     (model / ".partial" / "draft.txt").write_text("mine")
     for extra in ([], ["--overwrite"]):
-        code, _, err = cli(extract, ["-d", tmp_path / "tll", "-s", tmp_path / "o", "-p", "adapt", *TINY, *extra], capsys)
+        code, _, err = run_script(extract, ["-d", tmp_path / "tll", "-s", tmp_path / "o", "-p", "adapt", *TINY, *extra], capsys)
         assert "draft.txt" in error_line(code, err) and "left alone" in err
         assert sorted(p.name for p in model.rglob("*")) == [".partial", "draft.txt"]
 
@@ -197,14 +192,14 @@ def test_extract_never_takes_or_removes_a_users_partial_folder(tmp_path, capsys)
 def test_extract_never_replaces_a_users_file_named_like_a_new_output(tmp_path, capsys):
     make_pairs(tmp_path / "tll", 5)
     argv = ["-d", tmp_path / "tll", "-s", tmp_path / "o", *TINY]
-    assert cli(extract, argv + ["-p", "adapt"], capsys)[0] == 0
+    assert run_script(extract, argv + ["-p", "adapt"], capsys)[0] == 0
     model = tmp_path / "o" / "tiny_rn"
     (model / "pca4.npz").write_bytes(b"a user's file")  # not in the manifest: the next run would write that name
-    code, _, err = cli(extract, argv + ["-p", "adapt-pca", "4", "--overwrite"], capsys)
+    code, _, err = run_script(extract, argv + ["-p", "adapt-pca", "4", "--overwrite"], capsys)
     assert "pca4.npz" in error_line(code, err) and "did not write" in err
     assert (model / "pca4.npz").read_bytes() == b"a user's file"
     (model / "pca4.npz").unlink()
-    assert cli(extract, argv + ["-p", "adapt-pca", "4", "--overwrite"], capsys)[0] == 0
+    assert run_script(extract, argv + ["-p", "adapt-pca", "4", "--overwrite"], capsys)[0] == 0
 
 
 # --- a place that cannot be renamed over --------------------------------------------------------------
@@ -221,13 +216,13 @@ def test_an_empty_mount_point_as_output_is_one_line_that_says_so(run, tmp_path, 
         return real_rename(src, dst, *a, **k)
 
     monkeypatch.setattr(os, "rename", busy)
-    code, _, err = cli(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", mount, "--no-progress"],
+    code, _, err = run_script(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", mount, "--no-progress"],
                        capsys)
     line = error_line(code, err)
     assert "mount point" in line and "free some space" not in line and f"-o {mount}" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"] and not any(mount.iterdir())
     monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mount)  # found before the work when it can be told
-    code, _, err = cli(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", mount, "--no-progress"],
+    code, _, err = run_script(similarity, ["--run", run["run"], "index", "build", run["gallery"], "-o", mount, "--no-progress"],
                        capsys)
     assert "mount point" in error_line(code, err)
 
@@ -237,6 +232,6 @@ def test_the_demo_never_deletes_a_users_gallery_folder(tmp_path, capsys):
     import demo
 
     before = photos(tmp_path / "gallery")
-    code, _, err = cli(demo, ["--out", tmp_path, "--model", "tiny_rn"], capsys)
+    code, _, err = run_script(demo, ["--out", tmp_path, "--model", "tiny_rn"], capsys)
     assert "gallery" in error_line(code, err) and "left alone" in err
     assert snapshot(tmp_path / "gallery") == before and sorted(p.name for p in tmp_path.iterdir()) == ["gallery"]
