@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train and test only on the pairs this file names: the paper's TLL_obj.csv as published, "
                         "a CSV with a name column, or one name a line")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the runs (run*/, avg/, summary.json) already in --save-to; other files there are "
-                        "kept, and a folder holding no runs (an extraction, an index) is refused")
+                   help="replace the runs (run*/, avg/, summary.json) train.py wrote in --save-to; other files are kept; "
+                        "a folder holding no runs, or an entry named like a run train.py did not write, is refused")
     return p
 
 
