@@ -88,6 +88,21 @@ class CpuKind:
         return f"torch's CPU kernels run at {self.capability} (ATEN_CPU_CAPABILITY?), not AVX512"
 
     @property
+    def kernels(self) -> str:
+        """Which kernels torch's fp32 arithmetic runs here, e.g. "aten=AVX512,onednn=AVX512" or "aten=AVX2,onednn=AVX2".
+
+        fp32 results differ in their last bits between kernel families (not between CPUs of one family),
+        so exact bytes are pinned per value of this (tests/test_pinned.py).
+        """
+        if "avx512f" in self.flags and not self._capped_below("AVX512_CORE"):
+            onednn = "AVX512"
+        elif "avx2" in self.flags and not self._capped_below("AVX2"):
+            onednn = "AVX2"
+        else:
+            onednn = "older"
+        return f"aten={self.capability},onednn={onednn}"
+
+    @property
     def isa(self) -> str:
         """The ISA flags that matter for speed, as one short string for benchmark tables."""
         shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16") if f in self.flags]
