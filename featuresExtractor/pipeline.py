@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from toolkit.lock import folder_lock
-from toolkit.utils import UserError, default_workers, save_npy
+from toolkit.utils import StopAfterBatch, UserError, default_workers, save_npy
 
 from .backbone_base import Backbone
 from .dataset import ImageItems, Layout, discover
@@ -44,7 +44,10 @@ from .store import ChunkStore
 from .subset import describe_subset, match_subset, read_subset
 from .transforms import hflip
 
-__all__ = ["ExtractConfig", "Report", "extract", "dataset_items", "run_shard", "start_store"]
+STOPPING_LINE = "extract: stopping after the current batch (finished batches are kept); Ctrl-C again to stop at once"
+"""Said on stderr as soon as Ctrl-C, SIGTERM or SIGHUP arrives during the extraction loop."""
+
+__all__ = ["STOPPING_LINE", "ExtractConfig", "Report", "extract", "dataset_items", "run_shard", "start_store"]
 
 
 @dataclass(frozen=True)
@@ -220,12 +223,15 @@ def run_shard(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
                desc=" ".join(filter(None, [f"extract {fx.backbone.spec.name}", ranks.label])),
                disable=not cfg.progress, dynamic_ncols=True, position=ranks.rank)
     try:
-        with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward:
+        # A CPU batch runs for seconds in C: a stop is said at once and taken once the batch is stored.
+        with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward, \
+                StopAfterBatch(STOPPING_LINE) as stop:
             for batch in _loader(cfg, fx, layout, todo, images_per_item):
                 if cfg.strict:
                     _check_strict(batch, layout)
                 written.append(_store_batch(batch, forward, cfg, layout, store, proc.pooled, out_dir))
                 bar.update(len(batch["index"]) * images_per_item)
+                stop.check()
     except UserError:
         for path in written:
             path.unlink(missing_ok=True)
