@@ -60,6 +60,7 @@ class ExtractConfig:
     normalize: str | None = None
     data_aug: bool = False
     precision: str = "fp32"
+    engine: str = "torch"  # featuresExtractor.engines: torch, or folded (batch norms folded; equal within rounding)
     batch_size: int = 2048
     workers: int = field(default_factory=default_workers)
     device: str = "cpu"
@@ -292,7 +293,8 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
                                               "items_kept": len(layout)}
     manifest = build_manifest(config, fx.backbone, fx.info, proc, layout, kept_list, skipped, outputs,
                               data_aug=cfg.data_aug, precision=cfg.precision, device=str(fx.device),
-                              channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset)
+                              channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset,
+                              engine=cfg.engine)
     manifest["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
                                "shards": ranks.layout(len(layout)), "shard_rule": "contiguous ranges of the sorted items"}
     write_manifest(staged, manifest)
@@ -328,7 +330,7 @@ def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: context
     proc = parse_processor(cfg.processor, cfg.normalize)
     layout, _ = dataset_items(cfg.dataset, cfg.subset)  # extract.py says which subset names are missing
     ranks.check_items(len(layout))
-    fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
+    fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last, cfg.engine)
     out_dir = _out_dir(cfg, fx, proc, layout, 2 if cfg.data_aug else 1)
     config = fingerprint(backbone, proc, layout, cfg.data_aug, cfg.precision)
     report = Report(out_dir=out_dir, n_items=len(layout))

@@ -46,7 +46,7 @@ def _extract(tmp_path, capsys) -> dict[str, np.ndarray]:
     make_pairs(data, 5, seed=7)
     out = tmp_path / "out"
     argv = ["-d", str(data), "-s", str(out), "-b", "4", "--data-aug", "--processor", "adapt-pca", "8",
-            "--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
+            "--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress", "--engine", "torch"]
     code = run_cli(extract.main, argv)
     assert code == 0, capsys.readouterr().err
     return {name: np.load(out / "tiny_rn" / name) for name in _BYTES}
