@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["parse_args", "main", "comparison_table"]
+__all__ = ["build_parser", "parse_args", "main", "comparison_table"]
 
 ROOT = Path(__file__).resolve().parent
 BANNER = """
@@ -51,18 +51,27 @@ CLIP's trained weights; the drawn pairs follow one simple rule, the same in trai
 test, and with {n_test} test pairs one pair is {step:.1f} points of top-1."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the demo's options (all have demo-sized defaults)."""
-    p = argparse.ArgumentParser(prog="python demo.py", description="Run the whole pipeline offline.")
+def build_parser() -> argparse.ArgumentParser:
+    """demo.py's argument parser (all options have demo-sized defaults); its help is also the
+    command-line reference of the HTML docs."""
+    from toolkit.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="demo.py", description="Run the whole pipeline offline.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (replaced on each run)")
     p.add_argument("--pairs", type=int, default=96, help="synthetic look-alike pairs to draw")
-    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--epochs", type=int, default=150, help="training epochs, as the paper's recipe")
     p.add_argument("--model", default="clip_rn50x4", help="backbone; tiny_rn runs in seconds (used by the tests)")
     p.add_argument("--pca", type=int, default=64, help="PCA size (at most 2 x pairs)")
     p.add_argument("--val-split", default="0.2", help="share of the training pairs held out for validation")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="extraction precision; auto: bf16 where it is native (AVX512-BF16 or AMX, CUDA), else fp32")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the demo's options (see `python demo.py -h`)."""
+    return build_parser().parse_args(argv)
 
 
 def _run(cmd: list[str]) -> None:
