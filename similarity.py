@@ -8,6 +8,7 @@
     python similarity.py --run RUNS/run1 pairs --index INDEX_DIR --threshold 0.9 -o look_alikes
     python similarity.py --run RUNS/run1 export -o RUN1_ONNX [--best] [--opset 18] [--dynamic-batch]
     python similarity.py --onnx RUN1_ONNX pair A.jpg B.jpg        (and search, index build/add, pairs: no torch)
+    python similarity.py --onnx RUN1_ONNX serve --index INDEX_DIR [--port 8000] [--api-key-file KEY]
 
 `pair` prints the adapted similarity of two images, the cosine of their raw features
 for comparison and, when the run was trained with `--val-split`, the threshold calibrated
@@ -23,7 +24,8 @@ preprocessing and manifest (`retrieval.export`), after checking it against the t
 `--onnx DIR` then runs every other command through onnxruntime, without torch
 (`retrieval.deploy`). An index built with `--onnx` is used with that export only.
 `pairs` lists the look-alike pairs of an indexed gallery (each pair once) as
-PREFIX.csv and PREFIX.html. An unreadable query is reported on stderr while the
+PREFIX.csv and PREFIX.html. `serve` answers searches over HTTP (JSON, a search page, metrics;
+`retrieval.serve`), on 127.0.0.1 unless `--host` says otherwise. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
 `retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index` for the
 index folder.
@@ -65,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_parser(sub)
     _add_pairs_parser(sub)
     _add_export_parser(sub)
+    _add_serve_parser(sub)
     for leaf in _leaf_parsers(p):
         _add_run_options(leaf, argparse.SUPPRESS)
     return p
@@ -88,6 +91,23 @@ def _leaf_parsers(parser) -> list[argparse.ArgumentParser]:
     if not subs:
         return [parser]
     return [leaf for a in subs for child in a.choices.values() for leaf in _leaf_parsers(child)]
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="an HTTP search service over an index (needs the [serve] extra)",
+                           allow_abbrev=False)
+    serve.add_argument("--index", required=True, help="an index folder built with: index build")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default 8000; 0: any free one, printed)")
+    serve.add_argument("--api-key-file", default=None, metavar="FILE",
+                       help="a file holding the key that /v1/index/add and /admin/reload need (X-API-Key); "
+                            "without it both are refused")
+    serve.add_argument("--uploads", default=None, metavar="DIR",
+                       help="where images added through /v1/index/add are kept (default: INDEX.uploads beside it)")
+    serve.add_argument("--max-batch", type=int, default=16, help="images encoded together at most (default 16; 1: no batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a query waits for others to batch with (default 5)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="the largest request body (default 20)")
 
 
 def _add_export_parser(sub) -> None:
@@ -242,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("similarity.py runs in one process; start it without torchrun")
 
     named = {"a": "first image", "b": "second image", "gallery": "gallery", "index": "--index", "json": "--json",
-             "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder", "check_images": "--check-images"}
+             "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder", "check_images": "--check-images",
+             "api_key_file": "--api-key-file", "uploads": "--uploads"}
     require_utf8({"--run": args.run, "--onnx": args.onnx, "--weights": args.weights,
                   **{label: getattr(args, name) for name, label in named.items() if hasattr(args, name)},
                   **{f"query {i + 1}": q for i, q in enumerate(getattr(args, "query", []))}})
@@ -258,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = _check_index_args(args)
     if args.command == "export":
         config = _check_export_args(args)
+    if args.command == "serve":
+        return _serve(args, device)
 
     from retrieval.visual_similarity import VisualSimilarity
 
@@ -282,6 +305,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pairs":
         return _pairs(sim, args)
     return _search(sim, args)
+
+
+def _serve(args, device) -> int:
+    """Check the serve arguments, then serve; the encoder and the index load once the port is bound."""
+    from retrieval import index_folder
+    from retrieval.serve import ServeConfig, read_api_key, run_server
+    from retrieval.visual_similarity import VisualSimilarity
+
+    config = ServeConfig(args.index, args.host, args.port, read_api_key(args.api_key_file) if args.api_key_file else None,
+                         args.max_batch, args.max_wait_ms, args.max_upload_mb, args.uploads)
+    index_folder.read_manifest(args.index)  # a folder that is no index is refused before the port is bound
+    if args.onnx:
+        from retrieval.deploy import read_manifest
+
+        read_manifest(args.onnx)
+        return run_server(config, lambda: VisualSimilarity.from_onnx(args.onnx))
+    return run_server(config, lambda: VisualSimilarity.from_run(args.run, device=device, weights=args.weights,
+                                                                best=args.best))
 
 
 def _check_source_args(args) -> None:

@@ -13,6 +13,8 @@
 - `retrieval.pages`: their self-contained HTML pages.
 - `retrieval.export`: a run written as one ONNX graph plus its preprocessing (needs torch).
 - `retrieval.deploy`: an export run by onnxruntime, without torch.
+- `retrieval.serve`: `similarity.py serve`, an HTTP search service (FastAPI) over a run or an export and
+  an index folder, with its search page (`serve_page.html`).
 
 `similarity.py` at the top of the repository wires them to the command line.
 

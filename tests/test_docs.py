@@ -103,7 +103,7 @@ def _visible_text(page: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", " ", page))
 
 
-def _parsers_of(parser) -> list:
+def parsers_of(parser) -> list:
     """A parser and every subcommand's parser under it, nested ones included."""
     import argparse
 
@@ -127,7 +127,7 @@ def test_each_scripts_page_shows_its_full_command_line_outside_the_source():
         page = (ROOT / "docs" / f"{module.__name__}.html").read_text()
         text = _visible_text(page)
         assert "def build_parser" not in text and "add_argument" not in text  # the source is really gone
-        parsers = _parsers_of(module.build_parser())
+        parsers = parsers_of(module.build_parser())
         for sub in parsers[1:]:
             assert f"python {sub.prog} -h" in text
         for parser in parsers:
