@@ -44,7 +44,7 @@ from .store import ChunkStore
 from .subset import describe_subset, match_subset, read_subset
 from .transforms import hflip
 
-STOPPING_LINE = "extract: stopping after the current batch (finished batches are kept); Ctrl-C again to stop at once"
+STOPPING_LINE = "extract.py: stopping after the current batch (finished batches are kept); Ctrl-C again to stop at once"
 """Said on stderr as soon as Ctrl-C, SIGTERM or SIGHUP arrives during the extraction loop."""
 
 __all__ = ["STOPPING_LINE", "ExtractConfig", "Report", "extract", "dataset_items", "run_shard", "start_store"]
