@@ -1,7 +1,7 @@
 """The offline demo behind `make demo`: draw look-alike pairs, extract, train, compare, search.
 
 Runs the README's own commands, printed before each runs, on a deterministic set of
-synthetic look-alike pairs (`toolkit.synthetic.drawn_images`: partners share shapes, colours
+synthetic look-alike pairs (`synthetic.drawn_images`: partners share shapes, colours
 and arrangement; background, position, scale, outlines and pixel noise change within each
 pair). It trains the `original` adaptation with a validation split and the untrained
 `dummy` baseline (raw features) on the same split, prints their test top-1/3/5 and MRR,
@@ -103,16 +103,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from featuresExtractor.backbones import resolve_spec
     from featuresExtractor.clip_models import cached_weights
+    from featuresExtractor.processor import AdaptPCA
 
     out = Path(args.out).resolve()
     py = sys.executable
     pretrained = "default" if args.model == "clip_rn50x4" and cached_weights(resolve_spec(args.model)) else "none"
     if pretrained == "none":
         print(BANNER, flush=True)
-    features = out / "features" / args.model / f"features_pca{args.pca}.npy"
+    features = out / "features" / args.model / AdaptPCA(args.pca).reduced_file
     topk = (1, 3, 5)
     try:
-        _run([py, "-m", "toolkit.synthetic.drawn_images", str(out / "tll"), "--pairs", str(args.pairs), "--seed", "0",
+        _run([py, "-m", "synthetic.drawn_images", str(out / "tll"), "--pairs", str(args.pairs), "--seed", "0",
               "--overwrite"])
         # No --data-aug: the time goes to twice as many pairs instead of flipped copies.
         _run([py, "extract.py", "-d", str(out / "tll"), "-s", str(out / "features"), "-b", "64",

@@ -113,7 +113,7 @@ def save_results(name: str, payload: dict, out_dir: str | os.PathLike = RESULTS)
 
 def small_run(model: str, root: Path, pairs: int, pca: int) -> Path:
     """A run folder of `model` (random init) trained on drawn pairs."""
-    from toolkit.synthetic.drawn_images import make_pairs
+    from synthetic.drawn_images import make_pairs
 
     make_pairs(root / "tll", n_pairs=pairs, seed=0)
     # The scripts run as their command lines (bench/extract.py would shadow an `import extract` here).
@@ -128,3 +128,11 @@ def small_run(model: str, root: Path, pairs: int, pca: int) -> Path:
 def script(argv: list) -> None:
     subprocess.run([sys.executable, ROOT / argv[0], *map(str, argv[1:])], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def finish(name: str, args, machine_info: dict, prefix: str = "", **results) -> int:
+    """The end of every bench script: `args`, `machine_info` and `results` saved by `save_results`,
+    where they went printed (after `prefix`); returns the exit status 0."""
+    path = save_results(name, {"args": vars(args), "machine": machine_info, **results})
+    print(f"{prefix}wrote {path}")
+    return 0

@@ -62,7 +62,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         ok = True
         return code
     except UserError as err:
-        if ranks.rank == 0 and not getattr(err, "quiet", False):  # quiet: rank 0 has printed it
+        # quiet: rank 0 has printed it; loud: every rank prints it (a failure to join, which no peer can report)
+        if (ranks.rank == 0 or getattr(err, "loud", False)) and not getattr(err, "quiet", False):
             print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
