@@ -141,9 +141,10 @@ def test_a_signal_during_a_long_c_call_is_said_at_once_and_taken_after_the_batch
             with StopAfterBatch("stopping after the current batch") as stop:
                 for i in range(3):
                     if i == 1:
-                        threading.Timer(0.3, os.kill, (os.getpid(), signal.{sig})).start()
-                        # one C call of about a second, which lets other threads run (as torch's kernels do)
-                        hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 400_000)
+                        threading.Timer(0.05, os.kill, (os.getpid(), signal.{sig})).start()
+                        # one C call of a second or more (0.5 s at the least on a fast core), which lets
+                        # other threads run as torch's kernels do; the signal comes 0.05 s into it
+                        hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 2_000_000)
                     print(f"batch {{i}} done", file=sys.stderr, flush=True)
                     stop.check()
             return 0
