@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="clip_rn50x4", help="backbone; tiny_rn runs in seconds (used by the tests)")
     p.add_argument("--pca", type=int, default=64, help="PCA size (at most 2 x pairs)")
     p.add_argument("--val-split", default="0.2", help="share of the training pairs held out for validation")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="extraction precision")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="extraction precision; auto: bf16 where it is native (AVX512-BF16 or AMX, CUDA), else fp32")
     return p
 
 

@@ -85,8 +85,8 @@ def transform_choice(manifest: dict) -> str:
 
 def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Processor, layout: Layout,
                    kept: list[int], skipped: dict[int, str], outputs: dict[str, dict], *, data_aug: bool,
-                   precision: str, device: str, channels_last: bool, batch_size: int, subset: dict | None = None
-                   ) -> dict:
+                   precision: str, device: str, channels_last: bool, batch_size: int, subset: dict | None = None,
+                   engine: str = "torch") -> dict:
     """The manifest of a finished extraction; `config` is its `fingerprint`, `outputs` each file's record,
     `subset` the record of `--subset` (`featuresExtractor.subset.describe_subset`) when one was given."""
     n_flips = 2 if data_aug else 1
@@ -102,7 +102,7 @@ def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Pr
         "processor": proc.record(),
         "augmentation": {"hflip": data_aug, "applied_to": "preprocessed tensor"},
         "decode": DECODE,
-        "precision": precision, "device": device, "channels_last": channels_last,
+        "precision": precision, "device": device, "channels_last": channels_last, "engine": engine,
         "batch_size": batch_size,
         "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "source": layout.source,
                     "sides": list(layout.sides),

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from toolkit.folders import describe_entries, manifest_format
 from toolkit.lock import folder_lock
-from toolkit.utils import UserError, default_workers, first_line, save_npy
+from toolkit.utils import StopAfterBatch, UserError, default_workers, first_line, save_npy
 
 from .backbone_base import Backbone
 from .dataset import ImageItems, Layout, discover
@@ -45,7 +45,10 @@ from .store import ChunkStore
 from .subset import describe_subset, match_subset, read_subset
 from .transforms import hflip
 
-__all__ = ["ExtractConfig", "Report", "extract", "dataset_items", "run_shard", "start_store"]
+STOPPING_LINE = "extract.py: stopping after the current batch (finished batches are kept); Ctrl-C again to stop at once"
+"""Said on stderr as soon as Ctrl-C, SIGTERM or SIGHUP arrives during the extraction loop."""
+
+__all__ = ["STOPPING_LINE", "ExtractConfig", "Report", "extract", "dataset_items", "run_shard", "start_store"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class ExtractConfig:
     normalize: str | None = None
     data_aug: bool = False
     precision: str = "fp32"
+    engine: str = "torch"  # featuresExtractor.engines: torch, or folded (batch norms folded; equal within rounding)
     batch_size: int = 2048
     workers: int = field(default_factory=default_workers)
     device: str = "cpu"
@@ -257,12 +261,15 @@ def run_shard(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
                desc=" ".join(filter(None, [f"extract {fx.backbone.spec.name}", ranks.label])),
                disable=not cfg.progress, dynamic_ncols=True, position=ranks.rank)
     try:
-        with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward:
+        # A CPU batch runs for seconds in C: a stop is said at once and taken once the batch is stored.
+        with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward, \
+                StopAfterBatch(STOPPING_LINE) as stop:
             for batch in _loader(cfg, fx, layout, todo, images_per_item):
                 if cfg.strict:
                     _check_strict(batch, layout)
                 written.append(_store_batch(batch, forward, cfg, layout, store, proc.pooled, out_dir))
                 bar.update(len(batch["index"]) * images_per_item)
+                stop.check()
     except UserError:
         for path in written:
             path.unlink(missing_ok=True)
@@ -323,7 +330,8 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
                                               "items_kept": len(layout)}
     manifest = build_manifest(config, fx.backbone, fx.info, proc, layout, kept_list, skipped, outputs,
                               data_aug=cfg.data_aug, precision=cfg.precision, device=str(fx.device),
-                              channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset)
+                              channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset,
+                              engine=cfg.engine)
     manifest["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
                                "shards": ranks.layout(len(layout)), "shard_rule": "contiguous ranges of the sorted items"}
     write_manifest(staged, manifest)
@@ -359,7 +367,7 @@ def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: context
     proc = parse_processor(cfg.processor, cfg.normalize)
     layout, _ = dataset_items(cfg.dataset, cfg.subset)  # extract.py says which subset names are missing
     ranks.check_items(len(layout))
-    fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
+    fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last, cfg.engine)
     out_dir = _out_dir(cfg, fx, proc, layout, 2 if cfg.data_aug else 1)
     config = fingerprint(backbone, proc, layout, cfg.data_aug, cfg.precision)
     report = Report(out_dir=out_dir, n_items=len(layout))
