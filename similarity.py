@@ -2,7 +2,9 @@
 
     python similarity.py --run RUNS/run1 pair A.jpg B.jpg
     python similarity.py --run RUNS/run1 search QUERY.jpg --gallery DIR_OR_FEATURES.npy -k 5 --html results.html
-    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR [--kind flat|hnsw|ivfpq]
+    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR [--kind flat|hnsw|ivf|ivfpq]
+    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR --kind hnsw --target-recall 0.98
+    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR --backend milvus --uri http://127.0.0.1:19530 [--collection NAME] [--token-file FILE]
     python similarity.py --run RUNS/run1 index add INDEX_DIR MORE_IMAGES
     python similarity.py --run RUNS/run1 search Q1.jpg Q2.jpg QUERY_DIR --index INDEX_DIR -k 10 --json hits.json --html hits.html
     python similarity.py --run RUNS/run1 pairs --index INDEX_DIR --threshold 0.9 -o look_alikes
@@ -27,8 +29,10 @@ preprocessing and manifest (`retrieval.export`), after checking it against the t
 PREFIX.csv and PREFIX.html. `serve` answers searches over HTTP (JSON, a search page, metrics;
 `retrieval.serve`), on 127.0.0.1 unless `--host` says otherwise. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
-`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index` for the
-index folder.
+`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index_folder` for the
+index folder. `--backend milvus` keeps the vectors in a Milvus collection (Milvus Lite, or a
+Milvus cluster: the URI and a token file differ, nothing else; `retrieval.milvus_index`); the
+folder then holds the manifest, and `search`, `pairs` and `index add` use it as they use a faiss one.
 
 Example:
     >>> import similarity
@@ -135,20 +139,33 @@ def _add_search_parser(sub) -> None:
     search.add_argument("--csv", default=None, help="write the results here as CSV")
     search.add_argument("--html", default=None, help="write a self-contained results page here")
     search.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates explored (default: the index's)")
-    search.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited (default: the index's)")
+    search.add_argument("--nprobe", type=int, default=None, help="ivf, ivfpq: lists visited (default: the index's)")
     search.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_strict(search)
 
 
 def _add_index_parser(sub) -> None:
-    index = sub.add_parser("index", help="build or extend a persistent faiss index of a gallery", allow_abbrev=False)
+    index = sub.add_parser("index", help="build or extend a persistent index of a gallery (faiss or Milvus)",
+                           allow_abbrev=False)
     isub = index.add_subparsers(dest="index_command", required=True)
     build = isub.add_parser("build", help="encode a gallery and write an index folder", allow_abbrev=False)
     build.add_argument("gallery", help="folder of images (flat or left/right), image list file, or features.npy")
     build.add_argument("-o", "--out", required=True, help="the index folder to write")
-    build.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
-                       help="flat: exact; hnsw, ivfpq: approximate (faster / smaller)")
-    from retrieval.index import IndexParams
+    from retrieval.index import KINDS, IndexParams
+
+    build.add_argument("--kind", choices=KINDS, default="flat",
+                       help="flat: exact; the others approximate (faster / smaller); --backend milvus: flat or hnsw")
+    build.add_argument("--target-recall", type=float, default=None, metavar="R",
+                       help="hnsw / ivf kinds: choose --ef-search / --nprobe as the smallest reaching recall@10 R "
+                            "(0 < R <= 1) on a held-out sample of the gallery against exact search")
+    build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss",
+                       help="faiss (the default): the vectors in the index folder; milvus: in a Milvus collection "
+                            "(needs --uri)")
+    build.add_argument("--uri", default=None, help="milvus: the server, e.g. http://127.0.0.1:19530")
+    build.add_argument("--collection", default=None,
+                       help="milvus: the collection (default: vs_ and the index folder's name)")
+    build.add_argument("--token-file", default=None, metavar="FILE",
+                       help="milvus: a file holding the token (USER:PASSWORD or an API key); never on the command line")
 
     d = IndexParams()  # the defaults shown in --help
     build.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help=f"hnsw: links per vector (default {d.hnsw_m})")
@@ -156,10 +173,11 @@ def _add_index_parser(sub) -> None:
                        help=f"hnsw: build-time candidates (default {d.ef_construction})")
     build.add_argument("--ef-search", type=int, default=d.ef_search,
                        help=f"hnsw: search-time candidates (default {d.ef_search})")
-    build.add_argument("--nlist", type=int, default=d.nlist, help="ivfpq: inverted lists (default: 4 sqrt(n))")
+    build.add_argument("--nlist", type=int, default=d.nlist,
+                       help="ivf, ivfpq: inverted lists (default: 4 sqrt(n), at most 1680)")
     build.add_argument("--pq-m", type=int, default=d.pq_m, help="ivfpq: bytes per vector code (default: dim / 8)")
     build.add_argument("--nbits", type=int, default=d.nbits, help=f"ivfpq: bits per code part (default {d.nbits})")
-    build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivfpq: lists visited per query (default {d.nprobe})")
+    build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivf, ivfpq: lists visited per query (default {d.nprobe})")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     add = isub.add_parser("add", help="append images to an index (those already in it are skipped)", allow_abbrev=False)
     add.add_argument("index_dir", metavar="INDEX_DIR", help="an index folder built with: index build")
@@ -256,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from toolkit.distributed import Ranks
     from toolkit.device import choose_device
+    from toolkit.hardware import resolve_precision
     from toolkit.utils import UserError, require_utf8
 
     if Ranks.from_env().distributed:  # every rank would encode the same images and write the same files
@@ -288,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sim = VisualSimilarity.from_onnx(args.onnx)
     else:
         sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
+        # The extraction's precision is followed; where it is emulated here, say so once.
+        warning = resolve_precision(sim.encoder.extractor.precision, device).warning
+        if warning:
+            print(f"similarity.py: {warning} (the run's features were extracted in it, so queries are too)",
+                  file=sys.stderr)
         if sim.provenance_note:
             print(f"note: {sim.provenance_note}", file=sys.stderr)
     if args.command == "export":
@@ -392,7 +416,10 @@ def _check_pairs_args(args) -> None:
 
 
 def _check_index_args(args):
-    """Checks the index command's inputs; returns the IndexParams of a build, None for an add."""
+    """Checks the index command's inputs; returns (IndexParams, MilvusTarget or None) of a build, None for an add.
+
+    A Milvus server is reached, and its token tried, before the model loads.
+    """
     from retrieval.index import IndexParams
     from retrieval.index_folder import check_target
     from retrieval.visual_similarity import check_source
@@ -403,10 +430,33 @@ def _check_index_args(args):
         check_target(args.index_dir, True, "index folder", existing=True)
         return None
     params = IndexParams(args.kind, args.hnsw_m, args.ef_construction, args.ef_search, args.nlist, args.pq_m,
-                         args.nbits, args.nprobe)
+                         args.nbits, args.nprobe, target_recall=args.target_recall)
     check_target(args.out, args.overwrite, "-o")
     check_writable(args.out, "-o")
-    return params
+    return params, _milvus_target(args, params)
+
+
+def _milvus_target(args, params):
+    """The MilvusTarget of `index build --backend milvus` (reached once, so a bad URI or token is told early)."""
+    from toolkit.utils import UserError
+
+    given = [f for f, v in (("--uri", args.uri), ("--collection", args.collection), ("--token-file", args.token_file))
+             if v is not None]
+    if args.backend == "faiss":
+        if given:
+            raise UserError(f"{', '.join(given)} applies to --backend milvus only")
+        return None
+    from retrieval.milvus_index import MILVUS_KINDS, MilvusTarget, connect, default_collection
+
+    if args.uri is None:
+        raise UserError("--backend milvus needs --uri, the Milvus server (e.g. http://127.0.0.1:19530)")
+    if args.kind not in MILVUS_KINDS:
+        raise UserError(f"--backend milvus builds --kind {' or '.join(MILVUS_KINDS)} (got --kind {args.kind})")
+    if params.target_recall is not None:
+        raise UserError("--target-recall applies to --backend faiss; with Milvus, set --ef-search (hnsw) instead")
+    target = MilvusTarget(args.uri, args.collection or default_collection(args.out), args.token_file)
+    connect(target).close()
+    return target
 
 
 def _pair(sim, args) -> int:
@@ -474,8 +524,9 @@ def _write_search_outputs(hits, threshold, args) -> None:
 
 def _index(sim, args, params) -> int:
     if args.index_command == "build":
+        params, milvus = params
         index, skipped = sim.build_index(args.gallery, args.out, params, overwrite=args.overwrite,
-                                         progress=not args.no_progress, strict=args.strict)
+                                         progress=not args.no_progress, strict=args.strict, milvus=milvus)
         added = len(index)
     else:
         index, added, skipped = sim.add_to_index(args.index_dir, args.gallery, progress=not args.no_progress,
@@ -483,7 +534,15 @@ def _index(sim, args, params) -> int:
     for name, reason in skipped.items():
         print(f"skipped unreadable gallery image {name}: {reason}", file=sys.stderr)
     verb = "indexed" if args.index_command == "build" else "added"
-    print(f"{verb} {added} image(s); {index.path} holds {len(index)} ({index.kind}, {index.dim}-d)")
+    where = f", Milvus collection {index.target.collection} at {index.target.uri}" if index.backend == "milvus" else ""
+    print(f"{verb} {added} image(s); {index.path} holds {len(index)} ({index.kind}, {index.dim}-d{where})")
+    tuned = index.manifest.get("tuned")
+    if tuned:
+        print(f"{tuned['param']} {tuned['value']}: recall@{tuned['k']} {tuned['recall']:.4f} against exact search on "
+              f"{tuned['queries']} held-out gallery vectors (target {tuned['target']})")
+        if not tuned["reached"]:
+            print(f"no {tuned['param']} reached recall@{tuned['k']} {tuned['target']}; the best tried is kept: "
+                  f"build with a larger --hnsw-m / --ef-construction, or --nlist, or use --kind flat", file=sys.stderr)
     return 0
 
 

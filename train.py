@@ -31,6 +31,7 @@ from toolkit.checks import default_of, flag_rule
 from toolkit.cli import run_cli
 from toolkit.device import choose_device
 from toolkit.distributed import Ranks
+from toolkit.hardware import resolve_precision
 from toolkit.utils import flag_names, require_utf8
 
 PROG = "train.py"
@@ -121,9 +122,10 @@ def _add_later_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", **_rule("lr"), help=f"Adam learning rate (default: {_default('lr'):g})")
     p.add_argument("--weight-decay", **_rule("weight_decay"),
                    help=f"Adam weight decay (default: {_default('weight_decay'):g})")
-    p.add_argument("--precision", choices=PRECISIONS, **_rule("precision"),
-                   help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32 "
-                        f"(default: {_default('precision')})")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), **_rule("precision"),
+                   help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32; auto: "
+                        "bf16 where it is native (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32; bf16 on a "
+                        f"CPU without them is emulated, many times slower (warned) (default: {_default('precision')})")
     p.add_argument("--objective", choices=OBJECTIVES, **_rule("objective"),
                    help="contrastive: the paper's loss with in-batch negatives; simsiam: positive pairs only, predictor + "
                         "stop-gradient (Chen and He, 2021); byol: positive pairs only, predictor + momentum target "
@@ -138,8 +140,8 @@ def _add_later_flags(p: argparse.ArgumentParser) -> None:
                    help="train and test only on the pairs this file names: the paper's TLL_obj.csv as published, "
                         "a CSV with a name column, or one name a line")
     p.add_argument("--overwrite", action="store_true", default=_default("overwrite"),
-                   help="replace the runs (run*/, avg/, summary.json) already in --save-to; other files there are "
-                        "kept, and a folder holding no runs (an extraction, an index) is refused")
+                   help="replace the runs (run*/, avg/, summary.json) train.py wrote in --save-to; other files are kept; "
+                        "a folder holding no runs, or an entry named like a run train.py did not write, is refused")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -167,9 +169,13 @@ FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--te
 """Library parameter names as this script's flags, for error messages."""
 
 
-def build_config(args: argparse.Namespace) -> ExperimentConfig:
-    """The one frozen configuration of this invocation, from the parsed flags (its dataclasses check them)."""
-    values = vars(args)
+def build_config(args: argparse.Namespace, precision: str | None = None) -> ExperimentConfig:
+    """The one frozen configuration of this invocation, from the parsed flags (its dataclasses check them).
+
+    `precision`: `--precision` resolved on the device (`toolkit.hardware.resolve_precision`: `auto`
+    becomes fp32 or bf16); None takes the flag as given.
+    """
+    values = {**vars(args), **({"precision": precision} if precision is not None else {})}
     return ExperimentConfig(
         data=args.data, save_to=args.save_to, train=TrainConfig(**{name: values[name] for name in TRAIN_FLAGS}),
         **{name: values[name] for name in EXPERIMENT_FLAGS})
@@ -182,12 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.redirect_stderr(io.StringIO()) if ranks.rank else contextlib.nullcontext():
         args = parse_args(argv)
     require_utf8({"-d": args.data, "-s": args.save_to, "--subset": args.subset})  # every rank finds the same; rank 0 says it
-    cfg = build_config(args)
     device, device_note = select_device(args.gpu, ranks)
     device_note = device_note and f"{PROG}: {device_note}"
     ranks = ranks.join(device)
+    precision = resolve_precision(args.precision, device)
+    cfg = build_config(args, precision.precision)
 
-    notes = [device_note] if device_note else []
+    notes = [f"{PROG}: {line}" for line in (device_note, precision.note, precision.warning) if line][::-1]
 
     def log(line: str) -> None:
         while notes:  # the device choice is said once the input has passed its checks, before the first run

@@ -58,7 +58,7 @@ from torch import nn
 from toolkit.hashing import file_sha256
 from featuresExtractor.encode import model_taps
 from featuresExtractor.manifest import MANIFEST, check_output, read_manifest
-from featuresExtractor.processor import Processor, pca_stems
+from featuresExtractor.processor import Processor
 from toolkit.utils import UserError, atomic_path, first_line
 
 from .calibration import Threshold
@@ -79,9 +79,7 @@ FORMAT_VERSION = 3
 
 def _pca_files(manifest: Mapping[str, Any]) -> list[str]:
     """The PCA file names (relative to the features folder) the extraction `manifest` describes fitted."""
-    p = manifest["processor"]
-    return [f"{stem}.npz" for stem in pca_stems(Processor(p["name"], p["n_components"], p["normalize"]),
-                                                model_taps(manifest))]
+    return [f"{stem}.npz" for stem in Processor.from_record(manifest["processor"]).pca_stems(model_taps(manifest))]
 
 
 def provenance_of(features_path: str | os.PathLike) -> dict[str, Any]:

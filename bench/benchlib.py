@@ -74,7 +74,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from toolkit.hardware import cpu_kind
+
+    kind = cpu_kind()  # the ISA flags and caps that decide which kernels ran (AVX2, AVX512-BF16, AMX)
+    # Every table that prints info["cpu"] names the ISA with the model.
+    info = {"cpu": f"{cpu} [{kind.isa}]", "isa": kind.isa, "native_bf16": kind.native("bf16"), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "load_avg_start": os.getloadavg()}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)
@@ -108,7 +113,7 @@ def save_results(name: str, payload: dict, out_dir: str | os.PathLike = RESULTS)
 
 def small_run(model: str, root: Path, pairs: int, pca: int) -> Path:
     """A run folder of `model` (random init) trained on drawn pairs."""
-    from toolkit.synthetic.drawn_images import make_pairs
+    from synthetic.drawn_images import make_pairs
 
     make_pairs(root / "tll", n_pairs=pairs, seed=0)
     # The scripts run as their command lines (bench/extract.py would shadow an `import extract` here).
@@ -123,3 +128,11 @@ def small_run(model: str, root: Path, pairs: int, pca: int) -> Path:
 def script(argv: list) -> None:
     subprocess.run([sys.executable, ROOT / argv[0], *map(str, argv[1:])], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def finish(name: str, args, machine_info: dict, prefix: str = "", **results) -> int:
+    """The end of every bench script: `args`, `machine_info` and `results` saved by `save_results`,
+    where they went printed (after `prefix`); returns the exit status 0."""
+    path = save_results(name, {"args": vars(args), "machine": machine_info, **results})
+    print(f"{prefix}wrote {path}")
+    return 0

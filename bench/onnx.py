@@ -77,7 +77,7 @@ def bench_model(model: str, args, tmp: Path) -> dict:
 
     from retrieval.export import EmbeddingGraph
     from retrieval.visual_similarity import VisualSimilarity
-    from toolkit.synthetic.drawn_images import render_pair
+    from synthetic.drawn_images import render_pair
 
     t = time.perf_counter()
     run = benchlib.small_run(model, tmp / model, args.pairs, args.pca)
@@ -148,10 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          [("model", "model", "s"), ("what", f"batch {args.batch}", "s"),
                           ("images_per_s", "images/s", ".2f"), ("vs_torch_fp32", "x torch fp32", ".2f")]))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
-    if args.save:
-        path = benchlib.save_results("onnx", {"args": vars(args), "machine": info, "results": results})
-        print(f"wrote {path}")
-    return 0
+    return benchlib.finish("onnx", args, info, results=results) if args.save else 0
 
 
 if __name__ == "__main__":

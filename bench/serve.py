@@ -69,7 +69,7 @@ def prepare(model: str, args, tmp: Path) -> tuple[Path, Path, list[bytes]]:
     """(export folder, index folder, query images as PNG bytes) of a small random-init run of `model`."""
     import io
 
-    from toolkit.synthetic.drawn_images import render_pair
+    from synthetic.drawn_images import render_pair
 
     run = benchlib.small_run(model, tmp / model, args.pairs, args.pca)
     export = tmp / f"{model}_onnx"
@@ -194,9 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 ("qps", "q/s", ".1f"), ("p50_ms", "p50 ms", ".0f"), ("p99_ms", "p99 ms", ".0f"),
                                 ("errors", "errors", "d"), ("mean_batch", "mean batch", ".2f"),
                                 ("server_peak_rss_mib", "server peak RSS MiB", ".0f")]))
-    if args.save:
-        print(f"wrote {benchlib.save_results('serve', {'machine': info, 'args': vars(args), 'rows': rows})}")
-    return 0
+    return benchlib.finish("serve", args, info, rows=rows) if args.save else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 
 - `retrieval.visual_similarity`: the `VisualSimilarity` API: a run (`from_run`) or an ONNX export
   (`from_onnx`) applied to new images: `score`, `judge`, `embed`, `search`, an index's build, add and load.
-- `retrieval.index`: the faiss index in memory (`SimilarityIndex`, `IndexParams`, look-alike pairs).
+- `retrieval.backend`: `VectorIndex`, the one interface of an index, whichever backend holds the vectors.
+- `retrieval.index`: the faiss backend, in memory (`SimilarityIndex`, `IndexParams`, `--target-recall`'s
+  tuning, look-alike pairs).
+- `retrieval.milvus_index`: the Milvus backend (`MilvusIndex`): the vectors in a Milvus collection.
 - `retrieval.index_folder`: the folder an index is kept in (written, read and validated there).
 - `retrieval.encode_cache`: an interrupted index build's encoded chunks, so a rerun resumes.
 - `retrieval.results`: the text, CSV and JSON results of `similarity.py search` and `pairs`.

@@ -56,7 +56,8 @@ from toolkit.hashing import file_sha256
 from toolkit.utils import UserError, atomic_path, first_line
 
 from . import index_folder
-from .index import SimilarityIndex, normalise
+from .backend import VectorIndex
+from .index import normalise
 
 __all__ = ["ServeConfig", "MicroBatcher", "create_app", "run_server", "read_api_key", "EXTRA", "MAX_K"]
 
@@ -206,15 +207,15 @@ class MicroBatcher:
 class Snapshot:
     """The index as searches see it: never changed once made; an add or reload makes a new one."""
 
-    index: SimilarityIndex
+    index: VectorIndex  # faiss or Milvus (retrieval.backend): searched through the one interface
     by_name: dict[str, int]
     manifest_sha256: str
-    # faiss searches are thread-safe, but SimilarityIndex.search sets an hnsw index's efSearch for each k
+    # faiss searches are thread-safe, but the faiss SimilarityIndex.search sets an hnsw index's efSearch for each k
     # first: one search at a time per snapshot (searching is quick next to encoding a query).
     searching: threading.Lock = field(default_factory=threading.Lock, compare=False)
 
     @classmethod
-    def of(cls, index: SimilarityIndex, folder: str | os.PathLike) -> "Snapshot":
+    def of(cls, index: VectorIndex, folder: str | os.PathLike) -> "Snapshot":
         by_name: dict[str, int] = {}
         for i, name in enumerate(index.names):
             by_name.setdefault(name, i)

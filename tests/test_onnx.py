@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import similarity
-from conftest import ROOT, draw_image, run_bounded
+from conftest import ROOT, draw_image, run_bounded, torch_free_env
 from onnx_paths import drawn, memory_sim
 from test_index import cli, one_error_line
 from test_similarity import run  # noqa: F401  (run: the module-scoped tiny run fixture)
@@ -158,19 +158,8 @@ def test_cli_with_onnx_and_index_identity(exported, run, tmp_path, capsys):  # n
     assert code == 2 and "another encoder" in one_error_line(err)
 
 
-BLOCKER = '''import sys
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "open_clip", "torchvision", "timm"):
-            raise ImportError(name + " is made unimportable by this test")
-sys.meta_path.insert(0, Blocker())
-'''
-
-
 def test_onnx_path_runs_without_torch(exported, run, tmp_path):  # noqa: F811
-    (tmp_path / "block").mkdir()
-    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'block'}{os.pathsep}{ROOT}")
+    env = torch_free_env(tmp_path / "block")
     # the blocker works: torch cannot be imported in such a process
     probe = run_bounded([sys.executable, "-c", "import torch"], 60, env=env)
     assert probe.returncode != 0 and "made unimportable" in probe.stderr

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 import similarity
-from conftest import ROOT, draw_image, run_script
+from conftest import ROOT, draw_image, script_cli, torch_free_env
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -38,17 +38,9 @@ from retrieval.visual_similarity import VisualSimilarity  # noqa: E402
 from toolkit.hashing import file_sha256  # noqa: E402
 
 KEY = "test-key-0123456789"
-BLOCKER = '''import sys
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "open_clip", "torchvision", "timm"):
-            raise ImportError(name + " is made unimportable by this test")
-sys.meta_path.insert(0, Blocker())
-'''
 
 
-def cli(argv, capsys):
-    return run_script(similarity, argv, capsys)
+cli = script_cli(similarity)
 
 
 def linear_export(out: Path, seed: int, dim: int = 16, side: int = 32, threshold: dict | None = None) -> Path:
@@ -358,11 +350,8 @@ class Server:
     """`similarity.py --onnx EXPORT serve` in its own session, torch and open_clip made unimportable."""
 
     def __init__(self, served, tmp_path, index, *extra):
-        block = tmp_path / "block"
-        block.mkdir(exist_ok=True)
-        (block / "sitecustomize.py").write_text(BLOCKER)
         (tmp_path / "key").write_text(KEY + "\n")
-        env = dict(os.environ, PYTHONPATH=f"{block}{os.pathsep}{ROOT}", PYTHONUNBUFFERED="1")
+        env = torch_free_env(tmp_path / "block", PYTHONUNBUFFERED="1")
         cmd = [sys.executable, str(ROOT / "similarity.py"), "--onnx", str(served["onnx"]), "serve", "--index",
                str(index), "--port", "0", "--api-key-file", str(tmp_path / "key"), *map(str, extra)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

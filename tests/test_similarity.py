@@ -13,9 +13,7 @@ import torch
 import extract
 import similarity
 import train
-from conftest import draw_image, make_pairs, run_script
-
-TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
+from conftest import TINY, draw_image, make_pairs, script_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +32,7 @@ def run(tmp_path_factory):
     return {"root": root, "run": root / "runs" / "run1", "features": features, "gallery": gallery}
 
 
-def cli(argv, capsys):
-    return run_script(similarity, argv, capsys)
+cli = script_cli(similarity)
 
 
 class ImgCounter(HTMLParser):
