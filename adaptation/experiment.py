@@ -64,7 +64,8 @@ class ExperimentConfig:
     Attributes:
         data: the features file of pairs (extract.py's `features*.npy`).
         save_to: the runs folder.
-        model: `original`, `peterson` or `dummy` (`adaptation.models`).
+        model: `original`, `linear`, `peterson`, `dummy` or `cca` (`adaptation.models`; `cca` is fitted in
+            closed form, `adaptation.cca`, then evaluated once: one "epoch", fp32 figures).
         epochs, batch_size, temperature, lr, weight_decay, precision, topk: the recipe
             (`adaptation.training.TrainConfig`); `batch_size=None` is the full batch.
         runs: independent runs; run i splits and initialises with `seed + i - 1` unless `same_split`.
