@@ -8,7 +8,7 @@ Usage (the published recipe):
 `PAIRS.csv` (left,right[,name]) or an `IMAGES.txt` list (see `featuresExtractor.dataset`).
 Several processes (GPUs, or CPU ranks with gloo) share one extraction under torchrun:
 
-    torchrun --nproc_per_node K extract.py <the same flags>
+    torchrun --nproc_per_node K extract.py -d DATASET -s SAVE -b 2048 --data-aug --processor adapt-pca 256
 
 (see `toolkit.distributed`; rank 0 writes the outputs and prints the summary).
 

@@ -56,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--run", help="a run folder of train.py (holding model_and_optimizer.pt)")
     which.add_argument("--onnx", metavar="DIR", help="an ONNX export of a run (made with: --run RUN export -o DIR); "
                                                      "runs without torch")
-    p.add_argument("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--best", action="store_true", help="use best.pt, the best validation epoch (runs with --val-split)")
-    p.add_argument("--weights", default=None, help="the backbone checkpoint, if the extraction used --weights and it moved")
+    _add_run_options(p)
     sub = p.add_subparsers(dest="command", required=True)
     pair = sub.add_parser("pair", help="similarity of two images", allow_abbrev=False)
     pair.add_argument("a", metavar="A", help="first image")
@@ -67,7 +65,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_parser(sub)
     _add_pairs_parser(sub)
     _add_export_parser(sub)
+    for leaf in _leaf_parsers(p):
+        _add_run_options(leaf, argparse.SUPPRESS)
     return p
+
+
+def _add_run_options(parser, default=None) -> None:
+    """--device, --best and --weights, before the subcommand and after it (`export -o DIR --best` as well
+    as `--best export -o DIR`). On the subcommands their default is SUPPRESS, so that one not given there
+    leaves the value given before the subcommand (or its default) in place."""
+    parser.add_argument("--device", default=default,
+                        help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    parser.add_argument("--best", action="store_true", default=default if default is not None else False,
+                        help="use best.pt, the best validation epoch (runs with --val-split)")
+    parser.add_argument("--weights", default=default,
+                        help="the backbone checkpoint, if the extraction used --weights and it moved")
+
+
+def _leaf_parsers(parser) -> list[argparse.ArgumentParser]:
+    """The parsers of the commands themselves (pair, search, index build, ...), nested subcommands included."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [parser]
+    return [leaf for a in subs for child in a.choices.values() for leaf in _leaf_parsers(child)]
 
 
 def _add_export_parser(sub) -> None:
