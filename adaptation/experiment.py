@@ -248,6 +248,21 @@ class _Plan:
     to_remove: list[Path]
 
 
+def _recipe(cfg: ExperimentConfig, topk: tuple[int, ...], batch_size: int | None, seed: int) -> TrainConfig:
+    """The recipe of the runs. Model cca is fitted once in float64, then evaluated once: one "epoch", fp32 figures."""
+    closed_form = cfg.model == "cca"
+    return TrainConfig(epochs=1 if closed_form else cfg.epochs, temperature=cfg.temperature, lr=cfg.lr,
+                       weight_decay=cfg.weight_decay, topk=topk, precision="fp32" if closed_form else cfg.precision,
+                       batch_size=batch_size, seed=seed)
+
+
+def _cca_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """config.json's model cca settings (the ridge in effect, the k given or None); nothing for the other models."""
+    if cfg.model != "cca":
+        return {}
+    return {"cca_ridge": cfg.cca_ridge if cfg.cca_ridge is not None else DEFAULT_RIDGE, "cca_k": cfg.cca_k}
+
+
 def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, device: torch.device,
           ranks: Ranks, subset: dict[str, Any] | None = None) -> _Plan:
     """Check the input and decide the splits and the recipe (a `UserError` on anything wrong, nothing written).
@@ -276,10 +291,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
     batch_size = resolve_batch_size(cfg.batch_size, n_train, ranks)
     kwargs = check_model(cfg, pairs.in_dim)
     check_objective(cfg, n_train, batch_size)
-    closed_form = cfg.model == "cca"  # fitted once in float64, then evaluated once: one "epoch", fp32 figures
-    train_cfg = TrainConfig(epochs=1 if closed_form else cfg.epochs, temperature=cfg.temperature, lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, topk=topk, precision="fp32" if closed_form else cfg.precision,
-                            batch_size=batch_size, seed=seed)
+    train_cfg = _recipe(cfg, topk, batch_size, seed)
     manifest = data_path.parent / MANIFEST
     shared = {
         "data": str(data_path),
@@ -288,7 +300,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "manifest": str(manifest) if manifest.is_file() else None,
         "model": cfg.model,
         "in_dim": pairs.in_dim,
-        "model_kwargs": kwargs if closed_form else model_kwargs(build_model(cfg.model, pairs.in_dim, **kwargs)),
+        "model_kwargs": kwargs if cfg.model == "cca" else model_kwargs(build_model(cfg.model, pairs.in_dim, **kwargs)),
         "runs": cfg.runs,
         "seed": seed,
         "same_split": cfg.same_split,
@@ -308,8 +320,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "objective": cfg.objective,
         **({"ema": cfg.ema if cfg.ema is not None else DEFAULT_EMA,
             "ema_schedule": "cosine from ema to 1 over the optimiser steps (BYOL)"} if cfg.objective == "byol" else {}),
-        **({"cca_ridge": cfg.cca_ridge if cfg.cca_ridge is not None else DEFAULT_RIDGE, "cca_k": cfg.cca_k}
-           if closed_form else {}),
+        **_cca_settings(cfg),
     }
     return _Plan(train_cfg, seed, split_seeds, splits, shared, to_remove)
 
