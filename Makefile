@@ -4,11 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo docs docs-into bench clean
+.PHONY: venv test demo docs docs-into bench clean chromium
 
 # What the HTML docs cover (pdoc, from the docstrings).
 # adaptation/__init__ has an __all__, which hides its submodules from pdoc: list them.
-DOC_MODULES := extract train similarity demo toolkit featuresExtractor adaptation retrieval \
+DOC_MODULES := extract train similarity demo toolkit featuresExtractor adaptation retrieval synthetic \
 	$(sort $(patsubst %.py,%,$(subst /,.,$(wildcard adaptation/[a-z]*.py))))
 # COLUMNS fixes the width of the argparse help in the scripts' pages (.ci/pdoc shows it), whatever the terminal.
 PDOC = PYTHONHASHSEED=0 COLUMNS=100 $(BIN)/python -m pdoc -t .ci/pdoc --docformat google --footer-text "featuresExtractor + adaptation + retrieval" -o
@@ -23,8 +23,17 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+test: $(STAMP) chromium
+	$(BIN)/python -m pytest -q -rs tests
+
+# The search page's browser test (tests/test_serve.py) drives Debian's chromium through Playwright; it is
+# installed here where it is missing and we may (root, apt-get). Elsewhere that test is skipped, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	    || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "chromium is missing and cannot be installed here (needs root and apt-get): the browser test will be skipped"; fi; }
 
 # The whole pipeline on embedded synthetic pairs, offline.
 demo: $(STAMP)

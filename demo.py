@@ -1,7 +1,7 @@
 """The offline demo behind `make demo`: draw look-alike pairs, extract, train, compare, search.
 
 Runs the README's own commands, printed before each runs, on a deterministic set of
-synthetic look-alike pairs (`toolkit.synthetic.drawn_images`: partners share shapes, colours
+synthetic look-alike pairs (`synthetic.drawn_images`: partners share shapes, colours
 and arrangement; background, position, scale, outlines and pixel noise change within each
 pair). It trains the `original` adaptation with a validation split, fits the closed-form
 shared CCA (`--model cca`, k chosen on the validation pairs, about a second) and scores the
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["parse_args", "main", "comparison_table"]
+__all__ = ["build_parser", "parse_args", "main", "comparison_table"]
 
 ROOT = Path(__file__).resolve().parent
 BANNER = """
@@ -60,17 +60,26 @@ ONE_EVALUATION = ("dummy", "cca")
 """Models evaluated once (nothing trained over epochs): their best validation row is their only row."""
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the demo's options (all have demo-sized defaults)."""
-    p = argparse.ArgumentParser(prog="python demo.py", description="Run the whole pipeline offline.")
+def build_parser() -> argparse.ArgumentParser:
+    """demo.py's argument parser (all options have demo-sized defaults); its help is also the
+    command-line reference of the HTML docs."""
+    from toolkit.cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="demo.py", description="Run the whole pipeline offline.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (replaced on each run)")
     p.add_argument("--pairs", type=int, default=96, help="synthetic look-alike pairs to draw")
-    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--epochs", type=int, default=150, help="training epochs, as the paper's recipe")
     p.add_argument("--model", default="clip_rn50x4", help="backbone; tiny_rn runs in seconds (used by the tests)")
     p.add_argument("--pca", type=int, default=64, help="PCA size (at most 2 x pairs)")
     p.add_argument("--val-split", default="0.2", help="share of the training pairs held out for validation")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="extraction precision")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the demo's options (see `python demo.py -h`)."""
+    return build_parser().parse_args(argv)
 
 
 def _run(cmd: list[str]) -> None:
@@ -102,16 +111,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from featuresExtractor.backbones import resolve_spec
     from featuresExtractor.clip_models import cached_weights
+    from featuresExtractor.processor import AdaptPCA
 
     out = Path(args.out).resolve()
     py = sys.executable
     pretrained = "default" if args.model == "clip_rn50x4" and cached_weights(resolve_spec(args.model)) else "none"
     if pretrained == "none":
         print(BANNER, flush=True)
-    features = out / "features" / args.model / f"features_pca{args.pca}.npy"
+    features = out / "features" / args.model / AdaptPCA(args.pca).reduced_file
     topk = (1, 3, 5)
     try:
-        _run([py, "-m", "toolkit.synthetic.drawn_images", str(out / "tll"), "--pairs", str(args.pairs), "--seed", "0",
+        _run([py, "-m", "synthetic.drawn_images", str(out / "tll"), "--pairs", str(args.pairs), "--seed", "0",
               "--overwrite"])
         # No --data-aug: the time goes to twice as many pairs instead of flipped copies.
         _run([py, "extract.py", "-d", str(out / "tll"), "-s", str(out / "features"), "-b", "64",

@@ -34,9 +34,11 @@ __all__ = ["build_parser", "parse_args", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """extract.py's argument parser; its help is also the command-line reference of the HTML docs."""
+    from toolkit.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         prog="extract.py", description="Extract CLIP multi-layer image features for the adaptation function.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+        formatter_class=HelpFormatter, allow_abbrev=False)
     # -d/--data as the paper's extract.py spells it; --dataset kept as an alias.
     p.add_argument("-d", "--data", "--dataset", dest="dataset", metavar="PATH",
                    help="folder with left/ and right/ (pairs), a folder of images, a PAIRS.csv (columns "
@@ -52,15 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--data-aug", dest="data_aug", action="store_true", help="also extract horizontally flipped copies")
     aug.add_argument("--no-data-aug", dest="data_aug", action="store_false", help="only the images as they are (the default)")
     p.add_argument("-p", "--processor", nargs="+", default=["adapt-pca", "256"], metavar="NAME [N]",
-                   help="adapt | adapt-pca N | pca N | save")
+                   help="adapt | adapt-pca N | pca N | save (default: adapt-pca 256)")
     p.add_argument("--normalize", choices=("none", "layers", "all"), default=None,
                    help="which parts to L2-normalise before concatenation (default: per processor; adapt-pca: layers)")
     p.add_argument("--model", default="clip_rn50x4",
                    help="one of the paper's names (--list-models), an open_clip architecture, or a timm/torchvision "
                         "model (timm:NAME[.TAG], torchvision:NAME)")
     p.add_argument("--pretrained", default="default",
-                   help="open_clip/timm pretrained tag or torchvision weights name; 'none' = random init (tests, "
-                        "offline demo)")
+                   help="open_clip/timm pretrained tag or torchvision weights name; 'default' (the default) = the "
+                        "model's own weights (openai for the CLIP models); 'none' = random init (tests, offline demo)")
     p.add_argument("--weights", default=None, help="local checkpoint, no download: an open_clip state dict or .safetensors (read without "
                         "pickle), or an OpenAI TorchScript archive (read with torch.jit.load; use files you trust)")
     p.add_argument("--layers", nargs="+", default=None, metavar="MODULE",

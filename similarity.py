@@ -2,12 +2,15 @@
 
     python similarity.py --run RUNS/run1 pair A.jpg B.jpg
     python similarity.py --run RUNS/run1 search QUERY.jpg --gallery DIR_OR_FEATURES.npy -k 5 --html results.html
-    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR [--kind flat|hnsw|ivfpq]
+    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR [--kind flat|hnsw|ivf|ivfpq]
+    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR --kind hnsw --target-recall 0.98
+    python similarity.py --run RUNS/run1 index build GALLERY -o INDEX_DIR --backend milvus --uri http://127.0.0.1:19530 [--collection NAME] [--token-file FILE]
     python similarity.py --run RUNS/run1 index add INDEX_DIR MORE_IMAGES
     python similarity.py --run RUNS/run1 search Q1.jpg Q2.jpg QUERY_DIR --index INDEX_DIR -k 10 --json hits.json --html hits.html
     python similarity.py --run RUNS/run1 pairs --index INDEX_DIR --threshold 0.9 -o look_alikes
     python similarity.py --run RUNS/run1 export -o RUN1_ONNX [--best] [--opset 18] [--dynamic-batch]
     python similarity.py --onnx RUN1_ONNX pair A.jpg B.jpg        (and search, index build/add, pairs: no torch)
+    python similarity.py --onnx RUN1_ONNX serve --index INDEX_DIR [--port 8000] [--api-key-file KEY]
 
 `pair` prints the adapted similarity of two images, the cosine of their raw features
 for comparison and, when the run was trained with `--val-split`, the threshold calibrated
@@ -23,10 +26,13 @@ preprocessing and manifest (`retrieval.export`), after checking it against the t
 `--onnx DIR` then runs every other command through onnxruntime, without torch
 (`retrieval.deploy`). An index built with `--onnx` is used with that export only.
 `pairs` lists the look-alike pairs of an indexed gallery (each pair once) as
-PREFIX.csv and PREFIX.html. An unreadable query is reported on stderr while the
+PREFIX.csv and PREFIX.html. `serve` answers searches over HTTP (JSON, a search page, metrics;
+`retrieval.serve`), on 127.0.0.1 unless `--host` says otherwise. An unreadable query is reported on stderr while the
 others are answered; the exit status is then 2. See
-`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index` for the
-index folder.
+`retrieval.visual_similarity.VisualSimilarity` for the API and `retrieval.index_folder` for the
+index folder. `--backend milvus` keeps the vectors in a Milvus collection (Milvus Lite, or a
+Milvus cluster: the URI and a token file differ, nothing else; `retrieval.milvus_index`); the
+folder then holds the manifest, and `search`, `pairs` and `index add` use it as they use a faiss one.
 
 Example:
     >>> import similarity
@@ -65,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_parser(sub)
     _add_pairs_parser(sub)
     _add_export_parser(sub)
+    _add_serve_parser(sub)
     for leaf in _leaf_parsers(p):
         _add_run_options(leaf, argparse.SUPPRESS)
     return p
@@ -88,6 +95,23 @@ def _leaf_parsers(parser) -> list[argparse.ArgumentParser]:
     if not subs:
         return [parser]
     return [leaf for a in subs for child in a.choices.values() for leaf in _leaf_parsers(child)]
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser("serve", help="an HTTP search service over an index (needs the [serve] extra)",
+                           allow_abbrev=False)
+    serve.add_argument("--index", required=True, help="an index folder built with: index build")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default 8000; 0: any free one, printed)")
+    serve.add_argument("--api-key-file", default=None, metavar="FILE",
+                       help="a file holding the key that /v1/index/add and /admin/reload need (X-API-Key); "
+                            "without it both are refused")
+    serve.add_argument("--uploads", default=None, metavar="DIR",
+                       help="where images added through /v1/index/add are kept (default: INDEX.uploads beside it)")
+    serve.add_argument("--max-batch", type=int, default=16, help="images encoded together at most (default 16; 1: no batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a query waits for others to batch with (default 5)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="the largest request body (default 20)")
 
 
 def _add_export_parser(sub) -> None:
@@ -115,20 +139,33 @@ def _add_search_parser(sub) -> None:
     search.add_argument("--csv", default=None, help="write the results here as CSV")
     search.add_argument("--html", default=None, help="write a self-contained results page here")
     search.add_argument("--ef-search", type=int, default=None, help="hnsw: candidates explored (default: the index's)")
-    search.add_argument("--nprobe", type=int, default=None, help="ivfpq: lists visited (default: the index's)")
+    search.add_argument("--nprobe", type=int, default=None, help="ivf, ivfpq: lists visited (default: the index's)")
     search.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _add_strict(search)
 
 
 def _add_index_parser(sub) -> None:
-    index = sub.add_parser("index", help="build or extend a persistent faiss index of a gallery", allow_abbrev=False)
+    index = sub.add_parser("index", help="build or extend a persistent index of a gallery (faiss or Milvus)",
+                           allow_abbrev=False)
     isub = index.add_subparsers(dest="index_command", required=True)
     build = isub.add_parser("build", help="encode a gallery and write an index folder", allow_abbrev=False)
     build.add_argument("gallery", help="folder of images (flat or left/right), image list file, or features.npy")
     build.add_argument("-o", "--out", required=True, help="the index folder to write")
-    build.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
-                       help="flat: exact; hnsw, ivfpq: approximate (faster / smaller)")
-    from retrieval.index import IndexParams
+    from retrieval.index import KINDS, IndexParams
+
+    build.add_argument("--kind", choices=KINDS, default="flat",
+                       help="flat: exact; the others approximate (faster / smaller); --backend milvus: flat or hnsw")
+    build.add_argument("--target-recall", type=float, default=None, metavar="R",
+                       help="hnsw / ivf kinds: choose --ef-search / --nprobe as the smallest reaching recall@10 R "
+                            "(0 < R <= 1) on a held-out sample of the gallery against exact search")
+    build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss",
+                       help="faiss (the default): the vectors in the index folder; milvus: in a Milvus collection "
+                            "(needs --uri)")
+    build.add_argument("--uri", default=None, help="milvus: the server, e.g. http://127.0.0.1:19530")
+    build.add_argument("--collection", default=None,
+                       help="milvus: the collection (default: vs_ and the index folder's name)")
+    build.add_argument("--token-file", default=None, metavar="FILE",
+                       help="milvus: a file holding the token (USER:PASSWORD or an API key); never on the command line")
 
     d = IndexParams()  # the defaults shown in --help
     build.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help=f"hnsw: links per vector (default {d.hnsw_m})")
@@ -136,10 +173,11 @@ def _add_index_parser(sub) -> None:
                        help=f"hnsw: build-time candidates (default {d.ef_construction})")
     build.add_argument("--ef-search", type=int, default=d.ef_search,
                        help=f"hnsw: search-time candidates (default {d.ef_search})")
-    build.add_argument("--nlist", type=int, default=d.nlist, help="ivfpq: inverted lists (default: 4 sqrt(n))")
+    build.add_argument("--nlist", type=int, default=d.nlist,
+                       help="ivf, ivfpq: inverted lists (default: 4 sqrt(n), at most 1680)")
     build.add_argument("--pq-m", type=int, default=d.pq_m, help="ivfpq: bytes per vector code (default: dim / 8)")
     build.add_argument("--nbits", type=int, default=d.nbits, help=f"ivfpq: bits per code part (default {d.nbits})")
-    build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivfpq: lists visited per query (default {d.nprobe})")
+    build.add_argument("--nprobe", type=int, default=d.nprobe, help=f"ivf, ivfpq: lists visited per query (default {d.nprobe})")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
     add = isub.add_parser("add", help="append images to an index (those already in it are skipped)", allow_abbrev=False)
     add.add_argument("index_dir", metavar="INDEX_DIR", help="an index folder built with: index build")
@@ -241,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("similarity.py runs in one process; start it without torchrun")
 
     named = {"a": "first image", "b": "second image", "gallery": "gallery", "index": "--index", "json": "--json",
-             "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder", "check_images": "--check-images"}
+             "csv": "--csv", "html": "--html", "out": "-o", "index_dir": "index folder", "check_images": "--check-images",
+             "api_key_file": "--api-key-file", "uploads": "--uploads"}
     require_utf8({"--run": args.run, "--onnx": args.onnx, "--weights": args.weights,
                   **{label: getattr(args, name) for name, label in named.items() if hasattr(args, name)},
                   **{f"query {i + 1}": q for i, q in enumerate(getattr(args, "query", []))}})
@@ -257,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = _check_index_args(args)
     if args.command == "export":
         config = _check_export_args(args)
+    if args.command == "serve":
+        return _serve(args, device)
 
     from retrieval.visual_similarity import VisualSimilarity
 
@@ -264,9 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sim = VisualSimilarity.from_onnx(args.onnx)
     else:
         sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
-        if not sim.provenance_checked:
-            print(f"note: {args.run}'s checkpoint records no sha256 of its features file and PCA (written before "
-                  f"checkpoint format 2), so they are not checked; retrain to have them checked", file=sys.stderr)
+        if sim.provenance_note:
+            print(f"note: {sim.provenance_note}", file=sys.stderr)
     if args.command == "export":
         return _export(sim, args, config)
     if args.command == "pair":
@@ -276,6 +316,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pairs":
         return _pairs(sim, args)
     return _search(sim, args)
+
+
+def _serve(args, device) -> int:
+    """Check the serve arguments, then serve; the encoder and the index load once the port is bound."""
+    from retrieval import index_folder
+    from retrieval.serve import ServeConfig, read_api_key, run_server
+    from retrieval.visual_similarity import VisualSimilarity
+
+    config = ServeConfig(args.index, args.host, args.port, read_api_key(args.api_key_file) if args.api_key_file else None,
+                         args.max_batch, args.max_wait_ms, args.max_upload_mb, args.uploads)
+    index_folder.read_manifest(args.index)  # a folder that is no index is refused before the port is bound
+    if args.onnx:
+        from retrieval.deploy import read_manifest
+
+        read_manifest(args.onnx)
+        return run_server(config, lambda: VisualSimilarity.from_onnx(args.onnx))
+    return run_server(config, lambda: VisualSimilarity.from_run(args.run, device=device, weights=args.weights,
+                                                                best=args.best))
 
 
 def _check_source_args(args) -> None:
@@ -311,6 +369,9 @@ def _export(sim, args, config) -> int:
     from retrieval.export import export_run
 
     manifest = export_run(sim, args.out, config)
+    if manifest["opset"] != config.opset:
+        print(f"note: --opset {config.opset} asked, but torch's exporter writes no opset below {manifest['opset']}: "
+              f"the graph is opset {manifest['opset']} (the manifest says so)", file=sys.stderr)
     check = manifest["check"]
     print(f"check: minimum cosine {check['min_cosine']:.7f} (onnxruntime against torch) on {check['images']} "
           f"{check['source']} image(s), batch {' and '.join(map(str, check['batches']))}")
@@ -348,7 +409,10 @@ def _check_pairs_args(args) -> None:
 
 
 def _check_index_args(args):
-    """Checks the index command's inputs; returns the IndexParams of a build, None for an add."""
+    """Checks the index command's inputs; returns (IndexParams, MilvusTarget or None) of a build, None for an add.
+
+    A Milvus server is reached, and its token tried, before the model loads.
+    """
     from retrieval.index import IndexParams
     from retrieval.index_folder import check_target
     from retrieval.visual_similarity import check_source
@@ -359,10 +423,33 @@ def _check_index_args(args):
         check_target(args.index_dir, True, "index folder", existing=True)
         return None
     params = IndexParams(args.kind, args.hnsw_m, args.ef_construction, args.ef_search, args.nlist, args.pq_m,
-                         args.nbits, args.nprobe)
+                         args.nbits, args.nprobe, target_recall=args.target_recall)
     check_target(args.out, args.overwrite, "-o")
     check_writable(args.out, "-o")
-    return params
+    return params, _milvus_target(args, params)
+
+
+def _milvus_target(args, params):
+    """The MilvusTarget of `index build --backend milvus` (reached once, so a bad URI or token is told early)."""
+    from toolkit.utils import UserError
+
+    given = [f for f, v in (("--uri", args.uri), ("--collection", args.collection), ("--token-file", args.token_file))
+             if v is not None]
+    if args.backend == "faiss":
+        if given:
+            raise UserError(f"{', '.join(given)} applies to --backend milvus only")
+        return None
+    from retrieval.milvus_index import MILVUS_KINDS, MilvusTarget, connect, default_collection
+
+    if args.uri is None:
+        raise UserError("--backend milvus needs --uri, the Milvus server (e.g. http://127.0.0.1:19530)")
+    if args.kind not in MILVUS_KINDS:
+        raise UserError(f"--backend milvus builds --kind {' or '.join(MILVUS_KINDS)} (got --kind {args.kind})")
+    if params.target_recall is not None:
+        raise UserError("--target-recall applies to --backend faiss; with Milvus, set --ef-search (hnsw) instead")
+    target = MilvusTarget(args.uri, args.collection or default_collection(args.out), args.token_file)
+    connect(target).close()
+    return target
 
 
 def _pair(sim, args) -> int:
@@ -430,8 +517,9 @@ def _write_search_outputs(hits, threshold, args) -> None:
 
 def _index(sim, args, params) -> int:
     if args.index_command == "build":
+        params, milvus = params
         index, skipped = sim.build_index(args.gallery, args.out, params, overwrite=args.overwrite,
-                                         progress=not args.no_progress, strict=args.strict)
+                                         progress=not args.no_progress, strict=args.strict, milvus=milvus)
         added = len(index)
     else:
         index, added, skipped = sim.add_to_index(args.index_dir, args.gallery, progress=not args.no_progress,
@@ -439,7 +527,15 @@ def _index(sim, args, params) -> int:
     for name, reason in skipped.items():
         print(f"skipped unreadable gallery image {name}: {reason}", file=sys.stderr)
     verb = "indexed" if args.index_command == "build" else "added"
-    print(f"{verb} {added} image(s); {index.path} holds {len(index)} ({index.kind}, {index.dim}-d)")
+    where = f", Milvus collection {index.target.collection} at {index.target.uri}" if index.backend == "milvus" else ""
+    print(f"{verb} {added} image(s); {index.path} holds {len(index)} ({index.kind}, {index.dim}-d{where})")
+    tuned = index.manifest.get("tuned")
+    if tuned:
+        print(f"{tuned['param']} {tuned['value']}: recall@{tuned['k']} {tuned['recall']:.4f} against exact search on "
+              f"{tuned['queries']} held-out gallery vectors (target {tuned['target']})")
+        if not tuned["reached"]:
+            print(f"no {tuned['param']} reached recall@{tuned['k']} {tuned['target']}; the best tried is kept: "
+                  f"build with a larger --hnsw-m / --ef-construction, or --nlist, or use --kind flat", file=sys.stderr)
     return 0
 
 

@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     p.add_argument("-d", "--data", required=True, metavar="FILE",
-                   help="features file of pairs written by extract.py (DIR/MODEL/features.npy), or the original implementation's with --allow-pickle")
+                   help="features file of pairs written by extract.py (SAVE/MODEL/features_pca256.npy for the paper's recipe), or the original implementation's with --allow-pickle")
     p.add_argument("-s", "--save-to", required=True, metavar="DIR",
                    help="output folder: run1/, run2/, ... (TensorBoard, checkpoint, metrics), avg/, summary.json")
     p.add_argument("--model", choices=sorted(MODELS), default="original",

@@ -35,7 +35,7 @@ Example:
     >>> import torch
     >>> from adaptation import build_model, TrainConfig, make_optimizer, train
     >>> from adaptation import split_indices, split_data
-    >>> from toolkit.synthetic.planted import planted_pairs
+    >>> from synthetic.planted import planted_pairs
     >>> pairs = planted_pairs(n_pairs=40, dim=16)
     >>> data = split_data(pairs, *split_indices(len(pairs), 0.25, seed=0))
     >>> model = build_model("original", pairs.in_dim)

@@ -28,7 +28,7 @@ add them up (`fit_moments`): the result is the one process's, up to float64 roun
 
 Example:
     >>> import torch
-    >>> from toolkit.synthetic.planted import planted_pairs
+    >>> from synthetic.planted import planted_pairs
     >>> pairs = planted_pairs(n_pairs=200, dim=16, seed=0)
     >>> left, right = torch.as_tensor(pairs.left), torch.as_tensor(pairs.right)
     >>> fit = shared_cca(pair_moments([(left, right)]), ridge=1e-3)

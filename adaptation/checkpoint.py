@@ -21,16 +21,19 @@ so `torch.load(weights_only=True)` reads it without running code):
 | `objective`      | only for `simsiam` and `byol` runs: `name`, `predictor_hidden`, `ema`,  |
 |                  | `predictor` and `target` (state_dicts; `target` None for simsiam)       |
 | `provenance`     | from format 2: `{"features_sha256": hex, "pca_sha256": {file name: hex}}`, the |
-|                  | features file trained on and the PCA files beside it that made it (`provenance_of`) |
+|                  | features file trained on and the PCA files beside it that made it; from format 3 |
+|                  | also `"manifest_sha256"`: hex, or None without a manifest (`provenance_of`)      |
 
 `model_and_optimizer.pt` holds the last epoch; with a validation split, `best.pt` (`BEST_CHECKPOINT`)
 beside it holds the best validation epoch, in the same format.
 
-A run must know the exact features and PCA it was trained on: `check_provenance` compares the
-files there now with the `provenance` recorded, and refuses, in one line naming the file and the
-remedy, a features file re-extracted or a PCA replaced since. Format 1 checkpoints (and format 2
-ones written without it) have no `provenance`: they still load, and `check_provenance` returns False
-(not checked), for the caller to say so.
+A run must know every file its scores depend on: the features it was trained on, the extraction
+manifest (how images are decoded, transformed, pooled, normalised) and the PCA. `check_provenance`
+compares the files there now with the `provenance` recorded, and refuses, in one line naming the
+file and the remedy, a features file re-extracted, a manifest edited or a PCA replaced since. A
+checkpoint of format 2 or later that lacks an entry it must have is damaged, and refused. Format 1
+checkpoints, which predate provenance, have none: they still load, and `check_provenance` returns a
+note (not checked) for the caller to print; format 2 ones are checked but for the manifest (a note too).
 
 `state_dict` is always the model similarity uses (for simsiam and byol, the online encoder), so
 `load_checkpoint` and similarity.py read every run alike; a contrastive run's checkpoint has no
@@ -54,8 +57,8 @@ from torch import nn
 
 from toolkit.hashing import file_sha256
 from featuresExtractor.encode import model_taps
-from featuresExtractor.manifest import MANIFEST, read_manifest
-from featuresExtractor.processor import Processor, pca_stems
+from featuresExtractor.manifest import MANIFEST, check_output, read_manifest
+from featuresExtractor.processor import Processor
 from toolkit.utils import UserError, atomic_path, first_line
 
 from .calibration import Threshold
@@ -69,54 +72,106 @@ CHECKPOINT = "model_and_optimizer.pt"
 """The checkpoint's file name in a run folder."""
 BEST_CHECKPOINT = "best.pt"
 """The best validation epoch's checkpoint in a run folder (runs with a validation split)."""
-FORMAT_VERSION = 2
-"""Written into every checkpoint as `format_version` (2: `provenance` added; 1 is still read)."""
+FORMAT_VERSION = 3
+"""Written into every checkpoint as `format_version` (2: `provenance` added; 3: the manifest's sha256 in it;
+1 and 2 are still read)."""
+
+
+def _pca_files(manifest: Mapping[str, Any]) -> list[str]:
+    """The PCA file names (relative to the features folder) the extraction `manifest` describes fitted."""
+    return [f"{stem}.npz" for stem in Processor.from_record(manifest["processor"]).pca_stems(model_taps(manifest))]
 
 
 def provenance_of(features_path: str | os.PathLike) -> dict[str, Any]:
-    """The sha256 of a features file and of the PCA files beside it that made it, as a checkpoint records them.
+    """The sha256 of a features file, of the extraction manifest beside it and of the PCA files it names.
 
-    The PCA files are those its extraction manifest's processor fits (none without an extract.py
-    manifest, e.g. planted features). Returns `{"features_sha256": hex, "pca_sha256": {name: hex}}`.
+    These are every file (besides the checkpoint itself) whose bytes change what the run scores:
+    the manifest says how images are decoded, transformed, pooled and normalised, the PCA projects
+    them. Each must be what extract.py wrote (the manifest's record; a `UserError` otherwise). Without
+    an extract.py manifest (e.g. planted features) there is no PCA, and `manifest_sha256` is that of
+    whatever `manifest.json` lies there (None: none).
+    Returns `{"features_sha256": hex, "pca_sha256": {name: hex}, "manifest_sha256": hex | None}`.
     """
     features_path = Path(features_path)
+    manifest_path = features_path.parent / MANIFEST
     pcas: dict[str, str] = {}
     try:
-        manifest = read_manifest(features_path) if (features_path.parent / MANIFEST).is_file() else None
+        manifest = read_manifest(features_path) if manifest_path.is_file() else None
     except UserError:  # not an extract.py manifest (planted features): no PCA, and similarity cannot use the run
         manifest = None
-    if manifest is not None:
-        p = manifest["processor"]
-        for stem in pca_stems(Processor(p["name"], p["n_components"], p["normalize"]), model_taps(manifest)):
-            pca = features_path.parent / f"{stem}.npz"
-            if pca.is_file():
-                pcas[f"{stem}.npz"] = file_sha256(pca)
-    return {"features_sha256": file_sha256(features_path), "pca_sha256": pcas}
+    for name in _pca_files(manifest) if manifest is not None else ():
+        if (features_path.parent / name).is_file():
+            pcas[name] = file_sha256(features_path.parent / name)
+    features_sha = file_sha256(features_path)
+    if manifest is not None:  # what is recorded must be what extract.py wrote, not a file edited since
+        for name, sha in ((features_path.name, features_sha), *pcas.items()):
+            check_output(manifest, features_path.parent, name, sha)
+    return {"features_sha256": features_sha, "pca_sha256": pcas,
+            "manifest_sha256": file_sha256(manifest_path) if manifest_path.is_file() else None}
 
 
-def check_provenance(ckpt: Mapping[str, Any], ckpt_path: str | os.PathLike) -> bool:
-    """Refuse (`UserError`, one line) a features file or PCA that differs from the one the checkpoint was trained on.
+def check_provenance(ckpt: Mapping[str, Any], ckpt_path: str | os.PathLike) -> str | None:
+    """Refuse (`UserError`, one line) a features file, manifest or PCA other than the ones the checkpoint was trained on.
 
-    The features file is `ckpt["config"]["data"]` (skipped when it is gone: what is used to encode new
-    images is the PCA), the PCA files lie beside it. Returns False when the checkpoint records no
-    provenance (format 1), so nothing was checked; True when everything matched.
+    The features file is `ckpt["config"]["data"]` (skipped when it is gone: what encodes new images
+    is the manifest and the PCA), the manifest and PCA files lie beside it. A checkpoint of format 2
+    or later that lacks an entry it must have (its provenance; the sha256 of a PCA its manifest
+    names; from format 3, that of the manifest) is damaged. Returns None when everything was
+    checked, else a note saying what the checkpoint's format predates and so was not checked
+    (format 1: everything; format 2: the manifest).
     """
+    version = ckpt.get("format_version", 1)
     recorded = ckpt.get("provenance")
     if recorded is None:
-        return False
+        if version >= 2:
+            raise UserError(f"{ckpt_path} is damaged: a format-{version} checkpoint records the sha256 of the "
+                            f"features, manifest and PCA it was trained on, and this one has no provenance entry; "
+                            f"retrain, or use another run")
+        return (f"{ckpt_path} records no sha256 of its features file, manifest and PCA (written before checkpoint "
+                f"format 2), so they are not checked; retrain to have them checked")
     features = Path(ckpt["config"]["data"])
-    retrain = f"or retrain: train.py -d {features} ..."
+    retrain = f"restore it, or retrain: train.py -d {features} ..."
     if features.is_file() and file_sha256(features) != recorded["features_sha256"]:
         raise UserError(f"{features} is not the features file {ckpt_path} was trained on (its sha256 differs: "
-                        f"extracted again since?); restore it, {retrain}")
+                        f"extracted again since?); {retrain}")
+    note = _check_manifest_sha(recorded, features.parent / MANIFEST, version, ckpt_path, retrain)
+    try:
+        needed = _pca_files(read_manifest(features)) if (features.parent / MANIFEST).is_file() else []
+    except UserError:  # a damaged manifest: the encoder refuses it next, in its own words
+        needed = []
+    unrecorded = [name for name in needed if name not in recorded["pca_sha256"]]
+    if unrecorded:
+        raise UserError(f"{ckpt_path} is damaged: its provenance records no sha256 of {features.parent / unrecorded[0]}, "
+                        f"a PCA its features were made with; retrain, or use another run")
     for name, sha in recorded["pca_sha256"].items():
         pca = features.parent / name
         if not pca.is_file():
-            raise UserError(f"{pca}, the PCA {ckpt_path} was trained with, is missing; restore it, {retrain}")
+            raise UserError(f"{pca}, the PCA {ckpt_path} was trained with, is missing; {retrain}")
         if file_sha256(pca) != sha:
             raise UserError(f"{pca} is not the PCA {ckpt_path} was trained with (its sha256 differs: extracted "
-                            f"again since?); restore it, {retrain}")
-    return True
+                            f"again since?); {retrain}")
+    return note
+
+
+def _check_manifest_sha(recorded: Mapping[str, Any], manifest: Path, version: int, ckpt_path, retrain: str) -> str | None:
+    """Refuse an extraction manifest other than the one trained with; a note when the format predates its record."""
+    if "manifest_sha256" not in recorded:
+        if version >= 3:
+            raise UserError(f"{ckpt_path} is damaged: its provenance records no sha256 of the extraction manifest; "
+                            f"retrain, or use another run")
+        return (f"{ckpt_path} records no sha256 of its extraction manifest {manifest} (written before checkpoint "
+                f"format 3), so edits to it are not checked; retrain to have it checked")
+    sha = recorded["manifest_sha256"]
+    if sha is None:
+        if manifest.exists():
+            raise UserError(f"{manifest} was not there when {ckpt_path} was trained; these are not the features it "
+                            f"was trained on: {retrain}")
+    elif not manifest.is_file():
+        raise UserError(f"{manifest}, the extraction manifest {ckpt_path} was trained with, is missing; {retrain}")
+    elif file_sha256(manifest) != sha:
+        raise UserError(f"{manifest} is not the extraction manifest {ckpt_path} was trained with (its sha256 differs: "
+                        f"edited, or extracted again since?); {retrain}")
+    return None
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
@@ -127,8 +182,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     provenance: Mapping[str, Any] | None = None) -> None:
     """Atomically write a checkpoint of `model` (and `optimizer`) that `load_checkpoint` rebuilds.
 
-    `provenance` (`provenance_of(features file)`) records the features and PCA trained on, for
-    `check_provenance`; without it the checkpoint cannot tell when they are replaced.
+    `provenance` (`provenance_of(features file)`) records the features, manifest and PCA trained on,
+    for `check_provenance`; without it the checkpoint cannot be used to score (only pairs given in
+    memory, with no features file, train without one).
     `optimizer_state` stands in for `optimizer` when the state was kept from an earlier epoch;
     `val_names` and `threshold` are written only when given (runs with a validation split).
     With `objective` (a SimSiam or BYOL around `model`), its predictor and target are kept too.
@@ -152,7 +208,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         checkpoint["threshold"] = dict(threshold)
     if provenance is not None:
         checkpoint["provenance"] = {"features_sha256": provenance["features_sha256"],
-                                    "pca_sha256": dict(provenance["pca_sha256"])}
+                                    "pca_sha256": dict(provenance["pca_sha256"]),
+                                    "manifest_sha256": provenance["manifest_sha256"]}
     if objective is not None:
         checkpoint["objective"] = {
             "name": objective.name,
@@ -269,7 +326,7 @@ def _check_structure(path: str, ckpt: Any) -> None:
         raise UserError(f"{path} is damaged: val_names is not a list of names; retrain, or use another run")
     if "provenance" in ckpt and not _is_provenance(ckpt["provenance"]):
         raise UserError(f"{path} is damaged: provenance is not {{\"features_sha256\": hex, \"pca_sha256\": "
-                        f"{{file name: hex}}}}; retrain, or use another run")
+                        f"{{file name: hex}}, \"manifest_sha256\": hex or null}}; retrain, or use another run")
     if "threshold" in ckpt:
         try:
             Threshold.from_dict(ckpt["threshold"])
@@ -284,6 +341,7 @@ def _is_provenance(record: Any) -> bool:
 
     pcas = record.get("pca_sha256") if isinstance(record, dict) else None
     return (isinstance(record, dict) and sha(record.get("features_sha256")) and isinstance(pcas, dict)
+            and (record.get("manifest_sha256") is None or sha(record["manifest_sha256"]))
             and all(isinstance(k, str) and k and not k.startswith("/") and ".." not in k.split("/") and sha(v)
                     for k, v in pcas.items()))
 

@@ -25,7 +25,7 @@ Example:
     >>> import torch
     >>> from adaptation.models import build_model
     >>> from adaptation.objectives import build_objective
-    >>> from toolkit.synthetic.planted import planted_pairs
+    >>> from synthetic.planted import planted_pairs
     >>> from adaptation.split import split_indices, split_data
     >>> from adaptation.training import TrainConfig, make_optimizer
     >>> pairs = planted_pairs(n_pairs=64, dim=16, seed=0)

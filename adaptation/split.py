@@ -5,7 +5,7 @@ their flipped copies, test originals) on a device as tensors. A test pair's flip
 reaches training.
 
 Example:
-    >>> from toolkit.synthetic.planted import planted_pairs
+    >>> from synthetic.planted import planted_pairs
     >>> pairs = planted_pairs(n_pairs=8, dim=4)
     >>> data = split_data(pairs, *split_indices(len(pairs), test_split=0.25, seed=0))
     >>> data.test[0].shape
@@ -139,7 +139,7 @@ def split_each(
     must be released first for the same reason.
 
     Example:
-        >>> from toolkit.synthetic.planted import planted_pairs
+        >>> from synthetic.planted import planted_pairs
         >>> pairs = planted_pairs(n_pairs=8, dim=4)
         >>> runs = split_each(pairs, [(*split_indices(8, 0.25, seed=s), None) for s in (0, 1)])
         >>> del pairs

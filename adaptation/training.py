@@ -36,7 +36,7 @@ its flat curves can sit beside the others in TensorBoard.
 Example:
     >>> import torch
     >>> from adaptation.models import build_model
-    >>> from toolkit.synthetic.planted import planted_pairs
+    >>> from synthetic.planted import planted_pairs
     >>> from adaptation.split import split_indices, split_data
     >>> pairs = planted_pairs(n_pairs=64, dim=16, seed=0)
     >>> data = split_data(pairs, *split_indices(len(pairs), 0.25, seed=0))

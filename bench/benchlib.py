@@ -12,6 +12,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -102,3 +104,30 @@ def save_results(name: str, payload: dict, out_dir: str | os.PathLike = RESULTS)
     payload = {**payload, "load_avg_end": os.getloadavg()}
     write_json(path, payload)
     return path
+
+
+def small_run(model: str, root: Path, pairs: int, pca: int) -> Path:
+    """A run folder of `model` (random init) trained on drawn pairs."""
+    from synthetic.drawn_images import make_pairs
+
+    make_pairs(root / "tll", n_pairs=pairs, seed=0)
+    # The scripts run as their command lines (bench/extract.py would shadow an `import extract` here).
+    script(["extract.py", "-d", root / "tll", "-s", root / "feats", "--data-aug", "-p", "adapt-pca", pca,
+            "--model", model, "--pretrained", "none", "--workers", "0", "--no-progress"])
+    feats = next((root / "feats").glob(f"*/features_pca{pca}.npy"))
+    script(["train.py", "-d", feats, "--model", "original", "-s", root / "runs", "-e", "2", "-t", "15",
+            "--test-split", "0.25", "-k", "1", "--seed", "0", "--no-images"])
+    return root / "runs" / "run1"
+
+
+def script(argv: list) -> None:
+    subprocess.run([sys.executable, ROOT / argv[0], *map(str, argv[1:])], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def finish(name: str, args, machine_info: dict, prefix: str = "", **results) -> int:
+    """The end of every bench script: `args`, `machine_info` and `results` saved by `save_results`,
+    where they went printed (after `prefix`); returns the exit status 0."""
+    path = save_results(name, {"args": vars(args), "machine": machine_info, **results})
+    print(f"{prefix}wrote {path}")
+    return 0

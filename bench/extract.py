@@ -5,7 +5,7 @@ this measures, on the real RN50x4 architecture with random weights (no network):
 
 * forward-only: `model.visual(x)` on pre-made tensors, at the pipeline's batch;
 * pipeline: `featuresExtractor.pipeline.extract` with processor `adapt` on
-  generated TLL-like pairs (200x250 JPEG, `toolkit.synthetic.drawn_images`): decode,
+  generated TLL-like pairs (200x250 JPEG, `synthetic.drawn_images`): decode,
   preprocess, forward with the taps, pooling, chunk writes and the final files.
   "e2e" is images / wall time of one `extract()` call, fixed costs included (the
   probe forward, setup, final files: large for a few images, nothing for TLL's
@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import benchlib  # bench/ is the script folder; this also puts the repo root on sys.path
+import benchlib  # bench/ is the script's folder, so it is on sys.path; the packages come from the install
 
 import numpy as np
 import torch
@@ -72,7 +72,7 @@ import torch
 from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.extractor import CPU_SLICE
 from featuresExtractor.pipeline import ExtractConfig, extract
-from toolkit.synthetic.drawn_images import make_pairs
+from synthetic.drawn_images import make_pairs
 from toolkit.utils import UserError
 from toolkit.cli import run_cli
 
@@ -414,9 +414,7 @@ def print_and_save(name: str, rows: list[dict], columns: Sequence[tuple[str, str
     print()
     print(benchlib.table(rows, columns))
     print(f"\n{what}; load avg {os.getloadavg()[0]:.2f} (start {info['load_avg_start'][0]:.2f}); medians")
-    path = benchlib.save_results(name, {"args": vars(args), "machine": info, "rows": rows})
-    print(f"wrote {path}")
-    return 0
+    return benchlib.finish(name, args, info, rows=rows)
 
 
 def backbone_shape(backbone) -> tuple[int, ...]:
@@ -456,9 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nwhole process, fixed costs included: {WHOLE_PROCESS_PAIRS} pairs with flips, "
               f"{' '.join(WHOLE_PROCESS_FLAGS)}, workers {args.workers}, {args.repeats} repeat(s), medians; "
               f"{info['cpu']}; load avg {os.getloadavg()[0]:.2f} (start {info['load_avg_start'][0]:.2f})")
-        path = benchlib.save_results("extract-whole", {"args": vars(args), "machine": info, "rows": [row]})
-        print(f"wrote {path}")
-        return 0
+        return benchlib.finish("extract-whole", args, info, rows=[row])
     try:
         data, one_pair = work / "pairs", work / "one_pair"
         t0 = time.perf_counter()
@@ -498,9 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{benchlib.children_peak_rss_bytes() / 2**20:.0f} MiB; load avg {os.getloadavg()[0]:.2f} "
           f"(start {info['load_avg_start'][0]:.2f}); medians. min cos / max |d|: against fp32 with the same format "
           f"(fp32 cl row: against fp32 nchw)")
-    path = benchlib.save_results("extract", {"args": vars(args), "machine": info, "rows": rows})
-    print(f"wrote {path}")
-    return 0
+    return benchlib.finish("extract", args, info, rows=rows)
 
 
 if __name__ == "__main__":

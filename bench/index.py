@@ -14,13 +14,19 @@ Recall@10 is the share of the exact (flat) top 10 that a kind returns in its top
 (earlier indexes are kept, and glibc's mmap threshold is fixed, so freed memory
 neither hides nor inflates it).
 
+With `--target-recall R`, each approximate kind is built as `index build --target-recall R`
+does: its ef_search / nprobe chosen on a held-out sample of the gallery (the build time includes
+that choice); the chosen value and the recall measured on the held-out sample are printed beside
+the recall on the fresh queries.
+
 The issue's size is 1M vectors (`--n 1000000`, about 4 GB of vectors plus the
-indexes, tens of minutes on 2 cores); the default (50k) is smaller so that it runs in a
-few minutes.
+indexes); the default (50k) is smaller so that it runs in a few minutes. `--free` drops each
+index once measured, so that 1M fits in 24 GB.
 
 Usage:
-    python bench/index.py --threads 1                # 50k x 1024, flat / hnsw / ivfpq (README figures)
-    python bench/index.py --n 1000000 --save         # the issue's size
+    python bench/index.py --threads 1                # 50k x 1024, flat / hnsw / ivf / ivfpq (README figures)
+    python bench/index.py --n 1000000 --kinds flat ivf --target-recall 0.98 --free --save   # issue 33's goal
+    python bench/index.py --n 200000 --kinds flat hnsw ivf --target-recall 0.98
     python bench/index.py --n 50000 --kinds flat hnsw --ef-search 64
 """
 
@@ -34,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import benchlib  # bench/ is the script folder; this also puts the repo root on sys.path
+import benchlib  # bench/ is the script's folder, so it is on sys.path; the packages come from the install
 
 import numpy as np
 
@@ -63,6 +69,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pq-m", type=int, default=d.pq_m, help="0: dim / 8")
     p.add_argument("--nbits", type=int, default=d.nbits)
     p.add_argument("--nprobe", type=int, default=d.nprobe)
+    p.add_argument("--target-recall", type=float, default=None,
+                   help="choose ef_search / nprobe per kind as index build --target-recall does")
+    p.add_argument("--free", action="store_true", help="drop each index once measured (1M: bounds memory)")
     p.add_argument("--repeat", type=int, default=3, help="timed search repeats (median)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None,
@@ -112,16 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     _fixed_mmap_threshold()
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     x, q = clustered(args.n, args.queries, args.dim, args.clusters, args.spread, args.seed, args.intrinsic)
     print(f"{args.n} x {args.dim} vectors, {args.clusters} clusters, {args.queries} queries "
           f"(drawn in {time.perf_counter() - t0:.1f} s); faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads")
-    names, images = [""] * args.n, [None] * args.n
+    # --target-recall adds its held-out sample last: ids are mapped back to gallery rows through the names
+    names, images = [str(i) for i in range(args.n)], [None] * args.n
     rows, truth, alive = [], None, []
     kinds = ["flat"] + [k for k in args.kinds if k != "flat"]  # flat first: it is the truth for recall
     for kind in kinds:
         params = IndexParams(kind, args.hnsw_m, args.ef_construction, args.ef_search, args.nlist, args.pq_m,
-                             args.nbits, args.nprobe)
+                             args.nbits, args.nprobe, target_recall=None if kind == "flat" else args.target_recall)
         gc.collect()
         rss0 = benchlib.rss_bytes()
         t = time.perf_counter()
@@ -138,15 +149,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             t = time.perf_counter()
             _, ids = ix.search(q, args.k)
             times.append(time.perf_counter() - t)
+        ids = np.array([int(name) for name in ix.names] + [-1])[ids]  # id -> gallery row (-1 stays -1)
         if kind == "flat":
             truth = ids
         recall = float(np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids.tolist(), truth.tolist())]))
         row = {"kind": kind, "params": ix.manifest["params"], "build_s": build_s, "vectors_per_s": args.n / build_s,
                "write_s": write_s, "disk_mb": disk / 1e6, "ram_mb": ram / 1e6, "qps": args.queries / benchlib.median(times),
-               "recall": recall}
+               "recall": recall, "tuned": ix.manifest.get("tuned")}
         rows.append(row)
-        print(f"  {kind}: built in {build_s:.1f} s, {row['qps']:.0f} queries/s, recall@{args.k} {recall:.3f}", flush=True)
-        alive.append(ix)  # freed memory would be reused by the next build and hide its growth
+        tuned = row["tuned"]
+        note = f" ({tuned['param']} {tuned['value']} chosen: held-out recall@{tuned['k']} {tuned['recall']:.3f})" \
+            if tuned else ""
+        print(f"  {kind}: built in {build_s:.1f} s, {row['qps']:.0f} queries/s, recall@{args.k} {recall:.3f}{note}",
+              flush=True)
+        if not args.free:
+            alive.append(ix)  # freed memory would be reused by the next build and hide its growth
+        del ix
     if "flat" not in args.kinds:
         rows = rows[1:]
     flat = next((r for r in rows if r["kind"] == "flat"), None)
@@ -160,11 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         print(f"  {r['kind']}: {r['params']}")
     info = benchlib.machine()
-    print(f"CPU: {info['cpu']}, {info['cores']} cores; load average {os.getloadavg()[0]:.2f} at the end")
-    if args.save:
-        path = benchlib.save_results("index", {"args": vars(args), "machine": info, "rows": rows})
-        print(f"wrote {path}")
-    return 0
+    print(f"CPU: {info['cpu']}, {info['cores']} cores; load average {load0:.2f} at the start, "
+          f"{os.getloadavg()[0]:.2f} at the end")
+    return benchlib.finish("index", args, info, rows=rows) if args.save else 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import benchlib  # bench/ is the script's folder; benchlib also puts the repository on sys.path
+import benchlib  # bench/ is the script's folder, so it is on sys.path; the packages come from the install
 import numpy as np
 import torch
 
@@ -48,7 +48,7 @@ from adaptation.checkpoint import CHECKPOINT, load_checkpoint
 from adaptation.experiment import run_experiment
 from adaptation.models import build_model
 from adaptation.objectives import OBJECTIVES, is_collapsed, output_std
-from toolkit.synthetic.planted import planted_array
+from synthetic.planted import planted_array
 from adaptation.runs import read_summary
 from adaptation.split import split_data
 from adaptation.training import TrainConfig, evaluate
@@ -256,9 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['chosen'] or '–'} | {'–' if seconds is None else f'{seconds:.1f}'} | "
               f"{sum(r['collapsed'])} of {len(r['collapsed'])} | "
               f"{min(r['output_std_x_sqrt_d']):.2f}–{max(r['output_std_x_sqrt_d']):.2f} |")
-    path = benchlib.save_results("objectives", {"args": vars(args), "machine": machine, "rows": rows})
-    print(f"\nwrote {path}")
-    return 0
+    return benchlib.finish("objectives", args, machine, rows=rows, prefix="\n")
 
 
 if __name__ == "__main__":

@@ -49,25 +49,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def small_run(model: str, root: Path, pairs: int, pca: int) -> Path:
-    """A run folder of `model` (random init) trained on drawn pairs."""
-    from toolkit.synthetic.drawn_images import make_pairs
-
-    make_pairs(root / "tll", n_pairs=pairs, seed=0)
-    # The scripts run as their command lines (bench/extract.py would shadow an `import extract` here).
-    script(["extract.py", "-d", root / "tll", "-s", root / "feats", "--data-aug", "-p", "adapt-pca", pca,
-            "--model", model, "--pretrained", "none", "--workers", "0", "--no-progress"])
-    feats = next((root / "feats").glob(f"*/features_pca{pca}.npy"))
-    script(["train.py", "-d", feats, "--model", "original", "-s", root / "runs", "-e", "2", "-t", "15",
-            "--test-split", "0.25", "-k", "1", "--seed", "0", "--no-images"])
-    return root / "runs" / "run1"
-
-
-def script(argv: list) -> None:
-    subprocess.run([sys.executable, ROOT / argv[0], *map(str, argv[1:])], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-
 STARTUP = """import sys, time
 t = time.perf_counter()
 from retrieval.visual_similarity import VisualSimilarity
@@ -96,14 +77,14 @@ def bench_model(model: str, args, tmp: Path) -> dict:
 
     from retrieval.export import EmbeddingGraph
     from retrieval.visual_similarity import VisualSimilarity
-    from toolkit.synthetic.drawn_images import render_pair
+    from synthetic.drawn_images import render_pair
 
     t = time.perf_counter()
-    run = small_run(model, tmp / model, args.pairs, args.pca)
+    run = benchlib.small_run(model, tmp / model, args.pairs, args.pca)
     made_s = time.perf_counter() - t
     out = tmp / f"{model}_onnx"
     t = time.perf_counter()
-    script(["similarity.py", "--run", run, "export", "-o", out, "--dynamic-batch"])
+    benchlib.script(["similarity.py", "--run", run, "export", "-o", out, "--dynamic-batch"])
     export_s = time.perf_counter() - t
     torch_sim = VisualSimilarity.from_run(run, device="cpu")
     onnx_sim = VisualSimilarity.from_onnx(out)
@@ -167,10 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          [("model", "model", "s"), ("what", f"batch {args.batch}", "s"),
                           ("images_per_s", "images/s", ".2f"), ("vs_torch_fp32", "x torch fp32", ".2f")]))
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
-    if args.save:
-        path = benchlib.save_results("onnx", {"args": vars(args), "machine": info, "results": results})
-        print(f"wrote {path}")
-    return 0
+    return benchlib.finish("onnx", args, info, results=results) if args.save else 0
 
 
 if __name__ == "__main__":

@@ -40,11 +40,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import benchlib  # bench/ is the script folder; this also puts the repo root on sys.path
+import benchlib  # bench/ is the script's folder, so it is on sys.path; the packages come from the install
 
 import numpy as np
 
-from toolkit.synthetic.drawn_images import make_images, name_of
+from synthetic.drawn_images import make_images, name_of
 from toolkit.utils import UserError
 from toolkit.cli import run_cli
 
@@ -189,9 +189,7 @@ def ranks_throughput(args: argparse.Namespace) -> int:
           f"{many:.1f} s ({n / many:.1f} img/s): throughput ratio {one / many:.2f}; 1 process with OMP_NUM_THREADS=1 "
           f"{one_1t:.1f} s, ratio {one_1t / many:.2f}; features.npy identical: {same}; "
           f"workers {args.workers} per process; load avg {os.getloadavg()[0]:.2f} (start {info['load_avg_start'][0]:.2f})")
-    path = benchlib.save_results("ranks", {"args": vars(args), "machine": info, "result": result})
-    print(f"wrote {path}")
-    return 0
+    return benchlib.finish("ranks", args, info, result=result)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -260,9 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{1000 * time_slope:.2f} s per 1k images + {time_fixed:.1f} s fixed. model {args.model}, processor "
           f"{' '.join(args.processor)}, workers {args.workers}; load avg {os.getloadavg()[0]:.2f} "
           f"(start {info['load_avg_start'][0]:.2f})")
-    path = benchlib.save_results("scale", {"args": vars(args), "machine": info, "rows": rows, "summary": summary})
-    print(f"wrote {path}")
-    return 0
+    return benchlib.finish("scale", args, info, rows=rows, summary=summary)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,12 @@ import sys
 import time
 from typing import Sequence
 
-import benchlib  # bench/ is the script's folder; benchlib also puts the repository on sys.path
+import benchlib  # bench/ is the script's folder, so it is on sys.path; the packages come from the install
 import torch
 
 from adaptation.split import split_data, split_indices
 from adaptation.models import build_model
-from toolkit.synthetic.planted import planted_pairs
+from synthetic.planted import planted_pairs
 from adaptation.training import PRECISIONS, TrainConfig, make_optimizer, train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -181,9 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = check_targets(rows, args.epochs)
     for line in targets:
         print(line)
-    path = benchlib.save_results("train", {"args": vars(args), "machine": machine, "rows": rows, "targets": targets})
-    print(f"wrote {path}")
-    return 0
+    return benchlib.finish("train", args, machine, rows=rows, targets=targets)
 
 
 if __name__ == "__main__":

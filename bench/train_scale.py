@@ -34,7 +34,7 @@ from typing import Sequence
 import benchlib
 import numpy as np
 
-from toolkit.synthetic.planted import planted_array
+from synthetic.planted import planted_array
 
 WRAP = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)")
@@ -147,9 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamed evaluation of {e['eval_pairs']} test pairs ({e['dim']}-d): {e['seconds']:.1f} s, "
               f"peak RSS {e['peak_rss_gb']:.2f} GB (+{e['extra_gb']:.2f} GB for the evaluation; the full matrix "
               f"alone would be {e['full_matrix_gb']:.0f} GB)")
-    path = benchlib.save_results("train_scale", {"args": vars(args), "machine": machine, "rows": rows, "evals": evals})
-    print(f"wrote {path}")
-    return 0
+    return benchlib.finish("train_scale", args, machine, rows=rows, evals=evals)
 
 
 if __name__ == "__main__":

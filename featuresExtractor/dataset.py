@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .transforms import BadImage, is_image_file, load_image
-from toolkit.utils import UserError
+from toolkit.utils import UserError, decode_text
 
 __all__ = ["Layout", "discover", "read_list", "ImageItems"]
 
@@ -115,12 +115,11 @@ def discover(root: str | Path) -> Layout:
 
 def _lines_text(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        data = path.read_bytes()
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None
-    return text.splitlines()
+    return decode_text(data, str(path), "give a text file: a pair list (left,right[,name]) or an image list "
+                                        "(one path a line)").splitlines()
 
 
 def _resolve(base: Path, text: str) -> Path:

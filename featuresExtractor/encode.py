@@ -4,7 +4,7 @@
 written by extract.py, rebuilds the same backbone (weights, taps, precision), and
 loads the same PCA. `Encoder.encode(images)` then returns, for any image, the vector
 that extract.py would have stored for it in that file: same decoding, transform,
-pooling, normalisation and projection (through `processor.project`).
+pooling, normalisation and projection (through `Processor.project`).
 
 Example:
     >>> enc = Encoder.from_features_file("out/clip_rn50x4/features_pca256.npy")   # doctest: +SKIP
@@ -31,8 +31,8 @@ from .backbone_base import Backbone
 from .backbones import load_backbone, resolve_spec
 from .extractor import CPU_SLICE, FeatureExtractor
 from .pca import PCAParams, load_pca
-from .manifest import read_manifest, transform_choice
-from .processor import Processor, pca_stems, project
+from .manifest import check_output, read_manifest, transform_choice
+from .processor import CONCATENATION, Processor
 
 __all__ = ["Encoder", "model_taps"]
 
@@ -86,10 +86,12 @@ class Encoder:
                                      transform=transform_choice(manifest))
             if source.get("sha256") and backbone.weights.get("sha256") not in (None, source["sha256"]):
                 raise UserError(f"the cached {spec.arch} '{spec.pretrained}' weights differ from the extraction's")
-        p = manifest["processor"]
-        proc = Processor(p["name"], p["n_components"], p["normalize"])
+        proc = Processor.from_record(manifest["processor"])
         base = features_path.parent
-        pcas = {stem: load_pca(base / f"{stem}.npz") for stem in pca_stems(proc, spec.taps)}
+        pcas = {}
+        for stem in proc.pca_stems(spec.taps):
+            pcas[stem] = load_pca(base / f"{stem}.npz")
+            check_output(manifest, base, f"{stem}.npz")  # the PCA extract.py fitted, not one edited since
         extractor = FeatureExtractor(backbone, manifest.get("precision", "fp32"), bool(manifest.get("channels_last", True)))
         return cls(extractor, proc, features_path.name, pcas, manifest)
 
@@ -104,11 +106,11 @@ class Encoder:
 
     def from_concatenation(self, full: np.ndarray) -> np.ndarray:
         """This encoder's vectors from rows of an `adapt`/`adapt-pca` `features.npy` (the concatenation)."""
-        if self.processor.name not in ("adapt", "adapt-pca"):
+        if not self.processor.concatenates:
             raise UserError(f"a {self.processor.name} extraction has no concatenated features to start from")
-        if self.output == "features.npy":
+        if self.output == CONCATENATION:
             return np.asarray(full, dtype=np.float32)
-        (stem,) = pca_stems(self.processor, self.backbone.spec.taps)
+        (stem,) = self.processor.pca_stems(self.backbone.spec.taps)
         return self.pcas[stem].transform(full)
 
     def encode(self, images: Sequence[str | os.PathLike | Image.Image]) -> np.ndarray:
@@ -116,7 +118,7 @@ class Encoder:
 
         Raises `featuresExtractor.transforms.BadImage` for an unreadable image.
         """
-        vectors = project(self.processor, self.pooled(images), self.extractor.info.embedding, self.pcas)
+        vectors = self.processor.project(self.pooled(images), self.extractor.info.embedding, self.pcas)
         return vectors[self.output].astype(np.float32)
 
 

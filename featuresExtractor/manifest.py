@@ -36,11 +36,12 @@ from toolkit.utils import UserError, read_json, write_json
 from .backbone_base import Backbone
 from .dataset import Layout
 from .extractor import FeatureInfo
-from .processor import PROCESSORS, Processor
+from .processor import KINDS, Processor
 from .transforms import DECODE, TRANSFORMS
 
 __all__ = ["MANIFEST", "FORMAT", "fingerprint", "build_manifest", "write_manifest", "read_manifest",
-           "read_manifest_file", "transform_choice", "file_digest", "damaged_outputs", "is_inside", "swap_in"]
+           "read_manifest_file", "transform_choice", "file_digest", "damaged_outputs", "check_output", "is_inside",
+           "swap_in"]
 
 MANIFEST = "manifest.json"
 FORMAT = "featuresExtractor/1"
@@ -98,7 +99,7 @@ def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Pr
                   "weights": backbone.weights, "embedding_tap": info.embedding,
                   "taps": [{"name": t.name, "shape": list(t.shape), "pooled_dim": t.pooled_dim} for t in info.taps],
                   "transform": repr(backbone.transform), "transform_choice": backbone.transform_choice},
-        "processor": {"name": proc.name, "n_components": proc.n_components, "normalize": proc.normalize},
+        "processor": proc.record(),
         "augmentation": {"hflip": data_aug, "applied_to": "preprocessed tensor"},
         "decode": DECODE,
         "precision": precision, "device": device, "channels_last": channels_last,
@@ -163,9 +164,9 @@ def read_manifest_file(path: str | os.PathLike) -> dict:
                for t in taps):
         raise UserError(f"{path} is damaged: model.taps should list objects with a name and a pooled_dim")
     proc = obj["processor"]
-    if proc["name"] not in PROCESSORS:
-        raise UserError(f"{path} is damaged: processor.name {proc['name']!r} is not one of {', '.join(PROCESSORS)}")
-    if PROCESSORS[proc["name"]][0] and not (proc["n_components"] or 0) > 0:
+    if proc["name"] not in KINDS:
+        raise UserError(f"{path} is damaged: processor.name {proc['name']!r} is not one of {', '.join(KINDS)}")
+    if KINDS[proc["name"]].takes_n and not (proc["n_components"] or 0) > 0:
         raise UserError(f"{path} is damaged: processor {proc['name']} needs a positive n_components, not "
                         f"{proc['n_components']!r}")
     weights = obj["model"]["weights"]
@@ -224,6 +225,18 @@ def damaged_outputs(out_dir: Path, manifest: dict) -> list[str]:
         elif "sha256" in info and file_digest(target)["sha256"] != info["sha256"]:
             bad.append(f"{rel} (contents changed)")
     return bad
+
+
+def check_output(manifest: dict, folder: Path, rel: str, sha256: str | None = None) -> None:
+    """Refuse (`UserError`) an output about to be used whose bytes are not what extract.py wrote and recorded.
+
+    `sha256`: the file's, when the caller has already hashed it. An output the manifest records no
+    sha256 of (an older manifest) is not checked.
+    """
+    recorded = manifest["outputs"].get(rel, {}).get("sha256")
+    if recorded is not None and (sha256 or file_sha256(folder / rel)) != recorded:
+        raise UserError(f"{folder / rel} is not the file extract.py wrote (its sha256 differs from the one "
+                        f"{folder / MANIFEST} records: edited or replaced since?); restore it, or extract again")
 
 
 def swap_in(out_dir: Path, staged: Path, raw: Path, outputs: dict, replaced: list[str]) -> None:

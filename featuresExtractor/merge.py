@@ -6,7 +6,7 @@ a block of items at a time, twice when the processor fits a PCA:
 1. the PCA pass feeds each block's vectors to a `featuresExtractor.pca.StreamingPCA`
    (exact: the Gram matrix of the rows up to as many vectors as dims, else the float64
    covariance and its top eigenpairs);
-2. the write pass projects each block (`featuresExtractor.processor.project`, the function
+2. the write pass projects each block (`featuresExtractor.processor.Processor.project`, the function
    similarity.py uses for new images) and writes it into the features files
    (`featuresExtractor.pairs_file.RecordsWriter`, positioned writes).
 
@@ -28,8 +28,8 @@ import numpy as np
 
 from .pairs_file import RecordsWriter
 from .pca import PCAParams, StreamingPCA, save_pca
-from .pooling import concat_parts, part_slices
-from .processor import Processor, pca_stems, project
+from .pooling import concat_parts
+from .processor import Processor
 from .store import StoredRows
 
 __all__ = ["BLOCK_BYTES", "block_items", "fit_pcas", "write_outputs"]
@@ -50,7 +50,7 @@ def fit_pcas(proc: Processor, rows: StoredRows, dims: Mapping[str, int], embeddi
 
     `device`: None fits on the CPU; a torch device (the extraction's CUDA device) fits there.
     """
-    stems = pca_stems(proc, list(dims))
+    stems = proc.pca_stems(list(dims))
     if not stems:
         return {}
     fits = {stem: StreamingPCA(sum(dims.values()) if tap is None else dims[tap], proc.n_components, device=device)
@@ -73,11 +73,11 @@ def write_outputs(proc: Processor, rows: StoredRows, names: Sequence[str], sides
     block = block_items(dims, len(sides), n_flips)
     pcas = fit_pcas(proc, rows, dims, embedding, block, pca_device)
     params = {stem: PCAParams.from_sklearn(p) for stem, p in pcas.items()}
-    files = _file_dims(proc, dims)
+    files = proc.files(dims)
     writers = {file: RecordsWriter(folder / file, names, sides, dim, n_flips) for file, dim in files.items()}
     try:
         for start, pooled in rows.blocks(block):
-            for file, vectors in project(proc, pooled, embedding, params).items():
+            for file, vectors in proc.project(pooled, embedding, params).items():
                 writers[file].write(start, vectors)
     except BaseException:
         for w in writers.values():
@@ -87,7 +87,7 @@ def write_outputs(proc: Processor, rows: StoredRows, names: Sequence[str], sides
         w.close()
     outputs: dict[str, dict] = {}
     for file, dim in files.items():
-        parts = part_slices(dims if file == "features.npy" else {k: proc.n_components for k in dims})
+        parts = proc.parts(file, dims)
         outputs[file] = {"kind": "features", "rows": len(names) * n_flips, "dim": dim,
                          "fields": ["name", "augmented", *sides], "parts": {k: list(v) for k, v in parts.items()}}
     for stem, pca in pcas.items():
@@ -98,13 +98,3 @@ def write_outputs(proc: Processor, rows: StoredRows, names: Sequence[str], sides
                 "solver": pca.solver_}
     return outputs
 
-
-def _file_dims(proc: Processor, dims: Mapping[str, int]) -> dict[str, int]:
-    """Each features file the processor writes, with its vector dim."""
-    if proc.name == "adapt":
-        return {"features.npy": sum(dims.values())}
-    if proc.name == "adapt-pca":
-        return {"features.npy": sum(dims.values()), f"features_pca{proc.n_components}.npy": proc.n_components}
-    if proc.name == "pca":
-        return {f"features_pca{proc.n_components}.npy": proc.n_components * len(dims)}
-    raise ValueError(f"processor {proc.name!r} has no pooled outputs")

@@ -39,7 +39,7 @@ from .extractor import FeatureExtractor
 from .manifest import (MANIFEST, build_manifest, damaged_outputs, file_digest, fingerprint, read_manifest_file, swap_in,
                        write_manifest)
 from .merge import write_outputs
-from .processor import Processor, check_components, parse_processor
+from .processor import Processor, parse_processor
 from .store import ChunkStore
 from .subset import describe_subset, match_subset, read_subset
 from .transforms import hflip
@@ -112,7 +112,7 @@ def _check_disk(out_dir: Path, n_items: int, per_item_values: int) -> int:
     free = shutil.disk_usage(probe).free
     print(f"save: raw tap outputs will take {need / 2**30:.2f} GiB; {free / 2**30:.2f} GiB free", file=sys.stderr)
     if need > free:
-        raise UserError(f"not enough disk for processor save: need {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free "
+        raise UserError(f"not enough disk for -p/--processor save: need {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free "
                         f"under {probe}; free some space or pick another -s")
     return need
 
@@ -161,7 +161,7 @@ def _out_dir(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: 
     blocking = next((p for p in (Path(cfg.save_to), *Path(cfg.save_to).parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"-s {cfg.save_to}: {blocking} is a file, not a folder; choose another -s")
-    check_components(proc, len(layout) * len(layout.sides) * n_flips, fx.info.dims)
+    proc.check_components(len(layout) * len(layout.sides) * n_flips, fx.info.dims)
     return Path(cfg.save_to) / fx.backbone.spec.name
 
 
@@ -272,7 +272,7 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
     staged = store.folder / "staged"
     shutil.rmtree(staged, ignore_errors=True)
     if proc.pooled:
-        check_components(proc, len(kept_list) * len(layout.sides) * n_flips, fx.info.dims)
+        proc.check_components(len(kept_list) * len(layout.sides) * n_flips, fx.info.dims)
         outputs = write_outputs(proc, rows, [layout.names[i] for i in kept_list], layout.sides, n_flips,
                                 fx.info.embedding, fx.info.dims, staged,
                                 pca_device=fx.device if fx.device.type == "cuda" else None)

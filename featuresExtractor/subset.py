@@ -5,13 +5,15 @@ Three forms are accepted:
 
 * the paper's `TLL_obj.csv`, exactly as published: a header line, then `index,name` rows
   (an integer, then the name; the published file lists each name twice);
-* a CSV whose header has a `name` column (other columns are ignored);
-* a plain list: one name a line.
+* a CSV whose header has a `name` column (other columns are ignored), read with the csv module's
+  quoting, so `"a, b.jpg"` is the name `a, b.jpg`, also when `name` is the only column;
+* a plain list: one name a line, taken as it is (a name called `name` on the first line is a header).
 
 `match_subset(available, wanted)` says which of the available names the subset keeps and
 which of its names are missing; `describe_subset(path, names)` is the record that goes into a
 manifest or a run's config (the file, its sha256 and the count). An empty file, a binary file
-or one that is not UTF-8 text is refused with a one-line `UserError`.
+or one that is not text is refused with a one-line `UserError`; UTF-16 with a byte-order mark is read
+(`toolkit.utils.decode_text`).
 
 Example:
     >>> names = read_subset("TLL_obj.csv")                         # doctest: +SKIP
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Sequence
 
 from toolkit.hashing import file_sha256
-from toolkit.utils import UserError, require_regular_file
+from toolkit.utils import UserError, decode_text, require_regular_file
 
 __all__ = ["read_subset", "match_subset", "describe_subset", "missing_line"]
 
@@ -43,14 +45,7 @@ def _text(path: Path) -> str:
         raise UserError(f"subset file {path} is a folder; give a file of names (one a line, or a CSV)") from None
     except OSError as err:
         raise UserError(f"cannot read subset file {path}: {err.strerror or err}") from None
-    if b"\0" in data:
-        raise UserError(f"subset file {path} is binary, not a list of names; give a text file (one name a line, or "
-                        f"a CSV with a name column)")
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UserError(f"subset file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                        f"save it as UTF-8") from None
+    return decode_text(data, f"subset file {path}", "give a list of names (one a line, or a CSV with a name column)")
 
 
 def _is_index(cell: str) -> bool:
@@ -65,7 +60,7 @@ def read_subset(path: str | os.PathLike) -> list[str]:
         raise UserError(f"subset file {path} is empty; list one name a line, or give the paper's TLL_obj.csv")
     rows = list(csv.reader(lines))
     header = [c.strip().lower() for c in rows[0]]
-    if "name" in header and len(rows[0]) > 1:  # a CSV with a name column
+    if "name" in header:  # a CSV with a name column, the only one or among others: its quoting is the csv module's
         col = header.index("name")
         names = [r[col].strip() for r in rows[1:] if col < len(r) and r[col].strip()]
     elif len(rows) > 1 and all(len(r) >= 2 and _is_index(r[0]) for r in rows[1:]):

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:  # decoding is torch-free: ONNX exports (retrieval.deploy) dec
     import torch
 
 __all__ = ["IMAGE_EXTENSIONS", "DECODE", "TRANSFORMS", "IMAGENET_MEAN", "IMAGENET_STD", "paper_transform", "is_image_file",
-           "to_rgb", "load_image", "hflip", "BadImage"]
+           "to_rgb", "load_image", "decode_image", "hflip", "BadImage"]
 
 #: File extensions treated as images; anything else in a dataset folder is ignored.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -106,16 +107,29 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
+    except OSError as err:
+        raise BadImage(f"{type(err).__name__}: {err}") from None
+    return _decode(path)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """`load_image` for an image held in memory (an upload): the same checks, the same upright RGB result."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return _decode(io.BytesIO(data))
+
+
+def _decode(source: Path | io.BytesIO) -> Image.Image:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 img.load()
                 return to_rgb(ImageOps.exif_transpose(img))
-    except BadImage:
-        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         # Pillow reports unreadable data as OSError/SyntaxError/ValueError depending on the codec.
-        raise BadImage(f"{type(err).__name__}: {err}") from None
+        text = str(err).replace(f" {source!r}", "") if isinstance(source, io.BytesIO) else str(err)  # no object repr
+        raise BadImage(f"{type(err).__name__}: {text}") from None
 
 
 def hflip(x: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,11 @@ neither torch nor open_clip (onnxruntime is imported when a folder is opened):
                         normalisation, concatenation, PCA, adaptation model
       preprocess.json   the backbone's own eval transform as plain values: resize (the shorter
                         side, or an exact size), interpolation, centre crop, mean, std, decoding
-      manifest.json     format, version, the sha256 of encoder.onnx (checked on load), the run's
-                        identity (checkpoint sha256, backbone, weights, taps, PCA, dims), the
-                        calibrated threshold, opset, batch, package versions and the export's check
+      manifest.json     format, version, the sha256 of encoder.onnx and of preprocess.json (both
+                        checked on load: either file's bytes change every score), the run's identity
+                        (checkpoint sha256, backbone, weights, taps, PCA, dims), the calibrated
+                        threshold, the opset the graph has (read from it), batch, package versions
+                        and the export's check
 
 `retrieval.export` makes the folder (it needs torch); `OnnxEncoder.load(DIR)` reads it and
 turns images into embeddings through onnxruntime; `retrieval.visual_similarity.VisualSimilarity.from_onnx`
@@ -43,10 +45,12 @@ from toolkit.hashing import file_sha256
 from toolkit.utils import UserError, first_line, read_json
 
 __all__ = ["FORMAT", "VERSION", "ENCODER_FILE", "PREPROCESS_FILE", "MANIFEST_FILE", "INTERPOLATIONS", "Preprocess",
-           "OnnxEncoder", "EXPORT_FOLDER", "read_manifest", "write_meta", "staged", "check_target", "onnxruntime", "EXTRA"]
+           "OnnxEncoder", "EXPORT_FOLDER", "read_manifest", "write_meta", "staged", "check_target", "onnxruntime", "EXTRA",
+           "GraphLoadError"]
 
 FORMAT = "visual-similarity-onnx"
-VERSION = 1
+VERSION = 2
+"""2: the manifest records preprocess.json's sha256 too (version 1 exports are refused: export the run again)."""
 ENCODER_FILE, PREPROCESS_FILE, MANIFEST_FILE = "encoder.onnx", "preprocess.json", "manifest.json"
 EXTRA = "pip install 'adaptation-similarity[export]' (or: pip install onnx onnxruntime onnxscript)"
 #: interpolation name (torchvision's InterpolationMode values) -> Pillow resampling filter, as torchvision maps them
@@ -167,7 +171,8 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     if m.get("version") != VERSION:
         raise UserError(f"{folder} is export format version {m.get('version')!r}; this toolkit reads version "
                         f"{VERSION}: export the run again")
-    checks = [("encoder_sha256", isinstance(m.get("encoder_sha256"), str) and len(m["encoder_sha256"]) == 64, "a sha256"),
+    checks = [*((key, isinstance(m.get(key), str) and len(m[key]) == 64, "a sha256")
+                for key in ("encoder_sha256", "preprocess_sha256")),
               ("identity", isinstance(m.get("identity"), dict), "a dict"),
               ("embedding_dim", isinstance(m.get("embedding_dim"), int) and not isinstance(m["embedding_dim"], bool)
                and m["embedding_dim"] > 0, "a positive integer"),
@@ -181,10 +186,20 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 
 def write_meta(folder: Path, preprocess: Preprocess, manifest: dict) -> None:
-    """Write preprocess.json and manifest.json (with the format, version and encoder.onnx's sha256) into `folder`."""
-    manifest = dict(manifest, format=FORMAT, version=VERSION, encoder_sha256=file_sha256(folder / ENCODER_FILE))
+    """Write preprocess.json and manifest.json (with the format, version and the sha256 of encoder.onnx and
+    preprocess.json) into `folder`."""
     (folder / PREPROCESS_FILE).write_text(json.dumps(preprocess.to_dict(), indent=2, sort_keys=True) + "\n")
+    manifest = dict(manifest, format=FORMAT, version=VERSION, encoder_sha256=file_sha256(folder / ENCODER_FILE),
+                    preprocess_sha256=file_sha256(folder / PREPROCESS_FILE))
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+class GraphLoadError(UserError):
+    """onnxruntime refused encoder.onnx (`reason`: its words); the caller knows whether to say "export again"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 EXPORT_FOLDER = FolderFormat("an ONNX export", (ENCODER_FILE, PREPROCESS_FILE, MANIFEST_FILE),
@@ -234,19 +249,21 @@ class OnnxEncoder:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, threads: int | None = None) -> "OnnxEncoder":
-        """Open an export folder: its manifest, preprocess.json and encoder.onnx (sha256 checked), validated.
+        """Open an export folder: its manifest, preprocess.json and encoder.onnx (both sha256 checked), validated.
 
-        `threads` sets onnxruntime's intra-op threads (default: its own choice). Raises `UserError`.
+        `threads` sets onnxruntime's intra-op threads (default: its own choice). Raises `UserError`
+        (`GraphLoadError` when onnxruntime refuses the graph).
         """
         folder = Path(folder)
         manifest = read_manifest(folder)
-        preprocess = Preprocess.from_dict(read_json(folder / PREPROCESS_FILE) if (folder / PREPROCESS_FILE).is_file()
-                                          else None, str(folder / PREPROCESS_FILE))
+        for name, key in ((PREPROCESS_FILE, "preprocess_sha256"), (ENCODER_FILE, "encoder_sha256")):
+            if not (folder / name).is_file():
+                raise UserError(f"{folder} lacks {name}; export the run again")
+            if file_sha256(folder / name) != manifest[key]:
+                raise UserError(f"{folder / name} is damaged or edited (its sha256 differs from the manifest's); "
+                                f"export the run again")
+        preprocess = Preprocess.from_dict(read_json(folder / PREPROCESS_FILE), str(folder / PREPROCESS_FILE))
         graph = folder / ENCODER_FILE
-        if not graph.is_file():
-            raise UserError(f"{folder} lacks {ENCODER_FILE}; export the run again")
-        if file_sha256(graph) != manifest["encoder_sha256"]:
-            raise UserError(f"{graph} is damaged (its sha256 differs from the manifest's); export the run again")
         ort = onnxruntime()
         from onnxruntime.capi import onnxruntime_pybind11_state as state
 
@@ -257,7 +274,8 @@ class OnnxEncoder:
             session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         except (state.Fail, state.InvalidGraph, state.InvalidProtobuf, state.NoSuchFile, state.InvalidArgument,
                 state.NotImplemented, state.RuntimeException) as err:
-            raise UserError(f"cannot load {graph} ({first_line(err)[:200]}); export the run again") from None
+            reason = first_line(err).replace(str(graph), ENCODER_FILE)[:200]
+            raise GraphLoadError(f"cannot load {graph} ({reason}); export the run again", reason) from None
         inputs, outputs = session.get_inputs(), session.get_outputs()
         shape = inputs[0].shape if len(inputs) == 1 else None
         if shape is None or len(outputs) != 1 or len(shape) != 4 or list(shape[1:]) != [3, *preprocess.crop] \

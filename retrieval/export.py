@@ -6,13 +6,17 @@ and writes the folder `retrieval.deploy` owns (encoder.onnx, preprocess.json, ma
 - `EmbeddingGraph` is the run's path as one torch module, built from the modules
   `VisualSimilarity` itself runs: the backbone's taps (`featuresExtractor.taps.Taps`), pooling
   (`featuresExtractor.pooling.global_avg_pool`), the processor's per-part normalisation,
-  concatenation and PCA (`featuresExtractor.processor.project`), the adaptation model, and an L2
+  concatenation and PCA (`featuresExtractor.processor.Processor.project`), the adaptation model, and an L2
   normalisation (`l2_normalize`). It runs in fp32; `torch.onnx.export` (the torch.export-based
   exporter, which needs onnxscript) turns it into encoder.onnx.
 - `describe_transform` reads the backbone's own eval transform (open_clip's and timm's
-  `Compose`, torchvision's `ImageClassification`) into a `deploy.Preprocess`.
+  `Compose`, torchvision's `ImageClassification`) into a `deploy.Preprocess`. The paper's
+  transform (`--transform paper`: a tensor squeeze without antialiasing) has no such description.
+- The manifest records the opset the graph really has, read from it: torch's exporter writes no
+  opset below its own (18 here) and, above the highest it converts to, leaves the graph at its
+  own opset with operators of later ones, which is refused in one line.
 - The export then checks itself: the graph, run by onnxruntime on images preprocessed by
-  `Preprocess` (no torch), against `VisualSimilarity.embed` on the same images (drawn ones, or
+  `Preprocess` (no torch), against `VisualSimilarity.embed` on the same images (`probe_images`, or
   `check_images`), at batch 1 and at the whole set when the batch is dynamic. The minimum
   cosine must reach `MIN_COSINE`; otherwise nothing is written.
 
@@ -41,7 +45,6 @@ from PIL import Image
 from torch import nn
 
 from featuresExtractor.pooling import global_avg_pool, l2_normalize
-from featuresExtractor.processor import project
 from featuresExtractor.taps import Taps
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.utils import UserError, first_line
@@ -54,7 +57,8 @@ __all__ = ["ExportConfig", "EmbeddingGraph", "describe_transform", "export_run",
 MIN_COSINE = 0.9999
 """The export is refused when the graph and the torch path agree less than this on any check image."""
 DEFAULT_OPSET = 18
-CHECK_DRAWN = 8  # drawn check images when none are given
+CHECK_DRAWN = 8  # check images drawn by `probe_images` when none are given
+PROBE_SIZES = ((200, 250), (250, 200), (224, 224), (131, 97))  # (width, height)
 CHECK_LIMIT = 64  # at most this many images of --check-images are used
 
 
@@ -65,7 +69,7 @@ class ExportConfig:
     Attributes:
         opset: the ONNX opset.
         dynamic_batch: a graph taking any batch size (else a fixed batch of 1).
-        check_images: a folder (or image list file) of images for the check; None: drawn images.
+        check_images: a folder (or image list file) of images for the check; None: `probe_images`.
         overwrite: replace an existing export folder (never one holding other files).
     """
 
@@ -91,7 +95,7 @@ class EmbeddingGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with Taps(self.visual, self.taps, reduce=global_avg_pool) as taps:
             pooled = taps(images)
-        vectors = project(self.processor, pooled, self.embedding, self.pcas)[self.output]
+        vectors = self.processor.project(pooled, self.embedding, self.pcas)[self.output]
         return l2_normalize(self.model(vectors))
 
 
@@ -194,6 +198,37 @@ def write_graph(graph: nn.Module, path: Path, image_shape: Sequence[int], opset:
     program.save(str(path))
 
 
+def graph_opset(path: Path) -> int:
+    """The ONNX opset (default domain) a saved graph declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _check_opset(wanted: int, real: int) -> None:
+    """Refuse a graph left below the opset asked for (its conversion upward failed; seen: an opset-23 operator
+    in a graph that says opset 18, which onnxruntime refuses)."""
+    if real < wanted:
+        raise UserError(f"torch {torch.__version__.split('+')[0]} cannot export at opset {wanted}: its exporter could "
+                        f"not convert the graph to it (it is left at opset {real}); choose a lower --opset (the "
+                        f"default {DEFAULT_OPSET} is the one it writes natively)")
+
+
+def _preprocess(sim) -> Preprocess:
+    """`describe_transform` of the run's transform; a refusal naming `--transform paper` when the run used it."""
+    try:
+        return describe_transform(sim.encoder.extractor.transform)
+    except UserError:
+        if getattr(sim.encoder.backbone, "transform_choice", "library") != "paper":
+            raise
+        data = sim.checkpoint.get("config", {}).get("data", "its features file")
+        raise UserError(f"the run was trained on features extracted with --transform paper ({data}): the paper's "
+                        f"224 x 224 squeeze of the tensor, without antialiasing or crop, which an export's "
+                        f"preprocess.json (Pillow) cannot reproduce; to export, extract the images again with "
+                        f"--transform library (the default) and train on those features") from None
+
+
 @contextlib.contextmanager
 def _quiet_logs():
     # torch.export logs each failed step with a traceback; the failure is said in one line instead.
@@ -206,11 +241,9 @@ def _quiet_logs():
 
 
 def check_images(source: str | None) -> tuple[list, str]:
-    """(images, source label) for the check: drawn pairs, or up to `CHECK_LIMIT` images of a folder or list."""
+    """(images, source label) for the check: `probe_images`, or up to `CHECK_LIMIT` images of a folder or list."""
     if source is None:
-        from toolkit.synthetic.drawn_images import render_pair
-
-        return [im for i in range(CHECK_DRAWN // 2) for im in render_pair(seed=0, index=i)], "drawn"
+        return probe_images(CHECK_DRAWN), "drawn"
     from .visual_similarity import gallery_items
 
     images = []
@@ -220,6 +253,24 @@ def check_images(source: str | None) -> tuple[list, str]:
         except BadImage as err:
             raise UserError(f"--check-images: cannot read {name}: {err}") from None
     return images, str(source)
+
+
+def probe_images(n: int, seed: int = 0) -> list[Image.Image]:
+    """`n` RGB images drawn from a seeded generator, the same on every machine: the export's own check images.
+
+    Each is a coarse random colour field (a few blocks, resized bilinearly) plus fine pixel noise, so both
+    smooth regions and edges reach the backbone; sizes cycle through `PROBE_SIZES` (portrait, landscape,
+    square, odd) so the check covers the resize and the centre crop of `Preprocess`, not only the graph.
+    """
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        width, height = PROBE_SIZES[i % len(PROBE_SIZES)]
+        coarse = Image.fromarray(rng.integers(0, 256, (5, 4, 3), dtype=np.uint8), "RGB")
+        smooth = np.asarray(coarse.resize((width, height), Image.BILINEAR), dtype=np.int16)
+        fine = rng.integers(-24, 25, (height, width, 3), dtype=np.int16)
+        images.append(Image.fromarray(np.clip(smooth + fine, 0, 255).astype(np.uint8), "RGB"))
+    return images
 
 
 def agreement(sim, encoder: OnnxEncoder, images: Sequence[Image.Image], batches: Sequence[int]) -> float:
@@ -246,7 +297,7 @@ def export_run(sim, out_dir: str | os.PathLike, config: ExportConfig = ExportCon
     deploy.check_target(out_dir, config.overwrite)
     versions = _packages()
     images, source = check_images(config.check_images)  # bad check images are refused before the slow export
-    preprocess = describe_transform(sim.encoder.extractor.transform)
+    preprocess = _preprocess(sim)
     graph = EmbeddingGraph(sim.encoder, sim.model).cpu().float().eval()
     identity = sim.identity()
     arch = identity["backbone"]["arch"]
@@ -256,8 +307,15 @@ def export_run(sim, out_dir: str | os.PathLike, config: ExportConfig = ExportCon
                 "output": "embedding"}
     with deploy.staged(out_dir, config.overwrite) as tmp:
         write_graph(graph, tmp / deploy.ENCODER_FILE, (3, *preprocess.crop), config.opset, config.dynamic_batch, arch)
+        manifest["opset"] = graph_opset(tmp / deploy.ENCODER_FILE)  # what the graph has, not what was asked
+        _check_opset(config.opset, manifest["opset"])
         deploy.write_meta(tmp, preprocess, manifest)
-        encoder = OnnxEncoder.load(tmp)
+        try:
+            encoder = OnnxEncoder.load(tmp)
+        except deploy.GraphLoadError as err:  # the graph is gone with the staging folder: no path, no "export again"
+            raise UserError(f"onnxruntime cannot load the graph torch exported at opset {manifest['opset']} "
+                            f"({err.reason}); choose another --opset (the default is {DEFAULT_OPSET}); nothing was "
+                            f"written") from None
         batches = [1, len(images)] if config.dynamic_batch else [1]
         cosine = agreement(sim, encoder, images, batches)
         manifest["check"] = {"images": len(images), "source": source, "min_cosine": cosine, "batches": batches,

@@ -1,10 +1,18 @@
 """The index folder: the format a similarity index is kept in; this module writes, reads and validates it.
 
+A faiss index (`"backend": "faiss"`, or no backend: folders written before Milvus):
+
     INDEX_DIR/
       index.faiss     the faiss index (`retrieval.index.save_faiss`), ids 0..count-1 in `names.json` order
       names.json      [{"name": ..., "image": path or null}, ...]
-      manifest.json   format, version, kind, parameters, count, dim, sha256 of the two files above, and
-                      the run's identity: checkpoint sha256, backbone (model, weights, taps, precision), PCA
+      manifest.json   format, version, backend, kind, parameters, count, dim, metric, sha256 of the two
+                      files above, and the run's identity: checkpoint sha256, backbone (model, weights,
+                      taps, precision), PCA
+
+A Milvus index (`"backend": "milvus"`, `retrieval.milvus_index`) keeps only `manifest.json`: the
+same entries less `count` and `files`, plus `milvus`: the server URI, the collection and the token
+file's path (never the token). Its vectors, names and images live in the collection.
+`read` opens either as a `retrieval.backend.VectorIndex`.
 
 The folder is the index's own: it holds these three files and nothing else. A folder holding
 anything else, or another format's folder (an extraction, a run), is refused even with
@@ -31,6 +39,7 @@ from toolkit.folders import FolderFormat, by_manifest, check_folder, replacing_f
 from toolkit.lock import sibling_lock
 from toolkit.utils import UserError, first_line, read_json
 
+from .backend import VectorIndex
 from .index import KINDS, SimilarityIndex, load_faiss, save_faiss
 
 __all__ = ["FORMAT", "VERSION", "INDEX_FILE", "NAMES_FILE", "MANIFEST_FILE", "INDEX_FOLDER", "check_target", "write",
@@ -63,24 +72,29 @@ def check_target(index_dir: str | os.PathLike, overwrite: bool, flag: str = "-o"
     return check_folder(index_dir, INDEX_FOLDER, overwrite=overwrite or existing, flag=flag, must_exist=existing)
 
 
-def write(ix: SimilarityIndex, index_dir: str | os.PathLike, overwrite: bool = False, flag: str = "-o") -> Path:
+def write(ix: VectorIndex, index_dir: str | os.PathLike, overwrite: bool = False, flag: str = "-o") -> Path:
     """Write `ix` to `index_dir` whole, or not at all; returns `index_dir`.
 
     A missing or empty folder is written; an existing index needs `overwrite`; any other folder is
     refused (`check_target`). A symlinked index stays a symlink: its target is replaced.
+    A Milvus index writes its manifest only (its vectors are in the collection already).
     Call under `locked(index_dir)` when other processes may write the same folder.
     """
     target = Path(index_dir)
     real = check_target(target, overwrite, flag)
-    if len(ix.names) != len(ix) or len(ix.images) != len(ix):
+    faiss = ix.backend == "faiss"
+    if faiss and (len(ix.names) != len(ix) or len(ix.images) != len(ix)):
         raise ValueError("the index, its names and its images differ in length")
-    ix.manifest["count"] = len(ix)
+    if faiss:
+        ix.manifest["count"] = len(ix)
     try:
         with replacing_folder(real, INDEX_FOLDER) as tmp:
-            save_faiss(ix, tmp / INDEX_FILE)
-            entries = [{"name": n, "image": im} for n, im in zip(ix.names, ix.images)]
-            (tmp / NAMES_FILE).write_text(json.dumps(entries) + "\n")
-            files = {f: file_sha256(tmp / f) for f in (INDEX_FILE, NAMES_FILE)}
+            files = {}
+            if faiss:
+                save_faiss(ix, tmp / INDEX_FILE)
+                entries = [{"name": n, "image": im} for n, im in zip(ix.names, ix.images)]
+                (tmp / NAMES_FILE).write_text(json.dumps(entries) + "\n")
+                files = {f: file_sha256(tmp / f) for f in (INDEX_FILE, NAMES_FILE)}
             manifest = dict(ix.manifest, format=FORMAT, version=VERSION, files=files)
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     except (OSError, RuntimeError) as err:  # RuntimeError: faiss's own I/O errors (disk full, ...)
@@ -90,10 +104,20 @@ def write(ix: SimilarityIndex, index_dir: str | os.PathLike, overwrite: bool = F
     return target
 
 
-def read(index_dir: str | os.PathLike) -> SimilarityIndex:
-    """Read and validate an index folder written by `write`; a `UserError` says what is wrong."""
+def read(index_dir: str | os.PathLike) -> VectorIndex:
+    """Read and validate an index folder written by `write`; a `UserError` says what is wrong.
+
+    A Milvus index is opened on its server (`retrieval.milvus_index.open_index`): a server that
+    cannot be reached, a refused token, a missing or mismatched collection are each a `UserError`.
+    """
     path = Path(index_dir)
     manifest = read_manifest(path)
+    if manifest.get("backend") == "milvus":
+        from .milvus_index import open_index
+
+        ix = open_index(manifest, path)
+        ix.set_search()
+        return ix
     for f in (INDEX_FILE, NAMES_FILE):
         if not (path / f).is_file():
             raise UserError(f"{path} lacks {f}; rebuild the index")
@@ -135,25 +159,32 @@ def _count(v) -> bool:
 
 def _check_manifest(path: Path, manifest: dict) -> None:
     """A `UserError` naming the first manifest entry of the wrong type (a hand-edited or damaged file)."""
-    kind, params = manifest.get("kind"), manifest.get("params")
-    need = {"flat": (), "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+    kind, params, backend = manifest.get("kind"), manifest.get("params"), manifest.get("backend", "faiss")
+    need = {"flat": (), "hnsw": ("hnsw_m", "ef_construction", "ef_search"), "ivf": ("nlist", "nprobe"),
             "ivfpq": ("nlist", "pq_m", "nbits", "nprobe")}.get(kind)
+    milvus = manifest.get("milvus")
     problems = [
+        ("backend", backend in ("faiss", "milvus"), "faiss or milvus"),
         ("kind", need is not None, f"one of {', '.join(KINDS)}"),
         ("dim", _count(manifest.get("dim")) and manifest.get("dim", 0) > 0, "a positive integer"),
-        ("count", _count(manifest.get("count")), "a count"),
-        ("files", isinstance(manifest.get("files"), dict), f"a dict of sha256 sums of {INDEX_FILE} and {NAMES_FILE}"),
         ("identity", isinstance(manifest.get("identity"), dict), "a dict"),
         ("params", isinstance(params, dict) and all(_count(params.get(k)) and params[k] > 0 for k in need or ()),
          f"a dict of positive integers {', '.join(need or ())}".rstrip()),
-    ]
+    ] + ([
+        ("count", _count(manifest.get("count")), "a count"),
+        ("files", isinstance(manifest.get("files"), dict), f"a dict of sha256 sums of {INDEX_FILE} and {NAMES_FILE}"),
+    ] if backend == "faiss" else [
+        ("milvus", isinstance(milvus, dict) and isinstance(milvus.get("uri"), str)
+         and isinstance(milvus.get("collection"), str) and isinstance(milvus.get("token_file"), (str, type(None))),
+         "a dict of uri, collection and token_file"),
+    ])
     for key, ok, what in problems:
         if not ok:
             raise UserError(f"{path / MANIFEST_FILE} is damaged: {key} is {manifest.get(key)!r}, expected {what}; "
                             f"rebuild the index")
 
 
-def check_identity(ix: SimilarityIndex, identity: dict) -> None:
+def check_identity(ix: VectorIndex, identity: dict) -> None:
     """Refuse, with one line, an index built with another run, backbone or PCA than `identity`."""
     theirs = ix.manifest.get("identity", {})
     for key, what in (("checkpoint_sha256", "another run (checkpoint sha256 differs)"),

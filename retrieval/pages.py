@@ -1,9 +1,9 @@
-"""Self-contained HTML pages of an applied run: a query's results, search results, look-alike pairs.
+"""Self-contained HTML pages of an applied run: search results (one row per query) and look-alike pairs.
 
 Images are embedded as JPEG data URIs, so each page opens anywhere on its own.
 
 Example:
-    >>> page = results_page("q.jpg", [("a.jpg", "a.jpg", 0.93)], title="query")         # doctest: +SKIP
+    >>> page = pairs_page([("a.jpg", "b.jpg", 0.93, "a.jpg", "b.jpg")], title="look-alikes")   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -19,38 +18,13 @@ from PIL import Image
 
 from adaptation.visualize import ImageLike, thumbnail
 
-__all__ = ["results_page", "search_page", "pairs_page"]
+__all__ = ["search_page", "pairs_page"]
 
 
 def _data_uri(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def results_page(query: ImageLike, results: Sequence[tuple[str, ImageLike | None, float]],
-                 title: str = "", size: int = 160, query_name: str | None = None) -> str:
-    """A self-contained HTML page: the query, then each (name, image, score) result.
-
-    Images are embedded as JPEG data URIs, so the page opens anywhere on its own.
-    `query_name` labels the query (default: its file name).
-    """
-    default = Path(query).name if not isinstance(query, Image.Image) else "query"
-    qname = html.escape(query_name or default)
-    cards = "\n".join(
-        f'<figure><img src="{_data_uri(thumbnail(img, size))}" alt="{html.escape(name)}">'
-        f"<figcaption>#{i} {html.escape(name)}<br>score {score:.4f}</figcaption></figure>"
-        for i, (name, img, score) in enumerate(results, start=1))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title or 'search results')}</title>
-<style>body{{font-family:sans-serif;margin:1.5em}} figure{{display:inline-block;margin:6px;text-align:center;
-font-size:12px;vertical-align:top}} .query img{{outline:4px solid #2858dc}}</style></head>
-<body><h1>{html.escape(title or 'search results')}</h1>
-<figure class="query"><img src="{_data_uri(thumbnail(query, size))}" alt="{qname}"><figcaption>query: {qname}</figcaption></figure>
-<h2>top {len(results)}</h2>
-{cards}
-</body></html>
-"""
 
 
 _TABLE_STYLE = """<style>body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse}

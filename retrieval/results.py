@@ -11,7 +11,7 @@ Pairs CSV: columns `name_a, name_b, score, image_a, image_b`, best first, each p
 Example:
     >>> from retrieval.visual_similarity import Hits, Match
     >>> hits = [Hits("q.jpg", "q.jpg", [Match("a.jpg", 0.9, "a.jpg")])]
-    >>> write_search_results(hits, "out.json")                          # doctest: +SKIP
+    >>> write_text("out.json", search_results_text(hits, "out.json"))   # doctest: +SKIP
     >>> read_search_results("out.json") == hits                         # doctest: +SKIP
     True
 """
@@ -29,7 +29,7 @@ from toolkit.utils import UserError, atomic_paths, first_line
 
 from .visual_similarity import Hits, Match
 
-__all__ = ["write_text", "write_texts", "search_results_text", "write_search_results", "read_search_results",
+__all__ = ["write_text", "write_texts", "search_results_text", "read_search_results",
            "write_pairs", "pairs_text", "read_pairs", "SEARCH_COLUMNS", "PAIR_COLUMNS"]
 
 SEARCH_COLUMNS = ("query", "rank", "name", "score", "image", "error")
@@ -71,7 +71,7 @@ def _format(path: str | os.PathLike) -> str:
 
 
 def search_results_text(hits: Sequence[Hits], path: str | os.PathLike) -> str:
-    """The text `write_search_results` writes to `path` (JSON or CSV, by its suffix)."""
+    """Search results as the text of `path` (JSON or CSV, by its suffix), for `write_text`/`write_texts`."""
     if _format(path) == "json":
         rows = [{"query": h.query, "image": h.image, "error": h.error,
                  "matches": [{"rank": r, "name": m.name, "score": m.score, "image": m.image}
@@ -88,13 +88,8 @@ def search_results_text(hits: Sequence[Hits], path: str | os.PathLike) -> str:
     return buf.getvalue()
 
 
-def write_search_results(hits: Sequence[Hits], path: str | os.PathLike) -> None:
-    """Write search results atomically as JSON or CSV, by `path`'s suffix."""
-    write_text(path, search_results_text(hits, path))
-
-
 def read_search_results(path: str | os.PathLike) -> list[Hits]:
-    """Read what `write_search_results` wrote (JSON or CSV) back into `Hits`."""
+    """Read search results `search_results_text` made (JSON or CSV) back into `Hits`."""
     fmt = _format(path)
     try:
         text = Path(path).read_text(encoding="utf-8")

@@ -31,14 +31,16 @@ from featuresExtractor.dataset import discover
 from featuresExtractor.transforms import BadImage, load_image
 from toolkit.folders import special_kind
 from toolkit.hashing import file_sha256
-from toolkit.utils import UserError, first_line
+from toolkit.utils import UserError, decode_text, first_line
 
 from . import index as faiss_index
 from . import index_folder
 from adaptation.calibration import Threshold
 from .deploy import OnnxEncoder
 from .encode_cache import EncodeCache
-from .index import IndexParams, SimilarityIndex
+from .backend import VectorIndex
+from .index import IndexParams
+from .milvus_index import MilvusTarget
 
 # torch, the backbone and the checkpoint are imported by from_run, not here: an ONNX export
 # (from_onnx) is used with neither torch nor open_clip installed.
@@ -129,11 +131,6 @@ def entry_problem(image: ImageLike) -> str | None:
     return None if kind is None else f"{kind}, not an image file"
 
 
-def item_key(name: str, image: str | None) -> str:
-    """What identifies a gallery item across runs: its image's real path (links and `..` resolved), else its name."""
-    return os.path.realpath(image) if image else name
-
-
 def gallery_items(source: str | os.PathLike | Sequence[ImageLike]) -> list[tuple[str, ImageLike]]:
     """(name, image) for each gallery image: a flat or left/right folder, a list file, or a list.
 
@@ -149,11 +146,12 @@ def gallery_items(source: str | os.PathLike | Sequence[ImageLike]) -> list[tuple
         layout = discover(path)
         return [((name if layout.kind == "flat" else f"{side}/{name}"), os.path.abspath(layout.path(i, side)))
                 for side in layout.sides for i, name in enumerate(layout.names)]
+    hint = "give a folder, a list of image paths (one per line) or a features .npy file"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read image list {path} ({first_line(err)}); give a folder, a list of image paths "
-                        f"(one per line) or a features .npy file") from None
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read image list {path} ({first_line(err)}); {hint}") from None
+    lines = decode_text(data, f"image list {path}", hint).splitlines()
     items = [(f, os.path.abspath(path.parent / f)) for line in lines if line.strip() and not line.startswith("#")
              for f in (part.strip() for part in line.split("\t")) if f]
     if not items:
@@ -166,11 +164,12 @@ class VisualSimilarity:
     (`from_onnx`, no torch: `encoder` is an `retrieval.deploy.OnnxEncoder` and `model` is None)."""
 
     def __init__(self, encoder: Encoder | OnnxEncoder, model: torch.nn.Module | None, checkpoint: dict,
-                 device: torch.device | None, checkpoint_sha256: str | None = None, provenance_checked: bool = False):
+                 device: torch.device | None, checkpoint_sha256: str | None = None, provenance_note: str | None = None):
         self.encoder, self.model, self.checkpoint, self.device = encoder, model, checkpoint, device
         self.checkpoint_sha256 = checkpoint_sha256
-        self.provenance_checked = provenance_checked
-        """True when the features file and PCA were found to be the run's own (False: the checkpoint records none)."""
+        self.provenance_note = provenance_note
+        """None when the features, manifest and PCA were all found to be the run's own; else what the checkpoint's
+        format could not record, so was not checked (`adaptation.checkpoint.check_provenance`), for a note."""
 
     @property
     def onnx(self) -> bool:
@@ -201,7 +200,7 @@ class VisualSimilarity:
         `device` defaults to CUDA when available. `weights` points at the backbone
         checkpoint when the extraction used `--weights` and the file has moved.
         Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch, among them a
-        features file or PCA other than the ones the run was trained on
+        features file, extraction manifest or PCA other than the ones the run was trained on
         (`adaptation.checkpoint.check_provenance`, before the backbone loads).
         """
         import torch
@@ -222,12 +221,12 @@ class VisualSimilarity:
         data = ckpt["config"].get("data")
         if not isinstance(data, str) or not data:
             raise UserError(f"{ckpt_path} does not record its features file; retrain with this toolkit's train.py")
-        checked = check_provenance(ckpt, ckpt_path)
+        note = check_provenance(ckpt, ckpt_path)
         encoder = Encoder.from_features_file(data, device=device, weights=weights)
         if encoder.dim != int(ckpt["in_dim"]):
             raise UserError(f"{ckpt_path} expects {ckpt['in_dim']}-d features but {Path(data).name} "
                             f"(via its PCA) gives {encoder.dim}-d ones")
-        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), checked)
+        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), note)
 
     def raw(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The features before adaptation, as extract.py would have stored them: (n, in_dim)."""
@@ -331,7 +330,8 @@ class VisualSimilarity:
         if self.onnx:
             raise UserError(f"{path}: an ONNX export encodes images, not extracted features; give the gallery's "
                             f"images (a folder or an image list)")
-        from featuresExtractor.manifest import read_manifest, transform_choice
+        from featuresExtractor.manifest import check_output, read_manifest, transform_choice
+        from featuresExtractor.processor import CONCATENATION
 
         try:
             rec = np.load(path, allow_pickle=False)
@@ -340,6 +340,7 @@ class VisualSimilarity:
         if not isinstance(rec, np.ndarray) or rec.dtype.names is None or "feature" not in rec.dtype.names:
             raise UserError(f"{path} is not a gallery features file (a flat folder extracted by extract.py)")
         mine, theirs = self.encoder.manifest, read_manifest(path)
+        check_output(theirs, path.parent, path.name)  # the vectors extract.py wrote, not ones edited since
         if transform_choice(mine) != transform_choice(theirs):
             raise UserError(f"{path} was extracted with --transform {transform_choice(theirs)} but this run's features "
                             f"with --transform {transform_choice(mine)}; extract the gallery with --transform "
@@ -350,8 +351,7 @@ class VisualSimilarity:
             raise UserError(f"{path} was extracted with another model (differs in {', '.join(diff)}); extract the "
                             f"gallery with the run's settings")
         proc = self.encoder.processor
-        if path.name != "features.npy" or theirs["processor"]["normalize"] != proc.normalize \
-                or proc.name not in ("adapt", "adapt-pca"):
+        if path.name != CONCATENATION or theirs["processor"]["normalize"] != proc.normalize or not proc.concatenates:
             raise UserError(f"use the gallery's concatenated features.npy extracted with: -p adapt --normalize "
                             f"{proc.normalize} (this run projects them with its own PCA)")
         rows = rec[~rec["augmented"]]
@@ -369,11 +369,12 @@ class VisualSimilarity:
         return Gallery(names, images, vectors.astype(np.float32), {})
 
     def search(self, query: ImageLike | Sequence[ImageLike],
-               gallery: str | os.PathLike | Sequence[ImageLike] | Gallery | SimilarityIndex,
+               gallery: str | os.PathLike | Sequence[ImageLike] | Gallery | VectorIndex,
                k: int = 5) -> list[Match] | list[Hits]:
         """The k gallery items most similar to `query`, best first (ties: gallery order).
 
-        `gallery` is a `Gallery`, a `SimilarityIndex` (see `load_index`), an index folder, or
+        `gallery` is a `Gallery`, an index (`retrieval.backend.VectorIndex`: faiss or Milvus, see
+        `load_index`), an index folder, or
         anything `gallery()` takes. One query (a path or PIL image) returns its `Match` list
         and raises `UserError` when unreadable; a list of queries returns one `Hits` per query,
         an unreadable one with its `error` set and no matches, the others answered.
@@ -388,9 +389,9 @@ class VisualSimilarity:
         if isinstance(gallery, (str, os.PathLike)) and Path(gallery).is_dir() and \
                 (Path(gallery) / index_folder.MANIFEST_FILE).is_file():
             gallery = self.load_index(gallery)
-        if not isinstance(gallery, (Gallery, SimilarityIndex)):
+        if not isinstance(gallery, (Gallery, VectorIndex)):
             gallery = self.gallery(gallery)
-        n = len(gallery.names)
+        n = len(gallery) if isinstance(gallery, VectorIndex) else len(gallery.names)
         if not 1 <= k <= n:
             raise UserError(f"k={k} but the gallery has {n} item(s); use 1 <= k <= {n}")
         labels = [str(q) if not isinstance(q, Image.Image) else f"query{i}" for i, q in enumerate(queries)]
@@ -404,10 +405,11 @@ class VisualSimilarity:
         matches: dict[int, list[Match]] = {}
         if good:
             q = self.adapt(np.concatenate(raw))
-            if isinstance(gallery, SimilarityIndex):
+            if isinstance(gallery, VectorIndex):
                 scores, ids = gallery.search(faiss_index.normalise(np.asarray(q)), k)
+                names, images = gallery.names, gallery.images
                 for row, i in enumerate(good):
-                    matches[i] = [Match(gallery.names[j], float(s), gallery.images[j])
+                    matches[i] = [Match(names[j], float(s), images[j])
                                   for s, j in zip(scores[row], ids[row]) if j >= 0]
             else:
                 adapted = self.adapt(gallery.vectors)
@@ -452,19 +454,21 @@ class VisualSimilarity:
         out = [np.asarray(self.adapt(raw[s:s + ADAPT_BATCH])) for s in range(0, len(raw), ADAPT_BATCH)]
         return faiss_index.normalise(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
 
-    def _index_gallery(self, source, cache_dir: Path, known: set | None = None, progress: bool = True,
+    def _index_gallery(self, source, cache_dir: Path, base: VectorIndex | None = None, progress: bool = True,
                        strict: bool = False):
-        """(vectors, names, images, skipped, cache) of a gallery, minus items in `known` (`item_key`s).
+        """(vectors, names, images, skipped, cache) of a gallery, minus the items `base` holds (`VectorIndex.unknown`).
 
         Images are encoded resumably through an `EncodeCache` (returned, to be removed once written).
         """
-        known = known or set()
         if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npy":
             g = self._gallery_file(Path(source))
-            keep = [i for i, (nm, im) in enumerate(zip(g.names, g.images)) if item_key(nm, im) not in known]
+            keep = base.unknown(list(zip(g.names, g.images))) if base is not None else list(range(len(g.names)))
             return (self._index_vectors(g.vectors[keep]), [g.names[i] for i in keep], [g.images[i] for i in keep], {}, None)
-        items = [(nm, im) for nm, im in gallery_items(source)
-                 if isinstance(im, Image.Image) or item_key(nm, str(im)) not in known]
+        items = gallery_items(source)
+        if base is not None:
+            files = [(i, (nm, str(im))) for i, (nm, im) in enumerate(items) if not isinstance(im, Image.Image)]
+            new = {files[j][0] for j in base.unknown([f for _, f in files])}
+            items = [it for i, it in enumerate(items) if isinstance(it[1], Image.Image) or i in new]
         if any(isinstance(im, Image.Image) for _, im in items):
             cache = None  # in-memory images cannot be recognised on a later run
         else:
@@ -500,15 +504,17 @@ class VisualSimilarity:
         return (np.concatenate(nonempty) if nonempty else np.zeros((0, 1), np.float32)), names, images, skipped
 
     def build_index(self, gallery: str | os.PathLike | Sequence[ImageLike], out_dir: str | os.PathLike,
-                    params: IndexParams = IndexParams(), overwrite: bool = False,
-                    progress: bool = True, strict: bool = False) -> tuple[SimilarityIndex, dict[str, str]]:
+                    params: IndexParams = IndexParams(), overwrite: bool = False, progress: bool = True,
+                    strict: bool = False, milvus: MilvusTarget | None = None) -> tuple[VectorIndex, dict[str, str]]:
         """Encode, adapt and index a gallery into `out_dir`; returns (index, skipped images -> reason).
 
         `gallery` is an image folder, an image list file, a features file of the run's backbone
         (extract.py's flat `features.npy`), or a list of images. Encoding resumes from
         `OUT_DIR.partial/` after an interruption. `out_dir` must be missing, empty, or (with
         `overwrite`) an index folder (`retrieval.index_folder.check_target`). With `strict`, an
-        unreadable gallery image is refused instead of skipped.
+        unreadable gallery image is refused instead of skipped. With `milvus`, the vectors go to
+        that Milvus collection (`retrieval.milvus_index.create`: checked, or made, before any
+        encoding) and `out_dir` keeps the manifest.
 
         Example:
             >>> index, skipped = sim.build_index("photos/", "photos_index", IndexParams("hnsw"))   # doctest: +SKIP
@@ -516,26 +522,55 @@ class VisualSimilarity:
         index_folder.check_target(out_dir, overwrite)  # before a lock file is made beside it
         with index_folder.locked(out_dir, "-o") as real:
             index_folder.check_target(out_dir, overwrite)  # again: another writer may have finished meanwhile
-            index, _, skipped = self._write_index(real, out_dir, None, gallery, params, progress, strict, overwrite)
+            if milvus is None:
+                index, _, skipped = self._write_index(real, out_dir, None, gallery, params, progress, strict, overwrite)
+            else:
+                index, skipped = self._build_milvus(real, out_dir, gallery, params, milvus, progress, strict, overwrite)
         return index, skipped
 
-    def _write_index(self, real: Path, out_dir, base: SimilarityIndex | None, gallery, params: IndexParams | None,
-                     progress: bool, strict: bool, overwrite: bool) -> tuple[SimilarityIndex, int, dict[str, str]]:
-        """Encode `gallery` (minus what `base` holds), build an index (or extend `base`) and write it.
+    def _build_milvus(self, real: Path, out_dir, gallery, params: IndexParams, target: MilvusTarget, progress: bool,
+                      strict: bool, overwrite: bool) -> tuple[VectorIndex, dict[str, str]]:
+        """`build_index` into a Milvus collection: made (or resumed) first, filled, then the manifest written."""
+        from . import milvus_index
+
+        identity = self.identity()
+        index, resumed = milvus_index.create(target, params, int(identity["out_dim"]), identity, overwrite)
+        cache = None
+        try:
+            vectors, names, images, skipped, cache = self._index_gallery(gallery, real, index if resumed else None,
+                                                                         progress, strict)
+            if names:
+                index.add(vectors, names, images, progress=progress)
+            if not len(index):
+                raise UserError("the gallery has no readable image: nothing to index")
+            index_folder.write(index, out_dir, overwrite=overwrite, flag="-o")
+        except UserError:
+            if cache:
+                cache.remove()
+            if not resumed:
+                milvus_index.drop(index)  # nothing is left of a refused build
+            raise
+        if cache:
+            cache.remove()
+        return index, skipped
+
+    def _write_index(self, real: Path, out_dir, base: VectorIndex | None, gallery, params: IndexParams | None,
+                     progress: bool, strict: bool, overwrite: bool) -> tuple[VectorIndex, int, dict[str, str]]:
+        """Encode `gallery` (minus what `base` holds), build a faiss index (or extend `base`) and write it.
 
         Returns (index, how many added, skipped). The encoding cache goes once written, or refused.
         """
-        known = {item_key(nm, im) for nm, im in zip(base.names, base.images)} if base is not None else None
         cache_at = real if base is None else real.parent / f"{real.name}.add"
-        vectors, names, images, skipped, cache = self._index_gallery(gallery, cache_at, known, progress, strict)
+        vectors, names, images, skipped, cache = self._index_gallery(gallery, cache_at, base, progress, strict)
         try:
             if base is None:
                 index = faiss_index.build(vectors, names, images, params, self.identity(), progress=progress)
             else:
                 index = base
                 if names:
-                    faiss_index.add(index, vectors, names, images, progress=progress)
-            if base is None or names:
+                    index.add(vectors, names, images, progress=progress)
+            # a Milvus index holds its items already; its folder (the manifest) does not change on an add
+            if base is None or (names and index.backend == "faiss"):
                 index_folder.write(index, out_dir, overwrite=overwrite, flag="-o" if base is None else "index folder")
         except UserError:
             if cache:
@@ -546,19 +581,20 @@ class VisualSimilarity:
         return index, len(names), skipped
 
     def load_index(self, index_dir: str | os.PathLike, ef_search: int | None = None,
-                   nprobe: int | None = None) -> SimilarityIndex:
-        """Read an index folder, refusing one built with another run, backbone or PCA."""
+                   nprobe: int | None = None) -> VectorIndex:
+        """Read an index folder (faiss or Milvus), refusing one built with another run, backbone or PCA."""
         index = index_folder.read(index_dir)
         index_folder.check_identity(index, self.identity())
         index.set_search(ef_search=ef_search, nprobe=nprobe)
         return index
 
     def add_to_index(self, index_dir: str | os.PathLike, more: str | os.PathLike | Sequence[ImageLike],
-                     progress: bool = True, strict: bool = False) -> tuple[SimilarityIndex, int, dict[str, str]]:
+                     progress: bool = True, strict: bool = False) -> tuple[VectorIndex, int, dict[str, str]]:
         """Append the images of `more` not yet in the index; returns (index, how many added, skipped).
 
-        An image already there is recognised by its real path, so the same gallery reached through
-        a link or `..` is not added twice.
+        An image already there is recognised by its real path (faiss), so the same gallery reached
+        through a link or `..` is not added twice; by its content (Milvus), so a rerun after a kill
+        adds nothing twice.
         """
         flag = "index folder"
         index_folder.check_target(index_dir, True, flag, existing=True)  # before a lock file is made beside it

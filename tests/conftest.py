@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import signal
@@ -17,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
+"""extract.py's flags for the tiny random-init backbone (see `tiny_backbone`), read in this process, no bar."""
+
+
+def script_cli(script):
+    """`cli(argv, capsys)` for one script's tests: `run_script` bound to `script`."""
+    return functools.partial(run_script, script)
+
+
 def run_script(script, argv, capsys) -> tuple[int, str, str]:
     """Run a script's `main` in this process as its command line would (`run_cli`): (exit code, stdout, stderr)."""
     from toolkit.cli import run_cli
@@ -24,6 +34,23 @@ def run_script(script, argv, capsys) -> tuple[int, str, str]:
     code = run_cli(script.main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+TORCH_BLOCKER = '''import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "open_clip", "torchvision", "timm"):
+            raise ImportError(name + " is made unimportable by this test")
+sys.meta_path.insert(0, Blocker())
+'''
+
+
+def torch_free_env(folder: Path, **extra: str) -> dict[str, str]:
+    """An environment whose Python processes cannot import torch, open_clip, torchvision or timm (a
+    sitecustomize.py written into `folder` refuses them) and import this repository; `extra` added."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(TORCH_BLOCKER)
+    return dict(os.environ, PYTHONPATH=f"{folder}{os.pathsep}{ROOT}", **extra)
 
 
 def free_port() -> int:
@@ -39,7 +66,7 @@ def planted_features(path: Path, n_pairs: int, dim: int = 16, signal_dim: int = 
     """Save a features file of `n_pairs` planted pairs (with flipped copies) at `path`; returns `path`."""
     import numpy as np
 
-    from toolkit.synthetic.planted import planted_array
+    from synthetic.planted import planted_array
 
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, planted_array(n_pairs, dim, signal_dim=signal_dim, nuisance=2.0, seed=0))

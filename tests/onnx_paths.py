@@ -14,12 +14,12 @@ import torch
 
 from adaptation.models import build_model
 from retrieval.visual_similarity import VisualSimilarity
-from toolkit.synthetic.drawn_images import render_pair
+from synthetic.drawn_images import render_pair
 from featuresExtractor.encode import Encoder
 from featuresExtractor.extractor import FeatureExtractor
 from featuresExtractor.pca import PCAParams
 from featuresExtractor.pooling import concat_parts
-from featuresExtractor.processor import Processor
+from featuresExtractor.processor import AdaptPCA
 
 
 def drawn(n: int, start: int = 0) -> list:
@@ -31,7 +31,7 @@ def memory_sim(backbone, n_components: int = 6, fit_images: int = 8, seed: int =
     """The run path of `backbone`: adapt-pca N ("layers" normalisation), a PCA centred on drawn images, an
     untrained `original` adaptation model; the manifest holds what `identity` reads."""
     fx = FeatureExtractor(backbone, "fp32", channels_last=False)
-    proc = Processor("adapt-pca", n_components, "layers")
+    proc = AdaptPCA(n_components, "layers")
     full = concat_parts(fx.pooled(drawn(fit_images, start=50)), proc.normalize, fx.info.embedding)
     rng = np.random.default_rng(seed)
     components = np.linalg.qr(rng.normal(size=(full.shape[1], n_components)))[0].T.astype(np.float32)

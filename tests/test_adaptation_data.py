@@ -5,7 +5,7 @@ import pytest
 
 from adaptation.split import split_data, split_indices
 from featuresExtractor.pairs_file import load_pairs, pairs_from_structured, to_structured
-from toolkit.synthetic.planted import planted_array, planted_pairs
+from synthetic.planted import planted_array, planted_pairs
 import torch
 from toolkit.utils import UserError
 

@@ -19,7 +19,7 @@ from adaptation.objectives import (
     output_std,
     simsiam_loss,
 )
-from toolkit.synthetic.planted import planted_pairs
+from synthetic.planted import planted_pairs
 from adaptation.positive_training import OUTPUT_STD, train_positive
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, make_optimizer, train

@@ -5,7 +5,7 @@ import torch
 
 from adaptation.split import split_data, split_indices
 from adaptation.models import build_model
-from toolkit.synthetic.planted import planted_pairs
+from synthetic.planted import planted_pairs
 from adaptation.training import TrainConfig, make_optimizer, train
 
 

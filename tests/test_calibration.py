@@ -65,7 +65,7 @@ def test_precision_never_reached_gives_none():
 def test_threshold_on_planted_pairs_beats_chance():
     from adaptation.split import split_data, split_indices
     from adaptation.losses import similarity_matrix
-    from toolkit.synthetic.planted import planted_pairs
+    from synthetic.planted import planted_pairs
 
     # Raw features of planted pairs: partners share a latent; the calibrated threshold is then
     # applied to other pairs (held out), where it must separate partners from non-partners.

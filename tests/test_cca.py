@@ -22,7 +22,7 @@ from adaptation.split import TrainData
 from conftest import ROOT, free_port, planted_features, run_bounded, run_script
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
 from test_similarity import run  # noqa: F401  (run: the module-scoped tiny extraction and run fixture)
-from toolkit.synthetic.planted import planted_array, planted_pairs
+from synthetic.planted import planted_array, planted_pairs
 
 
 def cli(argv, capsys):

@@ -25,10 +25,8 @@ import pytest
 import extract
 import similarity
 import train
-from conftest import ROOT, make_pairs, planted_features
+from conftest import ROOT, TINY, make_pairs, planted_features
 from toolkit.cli import run_cli
-
-TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

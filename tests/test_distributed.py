@@ -13,7 +13,7 @@ import torch
 
 from conftest import free_port, planted_features, run_bounded, spawn_ranks
 from adaptation.models import build_model
-from toolkit.synthetic.planted import planted_pairs
+from synthetic.planted import planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import TrainConfig, epoch_batches, make_optimizer, train
 from toolkit.cli import run_cli
@@ -208,14 +208,21 @@ def test_bad_input_under_torchrun_one_line_exit_2(features, tmp_path, args, npro
     assert not (tmp_path / "r").exists()
 
 
+def _as_torchrun_rank(rank: int, port: int, log_dir) -> None:
+    """This spawned process as torchrun's rank `rank` of WORLD (toolkit.distributed refuses others), one thread,
+    its stderr in LOG_DIR/rank{rank}.log."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1",
+                      TORCHELASTIC_RUN_ID="spawned")
+    torch.set_num_threads(1)
+    sys.stderr = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
+
+
 def _failing_worker(rank, port, features, save_to, log_dir):
     import train as train_script
     import adaptation.training as training
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    sys.stderr = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
+    _as_torchrun_rank(rank, port, log_dir)
     if rank == 1:
         real = training.evaluate
         calls = []
@@ -247,10 +254,7 @@ def test_a_failing_rank_stops_all_and_leaves_no_run(features, tmp_path):
 def _refused_worker(rank, port, features, save_to, log_dir):
     import train as train_script
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      LOCAL_WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    sys.stderr = open(Path(log_dir) / f"rank{rank}.log", "w", buffering=1)
+    _as_torchrun_rank(rank, port, log_dir)
     argv = ["-d", features, "-s", save_to, "-e", "1", "--no-images", "--cpu"]
     rc = run_cli(train_script.main, argv, "train.py")
     (Path(log_dir) / f"rank{rank}.rc").write_text(str(rc))

@@ -65,24 +65,33 @@ def _visible_text(page: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", " ", page))
 
 
+def parsers_of(parser) -> list:
+    """A parser and every subcommand's parser under it, nested ones included."""
+    import argparse
+
+    parsers = [parser]
+    for p in parsers:  # grows while it is walked
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+    return parsers
+
+
 def test_each_scripts_page_shows_its_full_command_line_outside_the_source():
     import argparse
 
+    import demo
     import extract
     import similarity
     import train
 
-    for module in (extract, train, similarity):
+    for module in (extract, train, similarity, demo):
         page = (ROOT / "docs" / f"{module.__name__}.html").read_text()
         text = _visible_text(page)
         assert "def build_parser" not in text and "add_argument" not in text  # the source is really gone
-        parsers = [module.build_parser()]
-        for parser in parsers:  # grows while it is walked: nested subcommands too
-            for action in parser._actions:
-                if isinstance(action, argparse._SubParsersAction):
-                    parsers += list(action.choices.values())
-                    for sub in action.choices.values():
-                        assert f"python {sub.prog} -h" in text
+        parsers = parsers_of(module.build_parser())
+        for sub in parsers[1:]:
+            assert f"python {sub.prog} -h" in text
         for parser in parsers:
             for action in parser._actions:
                 for flag in action.option_strings:

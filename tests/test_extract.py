@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import extract
-from conftest import ROOT, draw_image, make_pairs, run_script
+from conftest import ROOT, TINY, draw_image, make_pairs, script_cli
 from featuresExtractor.backbones import load_backbone, resolve_spec
 from featuresExtractor.extractor import Forwarder
 from featuresExtractor.pipeline import ExtractConfig, extract as run_extract
@@ -22,11 +22,8 @@ from featuresExtractor.taps import Taps
 from featuresExtractor.transforms import hflip, load_image
 from toolkit.utils import UserError
 
-TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
-
-def cli(argv, capsys):
-    return run_script(extract, argv, capsys)
+cli = script_cli(extract)
 
 
 def files_under(path: Path) -> list[str]:

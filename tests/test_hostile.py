@@ -20,14 +20,9 @@ import pytest
 import extract
 import similarity
 import train
-from conftest import ROOT, draw_image, make_pairs, run_script
+from conftest import ROOT, TINY, draw_image, make_pairs
+from conftest import run_script as run
 from toolkit.cli import run_cli
-
-TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
-
-
-def run(script, argv, capsys):
-    return run_script(script, argv, capsys)
 
 
 def one_line_error(code, err, prog):
@@ -93,7 +88,7 @@ def test_two_extractions_started_together_never_mix(tmp_path, pairs_dir):
 
 
 def test_second_training_into_a_locked_folder_stops(tmp_path, capsys):
-    from toolkit.synthetic.planted import planted_array
+    from synthetic.planted import planted_array
 
     np.save(tmp_path / "f.npy", planted_array(40, 8, seed=0))
     holder = hold_lock(tmp_path / "runs")
@@ -136,7 +131,7 @@ def test_training_killed_with_sigterm_during_overwrite_keeps_the_earlier_runs(tm
     # half-written run1 (config.json, events, no checkpoint) took their place; every later run was refused.
     import signal
 
-    from toolkit.synthetic.planted import planted_array
+    from synthetic.planted import planted_array
 
     np.save(tmp_path / "f.npy", planted_array(600, 64, seed=0))
     runs = tmp_path / "runs"
@@ -310,7 +305,7 @@ def test_extract_checks_the_output_location_before_the_model_loads(tmp_path, pai
 
 def test_train_read_only_or_file_in_the_way_is_one_line(tmp_path, monkeypatch, capsys):
     # (a full disk while saving: test_train_checkpoint_write_failing_in_the_kernel_is_one_line)
-    from toolkit.synthetic.planted import planted_array
+    from synthetic.planted import planted_array
 
     np.save(tmp_path / "f.npy", planted_array(40, 8, seed=0))
     _read_only(monkeypatch)
@@ -333,7 +328,7 @@ def _file_size_limit(limit: int):
 def test_train_checkpoint_write_failing_in_the_kernel_is_one_line(tmp_path):
     # A real failed write, not a faked torch.save: torch.save into an open file reported it as
     # "RuntimeError: [enforce fail at inline_container.cc] unexpected pos" with a traceback, exit 1.
-    from toolkit.synthetic.planted import planted_array
+    from synthetic.planted import planted_array
 
     np.save(tmp_path / "f.npy", planted_array(40, 64, seed=0))  # a checkpoint of about 50 kB, over the limit
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-d", str(tmp_path / "f.npy"), "-s",
@@ -349,7 +344,7 @@ def test_train_full_disk_under_tensorboard_is_one_line_naming_the_run_folder(tmp
     # thread traceback, and leave no run behind.
     from tensorboard.summary.writer import record_writer
 
-    from toolkit.synthetic.planted import planted_array
+    from synthetic.planted import planted_array
 
     np.save(tmp_path / "f.npy", planted_array(40, 8, seed=0))
     real, calls = record_writer.RecordWriter.write, []
@@ -435,7 +430,7 @@ def test_fifo_as_features_file_does_not_hang(tmp_path):
 def test_checkpoint_whose_config_is_not_a_dict_is_one_line(tmp_path, capsys):
     import torch
 
-    from toolkit.synthetic.planted import planted_array
+    from synthetic.planted import planted_array
 
     np.save(tmp_path / "f.npy", planted_array(40, 8, seed=0))
     assert run(train, ["-d", tmp_path / "f.npy", "-s", tmp_path / "runs", "-e", "1", "--no-images"], capsys)[0] == 0

@@ -188,7 +188,7 @@ def test_a_run_refuses_a_features_file_or_pca_it_was_not_trained_on_and_accepts_
     assert train.main(["-d", str(folder / "features_pca8.npy"), "--model", "original", "-s", str(tmp_path / "runs"),
                        "-e", "1", "-k", "1", "--seed", "0", "--no-images"]) == 0
     run_dir = tmp_path / "runs" / "run1"
-    kept = {f: (folder / f).read_bytes() for f in ("features_pca8.npy", "pca8.npz")}
+    kept = {f: (folder / f).read_bytes() for f in ("features_pca8.npy", "pca8.npz", "manifest.json")}
     images = [str(tmp_path / "tll" / side / "pair000.png") for side in ("left", "right")]
     pair = ["--run", str(run_dir), "pair", *images]
     capsys.readouterr()
@@ -199,7 +199,10 @@ def test_a_run_refuses_a_features_file_or_pca_it_was_not_trained_on_and_accepts_
     capsys.readouterr()
     code, _, err = cli(pair, capsys)
     assert code == 2 and f"{folder / 'features_pca8.npy'} is not the features file" in error_line(err), err
-    (folder / "features_pca8.npy").write_bytes(kept["features_pca8.npy"])  # the features back, the PCA still new
+    (folder / "features_pca8.npy").write_bytes(kept["features_pca8.npy"])  # the features back: the manifest is new
+    code, _, err = cli(pair, capsys)
+    assert code == 2 and f"{folder / 'manifest.json'} is not the extraction manifest" in error_line(err), err
+    (folder / "manifest.json").write_bytes(kept["manifest.json"])  # the manifest back, the PCA still new
     for argv in (pair, ["--run", str(run_dir), "index", "build", str(tmp_path / "tll" / "left"), "-o",
                         str(tmp_path / "ix")]):
         code, _, err = cli(argv, capsys)
@@ -213,7 +216,7 @@ def test_a_run_refuses_a_features_file_or_pca_it_was_not_trained_on_and_accepts_
     ckpt["format_version"] = 1
     torch.save(ckpt, run_dir / CHECKPOINT)
     code, out, err = cli(pair, capsys)
-    assert code == 0 and out == before and "records no sha256 of its features file and PCA" in err, err
+    assert code == 0 and out == before and "records no sha256 of its features file, manifest and PCA" in err, err
 
 
 def test_train_and_extract_never_write_over_a_folder_that_is_not_theirs(tmp_path, capsys):

@@ -13,16 +13,15 @@ import pytest
 import extract
 import similarity
 import train
-from conftest import draw_image, run_script
-from test_similarity import TINY, ImgCounter, run  # noqa: F401  (run: the module-scoped tiny run fixture)
+from conftest import TINY, script_cli
+from test_similarity import ImgCounter, run  # noqa: F401  (run: the module-scoped tiny run fixture)
 
 from retrieval import index as ixf
 from retrieval import index_folder as ixd
 from retrieval.index import IndexParams
 
 
-def cli(argv, capsys):
-    return run_script(similarity, argv, capsys)
+cli = script_cli(similarity)
 
 
 def one_error_line(err: str) -> str:
@@ -71,7 +70,7 @@ def test_flat_index_search_equals_brute_force_order(run, sim, big_gallery, tmp_p
         assert hits.matches[0].name == Path(q).name  # each query is in the gallery
 
 
-def _clustered(n=3000, dim=64, clusters=30, seed=0):
+def clustered(n=3000, dim=64, clusters=30, seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, dim))
     x = centres[rng.integers(clusters, size=n)] + 0.35 * rng.normal(size=(n, dim))
@@ -82,7 +81,7 @@ def _clustered(n=3000, dim=64, clusters=30, seed=0):
 @pytest.mark.parametrize("params", [IndexParams("hnsw", hnsw_m=16, ef_construction=40, ef_search=32),
                                     IndexParams("ivfpq", nlist=16, pq_m=16, nbits=8, nprobe=4)])
 def test_approximate_kinds_find_the_exact_top1_for_most_queries(params, tmp_path):
-    x, q = _clustered()
+    x, q = clustered()
     names = [f"v{i}" for i in range(len(x))]
     exact = ixf.build(x, names, [None] * len(x), IndexParams("flat"), identity={})
     approx = ixf.build(x, names, [None] * len(x), params, identity={})
@@ -223,7 +222,7 @@ def _brute_pairs(x: np.ndarray):
 
 
 def test_look_alike_pairs_against_all_pairs():
-    x, _ = _clustered(n=300, dim=16, clusters=5)
+    x, _ = clustered(n=300, dim=16, clusters=5)
     ix = ixf.build(x, [str(i) for i in range(300)], [None] * 300, IndexParams("flat"), identity={})
     brute = _brute_pairs(x)
     a, b, s, capped = ixf.look_alike_pairs(ix, top=50, batch=64)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import similarity
-from conftest import ROOT, draw_image, run_bounded
+from conftest import ROOT, draw_image, run_bounded, torch_free_env
 from onnx_paths import drawn, memory_sim
 from test_index import cli, one_error_line
 from test_similarity import run  # noqa: F401  (run: the module-scoped tiny run fixture)
@@ -158,19 +158,8 @@ def test_cli_with_onnx_and_index_identity(exported, run, tmp_path, capsys):  # n
     assert code == 2 and "another encoder" in one_error_line(err)
 
 
-BLOCKER = '''import sys
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "open_clip", "torchvision", "timm"):
-            raise ImportError(name + " is made unimportable by this test")
-sys.meta_path.insert(0, Blocker())
-'''
-
-
 def test_onnx_path_runs_without_torch(exported, run, tmp_path):  # noqa: F811
-    (tmp_path / "block").mkdir()
-    (tmp_path / "block" / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'block'}{os.pathsep}{ROOT}")
+    env = torch_free_env(tmp_path / "block")
     # the blocker works: torch cannot be imported in such a process
     probe = run_bounded([sys.executable, "-c", "import torch"], 60, env=env)
     assert probe.returncode != 0 and "made unimportable" in probe.stderr
@@ -232,7 +221,7 @@ def test_damaged_export_is_refused(exported, run, tmp_path, capsys):  # noqa: F8
     blob = bytearray((d / "encoder.onnx").read_bytes())
     (d / "encoder.onnx").write_bytes(bytes(blob[: len(blob) // 2]))
     code, _, err = cli(["--onnx", d, "pair", img, img], capsys)
-    assert code == 2 and "damaged (its sha256 differs" in one_error_line(err)
+    assert code == 2 and "encoder.onnx is damaged or edited (its sha256 differs" in one_error_line(err)
     # a manifest made to match the damaged graph: onnxruntime's refusal, in one line
     m = json.loads((d / "manifest.json").read_text())
     m["encoder_sha256"] = deploy.file_sha256(d / "encoder.onnx")
@@ -255,9 +244,60 @@ def test_absurd_preprocess_is_refused(exported, run, tmp_path, capsys, key, valu
     else:
         p[key] = value
     (d / "preprocess.json").write_text(json.dumps(p))
+    m = json.loads((d / "manifest.json").read_text())  # its sha256 made to match, to reach the value checks
+    m["preprocess_sha256"] = deploy.file_sha256(d / "preprocess.json")
+    (d / "manifest.json").write_text(json.dumps(m))
     img = sorted((run["root"] / "tll" / "left").iterdir())[0]
     code, _, err = cli(["--onnx", d, "pair", img, img], capsys)
     assert code == 2 and f"preprocess.json is damaged: {key} is" in one_error_line(err)
+
+
+@pytest.mark.parametrize("key, value", [("mean", [0.5, 0.5, 0.5]), ("interpolation", "bilinear")])
+def test_an_edited_preprocess_is_refused_by_its_sha256(exported, run, tmp_path, capsys, key, value):  # noqa: F811
+    # Plausible values change every score silently (0.648 became 0.824): the manifest's sha256 catches them.
+    d = damaged_copy(exported, tmp_path)
+    p = json.loads((d / "preprocess.json").read_text())
+    assert p[key] != value
+    p[key] = value
+    (d / "preprocess.json").write_text(json.dumps(p, indent=2, sort_keys=True) + "\n")
+    img = sorted((run["root"] / "tll" / "left").iterdir())[0]
+    code, _, err = cli(["--onnx", d, "pair", img, img], capsys)
+    assert code == 2 and f"{d / 'preprocess.json'} is damaged or edited (its sha256 differs" in one_error_line(err)
+    m = json.loads((d / "manifest.json").read_text())
+    del m["preprocess_sha256"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    code, _, err = cli(["--onnx", d, "pair", img, img], capsys)
+    assert code == 2 and "preprocess_sha256 is 'missing', expected a sha256" in one_error_line(err), err
+
+
+def test_the_manifest_records_the_opset_the_graph_has(tiny_backbone, tmp_path):
+    m = export_run(memory_sim(tiny_backbone), tmp_path / "out", ExportConfig(opset=7))
+    assert m["opset"] == export.graph_opset(tmp_path / "out" / "encoder.onnx") == 18
+    assert m["preprocess_sha256"] == deploy.file_sha256(tmp_path / "out" / "preprocess.json")
+
+
+def test_an_opset_the_exporter_cannot_reach_is_one_true_line(tiny_backbone, tmp_path):
+    with pytest.raises(UserError) as caught:
+        export_run(memory_sim(tiny_backbone), tmp_path / "out", ExportConfig(opset=30))
+    line = str(caught.value)
+    assert "cannot export at opset 30" in line and "choose a lower --opset" in line, line
+    assert ".tmp" not in line and "export the run again" not in line, line  # no gone file, no retry that fails
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_paper_transform_run_is_named_when_export_refuses_it(tiny_backbone, tmp_path):
+    from dataclasses import replace
+
+    from featuresExtractor.transforms import paper_transform
+
+    sim = memory_sim(tiny_backbone)
+    # As a non-CLIP backbone extracted with --transform paper has it (CLIP backbones keep their own).
+    sim.encoder.extractor.backbone = replace(tiny_backbone, transform=paper_transform(), transform_choice="paper")
+    with pytest.raises(UserError) as caught:
+        export_run(sim, tmp_path / "out")
+    line = str(caught.value)
+    assert "extracted with --transform paper" in line and "--transform library" in line, line
+    assert "has no crop" not in line and os.listdir(tmp_path) == []
 
 
 def test_failed_check_leaves_nothing(tiny_backbone, tmp_path, monkeypatch):

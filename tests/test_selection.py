@@ -16,10 +16,10 @@ from adaptation.metrics import retrieval_metrics
 from adaptation.checkpoint import load_checkpoint
 from adaptation.models import build_model
 from adaptation.selection import best_epoch, patience_exhausted, split_validation
-from toolkit.synthetic.planted import planted_array
+from synthetic.planted import planted_array
 from adaptation.training import TrainConfig, make_optimizer
 from adaptation.training import train as train_fn
-from conftest import planted_features, run_script
+from conftest import planted_features, script_cli
 from toolkit.utils import UserError
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
 
@@ -29,8 +29,7 @@ def features(tmp_path_factory):
     return planted_features(tmp_path_factory.mktemp("sel") / "features.npy", 160)
 
 
-def cli(argv, capsys):
-    return run_script(train, argv, capsys)
+cli = script_cli(train)
 
 
 @pytest.mark.parametrize("n, test_split, val_split, seed", [(100, 0.25, 0.2, 0), (37, 0.3, 0.1, 5), (500, 0.5, 0.5, 9)])

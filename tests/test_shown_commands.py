@@ -80,3 +80,14 @@ def test_shown_command_parses(source, script, argv, capsys):
     except SystemExit as stop:
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.code == 0, f"{source}: python {script}.py {' '.join(argv)}: {err[-1] if err else stop.code}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_only_defaults_that_say_something(script):
+    """No "(default: True)" on a switch, "(default: None)" on an option without one, or a default said twice."""
+    from test_docs import parsers_of  # every parser of the script, subcommands included
+
+    for parser in parsers_of(importlib.import_module(script).build_parser()):
+        text = " ".join(parser.format_help().split())
+        for bad in ("(default: True)", "(default: False)", "(default: None)", "(the default) (default"):
+            assert bad not in text, (parser.prog, bad)

@@ -13,9 +13,7 @@ import torch
 import extract
 import similarity
 import train
-from conftest import draw_image, make_pairs, run_script
-
-TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
+from conftest import TINY, draw_image, make_pairs, script_cli
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +32,7 @@ def run(tmp_path_factory):
     return {"root": root, "run": root / "runs" / "run1", "features": features, "gallery": gallery}
 
 
-def cli(argv, capsys):
-    return run_script(similarity, argv, capsys)
+cli = script_cli(similarity)
 
 
 class ImgCounter(HTMLParser):
@@ -147,6 +144,7 @@ def _bad(run, tmp_path):
     ckpt = torch.load(run["run"] / "model_and_optimizer.pt", weights_only=True)
     ckpt["config"]["data"] = str(tmp_path / "f6" / "tiny_rn" / "features_pca6.npy")
     del ckpt["provenance"]  # as a format-1 checkpoint: else it is refused first as not trained on these features
+    ckpt["format_version"] = 1
     (tmp_path / "mismatch").mkdir()
     torch.save(ckpt, tmp_path / "mismatch" / "model_and_optimizer.pt")
     cases["dim mismatch"] = (["--run", str(tmp_path / "mismatch"), "pair", q, q], "expects 8-d features")

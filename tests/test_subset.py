@@ -18,6 +18,9 @@ PAPER = ",name\n0,b.png\n1,a.png\n2,b.png\n3,a.png\n"
     ("left,name,right\nx,c.png,y\nx,a.png,y\n", ["c.png", "a.png"]),
     ("c.png\n\na.png\nc.png\n", ["c.png", "a.png"]),
     ("\ufeffa, with comma.png\n", ["a, with comma.png"]),
+    # A one-column CSV: its header is not a name, and its quotes are the csv module's (issue 30 §4).
+    ('name\n"a, b.jpg"\nc.jpg\n"say ""hi"".png"\n', ["a, b.jpg", "c.jpg", 'say "hi".png']),
+    ('"name"\n"a, b.jpg"\n', ["a, b.jpg"]),
 ])
 def test_read_subset_forms(tmp_path, text, want):
     path = tmp_path / "subset.csv"
@@ -36,6 +39,39 @@ def test_bad_subset_files_are_one_line_errors(tmp_path, content, said):
     with pytest.raises(UserError, match=said) as err:
         read_subset(path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("codec", ["utf-16", "utf-32", "utf-8-sig"])
+def test_a_subset_saved_as_unicode_with_a_byte_order_mark_is_read(tmp_path, codec):
+    path = tmp_path / "subset.csv"
+    path.write_bytes('name\n"a, b.jpg"\ncafé.png\n'.encode(codec))  # utf-16/32 put the byte-order mark first
+    assert read_subset(path) == ["a, b.jpg", "café.png"]
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_byte_order_mark_is_called_utf16(tmp_path, codec):
+    path = tmp_path / "subset.txt"
+    path.write_bytes("a.png\nb.png\n".encode(codec))
+    with pytest.raises(UserError, match="is UTF-16 text without a byte-order mark; save it as UTF-8") as err:
+        read_subset(path)
+    assert "binary" not in str(err.value)
+
+
+def test_every_list_reader_reads_utf16(tmp_path):
+    # The other readers of a user's lists: an extraction's image list and a gallery's list file.
+    from featuresExtractor.dataset import read_list
+    from retrieval.visual_similarity import gallery_items
+    from conftest import draw_image
+
+    for name in ("a.png", "b.png"):
+        draw_image(tmp_path / name, len(name))
+    (tmp_path / "images.txt").write_bytes("a.png\nb.png\n".encode("utf-16"))
+    assert read_list(tmp_path / "images.txt").names == ("a.png", "b.png")
+    assert [n for n, _ in gallery_items(tmp_path / "images.txt")] == ["a.png", "b.png"]
+    (tmp_path / "bare.txt").write_bytes("a.png\n".encode("utf-16-le"))
+    for read in (read_list, gallery_items):
+        with pytest.raises(UserError, match="bare.txt is UTF-16 text without a byte-order mark"):
+            read(tmp_path / "bare.txt")
 
 
 def test_match_subset_by_name_or_stem_and_missing_line():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from toolkit.synthetic import drawn_images as synthetic
+from synthetic import drawn_images as synthetic
 from featuresExtractor.dataset import discover
-from toolkit.synthetic.drawn_images import make_images, make_pairs, render_pair
+from synthetic.drawn_images import make_images, make_pairs, render_pair
 from toolkit.utils import UserError
 from toolkit.cli import run_cli
 

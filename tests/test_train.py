@@ -12,8 +12,8 @@ import torch
 
 import train
 from adaptation.checkpoint import load_checkpoint
-from toolkit.synthetic.planted import planted_array
-from conftest import run_script
+from synthetic.planted import planted_array
+from conftest import script_cli
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,7 @@ def features(tmp_path_factory):
     return path
 
 
-def cli(argv, capsys):
-    return run_script(train, argv, capsys)
+cli = script_cli(train)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from adaptation.checkpoint import load_checkpoint, load_objective
 from adaptation.objectives import BYOL, SimSiam
 from adaptation.runs import collapse_verdict
 from test_adaptation_training import one_thread  # noqa: F401  (autouse fixture shared with that module)
-from conftest import planted_features, run_script
+from conftest import planted_features, script_cli
 from toolkit.utils import UserError
 
 # Recorded with train.py as it was without --objective (main at 7b82a23, where run i draws its own
@@ -26,8 +26,7 @@ def features(tmp_path_factory):
     return planted_features(tmp_path_factory.mktemp("obj") / "p" / "features.npy", 120)
 
 
-def cli(argv, capsys):
-    return run_script(train, argv, capsys)
+cli = script_cli(train)
 
 
 def run_digest(runs, n_runs=2):

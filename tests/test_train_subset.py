@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import planted_features, run_script
+from conftest import planted_features, script_cli
 from featuresExtractor.pairs_file import load_pairs
 
 
@@ -19,8 +19,7 @@ def features(tmp_path_factory):
     return planted_features(tmp_path_factory.mktemp("subset") / "features.npy", 60)
 
 
-def cli(argv, capsys):
-    return run_script(train, argv, capsys)
+cli = script_cli(train)
 
 
 def paper_csv(path, names):

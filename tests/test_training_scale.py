@@ -15,11 +15,11 @@ from adaptation.evaluation import block_rows_for, evaluate_vectors
 from adaptation.losses import similarity_matrix
 from adaptation.metrics import retrieval_metrics
 from adaptation.models import build_model
-from toolkit.synthetic.planted import planted_pairs
+from synthetic.planted import planted_pairs
 from adaptation.split import split_data, split_indices
 from adaptation.training import (BatchOutput, TrainConfig, epoch_batches, largest_fitting_batch, make_optimizer,
                                  step_bytes, train as train_loop)
-from conftest import planted_features, run_script
+from conftest import planted_features, script_cli
 from test_adaptation_training import one_thread  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,8 +148,7 @@ def features(tmp_path_factory):
     return planted_features(tmp_path_factory.mktemp("scale") / "features.npy", 120)
 
 
-def cli(argv, capsys):
-    return run_script(train, argv, capsys)
+cli = script_cli(train)
 
 
 def test_config_records_batch_and_world_size(features, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""toolkit: what both packages and the scripts share, owned by neither's domain code.
+"""toolkit: the ground floor: what the packages and the scripts share, owned by no domain (it imports none of them).
 
 - `toolkit.utils`: `UserError` (bad input: one line, exit 2), atomic file writes (`atomic_path`,
   `write_json`, `save_npy`) and `read_json`.
@@ -9,7 +9,6 @@
 - `toolkit.lock`: `folder_lock`, the operating-system lock extract.py and train.py hold on their output
   folder, so two runs never write into the same one.
 - `toolkit.hashing`: `file_sha256`, the content hash the manifests and checkpoints record.
-- `toolkit.synthetic`: generated test data (drawn look-alike images) for the tests, the demo and `bench/`.
 
 Nothing is loaded at import time.
 """

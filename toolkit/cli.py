@@ -17,6 +17,7 @@ way out it no longer takes torchrun's SIGTERM (the order is written down in `too
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,10 +25,22 @@ from typing import Callable, Sequence
 from .distributed import Ranks, ignore_termination
 from .utils import Terminated, UserError, first_line, os_error_line, terminated_as_interrupt
 
-__all__ = ["run_cli"]
+__all__ = ["run_cli", "HelpFormatter"]
 
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing")
 """What gloo's RuntimeError says when another rank's process has gone (it raises no DistError for it)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`-h` with each option's default where it says something: not on switches (`--no-progress`
+    defaulting to True), required options, options without a default, or help that names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool)
+                or "default" in text.lower() or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,
@@ -49,7 +62,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         ok = True
         return code
     except UserError as err:
-        if ranks.rank == 0 and not getattr(err, "quiet", False):  # quiet: rank 0 has printed it
+        # quiet: rank 0 has printed it; loud: every rank prints it (a failure to join, which no peer can report)
+        if (ranks.rank == 0 or getattr(err, "loud", False)) and not getattr(err, "quiet", False):
             print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:

@@ -3,11 +3,17 @@
     torchrun --nproc_per_node K extract.py|train.py|similarity.py <the same flags>
 
 `Ranks.from_env()` reads what torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT) and refuses an inconsistent environment in one line; a plain
-`python script.py` is rank 0 of 1 and nothing here then talks to anyone. `Ranks.join(device)`
-joins the process group: the backend follows the device (gloo for CPU tensors, and NCCL for CUDA
-ones next to it: `cpu:gloo,cuda:nccl`, so the small verdicts below still travel on the CPU), with
-one collective timeout, `TIMEOUT`. `Ranks.shard(n)` is the one rule that cuts n items or rows
+MASTER_ADDR, MASTER_PORT) and refuses an inconsistent environment in one line, before anything
+starts: a number that is none, a rank outside the world, a MASTER_PORT that is no port (1 to
+65535), and a stale environment: RANK and WORLD_SIZE > 1 left in a shell, in a process that
+torchrun did not start (torchrun sets TORCHELASTIC_* variables; none is there), which would
+otherwise wait for peers that never come. A plain `python script.py` is rank 0 of 1 and nothing
+here then talks to anyone. `Ranks.join(device)` joins the process group: the backend follows the
+device (gloo for CPU tensors, and NCCL for CUDA ones next to it: `cpu:gloo,cuda:nccl`, so the small
+verdicts below still travel on the CPU), with one collective timeout, `TIMEOUT`. The first join
+itself is bounded: when not every rank has joined within `JOIN_TIMEOUT` seconds (300; the variable
+TOOLKIT_JOIN_TIMEOUT sets another), each rank waiting says so in one line, naming the variables to
+unset, and exits 2. `Ranks.shard(n)` is the one rule that cuts n items or rows
 into contiguous shares. `toolkit.cli.run_cli` runs a script's `main` on every rank.
 
 How the ranks stop together (the order of collectives on each path). Every rank makes the same
@@ -53,23 +59,33 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping, TypeVar
 
-from .utils import UserError
+from .utils import UserError, first_line
 
 T = TypeVar("T")
 
-__all__ = ["Ranks", "TIMEOUT", "shard_bounds", "quiet", "stop_together", "ignore_termination"]
+__all__ = ["Ranks", "TIMEOUT", "JOIN_TIMEOUT", "JOIN_TIMEOUT_VARIABLE", "TORCHRUN_VARIABLES", "shard_bounds", "quiet",
+           "loud", "stop_together", "ignore_termination"]
 
 TIMEOUT = datetime.timedelta(days=2)
 """How long a collective waits for the other ranks. Long on purpose: ranks legitimately wait for each
 other for hours (a resumed extraction whose shards are unequally done, rank 0 fitting the PCA while the
 others wait), and a rank that dies is caught by torchrun, which stops the others at once."""
+
+JOIN_TIMEOUT = 300.0
+"""Seconds the first join waits for every rank (`Ranks.join`). Ranks start together under torchrun and join
+after the same quick checks, so a rank still missing after this is one that will not come: a stale
+environment, or a peer that failed to start. `JOIN_TIMEOUT_VARIABLE` sets another bound."""
+JOIN_TIMEOUT_VARIABLE = "TOOLKIT_JOIN_TIMEOUT"
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""The variables torchrun sets for each rank that this module reads (the ones to unset when stale)."""
 
 
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -84,6 +100,59 @@ def quiet(err: UserError) -> UserError:
     """Mark an error as reported by rank 0: `toolkit.cli.run_cli` exits 2 without printing it again."""
     err.quiet = True
     return err
+
+
+def loud(err: UserError) -> UserError:
+    """Mark an error that every rank prints (`toolkit.cli.run_cli`): one no other rank can say for it."""
+    err.loud = True
+    return err
+
+
+def _stale(env: Mapping[str, str]) -> str:
+    """The torchrun variables set in `env`, as a shell would unset them."""
+    return "unset " + " ".join(name for name in TORCHRUN_VARIABLES if name in env)
+
+
+def _launch(env: Mapping[str, str], world: int, rank: int) -> float:
+    """Refuse a many-rank environment torchrun did not make, or whose address cannot be; the join bound (seconds)."""
+    if not any(name.startswith("TORCHELASTIC_") for name in env):
+        raise UserError(f"WORLD_SIZE={world} and RANK={rank} are set, but torchrun did not start this process (no "
+                        f"TORCHELASTIC_* variable): left over in this shell? {_stale(env)}; or start the ranks "
+                        f"with torchrun")
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise UserError(f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                        f"not set: start the ranks with torchrun (it sets them), or unset WORLD_SIZE")
+    port = env["MASTER_PORT"]
+    if not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise UserError(f"MASTER_PORT={port!r} is not a port number (1 to 65535); pass a free port to torchrun "
+                        f"(--master-port), or unset MASTER_PORT")
+    bound = env.get(JOIN_TIMEOUT_VARIABLE, str(JOIN_TIMEOUT))
+    try:
+        seconds = float(bound)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"{JOIN_TIMEOUT_VARIABLE}={bound!r} is not a number of seconds; unset it for "
+                        f"{JOIN_TIMEOUT:g}")
+    return seconds
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 pointed at /dev/null for the block: native code (c10d) writes there directly."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def ignore_termination() -> None:
@@ -122,6 +191,7 @@ class Ranks:
         rank, world_size: as torch.distributed numbers them.
         local_rank, local_world_size: this process's place on its machine (its GPU is `cuda:local_rank`).
         backend: the process group's backend once joined (`join`), else None.
+        join_timeout: seconds `join` waits for every rank to arrive (`JOIN_TIMEOUT`).
     """
 
     rank: int = 0
@@ -129,6 +199,7 @@ class Ranks:
     local_rank: int = 0
     local_world_size: int = 1
     backend: str | None = None
+    join_timeout: float = JOIN_TIMEOUT
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Ranks":
@@ -150,10 +221,7 @@ class Ranks:
             raise UserError(f"LOCAL_RANK={local} and LOCAL_WORLD_SIZE={local_world} do not fit WORLD_SIZE={world}; "
                             f"start the ranks with torchrun, or unset them")
         if world > 1:
-            missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
-            if missing:
-                raise UserError(f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-                                f"not set: start the ranks with torchrun (it sets them), or unset WORLD_SIZE")
+            return cls(rank, world, local, local_world, join_timeout=_launch(env, world, rank))
         return cls(rank, world, local, local_world)
 
     @property
@@ -196,7 +264,10 @@ class Ranks:
         return torch.device("cuda", self.local_rank)
 
     def join(self, device) -> "Ranks":
-        """Join the process group torchrun set up, for work on `device`; returns the joined `Ranks` (self alone)."""
+        """Join the process group torchrun set up, for work on `device`; returns the joined `Ranks` (self alone).
+
+        A `UserError` (printed by every rank) when not every rank has arrived within `join_timeout` seconds.
+        """
         if not self.distributed:
             return self
         import torch.distributed as dist
@@ -208,8 +279,37 @@ class Ranks:
             torch.cuda.set_device(device)
             backend, kwargs = "cpu:gloo,cuda:nccl", {"device_id": device}
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, timeout=TIMEOUT, **kwargs)
-        return Ranks(self.rank, self.world_size, self.local_rank, self.local_world_size, backend)
+            dist.init_process_group(backend=backend, store=self._rendezvous(), rank=self.rank,
+                                    world_size=self.world_size, timeout=TIMEOUT, **kwargs)
+        return replace(self, backend=backend)
+
+    def _rendezvous(self):
+        """torchrun's store (env://, as init_process_group would open it), once every rank is there.
+
+        The store is opened with `join_timeout`, and every rank counts itself in and waits for the
+        count to reach the world size under that bound; only then does the store get the
+        collectives' long `TIMEOUT`. Without it, a rank whose peers never come waits for `TIMEOUT` (days).
+        """
+        import os
+
+        import torch.distributed as dist
+
+        bound = datetime.timedelta(seconds=self.join_timeout)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restarted group counts afresh
+        try:
+            with _native_stderr_silenced():  # c10d logs each retry with a C++ stack: the line below says it all
+                store, _, _ = next(dist.rendezvous("env://", self.rank, self.world_size, timeout=bound))
+            if store.add(f"toolkit/joined/{attempt}", 1) == self.world_size:
+                store.set(f"toolkit/all-joined/{attempt}", "1")
+            store.wait([f"toolkit/all-joined/{attempt}"])
+        except (RuntimeError, ValueError, OSError) as err:  # DistError (a RuntimeError): timed out, or no server
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise loud(UserError(
+                f"rank {self.rank} of {self.world_size}: not every rank joined at {where} within "
+                f"{self.join_timeout:g} s ({first_line(err)[:120]}); if torchrun is not running these ranks, "
+                f"{_stale(os.environ)}; if they are slow to start, set {JOIN_TIMEOUT_VARIABLE} to more seconds")) from None
+        store.set_timeout(TIMEOUT)
+        return dist.PrefixStore("default_pg", store)  # the prefix init_process_group gives the store it opens
 
     @staticmethod
     def leave(together: bool = False) -> None:

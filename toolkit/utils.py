@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 __all__ = ["UserError", "default_workers", "first_line", "atomic_path", "atomic_paths", "read_json", "write_json",
            "save_npy", "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device",
-           "check_writable", "os_error_line", "require_regular_file", "require_utf8", "umask"]
+           "check_writable", "os_error_line", "require_regular_file", "require_utf8", "umask", "decode_text"]
 
 
 class UserError(Exception):
@@ -219,6 +219,39 @@ def require_regular_file(path: str | os.PathLike, what: str = "file") -> None:
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
         raise UserError(f"{what} {path} is {kind}; give a regular file")
+
+
+# Byte-order marks, longest first (UTF-32 LE's begins with UTF-16 LE's).
+_BOMS = ((b"\xff\xfe\x00\x00", "utf-32", "UTF-32"), (b"\x00\x00\xfe\xff", "utf-32", "UTF-32"),
+         (b"\xef\xbb\xbf", "utf-8-sig", "UTF-8"), (b"\xff\xfe", "utf-16", "UTF-16"), (b"\xfe\xff", "utf-16", "UTF-16"))
+
+
+def decode_text(data: bytes, what: str, hint: str) -> str:
+    """The text of a user's list file (a subset, an image or pair list): a `UserError` naming what it is otherwise.
+
+    UTF-8 (with or without a byte-order mark) is read, and so is UTF-16 or UTF-32 with one (what
+    Windows editors save as "Unicode"). UTF-16 without a byte-order mark is named as such (its
+    byte order cannot be known), anything else holding NUL bytes is binary, and other bytes that
+    are not UTF-8 are refused with where they are. `what` names the file ("subset file X"), `hint`
+    says what to give instead of a binary file.
+    """
+    for bom, codec, name in _BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(codec)
+            except UnicodeDecodeError as err:
+                raise UserError(f"{what} is damaged {name} text ({err.reason} at byte {err.start}); save it as "
+                                f"UTF-8") from None
+    if b"\0" in data:
+        even, odd = data[0::2].count(0), data[1::2].count(0)
+        if len(data) % 2 == 0 and min(even, odd) == 0 and max(even, odd) >= len(data) // 4:
+            raise UserError(f"{what} is UTF-16 text without a byte-order mark; save it as UTF-8 (or as UTF-16 "
+                            f"with one)")
+        raise UserError(f"{what} is binary, not text; {hint}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
 
 
 def require_utf8(values: dict[str, str | None]) -> None:

@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 
 import extract
-from conftest import draw_image, make_pairs, run_script
+from conftest import TINY, draw_image, script_cli
 from featuresExtractor.dataset import discover
 from toolkit.utils import UserError
 
-TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]
 
-
-def cli(argv, capsys):
-    return run_script(extract, argv, capsys)
+cli = script_cli(extract)
 
 
 def test_pair_csv_gives_the_folder_features_and_skips_missing_files(tmp_path, capsys, pairs_dir):

@@ -26,7 +26,7 @@ Example:
 
 From the shell (refuses a non-empty OUT_DIR unless `--overwrite`):
 
-    python -m toolkit.synthetic.drawn_images demo_out/tll --pairs 48 --seed 0
+    python -m synthetic.drawn_images demo_out/tll --pairs 48 --seed 0
 """
 
 from __future__ import annotations
@@ -113,10 +113,6 @@ def _rng(seed: int, index: int, stream: int) -> np.random.Generator:
     # One independent stream per (seed, pair, purpose): pair i never depends on n_pairs,
     # and changing how a style is drawn does not reshuffle the compositions.
     return np.random.default_rng(np.random.SeedSequence([seed, index, stream]))
-
-
-def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(0, 256, size=3))
 
 
 def _saturated(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -365,9 +361,9 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line of `python -m toolkit.synthetic.drawn_images`."""
+    """Parse the command line of `python -m synthetic.drawn_images`."""
     p = argparse.ArgumentParser(
-        prog="python -m toolkit.synthetic.drawn_images",
+        prog="python -m synthetic.drawn_images",
         description="Draw a deterministic set of look-alike image pairs (TLL layout: OUT_DIR/left, OUT_DIR/right).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write; must be empty or absent unless --overwrite")
