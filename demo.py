@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="clip_rn50x4", help="backbone; tiny_rn runs in seconds (used by the tests)")
     p.add_argument("--pca", type=int, default=64, help="PCA size (at most 2 x pairs)")
     p.add_argument("--val-split", default="0.2", help="share of the training pairs held out for validation")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="extraction precision")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="extraction precision; auto: bf16 where it is native (AVX512-BF16 or AMX, CUDA), else fp32")
     return p
 
 
@@ -114,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from featuresExtractor.processor import AdaptPCA
 
     out = Path(args.out).resolve()
+    _check_gallery(out)
     py = sys.executable
     pretrained = "default" if args.model == "clip_rn50x4" and cached_weights(resolve_spec(args.model)) else "none"
     if pretrained == "none":
@@ -156,6 +158,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _check_gallery(out: Path) -> None:
+    """Before any work: OUT/gallery, which the demo replaces, must be missing or the demo's own (byte-identical copies
+    of OUT/tll/right images, nothing else): a user's folder there is refused, never deleted."""
+    import filecmp
+
+    from toolkit.utils import UserError
+
+    gallery, source = out / "gallery", out / "tll" / "right"
+    if not (gallery.exists() or gallery.is_symlink()):
+        return
+    own = gallery.is_dir() and not gallery.is_symlink() and all(
+        e.is_file() and not e.is_symlink() and (source / e.name).is_file()
+        and filecmp.cmp(e, source / e.name, shallow=False) for e in gallery.iterdir())
+    if not own:
+        raise UserError(f"--out {out} holds gallery, which is not the demo's (copies of {source}'s images only); it is "
+                        f"left alone: move it away or choose another --out")
+
+
 def _held_out_gallery(out: Path, run: Path) -> tuple[Path, Path]:
     """A test pair's left image, and a folder of the test pairs' right images (never seen in training)."""
     import shutil
@@ -164,7 +184,7 @@ def _held_out_gallery(out: Path, run: Path) -> tuple[Path, Path]:
 
     names = load_checkpoint(run / "model_and_optimizer.pt")[1]["test_names"]
     gallery = out / "gallery"
-    shutil.rmtree(gallery, ignore_errors=True)
+    shutil.rmtree(gallery, ignore_errors=True)  # an earlier demo's copies (`_check_gallery`): nothing is lost
     gallery.mkdir(parents=True)
     for name in names:
         shutil.copyfile(out / "tll" / "right" / name, gallery / name)

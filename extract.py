@@ -75,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", default=None, metavar="FILE",
                    help="extract only the items this file names: the paper's TLL_obj.csv (index,name rows), a CSV with "
                         "a name column, or one name a line")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast precision; auto: bf16 where it is native (CUDA with bf16, CPUs with AVX512-BF16 or "
+                        "AMX), else fp32; bf16/fp16 on a CPU without them are emulated, several times slower (warned)")
+    p.add_argument("--engine", choices=("auto", "torch", "folded"), default="auto",
+                   help="how the CPU runs the model in fp32: torch (the module as it is; the pinned bytes), folded "
+                        "(batch norms folded into the convolutions: within float rounding of torch, faster on some "
+                        "CPUs), auto (folded where bench/engines.py measured it 1.2x faster, else torch)")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     # None, not the number: the help (and the HTML docs made from it) must not depend on the machine.
     p.add_argument("--workers", type=int, default=None,
@@ -135,16 +141,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, ranks) -> int:
     from featuresExtractor.backbones import load_backbone, resolve_spec
+    from featuresExtractor.engines import resolve_engine
     from featuresExtractor.pipeline import ExtractConfig, extract
+    from toolkit.hardware import resolve_precision
     from toolkit.utils import check_writable, default_workers, flag_names, require_utf8, resolve_device
 
     require_utf8({"-d": args.dataset, "-s": args.save_to, "--weights": args.weights, "--subset": args.subset})
 
     device = ranks.device_for(resolve_device(args.device), cpu_hint="--device cpu")  # one GPU per rank
+    precision = resolve_precision(args.precision, device)
+    for line in (precision.note, precision.warning):
+        if line and ranks.rank == 0:
+            print(f"extract.py: {line}", file=sys.stderr)
+    engine, engine_note = resolve_engine(args.engine, device, precision.precision)
+    if engine_note and ranks.rank == 0:
+        print(f"extract.py: {engine_note}", file=sys.stderr)
     with flag_names(FLAGS):
         cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
-                            normalize=args.normalize, data_aug=args.data_aug, precision=args.precision,
-                            batch_size=args.batch_size,
+                            normalize=args.normalize, data_aug=args.data_aug, precision=precision.precision,
+                            engine=engine, batch_size=args.batch_size,
                             workers=default_workers() if args.workers is None else args.workers, device=str(device),
                             channels_last=args.channels_last, strict=args.strict, overwrite=args.overwrite,
                             progress=args.progress, subset=args.subset)

@@ -273,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
     from toolkit.distributed import Ranks
+    from toolkit.hardware import resolve_precision
     from toolkit.utils import UserError, require_utf8, resolve_device
 
     if Ranks.from_env().distributed:  # every rank would encode the same images and write the same files
@@ -305,6 +306,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sim = VisualSimilarity.from_onnx(args.onnx)
     else:
         sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
+        # The extraction's precision is followed; where it is emulated here, say so once.
+        warning = resolve_precision(sim.encoder.extractor.precision, device).warning
+        if warning:
+            print(f"similarity.py: {warning} (the run's features were extracted in it, so queries are too)",
+                  file=sys.stderr)
         if sim.provenance_note:
             print(f"note: {sim.provenance_note}", file=sys.stderr)
     if args.command == "export":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import math
 import sys
@@ -28,6 +29,7 @@ from adaptation.positive_training import OUTPUT_STD
 from adaptation.training import PRECISIONS
 from toolkit.cli import run_cli
 from toolkit.distributed import Ranks
+from toolkit.hardware import resolve_precision
 from toolkit.utils import flag_names, require_utf8
 
 PROG = "train.py"
@@ -113,8 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_float_check(lambda v: v > 0, "a positive number"), default=1e-3, help="Adam learning rate (default: 1e-3)")
     p.add_argument("--weight-decay", type=_float_check(lambda v: v >= 0, "zero or more"), default=0.0,
                    help="Adam weight decay (default: 0)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32 (default: fp32)")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="fp32",
+                   help="bf16: autocast the model and similarity products to bfloat16, loss and evaluation in fp32; auto: "
+                        "bf16 where it is native (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32; bf16 on a "
+                        "CPU without them is emulated, many times slower (warned) (default: fp32)")
     p.add_argument("--objective", choices=OBJECTIVES, default="contrastive",
                    help="contrastive: the paper's loss with in-batch negatives; simsiam: positive pairs only, predictor + "
                         "stop-gradient (Chen and He, 2021); byol: positive pairs only, predictor + momentum target "
@@ -129,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train and test only on the pairs this file names: the paper's TLL_obj.csv as published, "
                         "a CSV with a name column, or one name a line")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the runs (run*/, avg/, summary.json) already in --save-to; other files there are "
-                        "kept, and a folder holding no runs (an extraction, an index) is refused")
+                   help="replace the runs (run*/, avg/, summary.json) train.py wrote in --save-to; other files are kept; "
+                        "a folder holding no runs, or an entry named like a run train.py did not write, is refused")
     return p
 
 
@@ -185,10 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, device_note = select_device(args.gpu, ranks)
     device_note = device_note and f"{PROG}: {device_note}"
     ranks = ranks.join(device)
+    precision = resolve_precision(args.precision, device)
+    cfg = dataclasses.replace(cfg, precision=precision.precision)
 
-    notes = [device_note] if device_note else []
-    if cfg.model == "cca":
-        notes.append(f"{PROG}: {CCA_NOTE}")
+    cca_note = CCA_NOTE if cfg.model == "cca" else None
+    notes = [f"{PROG}: {line}" for line in (device_note, precision.note, precision.warning, cca_note) if line][::-1]
 
     def log(line: str) -> None:
         while notes:  # the device choice is said once the input has passed its checks, before the first run

@@ -493,7 +493,7 @@ class _Experiment:
                 f"{f'{n_val} validation, ' if n_val else ''}{shared['n_test']} test, "
                 f"{'one split' if cfg.same_split else 'a new split per run'}), model {cfg.model}, {self.device.type}"
                 + (f" x {ranks.world_size} ranks" if ranks.distributed else "") +
-                f", {cfg.precision}, batch {self.plan.train.batch_size or 'full'}, seed {self.plan.seed}")
+                f", {self.plan.train.precision}, batch {self.plan.train.batch_size or 'full'}, seed {self.plan.seed}")
 
     def _model(self, run_seed: int):
         """The run's model, its objective (None for the contrastive one) and optimiser, seeded for the run."""

@@ -19,65 +19,103 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import json
 import math
+import os
 import re
-import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from toolkit.folders import describe_entries
+from toolkit.folders import FolderFormat, check_shared_folder, replacing_entries
 from toolkit.utils import UserError, read_json, write_json
 
+from .checkpoint import BEST_CHECKPOINT, CHECKPOINT
 from .objectives import COLLAPSE_RATIO, is_collapsed
 
-__all__ = ["SUMMARY", "AVERAGE", "ASIDE", "run_dir", "is_run_entry", "check_save_to", "replacing", "summarise",
+__all__ = ["SUMMARY", "AVERAGE", "ASIDE", "run_dir", "RUNS_FOLDER", "check_save_to", "replacing", "summarise",
            "average_curves", "write_summary", "collapse_verdict", "read_summary"]
 
 SUMMARY = "summary.json"
 AVERAGE = "avg"
 ASIDE = ".replaced"
 """Where earlier runs wait while an overwriting run is written."""
-_ENTRY = re.compile(r"^(run\d+|avg|summary\.json)$")
-
-
 def run_dir(save_to: str | Path, run: int) -> Path:
     """The folder of run number `run` (from 1)."""
     return Path(save_to) / f"run{run}"
 
 
-def is_run_entry(name: str) -> bool:
-    """Whether a name in the runs folder is one train.py writes (and may replace)."""
-    return bool(_ENTRY.match(name))
+def _own_run(path: Path) -> bool:
+    """`runN/` as train.py writes it: a real folder whose config.json says it is run N, holding only a run's files."""
+    if path.is_symlink() or not path.is_dir() or not _RUN.match(path.name):
+        return False
+    try:
+        config = json.loads((path / "config.json").read_text())
+        entries = os.listdir(path)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("run") == int(path.name[3:]) and "seed" in config
+            and all(any(fnmatch.fnmatchcase(e, p) for p in _RUN_FILES) for e in entries))
+
+
+def _own_entry(path: Path) -> bool:
+    """Whether an entry of the runs folder bearing one of train.py's names is one train.py wrote.
+
+    A run: `_own_run`. summary.json: a JSON object with the summary's `config` and `final`. avg/: a
+    folder of TensorBoard event files only, beside at least one run train.py wrote.
+    """
+    if path.name == SUMMARY:
+        try:
+            summary = json.loads(path.read_text()) if path.is_file() and not path.is_symlink() else None
+        except (OSError, ValueError):
+            return False
+        return isinstance(summary, dict) and isinstance(summary.get("config"), dict) and isinstance(summary.get("final"), dict)
+    if path.name == AVERAGE:
+        if path.is_symlink() or not path.is_dir():
+            return False
+        return (all(fnmatch.fnmatchcase(e, _EVENTS) for e in os.listdir(path))
+                and any(_own_run(p) for p in path.parent.iterdir() if _RUN.match(p.name)))
+    return _own_run(path)
+
+
+_RUN = re.compile(r"^run\d+$")
+_EVENTS = "events.out.tfevents.*"
+_RUN_FILES = ("config.json", "metrics.json", CHECKPOINT, BEST_CHECKPOINT, _EVENTS, ".*.tmp*")
+"""What a run folder holds: its files, TensorBoard's events and atomic writes' temporary names."""
+
+RUNS_FOLDER = FolderFormat("a runs folder", ("run[0-9]*", AVERAGE, SUMMARY), lambda folder: True, own=_own_entry)
+"""The runs folder as `toolkit.folders` sees it: the entries train.py writes, and how each is told to be its
+own (other files may live beside them, and are kept)."""
 
 
 def check_save_to(save_to: Path, overwrite: bool) -> list[Path]:
-    """What `overwrite` will replace; refuse a non-empty folder without it. Deletes nothing itself.
+    """What `overwrite` will replace (`toolkit.folders.check_shared_folder`); refuse a runs folder without it.
 
-    Other files beside the runs are kept (notes, say); a folder holding none of train.py's entries
-    (an extraction, an index, anything else) is not a runs folder and is refused even with `overwrite`.
+    Other files beside the runs are kept (notes, say). Refused even with `overwrite`: a folder
+    holding none of train.py's entries (an extraction, an index, anything else), and an entry
+    named like one of train.py's that train.py did not write (a user's `run2024/` or `summary.json`).
 
     Raises:
-        UserError: `save_to` is a file, a non-empty folder and `overwrite` is False, or not a runs folder.
+        UserError: `save_to` is a file or a folder train.py may not write, or holds runs and `overwrite` is False.
     """
-    if save_to.exists() and not save_to.is_dir():
-        raise UserError(f"save_to {save_to} exists and is not a folder")
-    entries = sorted(save_to.iterdir()) if save_to.is_dir() else []
-    if entries and not overwrite:
-        raise UserError(f"save_to {save_to} already exists and is not empty; choose another folder or pass overwrite")
-    ours = [e for e in entries if is_run_entry(e.name) or e.name == ASIDE]
-    if entries and not ours:
-        # Not a runs folder (an extraction, an index, something else): overwrite replaces runs only.
-        raise UserError(f"save_to {save_to} is not a runs folder (it holds "
-                        f"{describe_entries(save_to, [e.name for e in entries])}); overwrite replaces only the runs "
-                        f"train.py wrote, and this folder is left alone: choose another folder")
-    return [e for e in ours if e.name != ASIDE]
+    aside = save_to / ASIDE
+    if aside.exists():
+        raise UserError(_interrupted(save_to))
+    return check_shared_folder(save_to, RUNS_FOLDER, overwrite=overwrite, flag="save_to",
+                               not_empty=f"save_to {save_to} already exists and is not empty; choose another folder "
+                                         f"or pass overwrite")
 
 
-@contextlib.contextmanager
-def replacing(save_to: Path, old: Sequence[Path]) -> Iterator[None]:
-    """Run the block with `old` (earlier runs being replaced) set aside.
+def _interrupted(save_to: Path) -> str:
+    aside = save_to / ASIDE
+    return (f"{aside} holds runs set aside by an interrupted --overwrite; move them back into {save_to} or delete "
+            f"{aside}, then re-run")
+
+
+def replacing(save_to: Path, old: Sequence[Path]) -> contextlib.AbstractContextManager[None]:
+    """Run the block with `old` (earlier runs being replaced) set aside (`toolkit.folders.replacing_entries`).
 
     They are deleted once the block has succeeded; if it fails or is interrupted, what
     it wrote is removed and they are put back.
@@ -85,39 +123,7 @@ def replacing(save_to: Path, old: Sequence[Path]) -> Iterator[None]:
     Raises:
         UserError: runs set aside by an earlier interrupted replacement are still there.
     """
-    aside = save_to / ASIDE
-    if aside.exists():
-        raise UserError(f"{aside} holds runs set aside by an interrupted --overwrite; move them back into "
-                        f"{save_to} or delete {aside}, then re-run")
-    done = False
-    try:
-        # Inside the try: an interrupt while they are being moved puts back what was moved.
-        if old:
-            aside.mkdir(parents=True)
-            for path in old:
-                path.rename(aside / path.name)
-        yield
-        done = True
-    finally:
-        if done:
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            _restore(save_to, aside, {p.name for p in old})
-
-
-def _restore(save_to: Path, aside: Path, earlier: set[str]) -> None:
-    """Remove what this run wrote and move the earlier runs (named `earlier`) back from `aside`.
-
-    An earlier run that an interrupt left in place, not yet set aside, is kept where it is.
-    """
-    moved = {p.name for p in aside.iterdir()} if aside.is_dir() else set()
-    for path in (save_to.iterdir() if save_to.is_dir() else []):
-        if is_run_entry(path.name) and (path.name not in earlier or path.name in moved):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    if aside.is_dir():
-        for path in aside.iterdir():
-            path.rename(save_to / path.name)
-        aside.rmdir()
+    return replacing_entries(save_to, old, RUNS_FOLDER, ASIDE, _interrupted(save_to))
 
 
 def summarise(finals: Sequence[dict[str, float]]) -> dict[str, dict]:

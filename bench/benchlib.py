@@ -74,7 +74,12 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    from toolkit.hardware import cpu_kind
+
+    kind = cpu_kind()  # the ISA flags and caps that decide which kernels ran (AVX2, AVX512-BF16, AMX)
+    # Every table that prints info["cpu"] names the ISA with the model.
+    info = {"cpu": f"{cpu} [{kind.isa}]", "isa": kind.isa, "native_bf16": kind.native("bf16"), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "load_avg_start": os.getloadavg()}
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name(0)

@@ -85,8 +85,8 @@ def transform_choice(manifest: dict) -> str:
 
 def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Processor, layout: Layout,
                    kept: list[int], skipped: dict[int, str], outputs: dict[str, dict], *, data_aug: bool,
-                   precision: str, device: str, channels_last: bool, batch_size: int, subset: dict | None = None
-                   ) -> dict:
+                   precision: str, device: str, channels_last: bool, batch_size: int, subset: dict | None = None,
+                   engine: str = "torch") -> dict:
     """The manifest of a finished extraction; `config` is its `fingerprint`, `outputs` each file's record,
     `subset` the record of `--subset` (`featuresExtractor.subset.describe_subset`) when one was given."""
     n_flips = 2 if data_aug else 1
@@ -102,7 +102,7 @@ def build_manifest(config: dict, backbone: Backbone, info: FeatureInfo, proc: Pr
         "processor": proc.record(),
         "augmentation": {"hflip": data_aug, "applied_to": "preprocessed tensor"},
         "decode": DECODE,
-        "precision": precision, "device": device, "channels_last": channels_last,
+        "precision": precision, "device": device, "channels_last": channels_last, "engine": engine,
         "batch_size": batch_size,
         "dataset": {"path": str(layout.root.resolve()), "kind": layout.kind, "source": layout.source,
                     "sides": list(layout.sides),
@@ -137,7 +137,7 @@ def _check_shape(obj, shape, where: str, path) -> None:
     for key, want in shape.items():
         if key not in obj:
             raise UserError(f"{path} is not an extract.py manifest: {where}{key} is missing; delete the folder it "
-                            f"describes (or pass --overwrite) and extract again")
+                            f"describes and extract again")
         if isinstance(want, dict):
             if not isinstance(obj[key], dict):
                 raise UserError(f"{path} is damaged: {where}{key} should be an object, not {type(obj[key]).__name__}")
@@ -244,7 +244,14 @@ def swap_in(out_dir: Path, staged: Path, raw: Path, outputs: dict, replaced: lis
 
     The old manifest goes first, so an interruption in between leaves a folder without a manifest
     (never reported done) whose .partial still holds every chunk: a re-run resumes and finishes.
+    An output name taken by a file that is not one of the earlier outputs (`replaced`), and so was
+    not written by extract.py, is refused (a `UserError`) before anything moves, and left alone.
     """
+    taken = [rel for rel in outputs if rel not in replaced and os.path.lexists(out_dir / rel)]
+    if taken and (out_dir / MANIFEST).exists():
+        raise UserError(f"-s {out_dir} holds {', '.join(sorted(taken))}, which extract.py did not write (its manifest "
+                        f"does not list them); they are left alone, even with --overwrite: move them away and re-run "
+                        f"(the work done is kept and resumes)")
     (out_dir / MANIFEST).unlink(missing_ok=True)
     for rel in set(replaced) - set(outputs):
         if is_inside(out_dir, rel):  # never anything outside the output folder, whatever a manifest says

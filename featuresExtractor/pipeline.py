@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -28,23 +29,26 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from toolkit.folders import describe_entries, manifest_format
 from toolkit.lock import folder_lock
-from toolkit.utils import UserError, default_workers, save_npy
+from toolkit.utils import StopAfterBatch, UserError, default_workers, first_line, save_npy
 
 from .backbone_base import Backbone
 from .dataset import ImageItems, Layout, discover
 from toolkit.distributed import Ranks
-from toolkit.folders import describe_entries
 from .extractor import FeatureExtractor
-from .manifest import (MANIFEST, build_manifest, damaged_outputs, file_digest, fingerprint, read_manifest_file, swap_in,
-                       write_manifest)
+from .manifest import (FORMAT, MANIFEST, build_manifest, damaged_outputs, file_digest, fingerprint, read_manifest_file,
+                       swap_in, write_manifest)
 from .merge import write_outputs
 from .processor import Processor, parse_processor
 from .store import ChunkStore
 from .subset import describe_subset, match_subset, read_subset
 from .transforms import hflip
 
-__all__ = ["ExtractConfig", "Report", "extract", "dataset_items", "run_shard", "start_store"]
+STOPPING_LINE = "extract.py: stopping after the current batch (finished batches are kept); Ctrl-C again to stop at once"
+"""Said on stderr as soon as Ctrl-C, SIGTERM or SIGHUP arrives during the extraction loop."""
+
+__all__ = ["STOPPING_LINE", "ExtractConfig", "Report", "extract", "dataset_items", "run_shard", "start_store"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class ExtractConfig:
     normalize: str | None = None
     data_aug: bool = False
     precision: str = "fp32"
+    engine: str = "torch"  # featuresExtractor.engines: torch, or folded (batch norms folded; equal within rounding)
     batch_size: int = 2048
     workers: int = field(default_factory=default_workers)
     device: str = "cpu"
@@ -121,16 +126,13 @@ def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> tuple[bool
     """(already done, outputs of an earlier configuration that --overwrite will replace).
 
     Those outputs stay in place until the new results are written, so a run that fails
-    or is interrupted leaves the earlier results as they were.
+    or is interrupted leaves the earlier results as they were. A folder extract.py did not
+    write (`_check_own_folder`) is refused, even with --overwrite, and left alone.
     """
     manifest = out_dir / MANIFEST
     replaced: list[str] = []
-    if out_dir.is_dir() and not (manifest.exists() or manifest.is_symlink() or (out_dir / ".partial").exists()):
-        entries = os.listdir(out_dir)
-        if entries:  # an unknown folder (a run, an index, a user's files): an extraction never writes over it
-            raise UserError(f"-s {out_dir} is not an extraction folder (it holds "
-                            f"{describe_entries(out_dir, entries)}); it is left alone, even with --overwrite: "
-                            f"move them out or choose another -s")
+    store = ChunkStore(out_dir / ".partial")
+    _check_own_folder(out_dir, store)
     if manifest.is_file() or manifest.is_symlink():
         old = read_manifest_file(manifest)
         if old["config"] == config and not overwrite:
@@ -146,7 +148,6 @@ def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> tuple[bool
             raise UserError(f"{out_dir} already holds features from another configuration (differs in: "
                             f"{', '.join(changed)}); pass --overwrite to replace them or choose another -s")
         replaced = list(old["outputs"])
-    store = ChunkStore(out_dir / ".partial")
     previous = store.config()
     if previous is not None and previous != config:
         if not overwrite:
@@ -156,12 +157,52 @@ def _prepare_out_dir(out_dir: Path, config: dict, overwrite: bool) -> tuple[bool
     return False, replaced
 
 
+def _check_own_folder(out_dir: Path, store: ChunkStore) -> None:
+    """Refuse (one line, even with --overwrite) an output folder extract.py did not write.
+
+    Its manifest.json must be extract.py's (one that cannot be read, or names another format, an
+    index's or an export's, is not); its .partial/ must be extract.py's own (`ChunkStore.check_own`);
+    a folder holding neither, but other files, is not an extraction folder.
+    """
+    manifest = out_dir / MANIFEST
+    fmt = manifest_format(manifest)
+    if (manifest.is_file() or manifest.is_symlink()) and fmt != FORMAT:
+        try:
+            json.loads(manifest.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"-s {out_dir}: cannot read {manifest} ({first_line(err)}); it is left alone, even with "
+                            f"--overwrite: restore it, or choose another -s") from None
+        named = f": it is a {fmt!r} manifest" if fmt else ""
+        raise UserError(f"-s {out_dir} is not an extraction folder (its {MANIFEST} is not extract.py's{named}); it is "
+                        f"left alone, even with --overwrite: choose another -s")
+    store.check_own()
+    if out_dir.is_dir() and not (manifest.exists() or manifest.is_symlink() or store.folder.exists()):
+        entries = os.listdir(out_dir)
+        if entries:  # an unknown folder (a run, an index, a user's files): an extraction never writes over it
+            raise UserError(f"-s {out_dir} is not an extraction folder (it holds "
+                            f"{describe_entries(out_dir, entries)}); it is left alone, even with --overwrite: "
+                            f"move them out or choose another -s")
+
+
+def _check_save_to(save_to: Path) -> None:
+    """Refuse, as -s, a folder another command owns whole (an index, an export): SAVE/MODEL/ would be written into it."""
+    fmt = manifest_format(save_to / MANIFEST)
+    if fmt == FORMAT:
+        raise UserError(f"-s {save_to} is an extraction's own folder (SAVE/MODEL); extract.py writes SAVE/MODEL/ inside "
+                        f"-s: give its parent, {save_to.parent}, or another -s")
+    if fmt is not None:
+        raise UserError(f"-s {save_to} is another command's output folder (its {MANIFEST} is a {fmt!r} manifest); "
+                        f"extract.py writes SAVE/MODEL/ inside -s and would put files of its own there: choose "
+                        f"another -s")
+
+
 def _out_dir(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: Layout, n_flips: int) -> Path:
     """Check what can be checked before anything is written; the model's output folder."""
     blocking = next((p for p in (Path(cfg.save_to), *Path(cfg.save_to).parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
         raise UserError(f"-s {cfg.save_to}: {blocking} is a file, not a folder; choose another -s")
     proc.check_components(len(layout) * len(layout.sides) * n_flips, fx.info.dims)
+    _check_save_to(Path(cfg.save_to))
     return Path(cfg.save_to) / fx.backbone.spec.name
 
 
@@ -220,12 +261,15 @@ def run_shard(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout:
                desc=" ".join(filter(None, [f"extract {fx.backbone.spec.name}", ranks.label])),
                disable=not cfg.progress, dynamic_ncols=True, position=ranks.rank)
     try:
-        with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward:
+        # A CPU batch runs for seconds in C: a stop is said at once and taken once the batch is stored.
+        with fx.running(pooled=proc.pooled, slice_size=fx.slice_size(cfg.batch_size)) as forward, \
+                StopAfterBatch(STOPPING_LINE) as stop:
             for batch in _loader(cfg, fx, layout, todo, images_per_item):
                 if cfg.strict:
                     _check_strict(batch, layout)
                 written.append(_store_batch(batch, forward, cfg, layout, store, proc.pooled, out_dir))
                 bar.update(len(batch["index"]) * images_per_item)
+                stop.check()
     except UserError:
         for path in written:
             path.unlink(missing_ok=True)
@@ -286,7 +330,8 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
                                               "items_kept": len(layout)}
     manifest = build_manifest(config, fx.backbone, fx.info, proc, layout, kept_list, skipped, outputs,
                               data_aug=cfg.data_aug, precision=cfg.precision, device=str(fx.device),
-                              channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset)
+                              channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset,
+                              engine=cfg.engine)
     manifest["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
                                "shards": ranks.layout(len(layout)), "shard_rule": "contiguous ranges of the sorted items"}
     write_manifest(staged, manifest)
@@ -322,7 +367,7 @@ def _extract(cfg: ExtractConfig, backbone: Backbone, ranks: Ranks, held: context
     proc = parse_processor(cfg.processor, cfg.normalize)
     layout, _ = dataset_items(cfg.dataset, cfg.subset)  # extract.py says which subset names are missing
     ranks.check_items(len(layout))
-    fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last)
+    fx = FeatureExtractor(backbone, cfg.precision, cfg.channels_last, cfg.engine)
     out_dir = _out_dir(cfg, fx, proc, layout, 2 if cfg.data_aug else 1)
     config = fingerprint(backbone, proc, layout, cfg.data_aug, cfg.precision)
     report = Report(out_dir=out_dir, n_items=len(layout))

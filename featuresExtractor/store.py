@@ -2,21 +2,28 @@
 
 While extraction runs, finished batches go to `MODEL/.partial/` as chunk files, so an
 interrupted run resumes where it stopped. The final features files are written by
-`featuresExtractor.pairs_file`.
+`featuresExtractor.pairs_file`. The folder is a `toolkit.folders` scratch folder (`PARTIAL_FOLDER`):
+made with a marker, resumed and removed only when the marker is extract.py's.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from toolkit.folders import claim_scratch, describe_entries, discard_scratch, is_own_scratch, scratch_format
 from toolkit.utils import UserError, atomic_path, first_line, read_json, write_json
 
-__all__ = ["ChunkStore", "StoredRows"]
+__all__ = ["ChunkStore", "StoredRows", "PARTIAL_FOLDER"]
+
+_OWNER = "featuresExtractor.store"
+PARTIAL_FOLDER = scratch_format("an extraction's resumable work", _OWNER,
+                                ("config.json", ".config.json.*", "chunk_*.npz", ".chunk_*", "raw", "staged"))
+"""The chunk store as `toolkit.folders` sees it: its names (atomic writes' temporary ones too) and its marker."""
 
 
 class ChunkStore:
@@ -40,6 +47,14 @@ class ChunkStore:
     def config_path(self) -> Path:
         return self.folder / "config.json"
 
+    def check_own(self, flag: str = "-s") -> None:
+        """A one-line `UserError` when a folder stands where the store goes that extract.py did not make (it is kept)."""
+        if os.path.lexists(self.folder) and not is_own_scratch(self.folder, PARTIAL_FOLDER):
+            held = (f"it holds {describe_entries(self.folder, os.listdir(self.folder)) or 'nothing'}"
+                    if self.folder.is_dir() and not self.folder.is_symlink() else "it is not a folder")
+            raise UserError(f"{flag} {self.folder.parent} holds {self.folder.name}, which extract.py did not make "
+                            f"({held}); it is left alone, even with --overwrite: move it away or choose another {flag}")
+
     def config(self) -> dict | None:
         if not (self.config_path.exists() or self.config_path.is_symlink()):
             return None
@@ -49,8 +64,10 @@ class ChunkStore:
                             f"delete {self.folder} to start the extraction over")
         return config
 
-    def start(self, config: Mapping) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def start(self, config: Mapping, flag: str = "-s") -> None:
+        """Make the store (with its marker; or find extract.py's own one there) and record `config` in it."""
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        claim_scratch(self.folder, PARTIAL_FOLDER, owner=_OWNER, flag=flag, shown=str(self.folder.parent))
         write_json(self.config_path, dict(config))
 
     def chunks(self) -> list[Path]:
@@ -108,7 +125,8 @@ class ChunkStore:
         return StoredRows(self.chunks())
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove the store, when it is extract.py's own (`toolkit.folders.discard_scratch`)."""
+        discard_scratch(self.folder, PARTIAL_FOLDER)
 
 
 class StoredRows:

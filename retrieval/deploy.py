@@ -224,7 +224,7 @@ def staged(target: str | os.PathLike, overwrite: bool = False, flag: str = "-o")
     with sibling_lock(target, flag) as real:
         real = check_target(real, overwrite, flag)  # again, under the lock: the export takes minutes
         try:
-            with replacing_folder(real, EXPORT_FOLDER) as tmp:
+            with replacing_folder(real, EXPORT_FOLDER, flag) as tmp:
                 yield tmp
         except OSError as err:
             raise UserError(f"cannot write {target} ({first_line(err)}); nothing was changed: free some space or "

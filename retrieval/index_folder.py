@@ -88,7 +88,7 @@ def write(ix: VectorIndex, index_dir: str | os.PathLike, overwrite: bool = False
     if faiss:
         ix.manifest["count"] = len(ix)
     try:
-        with replacing_folder(real, INDEX_FOLDER) as tmp:
+        with replacing_folder(real, INDEX_FOLDER, flag) as tmp:
             files = {}
             if faiss:
                 save_faiss(ix, tmp / INDEX_FILE)

@@ -455,10 +455,12 @@ class VisualSimilarity:
         return faiss_index.normalise(np.concatenate(out) if out else np.zeros((0, 1), np.float32))
 
     def _index_gallery(self, source, cache_dir: Path, base: VectorIndex | None = None, progress: bool = True,
-                       strict: bool = False):
+                       strict: bool = False, flag: str = "-o", shown: str | None = None):
         """(vectors, names, images, skipped, cache) of a gallery, minus the items `base` holds (`VectorIndex.unknown`).
 
-        Images are encoded resumably through an `EncodeCache` (returned, to be removed once written).
+        Images are encoded resumably through an `EncodeCache` (returned, to be removed once written;
+        `flag` and `shown` name the output when a folder in the cache's place is not the command's).
+        Raises `UserError` when the gallery has images but none is readable.
         """
         if isinstance(source, (str, os.PathLike)) and Path(source).is_file() and Path(source).suffix == ".npy":
             g = self._gallery_file(Path(source))
@@ -472,9 +474,14 @@ class VisualSimilarity:
         if any(isinstance(im, Image.Image) for _, im in items):
             cache = None  # in-memory images cannot be recognised on a later run
         else:
-            cache = EncodeCache(cache_dir, {"identity": self.identity(), "items": items})
+            cache = EncodeCache(cache_dir, {"identity": self.identity(), "items": items}, flag, shown)
         try:
-            return self._encode_resumably(items, cache, progress, strict) + (cache,)
+            vectors, names, images, skipped = self._encode_resumably(items, cache, progress, strict)
+            if skipped and not names:
+                name, reason = next(iter(skipped.items()))
+                raise UserError(f"no readable image in {source} ({len(skipped)} unreadable, e.g. {name}: {reason}); "
+                                f"check the gallery")
+            return vectors, names, images, skipped, cache
         except UserError:
             if cache:
                 cache.remove()  # refused work is not resumed: nothing is left beside the index
@@ -494,7 +501,8 @@ class VisualSimilarity:
                         {k: v for p in parts for k, v in p[3].items()})
                 if cache:
                     cache.save(c, *done)
-            vectors.append(done[0].reshape(len(done[1]), -1))
+            if done[1]:  # a chunk of unreadable images only has no vectors
+                vectors.append(done[0].reshape(len(done[1]), -1))
             names += done[1]
             images += done[2]
             skipped.update(done[3])
@@ -538,7 +546,7 @@ class VisualSimilarity:
         cache = None
         try:
             vectors, names, images, skipped, cache = self._index_gallery(gallery, real, index if resumed else None,
-                                                                         progress, strict)
+                                                                         progress, strict, "-o", str(out_dir))
             if names:
                 index.add(vectors, names, images, progress=progress)
             if not len(index):
@@ -561,7 +569,9 @@ class VisualSimilarity:
         Returns (index, how many added, skipped). The encoding cache goes once written, or refused.
         """
         cache_at = real if base is None else real.parent / f"{real.name}.add"
-        vectors, names, images, skipped, cache = self._index_gallery(gallery, cache_at, base, progress, strict)
+        flag = "-o" if base is None else "index folder"
+        vectors, names, images, skipped, cache = self._index_gallery(gallery, cache_at, base, progress, strict, flag,
+                                                                     str(out_dir))
         try:
             if base is None:
                 index = faiss_index.build(vectors, names, images, params, self.identity(), progress=progress)
@@ -571,7 +581,7 @@ class VisualSimilarity:
                     index.add(vectors, names, images, progress=progress)
             # a Milvus index holds its items already; its folder (the manifest) does not change on an add
             if base is None or (names and index.backend == "faiss"):
-                index_folder.write(index, out_dir, overwrite=overwrite, flag="-o" if base is None else "index folder")
+                index_folder.write(index, out_dir, overwrite=overwrite, flag=flag)
         except UserError:
             if cache:
                 cache.remove()

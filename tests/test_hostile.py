@@ -126,6 +126,35 @@ def test_sigterm_unwinds_main_like_ctrl_c():
     assert proc.stderr.strip() == "x.py: interrupted (SIGTERM)"
 
 
+@pytest.mark.parametrize("sig,status,last", [("SIGTERM", 143, "x.py: interrupted (SIGTERM)"),
+                                              ("SIGINT", 130, "x.py: interrupted")])
+def test_a_signal_during_a_long_c_call_is_said_at_once_and_taken_after_the_batch(sig, status, last):
+    # pbkdf2_hmac is one C call, like a forward pass: Python's handlers wait until it returns, so
+    # before StopAfterBatch nothing was said until the batch ended. The line must come during batch 1,
+    # and batch 2 must not start.
+    code = f"""if True:
+        import hashlib, os, signal, sys, threading
+        sys.path.insert(0, sys.argv[1])
+        from toolkit.cli import run_cli
+        from toolkit.utils import StopAfterBatch
+        def main(argv):
+            with StopAfterBatch("stopping after the current batch") as stop:
+                for i in range(3):
+                    if i == 1:
+                        threading.Timer(0.05, os.kill, (os.getpid(), signal.{sig})).start()
+                        # one C call of a second or more (0.5 s at the least on a fast core), which lets
+                        # other threads run as torch's kernels do; the signal comes 0.05 s into it
+                        hashlib.pbkdf2_hmac("sha256", b"x", b"salt", 2_000_000)
+                    print(f"batch {{i}} done", file=sys.stderr, flush=True)
+                    stop.check()
+            return 0
+        sys.exit(run_cli(main, [], prog="x.py"))
+    """
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == status, (proc.returncode, proc.stderr)
+    assert proc.stderr.splitlines() == ["batch 0 done", "stopping after the current batch", "batch 1 done", last]
+
+
 def test_training_killed_with_sigterm_during_overwrite_keeps_the_earlier_runs(tmp_path, capsys):
     # Before: SIGTERM ended the process on the spot: the earlier runs stayed in RUNS/.replaced and a
     # half-written run1 (config.json, events, no checkpoint) took their place; every later run was refused.

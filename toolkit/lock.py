@@ -4,7 +4,10 @@
   behind): for folders whose files are replaced one by one (extract.py's `SAVE/MODEL`, train.py's runs).
 - `sibling_lock(path, flag)` locks a hidden file `.NAME.lock` beside `path`: for an output that is
   replaced whole by a rename (an index folder), where a lock on the old folder would not guard the
-  new one. The lock file is removed again when the lock is released.
+  new one. The lock file is removed again when the lock is released. It is created whole, with a
+  signature (`LOCK_SIGNATURE`), under a temporary name and linked into place, so a file of that name
+  without the signature (a user's) is never taken for a lock file, locked or removed: the command
+  stops, naming it.
 
 A lock belongs to the open file description, so the kernel releases it when the process ends,
 however it ends: a crashed run never leaves a stale lock (a lock file a crash leaves behind is
@@ -21,12 +24,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .utils import UserError, first_line
+from .utils import UserError, first_line, umask
 
-__all__ = ["folder_lock", "sibling_lock", "lock_holder"]
+__all__ = ["folder_lock", "sibling_lock", "lock_holder", "lock_file_of", "LOCK_SIGNATURE"]
+
+LOCK_SIGNATURE = b"toolkit.lock: the lock file of a writer of the output beside it; removed when the writer ends\n"
 
 
 def lock_holder(path: str | os.PathLike) -> int | None:
@@ -85,6 +92,49 @@ def lock_file_of(target: str | os.PathLike) -> Path:
     return real.parent / f".{real.name}.lock"
 
 
+def _open_lock_file(lock_file: Path, shown: str, flag: str) -> int:
+    """An open descriptor on this toolkit's lock file `lock_file`, made (whole, signed) when missing.
+
+    Raises `UserError` when the folder cannot be written, or when a file of that name is not a lock
+    file of this toolkit (no signature: a user's file, a link), which is left as it is.
+    """
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            _create_lock_file(lock_file, shown)
+            continue  # made (or another writer made it first): open it
+        except OSError as err:
+            if os.path.lexists(lock_file):  # a link, a folder: not a lock file
+                break
+            raise UserError(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, len(LOCK_SIGNATURE), 0) == LOCK_SIGNATURE:
+            return fd
+        os.close(fd)
+        break
+    raise UserError(f"{flag} {shown}: {lock_file} is in the way: it is not a lock file of this toolkit (the name is the "
+                    f"one its writers lock); it is left alone: move it away or choose another {flag}")
+
+
+def _create_lock_file(lock_file: Path, shown: str) -> None:
+    """Create `lock_file` whole: written under an unpredictable name, then linked into place unless one is already there."""
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{lock_file.name}.", suffix=".tmp", dir=lock_file.parent)
+    except OSError as err:
+        raise UserError(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
+    try:
+        os.write(fd, LOCK_SIGNATURE)
+        os.fchmod(fd, 0o666 & ~umask())  # any user who may write the output may wait for its lock
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, lock_file)
+    except OSError as err:
+        raise UserError(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def sibling_lock(target: str | os.PathLike, flag: str) -> Iterator[Path]:
     """Hold an exclusive lock on `target` through the file `lock_file_of(target)`; yields the real target.
@@ -98,11 +148,7 @@ def sibling_lock(target: str | os.PathLike, flag: str) -> Iterator[Path]:
     lock_file = lock_file_of(real)
     shown = str(target)
     while True:
-        try:
-            real.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as err:
-            raise UserError(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
+        fd = _open_lock_file(lock_file, shown, flag)
         try:
             _take(fd, lock_file, shown, flag)
             try:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 __all__ = ["UserError", "default_workers", "first_line", "atomic_path", "atomic_paths", "read_json", "write_json",
-           "save_npy", "flag_names", "Terminated", "terminated_as_interrupt", "resolve_device",
+           "save_npy", "flag_names", "Terminated", "terminated_as_interrupt", "StopAfterBatch", "resolve_device",
            "check_writable", "os_error_line", "require_regular_file", "require_utf8", "umask", "decode_text"]
 
 
@@ -84,6 +84,81 @@ def terminated_as_interrupt() -> Iterator[None]:
         for sig, handler in previous.items():
             if handler is not None:  # None: a handler installed outside Python, which stays
                 signal.signal(sig, handler)
+
+
+class StopAfterBatch:
+    """Within `with StopAfterBatch(line) as stop:`, Ctrl-C, SIGTERM and SIGHUP ask the loop to stop after its batch.
+
+    A long CPU operation (a forward pass of many images) runs in C, where Python's own handlers wait
+    until it returns: the user would see nothing for seconds. Here the signal is seen at once (through
+    `signal.set_wakeup_fd` and a thread that waits on it), `line` is printed on stderr then, and the
+    loop calls `stop.check()` after each batch: it raises `KeyboardInterrupt` (Ctrl-C) or `Terminated`
+    there, so the finished batch is kept and every clean-up written for Ctrl-C runs. A second signal
+    before that stops at once. Outside the main thread, or where the signals are not Python's (ignored
+    under nohup, a handler installed outside Python), those signals are left as they are.
+    """
+
+    def __init__(self, line: str):
+        self.line, self.signum, self._previous, self._thread = line, None, {}, None
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:  # a second signal: now
+            _stop_taking_signals()
+            raise Terminated(signum) if signum != signal.SIGINT else KeyboardInterrupt
+        self.signum = signum
+
+    def _watch(self, fd: int) -> None:
+        import sys
+
+        stopping = {int(sig) for sig in self._previous}
+        while True:
+            try:
+                got = os.read(fd, 1)
+            except OSError:
+                return
+            if not got or got == b"\x00":  # the end of the block writes a zero byte
+                return
+            if got[0] in stopping:  # other handled signals (a DataLoader's SIGCHLD) write here too
+                print(self.line, file=sys.stderr, flush=True)
+                return
+
+    def __enter__(self) -> "StopAfterBatch":
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        ours = (signal.default_int_handler, _raise_interrupt, _raise_terminated, signal.SIG_DFL)
+        self._previous = {sig: h for sig in _STOPPING if (h := signal.getsignal(sig)) in ours
+                          and not (h is signal.SIG_DFL and sig == signal.SIGINT)}
+        if not self._previous:
+            return self
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self._pipe = (read, write)
+        self._old_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._watch, args=(read,), daemon=True)
+        self._thread.start()
+        for sig in self._previous:
+            signal.signal(sig, self._handler)
+        return self
+
+    def check(self) -> None:
+        """Raise the stop asked for since the block began (call it between batches)."""
+        if self.signum is not None:
+            _stop_taking_signals()
+            raise KeyboardInterrupt if self.signum == signal.SIGINT else Terminated(self.signum)
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is None:
+            return
+        for sig, handler in self._previous.items():
+            if signal.getsignal(sig) is self._handler:  # not when a stop already set them to SIG_IGN
+                signal.signal(sig, handler)
+        signal.set_wakeup_fd(self._old_fd)
+        read, write = self._pipe
+        if self.signum is None:
+            os.write(write, b"\x00")
+        self._thread.join(timeout=5)
+        os.close(read)
+        os.close(write)
 
 
 def default_workers() -> int:
