@@ -41,10 +41,11 @@ from toolkit.lock import folder_lock
 from toolkit.utils import UserError, check_writable, os_error_line, write_json
 
 from .calibration import calibrate
+from .cca import CCARun, DEFAULT_RIDGE, check_k, check_ridge, fit_run
 from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, provenance_of, save_checkpoint
 from .distributed import all_reduce_min, broadcast_int
 from .losses import similarity_matrix
-from .models import build_model, model_kwargs
+from .models import OUT_DIM_MODELS, build_model, model_kwargs
 from .objectives import DEFAULT_EMA, build_objective
 from .positive_training import OUTPUT_STD, train_positive
 from .runs import AVERAGE, average_curves, check_save_to, collapse_verdict, replacing, run_dir, summarise, write_summary
@@ -53,7 +54,7 @@ from .split import TrainData, split_each, split_indices
 from .training import TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 
 __all__ = ["ExperimentConfig", "Summary", "run_experiment", "select_device", "resolve_batch_size", "check_objective",
-           "check_memory", "available_bytes", "output_folder", "event_writer"]
+           "check_model", "check_memory", "available_bytes", "output_folder", "event_writer"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ class ExperimentConfig:
     Attributes:
         data: the features file of pairs (extract.py's `features*.npy`).
         save_to: the runs folder.
-        model: `original`, `peterson` or `dummy` (`adaptation.models`).
+        model: `original`, `linear`, `peterson`, `dummy` or `cca` (`adaptation.models`; `cca` is fitted in
+            closed form, `adaptation.cca`, then evaluated once: one "epoch", fp32 figures).
         epochs, batch_size, temperature, lr, weight_decay, precision, topk: the recipe
             (`adaptation.training.TrainConfig`); `batch_size=None` is the full batch.
         runs: independent runs; run i splits and initialises with `seed + i - 1` unless `same_split`.
@@ -77,6 +79,9 @@ class ExperimentConfig:
         overwrite: replace the runs already in `save_to`.
         subset: a subset file (`featuresExtractor.subset`): train and test on the pairs it names only
             (e.g. the paper's published `TLL_obj.csv`).
+        out_dim: the output width of `original` or `linear` (None: the model's default, 1024 or 256).
+        cca_k: model `cca`: the directions kept (None: chosen on the validation pairs, `adaptation.cca`).
+        cca_ridge: model `cca`: the ridge on Cov(l - r), a share of its trace over D (None: `DEFAULT_RIDGE`).
     """
 
     data: str
@@ -101,6 +106,9 @@ class ExperimentConfig:
     images: bool = True
     overwrite: bool = False
     subset: str | None = None
+    out_dim: int | None = None
+    cca_k: int | None = None
+    cca_ridge: float | None = None
 
 
 @dataclass
@@ -143,6 +151,27 @@ def check_objective(cfg: ExperimentConfig, n_train: int, batch_size: int | None)
         raise UserError(f"objective {cfg.objective} needs at least 2 pairs per batch (its predictor's BatchNorm), "
                         f"and batch_size {batch_size or n_train} of {n_train} training pairs would make no "
                         f"optimiser step; use batch_size 2 or more")
+
+
+def check_model(cfg: ExperimentConfig, in_dim: int) -> dict[str, Any]:
+    """Refuse model settings that do not apply or cannot fit; returns the model's `build_model` keywords."""
+    if cfg.out_dim is not None and cfg.model not in OUT_DIM_MODELS:
+        width = "; its width is cca_k" if cfg.model == "cca" else ""
+        raise UserError(f"out_dim applies to models {' and '.join(OUT_DIM_MODELS)} (this run: {cfg.model}{width})")
+    if cfg.model != "cca":
+        given = [name for name in ("cca_k", "cca_ridge") if getattr(cfg, name) is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to model cca only (this run: {cfg.model})")
+        return {} if cfg.out_dim is None else {"out_dim": cfg.out_dim}
+    if cfg.objective != "contrastive":
+        raise UserError(f"model cca is fitted in closed form, so objective {cfg.objective} (a training objective) "
+                        f"does not apply; leave objective at contrastive")
+    check_ridge(cfg.cca_ridge if cfg.cca_ridge is not None else DEFAULT_RIDGE)
+    if cfg.cca_k is not None:
+        check_k(cfg.cca_k, in_dim)
+    elif cfg.val_split == 0:
+        raise UserError("model cca needs cca_k, or val_split to choose k on validation pairs (e.g. val_split 0.1)")
+    return {"out_dim": cfg.cca_k}
 
 
 def resolve_batch_size(requested: int | None, n_train: int, ranks: Ranks) -> int | None:
@@ -219,6 +248,21 @@ class _Plan:
     to_remove: list[Path]
 
 
+def _recipe(cfg: ExperimentConfig, topk: tuple[int, ...], batch_size: int | None, seed: int) -> TrainConfig:
+    """The recipe of the runs. Model cca is fitted once in float64, then evaluated once: one "epoch", fp32 figures."""
+    closed_form = cfg.model == "cca"
+    return TrainConfig(epochs=1 if closed_form else cfg.epochs, temperature=cfg.temperature, lr=cfg.lr,
+                       weight_decay=cfg.weight_decay, topk=topk, precision="fp32" if closed_form else cfg.precision,
+                       batch_size=batch_size, seed=seed)
+
+
+def _cca_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """config.json's model cca settings (the ridge in effect, the k given or None); nothing for the other models."""
+    if cfg.model != "cca":
+        return {}
+    return {"cca_ridge": cfg.cca_ridge if cfg.cca_ridge is not None else DEFAULT_RIDGE, "cca_k": cfg.cca_k}
+
+
 def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, device: torch.device,
           ranks: Ranks, subset: dict[str, Any] | None = None) -> _Plan:
     """Check the input and decide the splits and the recipe (a `UserError` on anything wrong, nothing written).
@@ -245,10 +289,9 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         splits.append((train_idx, test_idx, val_idx))
     n_train = len(splits[0][0])  # the same for every split
     batch_size = resolve_batch_size(cfg.batch_size, n_train, ranks)
+    kwargs = check_model(cfg, pairs.in_dim)
     check_objective(cfg, n_train, batch_size)
-    train_cfg = TrainConfig(epochs=cfg.epochs, temperature=cfg.temperature, lr=cfg.lr,
-                            weight_decay=cfg.weight_decay, topk=topk, precision=cfg.precision,
-                            batch_size=batch_size, seed=seed)
+    train_cfg = _recipe(cfg, topk, batch_size, seed)
     manifest = data_path.parent / MANIFEST
     shared = {
         "data": str(data_path),
@@ -257,7 +300,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "manifest": str(manifest) if manifest.is_file() else None,
         "model": cfg.model,
         "in_dim": pairs.in_dim,
-        "model_kwargs": model_kwargs(build_model(cfg.model, pairs.in_dim)),
+        "model_kwargs": kwargs if cfg.model == "cca" else model_kwargs(build_model(cfg.model, pairs.in_dim, **kwargs)),
         "runs": cfg.runs,
         "seed": seed,
         "same_split": cfg.same_split,
@@ -277,6 +320,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "objective": cfg.objective,
         **({"ema": cfg.ema if cfg.ema is not None else DEFAULT_EMA,
             "ema_schedule": "cosine from ema to 1 over the optimiser steps (BYOL)"} if cfg.objective == "byol" else {}),
+        **_cca_settings(cfg),
     }
     return _Plan(train_cfg, seed, split_seeds, splits, shared, to_remove)
 
@@ -335,7 +379,7 @@ def run_experiment(cfg: ExperimentConfig, device: torch.device, ranks: Ranks = R
         ranks.check(failure)
         if missing and ranks.rank == 0:
             log(missing_line(cfg.subset, missing, str(data_path)))
-        out_dim = build_model(cfg.model, loaded.in_dim).out_dim
+        out_dim = build_model(cfg.model, loaded.in_dim, **plan.shared["model_kwargs"]).out_dim
         check_memory(plan.train.batch_size, plan.shared["n_train"], loaded.in_dim, out_dim, plan.shared["n_test"],
                      device, ranks)
         images_root = _dataset_root(data_path) if cfg.images else None
@@ -449,18 +493,27 @@ class _Experiment:
                 f"{f'{n_val} validation, ' if n_val else ''}{shared['n_test']} test, "
                 f"{'one split' if cfg.same_split else 'a new split per run'}), model {cfg.model}, {self.device.type}"
                 + (f" x {ranks.world_size} ranks" if ranks.distributed else "") +
-                f", {cfg.precision}, batch {self.plan.train.batch_size or 'full'}, seed {self.plan.seed}")
+                f", {self.plan.train.precision}, batch {self.plan.train.batch_size or 'full'}, seed {self.plan.seed}")
 
     def _model(self, run_seed: int):
         """The run's model, its objective (None for the contrastive one) and optimiser, seeded for the run."""
         torch.manual_seed(run_seed)
-        model = build_model(self.cfg.model, self.plan.shared["in_dim"]).to(self.device)
+        model = build_model(self.cfg.model, self.plan.shared["in_dim"], **self.plan.shared["model_kwargs"])
+        model = model.to(self.device)
         objective = None
         if self.cfg.objective != "contrastive":
             ema = self.plan.shared.get("ema", DEFAULT_EMA)
             objective = build_objective(self.cfg.objective, model, ema=ema).to(self.device)
         optimizer = make_optimizer(model if objective is None else objective, self.plan.train)
         return model, objective, optimizer
+
+    def _fit_cca(self, model, data: TrainData) -> CCARun:
+        """Model cca: fit the run's map in closed form (every rank: the sums are added over them) and set it."""
+        shared = self.plan.shared
+        fitted = fit_run(data, shared["cca_ridge"], shared["cca_k"], self.plan.train.topk, self.cfg.temperature,
+                         self.ranks)
+        model.set_map(fitted.weight().to(self.device, torch.float32))
+        return fitted
 
     def one_run(self, run: int, data: TrainData) -> tuple[list[dict[str, float]], dict[str, float] | None, float]:
         """Train run number `run` on its sets and (rank 0) write its folder.
@@ -471,6 +524,7 @@ class _Experiment:
         cfg, plan = self.cfg, self.plan
         run_seed = plan.seed + run - 1
         model, objective, optimizer = self._model(run_seed)
+        fitted = self._fit_cca(model, data) if cfg.model == "cca" else None
         keeper = _BestKeeper(model, optimizer, data, plan.train.topk[0], cfg.patience, keep=self.ranks.rank == 0) \
             if data.val is not None else None
         if self.ranks.rank != 0:
@@ -484,10 +538,15 @@ class _Experiment:
         folder = run_dir(cfg.save_to, run)
         config = {**plan.shared, "run": run, "run_seed": run_seed, "split_seed": plan.split_seeds[run - 1],
                   "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0])}
+        if fitted is not None:
+            config.update(model_kwargs=model_kwargs(model), cca=fitted.record())
+            self.log(_cca_line(run, fitted, plan.train.topk[0]))
         write_json(folder / "config.json", config)
         with event_writer(folder) as writer:
             writer.add_text("config", _config_text(config))
             writer.add_text("model", f"```\n{model}\n```")
+            if fitted is not None:
+                _log_cca(writer, fitted)
             history, seconds = self._train_logged(run, model, objective, optimizer, keeper, data, writer)
         record: dict[str, Any] = {"run": run, "seconds": seconds, "epochs": history}
         best_row = _save_run(folder, cfg.model, model, optimizer, objective, keeper, data, plan.train, config, history,
@@ -507,7 +566,7 @@ class _Experiment:
         from tqdm.auto import tqdm  # slow import, only needed from here on
 
         k = self.plan.train.topk[0]
-        bar = tqdm(total=self.cfg.epochs, desc=f"run {run}/{self.cfg.runs}", unit="epoch", file=sys.stderr)
+        bar = tqdm(total=self.plan.train.epochs, desc=f"run {run}/{self.cfg.runs}", unit="epoch", file=sys.stderr)
 
         def log(epoch: int, metrics: dict[str, float]) -> bool:
             _check_finite(run, epoch, metrics, self.cfg.temperature)
@@ -549,6 +608,29 @@ class _Experiment:
             collapse = collapse_verdict([h[-1][OUTPUT_STD] for h in histories], out_dim)
         write_summary(save_to, self.plan.shared, final, best_val=best_val, collapse=collapse)
         return Summary(self.plan.shared, final, best_val, collapse, [s for _, _, s in results])
+
+
+def _cca_line(run: int, fitted: CCARun, k_metric: int) -> str:
+    """What a cca run says of its fit: k, how it was chosen, and the validation figure there and at a few other k."""
+    dim = len(fitted.fit.values)
+    head = f"run {run}: cca k {fitted.k} of {dim}, {'chosen on validation' if fitted.chosen_on == 'validation' else 'given'}"
+    if fitted.curve is None:
+        return head
+    name = f"Val/top {k_metric}"
+    shown = sorted({1, max(1, fitted.k // 2), fitted.k, min(dim, 2 * fitted.k), dim})
+    curve = ", ".join(f"k {k}: {100 * fitted.curve[k - 1][name]:.1f}%" for k in shown)
+    return f"{head}; validation top {k_metric} {curve} (config.json: cca.val_curve)"
+
+
+def _log_cca(writer, fitted: CCARun) -> None:
+    """The fit in TensorBoard: the eigenvalues and the validation curve against k, and the k chosen."""
+    for j, value in enumerate(fitted.fit.values.tolist(), start=1):
+        writer.add_scalar("CCA/eigenvalue", value, j)
+    for row in fitted.curve or []:
+        for name, value in row.items():
+            if name != "k":
+                writer.add_scalar(f"CCA/{name}", value, row["k"])
+    writer.add_scalar("CCA/k", fitted.k, 1)
 
 
 def _config_text(config: dict[str, Any]) -> str:
