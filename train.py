@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 
+from adaptation.cca import DEFAULT_RIDGE
 from adaptation.experiment import ExperimentConfig, Summary, run_experiment
 from adaptation.metrics import metric_names
 from adaptation.models import MODELS
@@ -82,8 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--save-to", required=True, metavar="DIR",
                    help="output folder: run1/, run2/, ... (TensorBoard, checkpoint, metrics), avg/, summary.json")
     p.add_argument("--model", choices=sorted(MODELS), **_rule("model"),
-                   help="original: Linear(D,1024,no bias)+ReLU; peterson: x*relu(w); dummy: raw features, no training "
-                        f"(default: {_default('model')})")
+                   help="original: Linear(D,1024,no bias)+ReLU; linear: Linear(D,256,no bias), no ReLU; peterson: "
+                        "x*relu(w); cca: shared CCA, one bias-free linear map fitted in closed form in seconds "
+                        f"(--cca-k, or --val-split to choose k); dummy: raw features, no training (default: {_default('model')})")
+    p.add_argument("--out-dim", **_rule("out_dim"), metavar="N",
+                   help="output width of --model original (default: 1024, the paper's) or linear (default: 256)")
+    p.add_argument("--cca-k", **_rule("cca_k"), metavar="K",
+                   help="--model cca: directions kept, 1 to D; default: the k of best validation top-1 over every "
+                        "k from 1 to D (needs --val-split)")
+    p.add_argument("--cca-ridge", **_rule("cca_ridge"), metavar="R",
+                   help=f"--model cca: ridge added to Cov(l-r), as a share of its mean eigenvalue (default: "
+                        f"{DEFAULT_RIDGE:g}; 0: none, and a singular fit is refused)")
     p.add_argument("-e", "--epochs", **_rule("epochs"), help=f"epochs (default: {_default('epochs')})")
     p.add_argument("--batch-size", **_rule("batch_size"), metavar="B",
                    help="pairs per Adam step (the global batch under torchrun), shuffled each epoch; "
@@ -161,11 +171,15 @@ def _table(summary: dict[str, dict], topk: Sequence[int], runs: int, title: str 
     return "\n".join(lines)
 
 
+CCA_NOTE = ("model cca is fitted in closed form (float64), once per run, on the training pairs (and their flipped "
+            "copies): -e/--epochs, --lr, --weight-decay, --precision and --patience do not apply; -r runs differ "
+            "by their splits")
+
 FLAGS = {"save_to": "--save-to", "overwrite": "--overwrite", "test_split": "--test-split", "topk": "-k/--topk",
          "val_split": "--val-split", "batch_size": "--batch-size", "patience": "--patience", "model": "--model",
          "objective": "--objective", "allow_pickle": "--allow-pickle", "epochs": "-e/--epochs",
          "temperature": "-t", "lr": "--lr", "weight_decay": "--weight-decay", "precision": "--precision",
-         "ema": "--ema"}
+         "ema": "--ema", "out_dim": "--out-dim", "cca_k": "--cca-k", "cca_ridge": "--cca-ridge"}
 """Library parameter names as this script's flags, for error messages."""
 
 
@@ -194,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     precision = resolve_precision(args.precision, device)
     cfg = build_config(args, precision.precision)
 
-    notes = [f"{PROG}: {line}" for line in (device_note, precision.note, precision.warning) if line][::-1]
+    cca_note = CCA_NOTE if cfg.model == "cca" else None
+    notes = [f"{PROG}: {line}" for line in (device_note, precision.note, precision.warning, cca_note) if line][::-1]
 
     def log(line: str) -> None:
         while notes:  # the device choice is said once the input has passed its checks, before the first run

@@ -4,7 +4,9 @@ Pairs of images judged similar by people are embedded by a frozen network (extra
 *adaptation* network is then trained so that the cosine of the adapted vectors retrieves each
 image's partner. The pieces, all pure (no files, no devices chosen, no global state):
 
-- `adaptation.models`: the adaptation networks (`original`, `peterson`, `dummy`), `build_model`.
+- `adaptation.models`: the adaptation networks (`original`, `linear`, `peterson`, `dummy`, `cca`), `build_model`.
+- `adaptation.cca`: shared CCA, one linear map fitted in closed form (float64) instead of trained; k given
+  or chosen on validation pairs.
 - `adaptation.losses`: the symmetric contrastive loss over scaled cosines (its plain definition).
 - `adaptation.metrics`: top-k (either direction, the paper's figure), left2right / right2left
   top-k and MRR, computed on the device.

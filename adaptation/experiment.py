@@ -43,19 +43,20 @@ from toolkit.lock import folder_lock
 from toolkit.utils import UserError, check_writable, os_error_line, write_json
 
 from .calibration import calibrate
+from .cca import CCARun, DEFAULT_RIDGE, check_k, check_ridge, fit_run
 from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, provenance_of, save_checkpoint
 from .distributed import all_reduce_min, broadcast_int
 from .losses import similarity_matrix
-from .models import build_model, model_kwargs
+from .models import OUT_DIM_MODELS, build_model, model_kwargs
 from .objectives import DEFAULT_EMA, EMA, build_objective
 from .positive_training import OUTPUT_STD, PositivePairLoss
 from .runs import AVERAGE, average_curves, check_save_to, collapse_verdict, replacing, run_dir, summarise, write_summary
 from .selection import VAL_SPLIT, best_epoch, patience_exhausted, split_validation
 from .split import TrainData, split_each, split_indices
-from .training import AT_LEAST_1, SEED, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
+from .training import AT_LEAST_1, SEED, ZERO_OR_MORE, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 
 __all__ = ["ExperimentConfig", "Summary", "run_experiment", "resolve_batch_size", "check_objective",
-           "check_memory", "available_bytes", "output_folder", "event_writer"]
+           "check_model", "check_memory", "available_bytes", "output_folder", "event_writer"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class ExperimentConfig:
     Attributes:
         data: the features file of pairs (extract.py's `features*.npy`).
         save_to: the runs folder.
-        model: `original`, `peterson` or `dummy` (`adaptation.models`).
+        model: `original`, `linear`, `peterson`, `dummy` or `cca` (`adaptation.models`; `cca` is fitted in
+            closed form, `adaptation.cca`, then evaluated once: one "epoch", fp32 figures).
         train: the recipe (`adaptation.training.TrainConfig`: epochs, batch_size, temperature, lr,
             weight_decay, precision, topk); `batch_size=None` is the full batch. Its `seed` is
             left as it is: the runs take `seed`.
@@ -85,6 +87,9 @@ class ExperimentConfig:
         overwrite: replace the runs already in `save_to`.
         subset: a subset file (`featuresExtractor.subset`): train and test on the pairs it names only
             (e.g. the paper's published `TLL_obj.csv`).
+        out_dim: the output width of `original` or `linear` (None: the model's default, 1024 or 256).
+        cca_k: model `cca`: the directions kept (None: chosen on the validation pairs, `adaptation.cca`).
+        cca_ridge: model `cca`: the ridge on Cov(l - r), a share of its trace over D (None: `DEFAULT_RIDGE`).
     """
 
     data: str
@@ -103,6 +108,9 @@ class ExperimentConfig:
     images: bool = True
     overwrite: bool = False
     subset: str | None = None
+    out_dim: int | None = field(default=None, metadata={"check": AT_LEAST_1})
+    cca_k: int | None = field(default=None, metadata={"check": AT_LEAST_1})
+    cca_ridge: float | None = field(default=None, metadata={"check": ZERO_OR_MORE})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -148,6 +156,27 @@ def check_objective(cfg: ExperimentConfig, n_train: int, batch_size: int | None)
         raise UserError(f"objective {cfg.objective} needs at least {least} pairs per batch (its predictor's BatchNorm), "
                         f"and batch_size {batch_size or n_train} of {n_train} training pairs would make no "
                         f"optimiser step; use batch_size {least} or more")
+
+
+def check_model(cfg: ExperimentConfig, in_dim: int) -> dict[str, Any]:
+    """Refuse model settings that do not apply or cannot fit; returns the model's `build_model` keywords."""
+    if cfg.out_dim is not None and cfg.model not in OUT_DIM_MODELS:
+        width = "; its width is cca_k" if cfg.model == "cca" else ""
+        raise UserError(f"out_dim applies to models {' and '.join(OUT_DIM_MODELS)} (this run: {cfg.model}{width})")
+    if cfg.model != "cca":
+        given = [name for name in ("cca_k", "cca_ridge") if getattr(cfg, name) is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to model cca only (this run: {cfg.model})")
+        return {} if cfg.out_dim is None else {"out_dim": cfg.out_dim}
+    if cfg.objective != "contrastive":
+        raise UserError(f"model cca is fitted in closed form, so objective {cfg.objective} (a training objective) "
+                        f"does not apply; leave objective at contrastive")
+    check_ridge(cfg.cca_ridge if cfg.cca_ridge is not None else DEFAULT_RIDGE)
+    if cfg.cca_k is not None:
+        check_k(cfg.cca_k, in_dim)
+    elif cfg.val_split == 0:
+        raise UserError("model cca needs cca_k, or val_split to choose k on validation pairs (e.g. val_split 0.1)")
+    return {"out_dim": cfg.cca_k}
 
 
 def resolve_batch_size(requested: int | None, n_train: int, ranks: Ranks) -> int | None:
@@ -208,6 +237,19 @@ class _Plan:
     to_remove: list[Path]
 
 
+def _recipe(cfg: ExperimentConfig, batch_size: int | None, seed: int) -> TrainConfig:
+    """The recipe of the runs. Model cca is fitted once in float64, then evaluated once: one "epoch", fp32 figures."""
+    closed_form = {"epochs": 1, "precision": "fp32"} if cfg.model == "cca" else {}
+    return dataclasses.replace(cfg.train, batch_size=batch_size, seed=seed, **closed_form)
+
+
+def _cca_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """config.json's model cca settings (the ridge in effect, the k given or None); nothing for the other models."""
+    if cfg.model != "cca":
+        return {}
+    return {"cca_ridge": cfg.cca_ridge if cfg.cca_ridge is not None else DEFAULT_RIDGE, "cca_k": cfg.cca_k}
+
+
 def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, device: torch.device,
           ranks: Ranks, subset: dict[str, Any] | None, kwargs: dict[str, Any]) -> _Plan:
     """Check the input and decide the splits and the recipe (a `UserError` on anything wrong, nothing written).
@@ -225,7 +267,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
     n_train = len(splits[0][0])  # the same for every split
     batch_size = resolve_batch_size(cfg.train.batch_size, n_train, ranks)
     check_objective(cfg, n_train, batch_size)
-    train_cfg = dataclasses.replace(cfg.train, batch_size=batch_size, seed=seed)
+    train_cfg = _recipe(cfg, batch_size, seed)
     manifest = data_path.parent / MANIFEST
     shared = {
         "data": str(data_path),
@@ -254,6 +296,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "objective": cfg.objective,
         **({"ema": _ema(cfg), "ema_schedule": "cosine from ema to 1 over the optimiser steps (BYOL)"}
            if cfg.objective == "byol" else {}),
+        **_cca_settings(cfg),
     }
     return _Plan(train_cfg, seed, split_seeds, splits, shared, to_remove)
 
@@ -276,14 +319,14 @@ def _ema(cfg: ExperimentConfig) -> float:
     return DEFAULT_EMA if cfg.ema is None else cfg.ema
 
 
-def _build(cfg: ExperimentConfig, in_dim: int, run_seed: int, device: torch.device):
+def _build(cfg: ExperimentConfig, in_dim: int, kwargs: dict[str, Any], run_seed: int, device: torch.device):
     """A run's model, its objective (None for the contrastive one) and optimiser, seeded for the run.
 
     The one place a run's model is built (once per run); `build_objective` refuses a model with
     nothing to train.
     """
     torch.manual_seed(run_seed)
-    model = build_model(cfg.model, in_dim).to(device)
+    model = build_model(cfg.model, in_dim, **kwargs).to(device)
     objective = None
     if cfg.objective != "contrastive":
         objective = build_objective(cfg.objective, model, ema=_ema(cfg)).to(device)
@@ -339,8 +382,10 @@ def run_experiment(cfg: ExperimentConfig, device: torch.device, ranks: Ranks = R
             subset = None
             if cfg.subset is not None:
                 loaded, subset, missing = _apply_subset(loaded, Path(cfg.subset), data_path)
-            first = _build(cfg, loaded.in_dim, seed, device)  # run 1's model, its one build
-            plan = _plan(cfg, loaded, data_path, seed, device, ranks, subset, model_kwargs(first[0]))
+            kwargs = check_model(cfg, loaded.in_dim)
+            first = _build(cfg, loaded.in_dim, kwargs, seed, device)  # run 1's model, its one build
+            plan = _plan(cfg, loaded, data_path, seed, device, ranks, subset,
+                         kwargs if cfg.model == "cca" else model_kwargs(first[0]))
         except UserError as err:
             failure = err
         ranks.check(failure)
@@ -463,6 +508,14 @@ class _Experiment:
                 + (f" x {ranks.world_size} ranks" if ranks.distributed else "") +
                 f", {self.plan.train.precision}, batch {self.plan.train.batch_size or 'full'}, seed {self.plan.seed}")
 
+    def _fit_cca(self, model, data: TrainData) -> CCARun:
+        """Model cca: fit the run's map in closed form (every rank: the sums are added over them) and set it."""
+        shared = self.plan.shared
+        fitted = fit_run(data, shared["cca_ridge"], shared["cca_k"], self.plan.train.topk, self.plan.train.temperature,
+                         self.ranks)
+        model.set_map(fitted.weight().to(self.device, torch.float32))
+        return fitted
+
     def one_run(self, run: int, data: TrainData) -> tuple[list[dict[str, float]], dict[str, float] | None, float]:
         """Train run number `run` on its sets and (rank 0) write its folder.
 
@@ -472,7 +525,9 @@ class _Experiment:
         cfg, plan = self.cfg, self.plan
         run_seed = plan.seed + run - 1
         built, self.first = self.first, None
-        model, objective, optimizer = built or _build(cfg, plan.shared["in_dim"], run_seed, self.device)
+        model, objective, optimizer = built or _build(cfg, plan.shared["in_dim"], plan.shared["model_kwargs"],
+                                                      run_seed, self.device)
+        fitted = self._fit_cca(model, data) if cfg.model == "cca" else None
         keeper = _BestKeeper(model, optimizer, data, plan.train.topk[0], cfg.patience, keep=self.ranks.rank == 0) \
             if data.val is not None else None
         if self.ranks.rank != 0:
@@ -486,10 +541,15 @@ class _Experiment:
         folder = run_dir(cfg.save_to, run)
         config = {**plan.shared, "run": run, "run_seed": run_seed, "split_seed": plan.split_seeds[run - 1],
                   "n_train_flipped": 0 if data.flipped is None else len(data.flipped[0])}
+        if fitted is not None:
+            config.update(model_kwargs=model_kwargs(model), cca=fitted.record())
+            self.log(_cca_line(run, fitted, plan.train.topk[0]))
         write_json(folder / "config.json", config)
         with event_writer(folder) as writer:
             writer.add_text("config", _config_text(config))
             writer.add_text("model", f"```\n{model}\n```")
+            if fitted is not None:
+                _log_cca(writer, fitted)
             history, seconds = self._train_logged(run, model, objective, optimizer, keeper, data, writer)
         record: dict[str, Any] = {"run": run, "seconds": seconds, "epochs": history}
         best_row = _save_run(folder, cfg.model, model, optimizer, objective, keeper, data, plan.train, config, history,
@@ -552,6 +612,29 @@ class _Experiment:
             collapse = collapse_verdict([h[-1][OUTPUT_STD] for h in histories], out_dim)
         write_summary(save_to, self.plan.shared, final, best_val=best_val, collapse=collapse)
         return Summary(self.plan.shared, final, best_val, collapse, [s for _, _, s in results])
+
+
+def _cca_line(run: int, fitted: CCARun, k_metric: int) -> str:
+    """What a cca run says of its fit: k, how it was chosen, and the validation figure there and at a few other k."""
+    dim = len(fitted.fit.values)
+    head = f"run {run}: cca k {fitted.k} of {dim}, {'chosen on validation' if fitted.chosen_on == 'validation' else 'given'}"
+    if fitted.curve is None:
+        return head
+    name = f"Val/top {k_metric}"
+    shown = sorted({1, max(1, fitted.k // 2), fitted.k, min(dim, 2 * fitted.k), dim})
+    curve = ", ".join(f"k {k}: {100 * fitted.curve[k - 1][name]:.1f}%" for k in shown)
+    return f"{head}; validation top {k_metric} {curve} (config.json: cca.val_curve)"
+
+
+def _log_cca(writer, fitted: CCARun) -> None:
+    """The fit in TensorBoard: the eigenvalues and the validation curve against k, and the k chosen."""
+    for j, value in enumerate(fitted.fit.values.tolist(), start=1):
+        writer.add_scalar("CCA/eigenvalue", value, j)
+    for row in fitted.curve or []:
+        for name, value in row.items():
+            if name != "k":
+                writer.add_scalar(f"CCA/{name}", value, row["k"])
+    writer.add_scalar("CCA/k", fitted.k, 1)
 
 
 def _config_text(config: dict[str, Any]) -> str:

@@ -1,8 +1,12 @@
 """Adaptation modules: small networks applied to both images' features before the cosine.
 
-Three models, by the name `train.py --model` takes:
+Five models, by the name `train.py --model` takes:
 
-- `original`: `Linear(in_dim, 1024, bias=False)` then ReLU, the paper's adaptation function.
+- `original`: `Linear(in_dim, 1024, bias=False)` then ReLU, the paper's adaptation function
+  (`out_dim`: 1024 unless given).
+- `linear`: `Linear(in_dim, out_dim, bias=False)` without the ReLU (`out_dim`: 256 unless given).
+- `cca`: the same bias-free linear layer, fitted in closed form rather than trained: the shared
+  CCA of `adaptation.cca`, `out_dim` being its k (the fit sets it; `in_dim` until then).
 - `peterson`: one non-negative weight per dimension, `x * relu(w)` with `w` starting at 1
   (Peterson et al., 2018, "Evaluating (and improving) the correspondence between deep neural
   networks and human representations").
@@ -32,7 +36,10 @@ __all__ = [
     "Original",
     "Peterson",
     "Dummy",
+    "Linear",
+    "SharedCCA",
     "MODELS",
+    "OUT_DIM_MODELS",
     "build_model",
     "model_kwargs",
 ]
@@ -87,19 +94,67 @@ class Dummy(nn.Module):
         return {}
 
 
+class Linear(nn.Module):
+    """A bias-free linear map, `x @ W.T` with `W` of shape `(out_dim, in_dim)`: `original` without its ReLU.
+
+    Adapted cosines then lie in [-1, 1]; its null space is what the map learns to ignore.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 256):
+        super().__init__()
+        self.in_dim, self.out_dim = int(in_dim), int(out_dim)
+        if self.out_dim < 1:
+            raise UserError(f"out_dim must be at least 1, got {out_dim}")
+        self.weight_matrix = nn.Linear(self.in_dim, self.out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight_matrix(x)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return {"out_dim": self.out_dim}
+
+
+class SharedCCA(Linear):
+    """`Linear` whose weights are set in closed form (`adaptation.cca`), not trained; `out_dim` is the CCA's k.
+
+    Before `set_map` it is the full basis's size, `in_dim`. A checkpoint rebuilds it with the
+    fitted k (`out_dim`) and loads the weights as for any model.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int | None = None):
+        super().__init__(in_dim, in_dim if out_dim is None else out_dim)
+        self.weight_matrix.weight.requires_grad_(False)  # nothing here is trained: no optimiser takes it
+
+    @torch.no_grad()
+    def set_map(self, weight: torch.Tensor) -> None:
+        """Take `weight`, `(k, in_dim)`, as the map (`out_dim` becomes k), on the model's device and dtype."""
+        if weight.ndim != 2 or weight.shape[1] != self.in_dim or weight.shape[0] < 1:
+            raise ValueError(f"expected a (k, {self.in_dim}) map, got {tuple(weight.shape)}")
+        old = self.weight_matrix.weight
+        self.out_dim = int(weight.shape[0])
+        self.weight_matrix = nn.Linear(self.in_dim, self.out_dim, bias=False, device=old.device, dtype=old.dtype)
+        self.weight_matrix.weight.copy_(weight)
+        self.weight_matrix.weight.requires_grad_(False)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "original": Original,
     "peterson": Peterson,
     "dummy": Dummy,
+    "linear": Linear,
+    "cca": SharedCCA,
 }
 """Model name (as `train.py --model` takes it) to constructor `(in_dim, **kwargs)`."""
+
+OUT_DIM_MODELS = ("original", "linear")
+"""The models whose output width is a choice (`train.py --out-dim`); `cca`'s is its k (`--cca-k`)."""
 
 
 def build_model(name: str, in_dim: int, **kwargs: Any) -> nn.Module:
     """Create an untrained adaptation model.
 
     Args:
-        name: one of `MODELS` (`original`, `peterson`, `dummy`).
+        name: one of `MODELS` (`original`, `peterson`, `dummy`, `linear`, `cca`).
         in_dim: the feature dimension D of the inputs.
         **kwargs: extra constructor arguments, e.g. `out_dim=512` for `original`.
 

@@ -21,15 +21,16 @@ def test_demo_runs_the_readme_pipeline_and_original_beats_dummy(tmp_path, capfd)
     stdout, stderr = capfd.readouterr()
     assert code == 0, stderr
     assert "RANDOMLY INITIALISED" in stdout  # the banner
-    for command in ("$ python extract.py -d", "$ python train.py -d", "--model original", "--model dummy",
+    for command in ("$ python extract.py -d", "$ python train.py -d", "--model original", "--model cca", "--model dummy",
                     "--val-split 0.2", "$ python similarity.py --run", " pair ", " search "):
         assert command in stdout
     assert "What this shows" in stdout and "What it cannot show" in stdout
     assert re.search(r"^threshold +-?\d\.\d{4} \(max F1 on 14 validation pairs", stdout, re.M)
     assert re.search(r"^verdict +(alike|not alike)$", stdout, re.M)
     table = stdout[re.search(r"^model +top 1", stdout, re.M).start():].splitlines()
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table[1:4]}
-    assert list(rows) == ["original", "original@val", "dummy"]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table[1:5]}
+    assert list(rows) == ["original", "original@val", "cca", "dummy"]
+    assert re.search(r"^\(cca kept \d+ of 32 directions, k chosen on validation top-1\)$", stdout, re.M)
     assert all(0 <= v <= 100 for row in rows.values() for v in row)
     # The demo's own split: the trained adaptation ranks held-out partners better than raw features.
     assert rows["original"][0] > rows["dummy"][0] and rows["original"][3] > rows["dummy"][3]
@@ -59,8 +60,9 @@ def test_comparison_table_formats_percentages():
                          "Test/MRR": {"mean": 0.6}}}
     best = {"Test/top 1": {"mean": 0.25}, "Test/top 3": {"mean": 0.5}, "Test/top 5": {"mean": 0.5},
             "Test/MRR": {"mean": 0.4}}
-    table = demo.comparison_table({"original": {**summary, "best_val": best}, "dummy": summary}, (1, 3, 5))
+    table = demo.comparison_table({"original": {**summary, "best_val": best}, "cca": {**summary, "best_val": summary},
+                                   "dummy": summary}, (1, 3, 5))
     lines = table.splitlines()
     assert lines[1].split() == ["original", "50.00", "75.00", "100.00", "60.00"]
     assert lines[2].split() == ["original@val", "25.00", "50.00", "50.00", "40.00"]
-    assert lines[3].split()[0] == "dummy" and len(lines) == 4
+    assert lines[3].split()[0] == "cca" and lines[4].split()[0] == "dummy" and len(lines) == 5
