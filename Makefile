@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 # What the HTML docs cover (pdoc, from the docstrings).
 # adaptation/__init__ has an __all__, which hides its submodules from pdoc: list them.
-DOC_MODULES := extract train similarity demo toolkit featuresExtractor adaptation retrieval synthetic \
+DOC_MODULES := guides extract train similarity demo toolkit featuresExtractor adaptation retrieval synthetic \
 	$(sort $(patsubst %.py,%,$(subst /,.,$(wildcard adaptation/[a-z]*.py))))
 # COLUMNS fixes the width of the argparse help in the scripts' pages (.ci/pdoc shows it), whatever the terminal.
 PDOC = PYTHONHASHSEED=0 COLUMNS=100 $(BIN)/python -m pdoc -t .ci/pdoc --docformat google --footer-text "featuresExtractor + adaptation + retrieval" -o

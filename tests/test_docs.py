@@ -136,3 +136,21 @@ def test_each_scripts_page_shows_its_full_command_line_outside_the_source():
                     assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), (module.__name__, flag)
                 if action.help and action.help != argparse.SUPPRESS and len(action.help) > 20:
                     assert " ".join(action.help.split()[:3]) in " ".join(text.split()), (module.__name__, action.help)
+
+
+def test_guides_links_resolve_from_their_html_pages():
+    """The guides are read as docs/guides/NAME.html and the start page as docs/index.html: their links must
+    resolve from there (to another page, or to a file of the repository such as bench/README.md)."""
+    import guides
+
+    pages = {ROOT / "docs" / "guides": [p.read_text() for p in (ROOT / "guides").glob("*.md")],
+             ROOT / "docs": [guides.__doc__]}
+    checked = 0
+    for base, texts in pages.items():
+        for text in texts:
+            for link in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+                if re.match(r"[a-z]+:", link):
+                    continue
+                assert (base / link).resolve().exists(), f"{link} does not resolve from {base}"
+                checked += 1
+    assert checked >= 10

@@ -1,0 +1,1 @@
+""".. include:: at_scale.md"""

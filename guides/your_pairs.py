@@ -1,0 +1,1 @@
+""".. include:: your_pairs.md"""
