@@ -143,12 +143,13 @@ def _run(args: argparse.Namespace, ranks) -> int:
     from featuresExtractor.backbones import load_backbone, resolve_spec
     from featuresExtractor.engines import resolve_engine
     from featuresExtractor.pipeline import ExtractConfig, extract
+    from toolkit.device import choose_device
     from toolkit.hardware import resolve_precision
-    from toolkit.utils import check_writable, default_workers, flag_names, require_utf8, resolve_device
+    from toolkit.utils import check_writable, default_workers, flag_names, require_utf8
 
     require_utf8({"-d": args.dataset, "-s": args.save_to, "--weights": args.weights, "--subset": args.subset})
 
-    device = ranks.device_for(resolve_device(args.device), cpu_hint="--device cpu")  # one GPU per rank
+    device = choose_device(args.device, ranks, cpu_hint="--device cpu")  # one GPU per rank
     precision = resolve_precision(args.precision, device)
     for line in (precision.note, precision.warning):
         if line and ranks.rank == 0:

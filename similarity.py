@@ -273,8 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run similarity.py; returns the exit status (0 on success, 2 on bad input)."""
     args = parse_args(argv)
     from toolkit.distributed import Ranks
+    from toolkit.device import choose_device
     from toolkit.hardware import resolve_precision
-    from toolkit.utils import UserError, require_utf8, resolve_device
+    from toolkit.utils import UserError, require_utf8
 
     if Ranks.from_env().distributed:  # every rank would encode the same images and write the same files
         raise UserError("similarity.py runs in one process; start it without torchrun")
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   **{label: getattr(args, name) for name, label in named.items() if hasattr(args, name)},
                   **{f"query {i + 1}": q for i, q in enumerate(getattr(args, "query", []))}})
     _check_source_args(args)
-    device = None if args.onnx else resolve_device("cpu" if args.command == "export" else args.device)
+    device = None if args.onnx else choose_device("cpu" if args.command == "export" else args.device)
     # Bad input is refused before the model loads, which is the slow part.
     params = None
     if args.command == "search":

@@ -13,13 +13,14 @@ image's partner. The pieces, all pure (no files, no devices chosen, no global st
 - `adaptation.split`: the train/test split and the three sets a run uses (features files are
   read by `featuresExtractor.pairs_file`, which owns that format; `Pairs` and `load_pairs` are
   re-exported here).
-- `adaptation.training`: the epoch loop, `train(model, data, config, optimizer, on_epoch)`: full
-  batch or minibatches (`TrainConfig.batch_size`), with a per-batch objective that can be swapped.
+- `adaptation.training`: the one epoch loop, `train(model, data, config, optimizer, on_epoch)`: full
+  batch or minibatches (`TrainConfig.batch_size`), with a per-batch objective that can be swapped
+  (`BatchLoss`), DistributedDataParallel under torchrun.
 - `adaptation.evaluation`: the test figures over blocks of queries, never an N x N matrix.
 - `adaptation.distributed`: data parallelism under torchrun (shares of a batch, gathers with gradient).
 - `adaptation.objectives`: learning from positive pairs only: SimSiam and BYOL heads (predictor,
   EMA target), their losses, and the output-std collapse detector; `adaptation.positive_training`
-  is their epoch loop, on the same batches, reporting the same test figures as `train`.
+  plugs them into the one loop (`PositivePairLoss`), reporting the same test figures.
 
 And the files a training run writes, each format with one owner:
 

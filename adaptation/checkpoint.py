@@ -144,13 +144,16 @@ def check_provenance(ckpt: Mapping[str, Any], ckpt_path: str | os.PathLike) -> s
         raise UserError(f"{ckpt_path} is damaged: its provenance records no sha256 of {features.parent / unrecorded[0]}, "
                         f"a PCA its features were made with; retrain, or use another run")
     for name, sha in recorded["pca_sha256"].items():
-        pca = features.parent / name
-        if not pca.is_file():
-            raise UserError(f"{pca}, the PCA {ckpt_path} was trained with, is missing; {retrain}")
-        if file_sha256(pca) != sha:
-            raise UserError(f"{pca} is not the PCA {ckpt_path} was trained with (its sha256 differs: extracted "
-                            f"again since?); {retrain}")
+        _require_as_trained(features.parent / name, sha, "PCA", ckpt_path, "extracted again since?", retrain)
     return note
+
+
+def _require_as_trained(path: Path, sha: str, what: str, ckpt_path, since: str, retrain: str) -> None:
+    """Refuse `path`, the `what` the run was trained with, when it is missing or its sha256 is no longer `sha`."""
+    if not path.is_file():
+        raise UserError(f"{path}, the {what} {ckpt_path} was trained with, is missing; {retrain}")
+    if file_sha256(path) != sha:
+        raise UserError(f"{path} is not the {what} {ckpt_path} was trained with (its sha256 differs: {since}); {retrain}")
 
 
 def _check_manifest_sha(recorded: Mapping[str, Any], manifest: Path, version: int, ckpt_path, retrain: str) -> str | None:
@@ -166,11 +169,8 @@ def _check_manifest_sha(recorded: Mapping[str, Any], manifest: Path, version: in
         if manifest.exists():
             raise UserError(f"{manifest} was not there when {ckpt_path} was trained; these are not the features it "
                             f"was trained on: {retrain}")
-    elif not manifest.is_file():
-        raise UserError(f"{manifest}, the extraction manifest {ckpt_path} was trained with, is missing; {retrain}")
-    elif file_sha256(manifest) != sha:
-        raise UserError(f"{manifest} is not the extraction manifest {ckpt_path} was trained with (its sha256 differs: "
-                        f"edited, or extracted again since?); {retrain}")
+    else:
+        _require_as_trained(manifest, sha, "extraction manifest", ckpt_path, "edited, or extracted again since?", retrain)
     return None
 
 

@@ -20,7 +20,7 @@ import torch
 
 from toolkit.distributed import Ranks, shard_bounds
 
-__all__ = ["gather_rows", "all_reduce_sum", "all_reduce_min", "broadcast_int", "average_gradients"]
+__all__ = ["gather_rows", "all_reduce_sum", "all_reduce_min", "broadcast_int"]
 
 
 def gather_rows(x: torch.Tensor, ranks: Ranks, n: int) -> torch.Tensor:
@@ -78,19 +78,3 @@ def all_reduce_min(value: float, ranks: Ranks) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
     return float(t.item())
-
-
-def average_gradients(module: torch.nn.Module, ranks: Ranks) -> None:
-    """Every parameter's gradient averaged over the ranks, in place (what DistributedDataParallel does in backward).
-
-    One all-reduce per gradient, in `parameters()` order on every rank; a gloo or NCCL sum gives
-    every rank the same bytes, so ranks that start alike stay alike step after step.
-    """
-    if not ranks.distributed:
-        return
-    import torch.distributed as tdist
-
-    for p in module.parameters():
-        if p.grad is not None:
-            tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
-            p.grad.div_(ranks.world_size)

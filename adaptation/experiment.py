@@ -2,7 +2,7 @@
 
 `run_experiment(config, device)` does what `train.py` does once its flags are parsed: it checks
 everything that can be wrong with the input before writing anything, draws each run's split,
-trains each run (`adaptation.training.train`, or `adaptation.positive_training.train_positive`
+trains each run (`adaptation.training.train`, with `adaptation.positive_training.PositivePairLoss`
 for the positive-pair objectives), writes each run's folder (config.json, metrics.json,
 TensorBoard events, the checkpoint and `best.pt` with validation pairs) and the summary over
 runs (`adaptation.runs`), and returns that summary. The user manual is train.py's `--help` and
@@ -13,7 +13,7 @@ that only rank 0 makes (the output folder) and failures any rank finds reach eve
 `toolkit.distributed.Ranks`.
 
 Example:
-    >>> cfg = ExperimentConfig(data="features.npy", save_to="runs", epochs=5, temperature=15)  # doctest: +SKIP
+    >>> cfg = ExperimentConfig(data="features.npy", save_to="runs", train=TrainConfig(epochs=5, temperature=15))  # doctest: +SKIP
     >>> summary = run_experiment(cfg, torch.device("cpu"))                                      # doctest: +SKIP
     >>> summary.final["Test/top 1"]["mean"]                                                      # doctest: +SKIP
     0.39
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import sys
 import time
@@ -36,6 +37,7 @@ import torch
 from featuresExtractor.manifest import MANIFEST, read_manifest
 from featuresExtractor.pairs_file import Pairs, load_pairs
 from featuresExtractor.subset import describe_subset, match_subset, missing_line, read_subset
+from toolkit.checks import check_fields
 from toolkit.distributed import Ranks
 from toolkit.lock import folder_lock
 from toolkit.utils import UserError, check_writable, os_error_line, write_json
@@ -46,14 +48,14 @@ from .checkpoint import BEST_CHECKPOINT, CHECKPOINT, provenance_of, save_checkpo
 from .distributed import all_reduce_min, broadcast_int
 from .losses import similarity_matrix
 from .models import OUT_DIM_MODELS, build_model, model_kwargs
-from .objectives import DEFAULT_EMA, build_objective
-from .positive_training import OUTPUT_STD, train_positive
+from .objectives import DEFAULT_EMA, EMA, build_objective
+from .positive_training import OUTPUT_STD, PositivePairLoss
 from .runs import AVERAGE, average_curves, check_save_to, collapse_verdict, replacing, run_dir, summarise, write_summary
-from .selection import best_epoch, patience_exhausted, split_validation
+from .selection import VAL_SPLIT, best_epoch, patience_exhausted, split_validation
 from .split import TrainData, split_each, split_indices
-from .training import TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
+from .training import AT_LEAST_1, SEED, ZERO_OR_MORE, TrainConfig, largest_fitting_batch, make_optimizer, step_bytes, train
 
-__all__ = ["ExperimentConfig", "Summary", "run_experiment", "select_device", "resolve_batch_size", "check_objective",
+__all__ = ["ExperimentConfig", "Summary", "run_experiment", "resolve_batch_size", "check_objective",
            "check_model", "check_memory", "available_bytes", "output_folder", "event_writer"]
 
 
@@ -61,13 +63,19 @@ __all__ = ["ExperimentConfig", "Summary", "run_experiment", "select_device", "re
 class ExperimentConfig:
     """Everything one invocation of train.py decides, as plain values (train.py's flags, one to one).
 
+    Each field's default and rule are written here (and in `train`'s `TrainConfig`) once: train.py's
+    flags take them from these fields (`toolkit.checks`). A bad value is a `ValueError`; what
+    depends on the data (a split too small, a batch the ranks cannot share) is a `UserError` of
+    `run_experiment`, before anything is written.
+
     Attributes:
         data: the features file of pairs (extract.py's `features*.npy`).
         save_to: the runs folder.
         model: `original`, `linear`, `peterson`, `dummy` or `cca` (`adaptation.models`; `cca` is fitted in
             closed form, `adaptation.cca`, then evaluated once: one "epoch", fp32 figures).
-        epochs, batch_size, temperature, lr, weight_decay, precision, topk: the recipe
-            (`adaptation.training.TrainConfig`); `batch_size=None` is the full batch.
+        train: the recipe (`adaptation.training.TrainConfig`: epochs, batch_size, temperature, lr,
+            weight_decay, precision, topk); `batch_size=None` is the full batch. Its `seed` is
+            left as it is: the runs take `seed`.
         runs: independent runs; run i splits and initialises with `seed + i - 1` unless `same_split`.
         test_split, val_split: shares of the pairs held out for testing, and of the training pairs
             for validation (0: none).
@@ -87,28 +95,27 @@ class ExperimentConfig:
     data: str
     save_to: str
     model: str = "original"
-    epochs: int = 150
-    batch_size: int | None = None
-    runs: int = 1
+    train: TrainConfig = TrainConfig()
+    runs: int = field(default=1, metadata={"check": AT_LEAST_1})
     same_split: bool = False
-    temperature: float = 1.0
     test_split: float = 0.25
-    val_split: float = 0.0
-    patience: int | None = None
-    topk: tuple[int, ...] = (1, 3)
-    seed: int | None = None
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    precision: str = "fp32"
+    val_split: float = field(default=0.0, metadata={"check": VAL_SPLIT})
+    patience: int | None = field(default=None, metadata={"check": AT_LEAST_1})
+    seed: int | None = field(default=None, metadata={"check": SEED})
     objective: str = "contrastive"
-    ema: float | None = None
+    ema: float | None = field(default=None, metadata={"check": EMA})
     allow_pickle: bool = False
     images: bool = True
     overwrite: bool = False
     subset: str | None = None
-    out_dim: int | None = None
-    cca_k: int | None = None
-    cca_ridge: float | None = None
+    out_dim: int | None = field(default=None, metadata={"check": AT_LEAST_1})
+    cca_k: int | None = field(default=None, metadata={"check": AT_LEAST_1})
+    cca_ridge: float | None = field(default=None, metadata={"check": ZERO_OR_MORE})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.train.seed != TrainConfig.seed:  # it would be ignored: the runs take `seed`
+            raise ValueError(f"train.seed is the experiment's: give seed={self.train.seed}, not train.seed")
 
 
 @dataclass
@@ -141,16 +148,14 @@ def check_objective(cfg: ExperimentConfig, n_train: int, batch_size: int | None)
     """Refuse flag combinations that would be silently ignored, or that would never make an optimiser step."""
     if cfg.ema is not None and cfg.objective != "byol":
         raise UserError(f"ema applies to objective byol only (this run: {cfg.objective})")
-    if cfg.objective == "contrastive":
+    if cfg.objective == "contrastive":  # (a model with nothing to train is build_objective's to refuse)
         return
-    if cfg.model == "dummy":
-        raise UserError(f"objective {cfg.objective} trains the adaptation, and model dummy has nothing to train; "
-                        f"use model original or peterson")
-    # The predictor's BatchNorm needs two rows: a batch of one is skipped, so it would never step.
-    if min(batch_size or n_train, n_train) < 2:
-        raise UserError(f"objective {cfg.objective} needs at least 2 pairs per batch (its predictor's BatchNorm), "
+    # The predictor's BatchNorm needs two rows: a smaller batch is left out, so the run would never step.
+    least = PositivePairLoss.min_rows
+    if min(batch_size or n_train, n_train) < least:
+        raise UserError(f"objective {cfg.objective} needs at least {least} pairs per batch (its predictor's BatchNorm), "
                         f"and batch_size {batch_size or n_train} of {n_train} training pairs would make no "
-                        f"optimiser step; use batch_size 2 or more")
+                        f"optimiser step; use batch_size {least} or more")
 
 
 def check_model(cfg: ExperimentConfig, in_dim: int) -> dict[str, Any]:
@@ -187,22 +192,6 @@ def resolve_batch_size(requested: int | None, n_train: int, ranks: Ranks) -> int
         raise UserError(f"batch_size {requested} is not a multiple of the {k} ranks (each rank takes an equal "
                         f"share); use batch_size {nearest}")
     return requested
-
-
-def select_device(gpu: bool | None, ranks: Ranks = Ranks()) -> tuple[torch.device, str | None]:
-    """CUDA when available unless `gpu` is False (the paper's default), `cuda:LOCAL_RANK` under torchrun.
-
-    `gpu`: True (asked for CUDA), None (not asked either way) or False (the CPU). Returns the
-    device and a line that says the choice (None: nothing to say), for the caller to print.
-    """
-    if gpu is False:
-        return torch.device("cpu"), None
-    if torch.cuda.is_available():
-        device = ranks.device_for(torch.device("cuda"), cpu_hint="--cpu")
-        where = ", one GPU per rank: cuda:LOCAL_RANK" if ranks.distributed else ""
-        return device, (f"training on CUDA ({torch.cuda.get_device_name(device)}{where}); pass --cpu to "
-                        f"train on the CPU")
-    return torch.device("cpu"), f"{'--gpu given but ' if gpu else ''}CUDA is not available; training on the CPU"
 
 
 def available_bytes(device: torch.device) -> float:
@@ -248,12 +237,10 @@ class _Plan:
     to_remove: list[Path]
 
 
-def _recipe(cfg: ExperimentConfig, topk: tuple[int, ...], batch_size: int | None, seed: int) -> TrainConfig:
+def _recipe(cfg: ExperimentConfig, batch_size: int | None, seed: int) -> TrainConfig:
     """The recipe of the runs. Model cca is fitted once in float64, then evaluated once: one "epoch", fp32 figures."""
-    closed_form = cfg.model == "cca"
-    return TrainConfig(epochs=1 if closed_form else cfg.epochs, temperature=cfg.temperature, lr=cfg.lr,
-                       weight_decay=cfg.weight_decay, topk=topk, precision="fp32" if closed_form else cfg.precision,
-                       batch_size=batch_size, seed=seed)
+    closed_form = {"epochs": 1, "precision": "fp32"} if cfg.model == "cca" else {}
+    return dataclasses.replace(cfg.train, batch_size=batch_size, seed=seed, **closed_form)
 
 
 def _cca_settings(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -264,34 +251,23 @@ def _cca_settings(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, device: torch.device,
-          ranks: Ranks, subset: dict[str, Any] | None = None) -> _Plan:
+          ranks: Ranks, subset: dict[str, Any] | None, kwargs: dict[str, Any]) -> _Plan:
     """Check the input and decide the splits and the recipe (a `UserError` on anything wrong, nothing written).
 
     `subset`: the record of the subset file `pairs` was cut to (`_apply_subset`), or None.
+    `kwargs`: the model's (`adaptation.models.model_kwargs` of run 1's model).
     """
-    topk = tuple(dict.fromkeys(cfg.topk))
     save_to = Path(cfg.save_to)
     to_remove = check_save_to(save_to, cfg.overwrite)
     if cfg.patience is not None and cfg.val_split == 0:
         raise UserError("patience needs validation pairs; add val_split (e.g. 0.1)")
     # Run i draws its split from SEED+i-1 (the paper re-splits for every run), unless same_split.
     split_seeds = [seed if cfg.same_split else seed + run for run in range(cfg.runs)]
-    splits = []
-    for s in split_seeds:  # (train, test, validation) indices, validation drawn from the training pairs
-        try:
-            train_idx, test_idx = split_indices(len(pairs), cfg.test_split, s, topk)
-        except UserError as err:
-            if subset is None:
-                raise
-            raise UserError(f"subset file {subset['file']} keeps {subset['kept']} of {subset['of']} pairs, too few "
-                            f"to split: {err}") from None
-        train_idx, val_idx = split_validation(train_idx, cfg.val_split, s)
-        splits.append((train_idx, test_idx, val_idx))
+    splits = [_split(cfg, len(pairs), s, subset) for s in split_seeds]
     n_train = len(splits[0][0])  # the same for every split
-    batch_size = resolve_batch_size(cfg.batch_size, n_train, ranks)
-    kwargs = check_model(cfg, pairs.in_dim)
+    batch_size = resolve_batch_size(cfg.train.batch_size, n_train, ranks)
     check_objective(cfg, n_train, batch_size)
-    train_cfg = _recipe(cfg, topk, batch_size, seed)
+    train_cfg = _recipe(cfg, batch_size, seed)
     manifest = data_path.parent / MANIFEST
     shared = {
         "data": str(data_path),
@@ -300,7 +276,7 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "manifest": str(manifest) if manifest.is_file() else None,
         "model": cfg.model,
         "in_dim": pairs.in_dim,
-        "model_kwargs": kwargs if cfg.model == "cca" else model_kwargs(build_model(cfg.model, pairs.in_dim, **kwargs)),
+        "model_kwargs": kwargs,
         "runs": cfg.runs,
         "seed": seed,
         "same_split": cfg.same_split,
@@ -318,11 +294,44 @@ def _plan(cfg: ExperimentConfig, pairs: Pairs, data_path: Path, seed: int, devic
         "torch": str(torch.__version__),
         **train_cfg.to_dict(),
         "objective": cfg.objective,
-        **({"ema": cfg.ema if cfg.ema is not None else DEFAULT_EMA,
-            "ema_schedule": "cosine from ema to 1 over the optimiser steps (BYOL)"} if cfg.objective == "byol" else {}),
+        **({"ema": _ema(cfg), "ema_schedule": "cosine from ema to 1 over the optimiser steps (BYOL)"}
+           if cfg.objective == "byol" else {}),
         **_cca_settings(cfg),
     }
     return _Plan(train_cfg, seed, split_seeds, splits, shared, to_remove)
+
+
+def _split(cfg: ExperimentConfig, n_pairs: int, seed: int,
+           subset: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One run's (train, test, validation) indices, the validation pairs drawn from the training pairs."""
+    try:
+        train_idx, test_idx = split_indices(n_pairs, cfg.test_split, seed, cfg.train.topk)
+    except UserError as err:
+        if subset is None:
+            raise
+        raise UserError(f"subset file {subset['file']} keeps {subset['kept']} of {subset['of']} pairs, too few "
+                        f"to split: {err}") from None
+    train_idx, val_idx = split_validation(train_idx, cfg.val_split, seed)
+    return train_idx, test_idx, val_idx
+
+
+def _ema(cfg: ExperimentConfig) -> float:
+    return DEFAULT_EMA if cfg.ema is None else cfg.ema
+
+
+def _build(cfg: ExperimentConfig, in_dim: int, kwargs: dict[str, Any], run_seed: int, device: torch.device):
+    """A run's model, its objective (None for the contrastive one) and optimiser, seeded for the run.
+
+    The one place a run's model is built (once per run); `build_objective` refuses a model with
+    nothing to train.
+    """
+    torch.manual_seed(run_seed)
+    model = build_model(cfg.model, in_dim, **kwargs).to(device)
+    objective = None
+    if cfg.objective != "contrastive":
+        objective = build_objective(cfg.objective, model, ema=_ema(cfg)).to(device)
+    optimizer = make_optimizer(model if objective is None else objective, cfg.train)  # reads lr and weight_decay
+    return model, objective, optimizer
 
 
 @contextlib.contextmanager
@@ -373,19 +382,22 @@ def run_experiment(cfg: ExperimentConfig, device: torch.device, ranks: Ranks = R
             subset = None
             if cfg.subset is not None:
                 loaded, subset, missing = _apply_subset(loaded, Path(cfg.subset), data_path)
-            plan = _plan(cfg, loaded, data_path, seed, device, ranks, subset)
+            kwargs = check_model(cfg, loaded.in_dim)
+            first = _build(cfg, loaded.in_dim, kwargs, seed, device)  # run 1's model, its one build
+            plan = _plan(cfg, loaded, data_path, seed, device, ranks, subset,
+                         kwargs if cfg.model == "cca" else model_kwargs(first[0]))
         except UserError as err:
             failure = err
         ranks.check(failure)
         if missing and ranks.rank == 0:
             log(missing_line(cfg.subset, missing, str(data_path)))
-        out_dim = build_model(cfg.model, loaded.in_dim, **plan.shared["model_kwargs"]).out_dim
+        out_dim = first[0].out_dim
         check_memory(plan.train.batch_size, plan.shared["n_train"], loaded.in_dim, out_dim, plan.shared["n_test"],
                      device, ranks)
         images_root = _dataset_root(data_path) if cfg.images else None
         runs = split_each(loaded, plan.splits, device)
         del loaded, pairs  # `runs` holds the vectors now and lets them go before the last run trains
-        experiment = _Experiment(cfg, plan, device, ranks, images_root, log)
+        experiment = _Experiment(cfg, plan, device, ranks, images_root, log, first)
         if ranks.rank != 0:
             for run in range(1, cfg.runs + 1):
                 experiment.one_run(run, next(runs))
@@ -481,6 +493,7 @@ class _Experiment:
     ranks: Ranks
     images_root: Path | None
     log: Log
+    first: tuple | None  # run 1's model, objective and optimiser (`_build`), until run 1 takes them
 
     def headline(self) -> str:
         """The line that says what is about to be trained."""
@@ -495,22 +508,10 @@ class _Experiment:
                 + (f" x {ranks.world_size} ranks" if ranks.distributed else "") +
                 f", {self.plan.train.precision}, batch {self.plan.train.batch_size or 'full'}, seed {self.plan.seed}")
 
-    def _model(self, run_seed: int):
-        """The run's model, its objective (None for the contrastive one) and optimiser, seeded for the run."""
-        torch.manual_seed(run_seed)
-        model = build_model(self.cfg.model, self.plan.shared["in_dim"], **self.plan.shared["model_kwargs"])
-        model = model.to(self.device)
-        objective = None
-        if self.cfg.objective != "contrastive":
-            ema = self.plan.shared.get("ema", DEFAULT_EMA)
-            objective = build_objective(self.cfg.objective, model, ema=ema).to(self.device)
-        optimizer = make_optimizer(model if objective is None else objective, self.plan.train)
-        return model, objective, optimizer
-
     def _fit_cca(self, model, data: TrainData) -> CCARun:
         """Model cca: fit the run's map in closed form (every rank: the sums are added over them) and set it."""
         shared = self.plan.shared
-        fitted = fit_run(data, shared["cca_ridge"], shared["cca_k"], self.plan.train.topk, self.cfg.temperature,
+        fitted = fit_run(data, shared["cca_ridge"], shared["cca_k"], self.plan.train.topk, self.plan.train.temperature,
                          self.ranks)
         model.set_map(fitted.weight().to(self.device, torch.float32))
         return fitted
@@ -523,14 +524,16 @@ class _Experiment:
         """
         cfg, plan = self.cfg, self.plan
         run_seed = plan.seed + run - 1
-        model, objective, optimizer = self._model(run_seed)
+        built, self.first = self.first, None
+        model, objective, optimizer = built or _build(cfg, plan.shared["in_dim"], plan.shared["model_kwargs"],
+                                                      run_seed, self.device)
         fitted = self._fit_cca(model, data) if cfg.model == "cca" else None
         keeper = _BestKeeper(model, optimizer, data, plan.train.topk[0], cfg.patience, keep=self.ranks.rank == 0) \
             if data.val is not None else None
         if self.ranks.rank != 0:
             # Every rank gets the same figures, so every rank stops at the same epoch (non-finite, or patience).
             def follow(epoch: int, metrics: dict[str, float]) -> bool:
-                _check_finite(run, epoch, metrics, cfg.temperature)
+                _check_finite(run, epoch, metrics, plan.train.temperature)
                 return keeper is not None and keeper.update(epoch, metrics)
 
             return self._train(model, objective, optimizer, data, follow), None, 0.0
@@ -558,7 +561,8 @@ class _Experiment:
     def _train(self, model, objective, optimizer, data: TrainData, on_epoch) -> list[dict[str, float]]:
         if objective is None:
             return train(model, data, self.plan.train, optimizer, on_epoch=on_epoch, dist=self.ranks)
-        return train_positive(objective, data, self.plan.train, optimizer, on_epoch=on_epoch, dist=self.ranks)
+        return train(objective, data, self.plan.train, optimizer, on_epoch=on_epoch, dist=self.ranks,
+                     batch_loss=PositivePairLoss())
 
     def _train_logged(self, run: int, model, objective, optimizer, keeper, data: TrainData,
                       writer) -> tuple[list[dict[str, float]], float]:
@@ -569,7 +573,7 @@ class _Experiment:
         bar = tqdm(total=self.plan.train.epochs, desc=f"run {run}/{self.cfg.runs}", unit="epoch", file=sys.stderr)
 
         def log(epoch: int, metrics: dict[str, float]) -> bool:
-            _check_finite(run, epoch, metrics, self.cfg.temperature)
+            _check_finite(run, epoch, metrics, self.plan.train.temperature)
             for name, value in metrics.items():
                 writer.add_scalar(name, value, epoch)
             bar.update(1)

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from toolkit.checks import Check
 from toolkit.utils import UserError
 
 from .losses import EPS
@@ -70,6 +71,7 @@ __all__ = [
     "OBJECTIVES",
     "POSITIVE_OBJECTIVES",
     "DEFAULT_EMA",
+    "EMA",
     "COLLAPSE_RATIO",
     "Predictor",
     "negative_cosine",
@@ -90,6 +92,8 @@ POSITIVE_OBJECTIVES = ("simsiam", "byol")
 """The objectives built here, which see positive pairs only."""
 DEFAULT_EMA = 0.99
 """BYOL's base target decay here (see the module docstring for why not BYOL's 0.996)."""
+EMA = Check(float, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+"""The rule of a base decay (train.py's `--ema` reads it with the same rule)."""
 COLLAPSE_RATIO = 0.1
 """A run counts as collapsed when `output_std * sqrt(d)` ends below this (healthy spread: about 1)."""
 
@@ -235,8 +239,9 @@ class BYOL(nn.Module):
 
     def __init__(self, encoder: nn.Module, predictor: nn.Module, ema: float = DEFAULT_EMA):
         super().__init__()
-        if not 0.0 <= ema <= 1.0:
-            raise UserError(f"ema must lie in [0, 1], got {ema}")
+        problem = EMA.problem(ema)
+        if problem is not None:
+            raise UserError(f"ema {problem}")
         self.encoder, self.predictor, self.ema = encoder, predictor, float(ema)
         self.target = copy.deepcopy(encoder).requires_grad_(False)
         self.tau = self.ema
@@ -280,8 +285,9 @@ def build_objective(name: str, encoder: nn.Module, *, ema: float = DEFAULT_EMA,
     if name not in POSITIVE_OBJECTIVES:
         raise UserError(f"unknown positive-pair objective {name!r}; choose from {', '.join(POSITIVE_OBJECTIVES)}")
     if not any(p.requires_grad for p in encoder.parameters()):
-        raise UserError(f"objective {name} trains the adaptation model, and this one has no parameters (dummy); "
-                        f"use --model original or peterson")
+        # Worded for train.py's flag names too (`toolkit.utils.flag_names` turns objective and model into flags).
+        raise UserError(f"objective {name} trains the adaptation, and the one given has no parameters (dummy): "
+                        f"nothing to train; use model original or peterson")
     predictor = Predictor(encoder.out_dim, predictor_hidden)
     if name == "simsiam":
         return SimSiam(encoder, predictor)

@@ -29,9 +29,13 @@ from typing import Sequence
 
 import numpy as np
 
+from toolkit.checks import Check
 from toolkit.utils import UserError
 
-__all__ = ["split_validation", "selection_key", "best_epoch", "patience_exhausted"]
+__all__ = ["VAL_SPLIT", "split_validation", "selection_key", "best_epoch", "patience_exhausted"]
+
+VAL_SPLIT = Check(float, "at least 0 and below 1", lambda v: 0.0 <= v < 1.0)
+"""The rule of a validation share (train.py's `--val-split` reads it with the same rule)."""
 
 _VAL_STREAM = 1  # the validation draw's own random stream, so the test draw is unchanged
 
@@ -51,8 +55,9 @@ def split_validation(train_idx: np.ndarray, val_split: float, seed: int) -> tupl
         UserError: a share outside [0, 1), fewer than 2 validation pairs, or no training pair left.
     """
     train_idx = np.asarray(train_idx, dtype=np.int64)
-    if math.isnan(val_split) or not 0.0 <= val_split < 1.0:
-        raise UserError(f"val_split must be at least 0 and below 1, got {val_split}")
+    problem = VAL_SPLIT.problem(val_split)
+    if problem is not None:
+        raise UserError(f"val_split {problem}")
     if val_split == 0:
         return train_idx, np.empty(0, dtype=np.int64)
     n_val = int(math.floor(val_split * len(train_idx)))

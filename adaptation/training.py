@@ -20,12 +20,14 @@ With `batch_size=B` smaller than a training set, each epoch shuffles each set (s
 full set's, and makes one Adam step. The train figures are then the in-batch ones, averaged over
 the epoch's batches weighted by their size; memory is O(B x B) instead of O(N x N).
 
-The per-batch objective is a seam: `train(..., batch_loss=...)` takes any function
-`(model, left, right, ctx) -> BatchOutput`; `contrastive_batch_loss` is the paper's.
+The per-batch objective is a seam: `train(..., batch_loss=...)` takes a `BatchLoss`, or any
+function `(model, left, right, ctx) -> BatchOutput`; `contrastive_batch_loss` is the paper's, and
+`adaptation.positive_training.PositivePairLoss` runs SimSiam and BYOL in this same loop.
 
 Under `torchrun` (`dist` with several ranks) each rank takes its share of every global batch and
-the adapted vectors are gathered with gradient (`adaptation.distributed`); the parameters stay
-those of one process at the same global batch. Test figures come from
+the adapted vectors are gathered with gradient (`adaptation.distributed`); DistributedDataParallel
+averages the ranks' gradients (the one gradient sync), so the parameters stay those of one process
+at the same global batch. Test figures come from
 `adaptation.evaluation.evaluate_vectors`, which never holds an N x N matrix beyond its block
 budget.
 
@@ -63,50 +65,60 @@ from torch import nn
 
 from .split import TrainData
 from .fused import FUSED_MAX_SCALE, Workspace, row_block_loss, similarity_and_loss
+from toolkit.checks import Check, check_fields
 from toolkit.distributed import Ranks
+from toolkit.utils import UserError
 
 from .distributed import all_reduce_sum, gather_rows
 from .evaluation import block_rows_for, evaluate_vectors, unit_rows
 from .losses import EPS
 from .metrics import block_partner_ranks, column_counts, metric_names, metrics_from_ranks, partner_ranks
 
-__all__ = ["PRECISIONS", "TrainConfig", "BatchContext", "BatchOutput", "BatchLoss", "contrastive_batch_loss",
+__all__ = ["PRECISIONS", "AT_LEAST_1", "POSITIVE", "ZERO_OR_MORE", "SEED", "TrainConfig", "BatchContext", "BatchOutput", "BatchLoss", "contrastive_batch_loss",
            "make_optimizer", "evaluate", "epoch_batches", "train", "step_bytes", "largest_fitting_batch"]
 
 PRECISIONS = ("fp32", "bf16")
+
+
+AT_LEAST_1 = Check(int, "at least 1", lambda v: v >= 1)
+"""epochs, every k, a batch size (and, in an experiment, runs and patience)."""
+POSITIVE = Check(float, "a positive number", lambda v: v > 0)
+ZERO_OR_MORE = Check(float, "zero or more", lambda v: v >= 0)
+SEED = Check(int, "between 0 and 2**32-1", lambda v: 0 <= v < 2**32)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """The recipe's hyper-parameters (defaults: the paper's code's, except its per-run learning rates).
 
+    Each field's default and rule are written here once: train.py's flags take them from these
+    fields (`toolkit.checks`). A bad value is a `ValueError`.
+
     Attributes:
         epochs: passes over the training sets.
         temperature: the paper's `-t`: the loss's `logit_scale`, which multiplies the cosines before the softmax.
         lr, weight_decay: Adam's.
-        topk: the k values of the retrieval metrics.
+        topk: the k values of the retrieval metrics (repeats dropped, order kept).
         precision: `fp32`, or `bf16` for autocast of the model and the similarity products.
         batch_size: pairs per step (the global batch under torchrun); None: the whole set, one step per epoch.
-        seed: seeds each epoch's shuffle (used only with a `batch_size` smaller than a set).
+        seed: seeds each epoch's shuffle (used only with a `batch_size` smaller than a set); in an
+            experiment, the experiment's seed (`adaptation.experiment.ExperimentConfig.seed`).
     """
 
-    epochs: int = 150
-    temperature: float = 1.0
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    topk: tuple[int, ...] = (1, 3)
+    epochs: int = field(default=150, metadata={"check": AT_LEAST_1})
+    temperature: float = field(default=1.0, metadata={"check": POSITIVE})
+    lr: float = field(default=1e-3, metadata={"check": POSITIVE})
+    weight_decay: float = field(default=0.0, metadata={"check": ZERO_OR_MORE})
+    topk: tuple[int, ...] = field(default=(1, 3), metadata={"check": AT_LEAST_1})
     precision: str = "fp32"
-    batch_size: int | None = None
-    seed: int = 0
+    batch_size: int | None = field(default=None, metadata={"check": AT_LEAST_1})
+    seed: int = field(default=0, metadata={"check": SEED})
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.epochs < 1 or not self.topk or min(self.topk) < 1:
-            raise ValueError("epochs and every k must be at least 1")
-        if self.batch_size is not None and (isinstance(self.batch_size, bool) or int(self.batch_size) != self.batch_size
-                                            or self.batch_size < 1):
-            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
+        check_fields(self)
+        object.__setattr__(self, "topk", tuple(dict.fromkeys(self.topk)))  # frozen: set once, here
 
     def to_dict(self) -> dict:
         """Plain values (lists, not tuples), for JSON and for `torch.load(weights_only=True)`."""
@@ -180,8 +192,48 @@ class BatchOutput:
     ranks: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchContext], BatchOutput]
-"""`(model, left rows, right rows, ctx) -> BatchOutput`: the seam another objective plugs into."""
+class BatchLoss:
+    """A per-batch objective of the one epoch loop (`train`): the seam another objective plugs into.
+
+    Calling it, `(model, left rows, right rows, ctx) -> BatchOutput`, is the objective; `model`
+    is what `train` was given (wrapped in DistributedDataParallel under torchrun, the one gradient
+    sync). The other members say how the loop treats the objective; their defaults are the
+    contrastive loss's. A plain function with that signature is a `BatchLoss` with the defaults
+    (`contrastive_batch_loss` is one). The positive-pair objectives
+    (`adaptation.positive_training.PositivePairLoss`) use every member.
+
+    Attributes:
+        min_rows: a set's global batch of fewer rows is left out of its step (a BatchNorm needs 2);
+            an epoch left with no step is a `UserError`.
+    """
+
+    min_rows: int = 1
+
+    def __call__(self, model: nn.Module, left: torch.Tensor, right: torch.Tensor, ctx: BatchContext) -> BatchOutput:
+        raise NotImplementedError
+
+    def evaluated(self, model: nn.Module) -> nn.Module:
+        """The module whose outputs are the adapted vectors: what the test figures describe."""
+        return model
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after optimiser step `step` (1-based, counted over the run) of about `total_steps`."""
+
+    def train_figures(self, model: nn.Module, data: TrainData, config: TrainConfig,
+                      dist: Ranks) -> dict[str, torch.Tensor] | None:
+        """Train figures measured after the epoch on `evaluated(model)`, beside the steps' mean loss;
+        None: the steps' in-batch figures (read off `BatchOutput.ranks`)."""
+        return None
+
+
+class _PlainLoss(BatchLoss):
+    """A plain function `(model, left, right, ctx) -> BatchOutput` as a `BatchLoss` with the defaults."""
+
+    def __init__(self, fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, BatchContext], BatchOutput]):
+        self.fn = fn
+
+    def __call__(self, model, left, right, ctx) -> BatchOutput:
+        return self.fn(model, left, right, ctx)
 
 
 def _forward_pair(model: nn.Module, left: torch.Tensor, right: torch.Tensor, ctx: BatchContext):
@@ -272,47 +324,6 @@ def epoch_batches(sizes: list[int], batch_size: int | None, seed: int, epoch: in
     return [list(step) for step in itertools.zip_longest(*per_set, fillvalue=False)]
 
 
-def _step(model, sets, step, config, optimizer, ctx_base: dict, batch_loss: BatchLoss, ddp) -> tuple[torch.Tensor, int, dict | None]:
-    """One optimiser step over the sets' batches; returns (loss on this rank, originals batch size, metrics means or None)."""
-    dist: Ranks = ctx_base["dist"]
-    present = [(i, idx) for i, idx in enumerate(step) if idx is not False]
-    total = torch.zeros((), device=sets[0][0].device)
-    n_orig, metrics = 0, None
-    if optimizer is not None:
-        optimizer.zero_grad(set_to_none=True)
-    for j, (i, idx) in enumerate(present):
-        left, right = sets[i]
-        n = len(left) if idx is None else len(idx)
-        share = dist.shard(n)
-        start, stop = share.start, share.stop
-        if idx is None:
-            left_b, right_b = (left, right) if not dist.distributed else (left[start:stop], right[start:stop])
-        else:
-            rows = torch.as_tensor(idx[start:stop], device=left.device)
-            left_b, right_b = left.index_select(0, rows), right.index_select(0, rows)
-        ctx = BatchContext(config, n, dist, ctx_base["workspace"], want_ranks=(i == 0))
-        last = j == len(present) - 1
-        sync = contextlib.nullcontext() if ddp is None or last else ddp.no_sync()
-        with sync, torch.set_grad_enabled(optimizer is not None):
-            out = batch_loss(ddp if ddp is not None else model, left_b, right_b, ctx)
-            loss = out.loss / len(present)
-            # Backward per set frees each graph before the next set reuses the workspace.
-            if optimizer is not None:
-                loss.backward()
-        total += loss.detach()
-        if i == 0:
-            n_orig = n
-            if out.ranks is not None and stop > start:
-                metrics = metrics_from_ranks(*out.ranks, config.topk)
-                if dist.distributed:  # this rank's share of the counts, summed over ranks at the epoch's end
-                    metrics = {k: v * (stop - start) / n for k, v in metrics.items()}
-            elif out.ranks is not None:  # this rank holds none of a batch smaller than the group
-                metrics = {k: torch.zeros((), device=total.device) for k in metric_names(config.topk)}
-    if optimizer is not None:
-        optimizer.step()
-    return total, n_orig, metrics
-
-
 def _train_figures(parts: list, names: list[str], dist: Ranks) -> dict[str, torch.Tensor]:
     """An epoch's training figures (`Loss` and, when the steps measured them, the metrics) from its steps'
     `(loss, n_originals, metrics)`, as tensors."""
@@ -320,16 +331,115 @@ def _train_figures(parts: list, names: list[str], dist: Ranks) -> dict[str, torc
         # The full batch: the figures as they are (no weighting to round).
         loss, _, means = parts[0]
         return {"Loss": loss, **(means or {})}
-    n_total = sum(n for _, n, _ in parts)
+    n_total = max(sum(n for _, n, _ in parts), 1)
     # Size-weighted sums over the steps (and ranks), one collective per epoch.
     has_metrics = any(m is not None for _, _, m in parts)
-    # A step without originals (a set with more batches than they have) weighs 0.
+    # A step without originals (a set with more batches than they have, or their batch left out) weighs 0.
     sums = torch.stack([torch.stack([loss * n] + ([m[k] * n if m else loss * 0 for k in names]
                                                   if has_metrics else []))
                         for loss, n, m in parts]).sum(0).double()
     sums = all_reduce_sum(sums, dist) / n_total
-    sums[0] /= dist.world_size  # each rank's loss is its share times world_size
+    sums[0] /= dist.world_size  # each rank's loss is its share times world_size (or, gathered, the batch's)
     return dict(zip(["Loss"] + (names if has_metrics else []), sums.float()))
+
+
+class _Loop:
+    """One run of the epoch loop: the model (wrapped in DistributedDataParallel under torchrun), its sets, the objective."""
+
+    def __init__(self, model: nn.Module, data: TrainData, config: TrainConfig, optimizer: torch.optim.Optimizer | None,
+                 dist: Ranks, loss: BatchLoss):
+        self.model, self.data, self.config, self.optimizer, self.dist, self.loss = model, data, config, optimizer, dist, loss
+        self.sets = data.train_sets
+        self.sizes = [len(s[0]) for s in self.sets]
+        device = self.sets[0][0].device
+        self.ddp = None
+        if dist.distributed and optimizer is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # The one gradient sync: the ranks' gradients averaged in backward.
+            self.ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.workspace = Workspace()  # the training matrices, allocated once per size
+        self.names = metric_names(config.topk)
+        self.steps_done = 0
+        self.total_steps = config.epochs * len(epoch_batches(self.sizes, config.batch_size, config.seed, 1))
+
+    def epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch, then measure; returns the epoch's figures (`Train/...`, `Test/...`, `Val/...`)."""
+        config, dist, data = self.config, self.dist, self.data
+        self.model.train()
+        steps = epoch_batches(self.sizes, config.batch_size, config.seed, epoch)
+        parts = [part for part in map(self._step, steps) if part is not None]
+        if not parts:  # never saved as a finished run (`adaptation.experiment.check_objective` refuses this before)
+            raise UserError(f"epoch {epoch} made no optimiser step: every batch had fewer than {self.loss.min_rows} "
+                            f"pairs; use a batch_size of {self.loss.min_rows} or more")
+        tr = _train_figures(parts, self.names, dist)
+        del parts
+        evaluated = self.loss.evaluated(self.model)
+        tr = {**(self.loss.train_figures(evaluated, data, config, dist) or {}), **tr}
+        if block_rows_for(len(data.test[0])) < len(data.test[0]):
+            # A test set scored in blocks is a large one: let the B x B training matrices go first, so
+            # they and the evaluation's blocks are not held at once (re-made once per epoch).
+            self.workspace = Workspace()
+        te = evaluate(evaluated, *data.test, config, dist)
+        va = evaluate(evaluated, *data.val, config, dist) if data.val is not None else {}
+        keys = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te] + [f"Val/{k}" for k in va]
+        # One device-to-host transfer per epoch, not one per metric.
+        values = torch.stack([v.float() for v in (*tr.values(), *te.values(), *va.values())]).tolist()
+        return dict(zip(keys, values))
+
+    def _step(self, step: list) -> tuple[torch.Tensor, int, dict | None] | None:
+        """One optimiser step over the sets' batches: (loss on this rank, originals batch size, metrics means or
+        None); None when every batch was left out (fewer rows than `min_rows`, the same verdict on every rank)."""
+        config, optimizer = self.config, self.optimizer
+        batches = [(i, idx, len(self.sets[i][0]) if idx is None else len(idx)) for i, idx in enumerate(step)
+                   if idx is not False]
+        batches = [(i, idx, n) for i, idx, n in batches if n >= self.loss.min_rows]
+        if not batches:
+            return None
+        total = torch.zeros((), device=self.sets[0][0].device)
+        n_orig, metrics = 0, None
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        for j, (i, idx, n) in enumerate(batches):
+            left, right = self._rows(i, idx, n)
+            ctx = BatchContext(config, n, self.dist, self.workspace, want_ranks=(i == 0))
+            sync = contextlib.nullcontext() if self.ddp is None or j == len(batches) - 1 else self.ddp.no_sync()
+            with sync, torch.set_grad_enabled(optimizer is not None):
+                out = self.loss(self.ddp if self.ddp is not None else self.model, left, right, ctx)
+                loss = out.loss / len(batches)
+                # Backward per set frees each graph before the next set reuses the workspace.
+                if optimizer is not None:
+                    loss.backward()
+            total += loss.detach()
+            if i == 0:
+                n_orig, metrics = n, self._metrics(out.ranks, n, total.device)
+        if optimizer is not None:
+            optimizer.step()
+            self.steps_done += 1
+            self.loss.after_step(self.model, self.steps_done, self.total_steps)
+        return total, n_orig, metrics
+
+    def _rows(self, i: int, idx: np.ndarray | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of set i's batch (`idx`; None: the whole set) of `n` rows."""
+        left, right = self.sets[i]
+        share = self.dist.shard(n)
+        if idx is None:
+            return (left, right) if not self.dist.distributed else (left[share.start:share.stop],
+                                                                    right[share.start:share.stop])
+        rows = torch.as_tensor(idx[share.start:share.stop], device=left.device)
+        return left.index_select(0, rows), right.index_select(0, rows)
+
+    def _metrics(self, ranks, n: int, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """The originals' in-batch metrics from the objective's partner ranks (None: it has none)."""
+        if ranks is None:
+            return None
+        share = self.dist.shard(n)
+        if share.stop <= share.start:  # this rank holds none of a batch smaller than the group
+            return {k: torch.zeros((), device=device) for k in self.names}
+        metrics = metrics_from_ranks(*ranks, self.config.topk)
+        if self.dist.distributed:  # this rank's share of the counts, summed over ranks at the epoch's end
+            metrics = {k: v * (share.stop - share.start) / n for k, v in metrics.items()}
+        return metrics
 
 
 def train(
@@ -339,12 +449,13 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     on_epoch: Callable[[int, dict[str, float]], bool | None] | None = None,
     dist: Ranks = Ranks(),
-    batch_loss: BatchLoss = contrastive_batch_loss,
+    batch_loss: BatchLoss | Callable[..., BatchOutput] = contrastive_batch_loss,
 ) -> list[dict[str, float]]:
     """Run the recipe for `config.epochs` epochs; see the module docstring for what an epoch does.
 
     Args:
-        model: an adaptation model on the data's device (see `adaptation.models.build_model`).
+        model: an adaptation model on the data's device (see `adaptation.models.build_model`), or
+            what `batch_loss` trains (a positive-pair objective around one).
         data: the three sets, on one device (see `adaptation.split.split_data`).
         config: hyper-parameters.
         optimizer: from `make_optimizer(model, config)`; None trains nothing and evaluates once.
@@ -352,45 +463,25 @@ def train(
             scalars or move a progress bar; returning True stops training there (early stopping).
         dist: under torchrun, this process's place in the group (its process group already
             initialised); the model is then wrapped in DistributedDataParallel here.
-        batch_loss: the per-batch objective (default: the paper's contrastive loss).
+        batch_loss: the per-batch objective (`BatchLoss`, or a plain function; default: the paper's
+            contrastive loss).
 
     Returns:
         One dict per epoch: `epoch` (1-based) and floats `Train/Loss`, `Train/top k`,
         `Train/left2right top k`, `Train/right2left top k`, `Train/MRR` (on the original
         training pairs: the whole set at full batch, in-batch figures averaged over the epoch
-        otherwise), and the same under `Test/` (on the test pairs) and, when `data.val` is set,
-        `Val/` (on the validation pairs). Train/Loss is the mean over the training sets, the
-        quantity minimised. Every rank gets the same figures. Fewer than `config.epochs` rows
-        when `on_epoch` stopped it.
+        otherwise; or those `batch_loss.train_figures` measures), and the same under `Test/` (on
+        the test pairs) and, when `data.val` is set, `Val/` (on the validation pairs). Train/Loss
+        is the mean over the training sets, the quantity minimised. Every rank gets the same
+        figures. Fewer than `config.epochs` rows when `on_epoch` stopped it.
     """
+    loop = _Loop(model, data, config, optimizer, dist,
+                 batch_loss if isinstance(batch_loss, BatchLoss) else _PlainLoss(batch_loss))
     history: list[dict[str, float]] = []
     row: dict[str, float] = {}
-    sets = data.train_sets
-    device = sets[0][0].device
-    ddp = None
-    if dist.distributed and optimizer is not None:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    ctx_base = {"dist": dist, "workspace": Workspace()}  # the training matrices, allocated once per size
-    names = metric_names(config.topk)
     for epoch in range(1, config.epochs + 1):
         if optimizer is not None or epoch == 1:
-            model.train()
-            steps = epoch_batches([len(s[0]) for s in sets], config.batch_size, config.seed, epoch)
-            parts = [_step(model, sets, step, config, optimizer, ctx_base, batch_loss, ddp) for step in steps]
-            tr = _train_figures(parts, names, dist)
-            del parts
-            if block_rows_for(len(data.test[0])) < len(data.test[0]):
-                # A test set scored in blocks is a large one: let the B x B training matrices go first, so
-                # they and the evaluation's blocks are not held at once (re-made once per epoch).
-                ctx_base["workspace"] = Workspace()
-            te = evaluate(model, *data.test, config, dist)
-            va = evaluate(model, *data.val, config, dist) if data.val is not None else {}
-            keys = [f"Train/{k}" for k in tr] + [f"Test/{k}" for k in te] + [f"Val/{k}" for k in va]
-            # One device-to-host transfer per epoch, not one per metric.
-            values = torch.stack([v.float() for v in (*tr.values(), *te.values(), *va.values())]).tolist()
-            row = dict(zip(keys, values))
+            row = loop.epoch(epoch)
         history.append({"epoch": epoch, **row})
         if on_epoch is not None and on_epoch(epoch, dict(row)):
             break

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from featuresExtractor.dataset import discover
 from featuresExtractor.transforms import BadImage, load_image
+from toolkit.device import choose_device
 from toolkit.folders import special_kind
 from toolkit.hashing import file_sha256
 from toolkit.utils import UserError, decode_text, first_line
@@ -197,7 +198,7 @@ class VisualSimilarity:
                  weights: str | os.PathLike | None = None, best: bool = False) -> "VisualSimilarity":
         """Load `run_dir/model_and_optimizer.pt` (or, with `best`, `best.pt`) and the extraction its features came from.
 
-        `device` defaults to CUDA when available. `weights` points at the backbone
+        `device` defaults to CUDA when available (`toolkit.device.choose_device`). `weights` points at the backbone
         checkpoint when the extraction used `--weights` and the file has moved.
         Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch, among them a
         features file, extraction manifest or PCA other than the ones the run was trained on
@@ -216,7 +217,7 @@ class VisualSimilarity:
             raise UserError(f"no {BEST_CHECKPOINT} in {run_dir}: the run was trained without --val-split")
         if not ckpt_path.is_file():
             raise UserError(f"no {name} in {run_dir}: pass a run folder written by train.py, e.g. RUNS/run1")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = choose_device(device, flag="device")
         model, ckpt = load_checkpoint(ckpt_path, device)
         data = ckpt["config"].get("data")
         if not isinstance(data, str) or not data:

@@ -275,7 +275,7 @@ def test_each_run_draws_its_own_split_unless_same_split(features, tmp_path, caps
 
 
 def test_device_default_is_cuda_when_available(monkeypatch):
-    from adaptation.experiment import select_device
+    from train import select_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device, note = select_device(None)

@@ -194,7 +194,7 @@ def test_block_ranks_are_the_row_ranks():
 
 @pytest.mark.parametrize("gpu", [True, None], ids=["--gpu", "default"])
 def test_cuda_under_torchrun_needs_a_gpu_per_rank(monkeypatch, gpu):
-    from adaptation.experiment import select_device
+    from train import select_device
     from toolkit.distributed import Ranks
     from toolkit.utils import UserError
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 __all__ = ["UserError", "default_workers", "first_line", "atomic_path", "atomic_paths", "read_json", "write_json",
-           "save_npy", "flag_names", "Terminated", "terminated_as_interrupt", "StopAfterBatch", "resolve_device",
+           "save_npy", "flag_names", "Terminated", "terminated_as_interrupt", "StopAfterBatch",
            "check_writable", "os_error_line", "require_regular_file", "require_utf8", "umask", "decode_text"]
 
 
@@ -164,35 +164,6 @@ class StopAfterBatch:
 def default_workers() -> int:
     """Decode workers by default: one per core but one, which the model's threads use."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-def resolve_device(name: str | None):
-    """`--device` as a `torch.device`: None means CUDA when available, else the CPU.
-
-    An unknown name, or a CUDA device that is not there, is a `UserError` (torch would only
-    fail later, after a model has loaded).
-
-    Example:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError) as err:
-        raise UserError(f"--device {name!r} is not a torch device ({first_line(err)}); use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
-        if device.index is not None and device.index >= count:
-            raise UserError(f"--device {name}: there are only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-    elif device.type != "cpu":
-        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
-    return device
 
 
 def first_line(err: BaseException) -> str:
