@@ -36,6 +36,19 @@ def run_script(script, argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+def refused_in_one_line(script, argv, capsys, output: Path) -> str:
+    """Run a script on bad input and check the refusal: exit 2, one error line, no traceback and `output` not
+    created; argparse's own errors (its SystemExit) count the same. Returns stderr, for the message's checks."""
+    try:
+        code, _, err = run_script(script, argv, capsys)
+    except SystemExit as exc:
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2, err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1 and "Traceback" not in err, err
+    assert not output.exists()
+    return err
+
+
 TORCH_BLOCKER = '''import sys
 class Blocker:
     def find_spec(self, name, path=None, target=None):

@@ -22,6 +22,7 @@ import similarity
 import train
 from conftest import ROOT, TINY, draw_image, make_pairs
 from conftest import run_script as run
+from toolkit.hashing import file_sha256
 from toolkit.cli import run_cli
 
 
@@ -489,6 +490,12 @@ def test_gallery_vectors_of_the_wrong_dimension(tmp_path, capsys):
     narrow = np.zeros(len(rec), dtype=[("name", rec.dtype["name"]), ("augmented", "?"), ("feature", "<f4", (7,))])
     narrow["name"], narrow["augmented"] = rec["name"], rec["augmented"]
     np.save(gfile, narrow)
+    # The manifest made to agree with the file (an edited file it does not describe is refused earlier, by its
+    # sha256: tests/test_provenance.py), so that what is left to refuse is the vectors' width
+    manifest = gfile.parent / "manifest.json"
+    record = json.loads(manifest.read_text())
+    record["outputs"]["features.npy"].update(sha256=file_sha256(gfile), size=gfile.stat().st_size)
+    manifest.write_text(json.dumps(record))
     code, _, err = run(similarity, ["--run", tmp_path / "runs" / "run1", "search", draw_image(tmp_path / "q.png", 9),
                                     "--gallery", gfile, "-k", "2"], capsys)
     assert "7-d vectors" in one_line_error(code, err, "similarity.py")
