@@ -188,11 +188,16 @@ def _run(args: argparse.Namespace, ranks) -> int:
             print("extract.py: interrupted; finished batches are kept: re-run the same command to resume",
                   file=sys.stderr)
         return getattr(err, "exit_code", 130)
-    if ranks.rank != 0:  # rank 0 prints the summary
-        return 0
+    if ranks.rank == 0:  # rank 0 prints the summary
+        _print_report(report, ranks)
+    return 0
+
+
+def _print_report(report, ranks) -> None:
+    """What an extraction did: the items kept, those skipped and why, the files written."""
     if report.already_done:
         print(f"already done: {report.out_dir} holds this configuration's results (manifest.json); nothing to do")
-        return 0
+        return
     print(f"kept {report.n_kept}/{report.n_items} items"
           + (f" (resumed after {report.resumed_items})" if report.resumed_items else "")
           + (f" on {ranks.world_size} ranks" if ranks.distributed else ""))
@@ -204,7 +209,6 @@ def _run(args: argparse.Namespace, ranks) -> int:
             print(f"  ... and {len(report.skipped) - 10} more")
     for path in report.outputs:
         print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -294,3 +294,22 @@ def test_a_torchvision_backbone_imports_neither_open_clip_nor_timm(tmp_path):
     found = _modules_after(tmp_path, "resnet18")
     assert found["code"] == 0 and "torchvision" in _libraries(found["after"])
     assert not {"open_clip", "timm"} & _libraries(found["after"])
+
+
+def long_functions(root: Path, limit: int = 60) -> list[str]:
+    """Functions longer than `limit` lines in the packages and scripts (tests and bench are not held to it)."""
+    files = [p for p in root.rglob("*.py") if not {"tests", "bench", "docs", ".venv"} & set(p.relative_to(root).parts)]
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit:
+                found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    return found
+
+
+def test_no_function_over_60_lines(tmp_path):
+    (tmp_path / "long.py").write_text("def f():\n" + "    x = 1\n" * 60)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_long.py").write_text("def g():\n" + "    x = 1\n" * 80)
+    assert long_functions(tmp_path) == ["long.py:1 f (61 lines)"]
+    assert long_functions(ROOT) == []
