@@ -1,7 +1,8 @@
 """The guides' two recipes run end to end, as written, on a tiny backbone.
 
 "Your pairs, then search" (guides/your_pairs.md) and "Deploy without torch" (guides/deploy.md): every
-command of the recipe is taken from the guide itself, in order, and run as a process. Only what a tiny
+command of the recipe is taken from the guide itself, in order, and run through its script's `main` (the
+server, and every command of the torch-free recipe, as a process). Only what a tiny
 fixture cannot be is changed: the backbone (`tiny_rn`, random init), the PCA's size (the fixture has
 fewer images than 256), the epochs, and the placeholders (images, folders, a free port). The deploy
 recipe runs in a fresh venv holding `requirements-deploy.txt` alone: no torch.
@@ -9,6 +10,7 @@ recipe runs in a fresh venv holding `requirements-deploy.txt` alone: no torch.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -25,7 +27,7 @@ import pytest
 from conftest import ROOT, free_port
 
 PAIRS = 40
-TINY = ["--model", "tiny_rn", "--pretrained", "none"]
+TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0"]
 
 
 def recipe(guide: str) -> list[list[str]]:
@@ -55,6 +57,21 @@ def _run(argv: list[str], cwd: Path, python: str = sys.executable, env: dict | N
                           env=env or dict(os.environ, PYTHONPATH=str(ROOT)))
     assert done.returncode == 0, f"{' '.join(argv)}\n{done.stderr[-2000:]}"
     return done.stdout
+
+
+def _run_here(argv: list[str], cwd: Path) -> None:
+    """`python SCRIPT.py ARGS` run through the script's own `main` in this process (as `run_cli` runs it from
+    the command line), in `cwd`: the same code path without a torch import per command."""
+    from toolkit.cli import run_cli
+
+    script = importlib.import_module(Path(argv[1]).stem)
+    before = Path.cwd()
+    os.chdir(cwd)
+    try:
+        code = run_cli(script.main, argv[2:])
+    finally:
+        os.chdir(before)
+    assert code == 0, " ".join(argv)
 
 
 def _absolute(argv: list[str]) -> list[str]:
@@ -127,7 +144,7 @@ def your_pairs(tmp_path_factory):
         if "serve" in argv:
             served = argv
             continue
-        _run(_absolute(argv), work)
+        _run_here(argv, work)
     return work, names, served
 
 
@@ -151,10 +168,11 @@ def test_your_pairs_recipe_runs_and_serves(your_pairs):
 def torch_free_python(tmp_path_factory):
     """A fresh venv with requirements-deploy.txt alone (pip's cache makes a second install quick)."""
     venv = tmp_path_factory.mktemp("deploy") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    # without pip of its own (ensurepip costs seconds): this venv's pip installs into it (pip --python)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
-    pip = subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
-                          str(ROOT / "requirements-deploy.txt")], capture_output=True, text=True, timeout=480)
+    pip = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--disable-pip-version-check",
+                          "-r", str(ROOT / "requirements-deploy.txt")], capture_output=True, text=True, timeout=480)
     if pip.returncode != 0:
         pytest.fail(f"the torch-free install failed: {pip.stderr[-1500:]}")
     probe = subprocess.run([python, "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
@@ -170,7 +188,7 @@ def test_deploy_recipe_runs_without_torch(your_pairs, torch_free_python):
     commands = [_substitute(c, places) for c in recipe("deploy.md")]
     export = [c for c in commands if "export" in c]
     assert export, "the deploy guide shows no export"
-    _run(_absolute(export[0]), work)  # the export needs torch: the project's venv
+    _run_here(export[0], work)  # the export needs torch: the project's venv
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(work)), "PYTHONPATH": str(ROOT)}
     served = None
     for argv in commands:

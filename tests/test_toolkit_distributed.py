@@ -142,8 +142,8 @@ def test_from_env_refuses_many_ranks_that_torchrun_did_not_start():
     assert Ranks.from_env({**TORCHRUN, "TOOLKIT_JOIN_TIMEOUT": "2.5"}).join_timeout == 2.5
 
 
-@pytest.mark.parametrize("script", ["train.py", "extract.py"])
-@pytest.mark.parametrize("rank", [0, 1])
+# Each script once, and each rank once: the join is one code path (Ranks.join) for both scripts.
+@pytest.mark.parametrize("script,rank", [("train.py", 0), ("extract.py", 1)])
 def test_a_first_join_without_a_peer_ends_in_one_line_within_the_bound(script, rank, tmp_path):
     # torchrun's variables (as if it had started this process) but no peer ever comes: each rank gives up
     # after TOOLKIT_JOIN_TIMEOUT seconds, in one line naming the variables to unset, instead of waiting days.
