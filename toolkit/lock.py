@@ -53,14 +53,22 @@ def lock_holder(path: str | os.PathLike) -> int | None:
 
 
 def _take(fd: int, locked: Path, shown: str, flag: str) -> None:
-    """flock `fd` (open on `locked`) or raise the one `UserError` both helpers give, naming the holder."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = lock_holder(locked)
-        who = f"process {pid}" if pid else "another process"
-        raise UserError(f"{flag} {shown} is being written by {who} (another run of this command?); wait for it to "
-                        f"finish, or choose another {flag}") from None
+    """flock `fd` (open on `locked`) or raise the one `UserError` both helpers give, naming the holder.
+
+    The holder is looked up after the lock was refused; when /proc/locks no longer shows one, the holder
+    released the lock in between (it just finished), so the lock is tried again rather than refused
+    without a name (two extractions started together met that race in a CI run)."""
+    for _ in range(3):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pid = lock_holder(locked)
+        if pid:
+            break
+    who = f"process {pid}" if pid else "another process"
+    raise UserError(f"{flag} {shown} is being written by {who} (another run of this command?); wait for it to "
+                    f"finish, or choose another {flag}") from None
 
 
 @contextlib.contextmanager
