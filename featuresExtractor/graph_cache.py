@@ -89,6 +89,9 @@ class GraphCache:
         graph, sidecar = self.paths(key)
         if not sidecar.exists() and not graph.exists():
             return "missing"
+        for path in (sidecar, graph):  # a FIFO or a device would block the reads below
+            if not path.is_file():
+                return f"{path.name} is not a regular file"
         try:
             meta = json.loads(sidecar.read_text())
         except (OSError, ValueError) as err:

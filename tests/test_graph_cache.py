@@ -65,7 +65,8 @@ def test_a_graph_is_built_once_and_then_read_from_its_checked_entry(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated graph", "graph missing", "sidecar missing",
-                                    "sidecar not json", "sidecar of another key", "sidecar a folder"])
+                                    "sidecar not json", "sidecar of another key", "sidecar a fifo",
+                                    "sidecar a folder"])
 def test_a_damaged_entry_is_built_again_never_trusted(tmp_path, damage):
     build = Builds()
     cache(tmp_path).get(KEY, build)
@@ -85,6 +86,9 @@ def test_a_damaged_entry_is_built_again_never_trusted(tmp_path, damage):
     elif damage == "sidecar of another key":
         meta = json.loads(sidecar.read_text())
         sidecar.write_text(json.dumps({**meta, "key": {**KEY, "taps": ["layer1"]}}))
+    elif damage == "sidecar a fifo":  # would block a read: never opened
+        sidecar.unlink()
+        os.mkfifo(sidecar)
     else:
         sidecar.unlink()
         sidecar.mkdir()
