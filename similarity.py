@@ -87,6 +87,9 @@ def _add_run_options(parser, default=None) -> None:
                         help="use best.pt, the best validation epoch (runs with --val-split)")
     parser.add_argument("--weights", default=default,
                         help="the backbone checkpoint, if the extraction used --weights and it moved")
+    parser.add_argument("--engine", choices=("auto", "torch", "folded", "onnxruntime"),
+                        default=default if default is not None else "auto",
+                        help="how the CPU runs the backbone in fp32, as extract.py's --engine (export checks with torch)")
 
 
 def _leaf_parsers(parser) -> list[argparse.ArgumentParser]:
@@ -306,7 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.onnx:
         sim = VisualSimilarity.from_onnx(args.onnx)
     else:
-        sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best)
+        # auto weighs the onnxruntime graph's one-off build against the images this command encodes.
+        n_images = (2 if args.command == "pair" else len(_queries(args.query)) if args.command == "search" and args.index
+                    else None)
+        engine = "torch" if args.command == "export" else args.engine
+        sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best, engine=engine,
+                                        n_images=n_images)
+        if sim.engine_note:
+            print(f"similarity.py: {sim.engine_note}", file=sys.stderr)
         # The extraction's precision is followed; where it is emulated here, say so once.
         warning = resolve_precision(sim.encoder.extractor.precision, device).warning
         if warning:
@@ -340,7 +350,7 @@ def _serve(args, device) -> int:
         read_manifest(args.onnx)
         return run_server(config, lambda: VisualSimilarity.from_onnx(args.onnx))
     return run_server(config, lambda: VisualSimilarity.from_run(args.run, device=device, weights=args.weights,
-                                                                best=args.best))
+                                                                best=args.best, engine=args.engine))
 
 
 def _check_source_args(args) -> None:

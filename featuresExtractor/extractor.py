@@ -170,16 +170,19 @@ class FeatureExtractor:
     def __init__(self, backbone: Backbone, precision: str = "fp32", channels_last: bool = True, engine: str = "torch"):
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if engine not in ENGINES:
-            raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-        if engine == "onnxruntime" and (precision != "fp32" or next(backbone.visual.parameters()).device.type != "cpu"):
-            raise UserError(f"engine onnxruntime runs fp32 on the CPU, got {precision} on "
-                            f"{next(backbone.visual.parameters()).device}")
-        self.backbone, self.precision, self.channels_last, self.engine = backbone, precision, channels_last, engine
+        self.backbone, self.precision, self.channels_last = backbone, precision, channels_last
         self.device = next(backbone.visual.parameters()).device
+        self.set_engine(engine)
         image_shape = tuple(backbone.transform(Image.new("RGB", (64, 64))).shape)
         self.info = FeatureInfo.probe(backbone, image_shape)
-        self._onnx: OnnxTaps | None = None
+
+    def set_engine(self, engine: str) -> None:
+        """Run the forward with `engine` from now on (one of `ENGINES`; onnxruntime: fp32 on the CPU only)."""
+        if engine not in ENGINES:
+            raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine == "onnxruntime" and (self.precision != "fp32" or self.device.type != "cpu"):
+            raise UserError(f"engine onnxruntime runs fp32 on the CPU, got {self.precision} on {self.device}")
+        self.engine, self._onnx = engine, None
 
     def _onnx_taps(self) -> OnnxTaps | None:
         """The onnxruntime graph, built (or taken from the cache) on first use; None, and the engine set

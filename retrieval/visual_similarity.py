@@ -171,6 +171,8 @@ class VisualSimilarity:
         self.provenance_note = provenance_note
         """None when the features, manifest and PCA were all found to be the run's own; else what the checkpoint's
         format could not record, so was not checked (`adaptation.checkpoint.check_provenance`), for a note."""
+        self.engine_note: str | None = None
+        """What `--engine auto` chose and why (`from_run`), for a note; None otherwise."""
 
     @property
     def onnx(self) -> bool:
@@ -195,11 +197,14 @@ class VisualSimilarity:
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: str | torch.device | None = None,
-                 weights: str | os.PathLike | None = None, best: bool = False) -> "VisualSimilarity":
+                 weights: str | os.PathLike | None = None, best: bool = False, engine: str = "torch",
+                 n_images: int | None = None) -> "VisualSimilarity":
         """Load `run_dir/model_and_optimizer.pt` (or, with `best`, `best.pt`) and the extraction its features came from.
 
         `device` defaults to CUDA when available (`toolkit.device.choose_device`). `weights` points at the backbone
-        checkpoint when the extraction used `--weights` and the file has moved.
+        checkpoint when the extraction used `--weights` and the file has moved. `engine` runs the backbone
+        (`featuresExtractor.engines.resolve_engine`: `auto` weighs `n_images`, None for many); what `auto`
+        chose is said in `engine_note`.
         Raises `UserError` for a missing checkpoint, manifest or PCA, or a mismatch, among them a
         features file, extraction manifest or PCA other than the ones the run was trained on
         (`adaptation.checkpoint.check_provenance`, before the backbone loads).
@@ -207,6 +212,7 @@ class VisualSimilarity:
         import torch
 
         from featuresExtractor.encode import Encoder
+        from featuresExtractor.engines import resolve_engine
 
         from adaptation.checkpoint import BEST_CHECKPOINT, CHECKPOINT, check_provenance, load_checkpoint
 
@@ -227,7 +233,11 @@ class VisualSimilarity:
         if encoder.dim != int(ckpt["in_dim"]):
             raise UserError(f"{ckpt_path} expects {ckpt['in_dim']}-d features but {Path(data).name} "
                             f"(via its PCA) gives {encoder.dim}-d ones")
-        return cls(encoder, model, ckpt, device, file_sha256(ckpt_path), note)
+        engine, engine_note = resolve_engine(engine, device, encoder.extractor.precision, n_images=n_images)
+        encoder.extractor.set_engine(engine)
+        sim = cls(encoder, model, ckpt, device, file_sha256(ckpt_path), note)
+        sim.engine_note = engine_note
+        return sim
 
     def raw(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The features before adaptation, as extract.py would have stored them: (n, in_dim)."""

@@ -250,3 +250,23 @@ def test_pair_and_search_with_a_calibrated_threshold(run, val_run, capsys, tmp_p
     assert text.count('<td class="alike">') == len(above) and f"threshold: {t.max_f1:.4f}" in text
     best = VisualSimilarity.from_run(val_run, device="cpu", best=True)
     assert best.checkpoint["epoch"] <= 3 and best.threshold is not None
+
+
+def test_engines_give_the_same_scores_and_auto_says_why(run, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    a = run["root"] / "tll" / "left" / "pair000.png"
+    b = run["root"] / "tll" / "right" / "pair001.png"
+    scores = {}
+    for engine in ("torch", "onnxruntime"):
+        code, out, err = cli(["--run", str(run["run"]), "pair", str(a), str(b), "--engine", engine], capsys)
+        assert code == 0, err
+        scores[engine] = float(out.split("adapted similarity")[1].split()[0].strip(":"))
+    assert scores["onnxruntime"] == pytest.approx(scores["torch"], abs=1e-4)
+    from featuresExtractor.engines import ONNXRUNTIME_WINS
+    from toolkit.hardware import cpu_kind
+
+    code, _, err = cli(["--run", str(run["run"]), "--engine", "auto", "pair", str(a), str(b)], capsys)
+    assert code == 0, err
+    if cpu_kind().kernels in ONNXRUNTIME_WINS:  # two images never repay a graph's build
+        assert "too few to repay" in err
