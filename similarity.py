@@ -277,7 +277,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from toolkit.distributed import Ranks
     from toolkit.device import choose_device
-    from toolkit.hardware import resolve_precision
     from toolkit.utils import UserError, require_utf8
 
     if Ranks.from_env().distributed:  # every rank would encode the same images and write the same files
@@ -309,21 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.onnx:
         sim = VisualSimilarity.from_onnx(args.onnx)
     else:
-        # auto weighs the onnxruntime graph's one-off build against the images this command encodes.
-        n_images = (2 if args.command == "pair" else len(_queries(args.query)) if args.command == "search" and args.index
-                    else None)
-        engine = "torch" if args.command == "export" else args.engine
-        sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best, engine=engine,
-                                        n_images=n_images)
-        if sim.engine_note:
-            print(f"similarity.py: {sim.engine_note}", file=sys.stderr)
-        # The extraction's precision is followed; where it is emulated here, say so once.
-        warning = resolve_precision(sim.encoder.extractor.precision, device).warning
-        if warning:
-            print(f"similarity.py: {warning} (the run's features were extracted in it, so queries are too)",
-                  file=sys.stderr)
-        if sim.provenance_note:
-            print(f"note: {sim.provenance_note}", file=sys.stderr)
+        sim = _load_run(args, device)
     if args.command == "export":
         return _export(sim, args, config)
     if args.command == "pair":
@@ -333,6 +318,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pairs":
         return _pairs(sim, args)
     return _search(sim, args)
+
+
+def _load_run(args, device):
+    """The run of `--run` on `device` with the engine `--engine` picks, each note said in one line."""
+    from retrieval.visual_similarity import VisualSimilarity
+    from toolkit.hardware import resolve_precision
+
+    # auto weighs the onnxruntime graph's one-off build against the images this command encodes.
+    n_images = (2 if args.command == "pair" else len(_queries(args.query)) if args.command == "search" and args.index
+                else None)
+    engine = "torch" if args.command == "export" else args.engine  # the export checks its graph against torch
+    sim = VisualSimilarity.from_run(args.run, device=device, weights=args.weights, best=args.best, engine=engine,
+                                    n_images=n_images)
+    if sim.engine_note:
+        print(f"similarity.py: {sim.engine_note}", file=sys.stderr)
+    # The extraction's precision is followed; where it is emulated here, say so once.
+    warning = resolve_precision(sim.encoder.extractor.precision, device).warning
+    if warning:
+        print(f"similarity.py: {warning} (the run's features were extracted in it, so queries are too)", file=sys.stderr)
+    if sim.provenance_note:
+        print(f"note: {sim.provenance_note}", file=sys.stderr)
+    return sim
 
 
 def _serve(args, device) -> int:
