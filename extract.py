@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Sequence
 
@@ -78,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="fp32",
                    help="autocast precision; auto: bf16 where it is native (CUDA with bf16, CPUs with AVX512-BF16 or "
                         "AMX), else fp32; bf16/fp16 on a CPU without them are emulated, several times slower (warned)")
-    p.add_argument("--engine", choices=("auto", "torch", "folded"), default="auto",
-                   help="how the CPU runs the model in fp32: torch (the module as it is; the pinned bytes), folded "
-                        "(batch norms folded into the convolutions: within float rounding of torch, faster on some "
-                        "CPUs), auto (folded where bench/engines.py measured it 1.2x faster, else torch)")
+    p.add_argument("--engine", choices=("auto", "torch", "folded", "onnxruntime"), default="auto",
+                   help="how the CPU runs the model in fp32, all within float rounding of torch: torch (the pinned bytes), "
+                        "folded (batch norms folded), onnxruntime (an ONNX graph, cached in the user's cache folder; the "
+                        "[export] extra); auto: what bench/engines.py measured 1.2x faster on this kind of CPU, else torch")
     p.add_argument("--device", default=None, help="torch device: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     # None, not the number: the help (and the HTML docs made from it) must not depend on the machine.
     p.add_argument("--workers", type=int, default=None,
@@ -154,9 +155,7 @@ def _run(args: argparse.Namespace, ranks) -> int:
     for line in (precision.note, precision.warning):
         if line and ranks.rank == 0:
             print(f"extract.py: {line}", file=sys.stderr)
-    engine, engine_note = resolve_engine(args.engine, device, precision.precision)
-    if engine_note and ranks.rank == 0:
-        print(f"extract.py: {engine_note}", file=sys.stderr)
+    engine, _ = resolve_engine(args.engine, device, precision.precision)  # an impossible --engine: said before any work
     with flag_names(FLAGS):
         cfg = ExtractConfig(dataset=args.dataset, save_to=args.save_to, processor=tuple(args.processor),
                             normalize=args.normalize, data_aug=args.data_aug, precision=precision.precision,
@@ -173,6 +172,12 @@ def _run(args: argparse.Namespace, ranks) -> int:
         print(f"note: {missing_line(cfg.subset, missing, cfg.dataset)}; extracting the {len(layout)} it names there",
               file=sys.stderr)
     ranks.check_items(len(layout))
+    # auto weighs the onnxruntime graph's one-off build against the images this run has.
+    n_images = len(layout) * len(layout.sides) * (2 if cfg.data_aug else 1)
+    engine, engine_note = resolve_engine(args.engine, device, precision.precision, n_images=n_images)
+    if engine_note and ranks.rank == 0:
+        print(f"extract.py: {engine_note}", file=sys.stderr)
+    cfg = dataclasses.replace(cfg, engine=engine)
     check_writable(cfg.save_to, "-s")
     ranks = ranks.join(device)
     spec = resolve_spec(args.model, args.layers, args.pretrained)

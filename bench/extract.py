@@ -42,9 +42,13 @@ seconds, the solver the fit chose and the peak RSS; `--device cuda` fits on the 
 `--whole-process` times the whole of extract.py instead, as a user runs it, fixed costs included
 (interpreter start, imports, model build, shape probe, the loop, the PCA fit, the files): a fresh
 `python extract.py` process on 40 generated pairs with flips (160 images), RN50x4 random init,
-`--precision bf16 --processor adapt-pca 8 -b 16`, the recipe compared with the paper's extractor:
+`--processor adapt-pca 8 -b 16`, the recipe compared with the paper's extractor, for each of
+`--precisions` and `--engines` (interleaved in every repeat). The engines' graph cache is a fresh
+folder (XDG_CACHE_HOME) for this call: the first run of an engine that builds a graph is reported
+apart ("first s"), the median is over the later, warm runs:
 
-    python bench/extract.py --whole-process --repeats 3
+    python bench/extract.py --whole-process --precisions fp32 bf16 --repeats 3
+    python bench/extract.py --whole-process --precisions fp32 --engines torch folded onnxruntime --repeats 3
 
 Usage:
     python bench/extract.py                                   # quick: about 2 minutes on 2 cores
@@ -103,8 +107,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="--pca-fit with the torch code (torch.linalg.eigh) also on the CPU, where extract.py uses "
                         "numpy/scipy (syrk, LAPACK's subset eigensolver)")
     p.add_argument("--whole-process", action="store_true",
-                   help="time whole extract.py processes (40 pairs with flips, RN50x4 random init, bf16, "
-                        "adapt-pca 8, batch 16) instead")
+                   help="time whole extract.py processes (40 pairs with flips, RN50x4 random init, adapt-pca 8, "
+                        "batch 16; each of --precisions and --engines) instead")
+    p.add_argument("--engines", nargs="+", default=["auto"], choices=("auto", "torch", "folded", "onnxruntime"),
+                   help="--whole-process: extract.py's --engine values to time")
     p.add_argument("--compare", nargs="+", default=None, metavar="MODEL",
                    help="forward-only images/s of these backbones (random weights), relative to the first")
     return p.parse_args(argv)
@@ -141,36 +147,48 @@ def compare(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 WHOLE_PROCESS_PAIRS = 40
-WHOLE_PROCESS_FLAGS = ["--data-aug", "-b", "16", "--precision", "bf16", "--processor", "adapt-pca", "8",
-                       "--model", "clip_rn50x4", "--pretrained", "none", "--no-progress"]
+WHOLE_PROCESS_FLAGS = ["--data-aug", "-b", "16", "--processor", "adapt-pca", "8", "--model", "clip_rn50x4",
+                       "--pretrained", "none", "--no-progress"]
 
 
-def whole_process(args: argparse.Namespace, work: Path) -> dict:
-    """Wall and CPU seconds of whole `python extract.py` processes on 40 pairs with flips; medians over repeats."""
+def whole_process(args: argparse.Namespace, work: Path) -> list[dict]:
+    """Wall and CPU seconds of whole `python extract.py` processes on 40 pairs with flips, one row per
+    precision and engine: the first run (cold graph cache) apart, medians over the later runs."""
     import resource
     import subprocess
 
     data = work / "pairs"
     make_pairs(data, n_pairs=WHOLE_PROCESS_PAIRS, seed=0, size=(200, 250), fmt="jpg")
     script = Path(__file__).resolve().parent.parent / "extract.py"
-    walls, cpus, loads = [], [], []
-    for r in range(args.repeats):
-        print(f"... repeat {r + 1}/{args.repeats}: extract.py {' '.join(WHOLE_PROCESS_FLAGS)}", file=sys.stderr)
-        out = work / f"out-{r}"
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, str(script), "-d", str(data), "-s", str(out), "--workers", str(args.workers),
-                        *WHOLE_PROCESS_FLAGS], check=True, stdout=subprocess.DEVNULL)
-        walls.append(time.perf_counter() - start)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
-        loads.append(os.getloadavg()[0])
-        shutil.rmtree(out)
+    env = dict(os.environ, XDG_CACHE_HOME=str(work / "cache"))  # a cold graph cache for this call
+    configs = [(p, e) for p in args.precisions for e in args.engines]
+    runs: dict = {c: {"wall_s": [], "cpu_s": [], "load_avg": [], "said": ""} for c in configs}
+    for r in range(args.repeats + 1):  # run 0 is each configuration's first (cold) run
+        for precision, engine in configs:
+            flags = [*WHOLE_PROCESS_FLAGS, "--precision", precision, "--engine", engine]
+            print(f"... run {r}/{args.repeats}: extract.py {' '.join(flags)}", file=sys.stderr)
+            out = work / f"out-{r}"
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, str(script), "-d", str(data), "-s", str(out), "--workers",
+                                   str(args.workers), *flags], check=True, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+            row = runs[(precision, engine)]
+            row["wall_s"].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            row["cpu_s"].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+            row["load_avg"].append(os.getloadavg()[0])
+            row["said"] = row["said"] or " ".join(line.split(": ", 1)[-1] for line in done.stderr.splitlines()
+                                                  if "auto ->" in line)
+            shutil.rmtree(out)
     images = WHOLE_PROCESS_PAIRS * 2 * 2
-    wall = benchlib.median(walls)
-    return {"process": "extract.py", "images": images, "wall_s": wall, "img_s": images / wall,
-            "cpu_s": benchlib.median(cpus), "peak_rss_mib": benchlib.children_peak_rss_bytes() / 2**20,
-            "load_avg_end": loads[-1], "raw": {"wall_s": walls, "cpu_s": cpus, "load_avg": loads}}
+    rows = []
+    for (precision, engine), row in runs.items():
+        wall = benchlib.median(row["wall_s"][1:])
+        rows.append({"precision": precision, "engine": engine, "images": images, "first_s": row["wall_s"][0],
+                     "wall_s": wall, "img_s": images / wall, "cpu_s": benchlib.median(row["cpu_s"][1:]),
+                     "said": row["said"], "raw": row})
+    return rows
 
 
 def _check(args: argparse.Namespace, device: torch.device) -> None:
@@ -443,18 +461,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-extract-"))
     if args.whole_process:
         try:
-            row = whole_process(args, work)
+            rows = whole_process(args, work)
         finally:
             if not args.work_dir:
                 shutil.rmtree(work, ignore_errors=True)
         print()
-        print(benchlib.table([row], [("process", "process", "s"), ("images", "images", "d"), ("wall_s", "wall s", ".1f"),
-                                     ("img_s", "img/s", ".2f"), ("cpu_s", "CPU s", ".1f"),
-                                     ("peak_rss_mib", "peak RSS MiB", ".0f")]))
+        print(benchlib.table(rows, [("precision", "precision", "s"), ("engine", "engine", "s"), ("images", "images", "d"),
+                                    ("first_s", "first s", ".1f"), ("wall_s", "wall s", ".1f"), ("img_s", "img/s", ".2f"),
+                                    ("cpu_s", "CPU s", ".1f"), ("said", "auto chose", "s")]))
         print(f"\nwhole process, fixed costs included: {WHOLE_PROCESS_PAIRS} pairs with flips, "
-              f"{' '.join(WHOLE_PROCESS_FLAGS)}, workers {args.workers}, {args.repeats} repeat(s), medians; "
-              f"{info['cpu']}; load avg {os.getloadavg()[0]:.2f} (start {info['load_avg_start'][0]:.2f})")
-        return benchlib.finish("extract-whole", args, info, rows=[row])
+              f"{' '.join(WHOLE_PROCESS_FLAGS)}, workers {args.workers}; first run (cold graph cache) apart, medians "
+              f"of {args.repeats} later run(s); {info['cpu']}; load avg {os.getloadavg()[0]:.2f} "
+              f"(start {info['load_avg_start'][0]:.2f})")
+        return benchlib.finish("extract-whole", args, info, rows=rows)
     try:
         data, one_pair = work / "pairs", work / "one_pair"
         t0 = time.perf_counter()

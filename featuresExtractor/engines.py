@@ -6,9 +6,16 @@
   convolution's weights (`torch.nn.utils.fusion.fuse_conv_bn_eval`), in place; the module keeps its
   names, so taps still hook where they did. Exact up to float rounding (min cosine 1 - 2e-14 against
   torch on RN50x4's five taps). `folded_batch_norms` does it for a block and puts the modules back.
-- `resolve_engine`: what `--engine auto` runs: `folded` on the kernel families where bench/engines.py
-  measured it at least 1.2x faster than torch in fp32 (`FOLDED_WINS`), `torch` everywhere else. No
-  compiled or exported graph is a default: see bench/engines.py for the side-by-side figures.
+- `OnnxTaps`: the same graph exported to ONNX (`featuresExtractor.onnx_graph.write_graph`) and run by
+  onnxruntime's CPU provider; `onnx_taps(backbone, image_shape)` builds it through the user's graph
+  cache (`featuresExtractor.graph_cache`), keyed by the weights' sha256, the taps, the transform, the
+  input shape and the library versions. Equal to torch within float rounding (min cosine 1 - 5e-14 on
+  RN50x4's five taps).
+- `resolve_engine`: what `--engine auto` runs in fp32 on the CPU: `onnxruntime` on the kernel families
+  where bench/engines.py measured it at least 1.2x faster than torch (`ONNXRUNTIME_WINS`), when it is
+  installed and the run has enough images to repay building the graph (`ONNXRUNTIME_MIN_IMAGES`);
+  else `folded` where that was measured to win (`FOLDED_WINS`); `torch` everywhere else (CUDA,
+  bf16/fp16, other CPUs). See bench/engines.py for the side-by-side figures.
 
 Example:
     >>> from featuresExtractor.backbones import load_backbone, resolve_spec
@@ -19,21 +26,30 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+import copy
+import hashlib
+import importlib.util
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from toolkit.hardware import CpuKind, cpu_kind
+from toolkit.utils import UserError
 
+from .graph_cache import GraphCache, cache_folder
+from .onnx_graph import DEFAULT_OPSET, write_graph
 from .pooling import global_avg_pool
 from .taps import Taps
 
-__all__ = ["ENGINES", "ENGINE_CHOICES", "FOLDED_WINS", "TapGraph", "fold_batch_norms", "folded_batch_norms",
-           "conv_bn_pairs", "resolve_engine"]
+__all__ = ["ENGINES", "ENGINE_CHOICES", "FOLDED_WINS", "ONNXRUNTIME_WINS", "ONNXRUNTIME_MIN_IMAGES", "OnnxTaps",
+           "TapGraph", "fold_batch_norms", "folded_batch_norms", "conv_bn_pairs", "graph_key", "module_sha256",
+           "onnx_taps", "onnxruntime_missing", "resolve_engine"]
 
-ENGINES = ("torch", "folded")
-"""The engines a `FeatureExtractor` runs: torch (the module as it is) and folded (batch norms folded)."""
+ENGINES = ("torch", "folded", "onnxruntime")
+"""The engines a `FeatureExtractor` runs: torch (the module as it is), folded (batch norms folded) and
+onnxruntime (the pooled-tap graph exported to ONNX, fp32 on the CPU)."""
 ENGINE_CHOICES = ("auto", *ENGINES)
 """What `--engine` accepts."""
 FOLDED_WINS = {
@@ -43,6 +59,17 @@ FOLDED_WINS = {
 }
 """Kernel families (`toolkit.hardware.CpuKind.kernels`) where `folded` beat `torch` by >= 1.2x in fp32,
 RN50x4 at extract.py's CPU batches (bench/engines.py), with the figure."""
+ONNXRUNTIME_WINS = {
+    # AMD EPYC (avx2 avx512f avx512_bf16, no AMX), batch 16, bench/engines.py, quiet (see bench/README.md)
+    "aten=AVX512,onednn=AVX512": "measured 1.7x torch's speed on this kind of CPU",
+}
+"""Kernel families where `onnxruntime` beat `torch` by >= 1.2x in fp32 (bench/engines.py), with the figure.
+onnxruntime picks its own kernels from the CPU; an AVX2-only CPU has no figure yet, so it is not listed."""
+ONNXRUNTIME_MIN_IMAGES = 128
+"""Below this many images `auto` does not build an onnxruntime graph: building RN50x4's took 11.6 s once
+(export, hashing, session), against about 0.08 s saved per image (bench/engines.py, quiet)."""
+ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnx", "onnxscript")
+"""What the onnxruntime engine needs: onnxruntime runs the graph, onnx and onnxscript export it (the [export] extra)."""
 
 
 class TapGraph(nn.Module):
@@ -115,21 +142,114 @@ def folded_batch_norms(module: nn.Module, keep: Sequence[str] = ()) -> Iterator[
             _set(module, path, original)
 
 
-def resolve_engine(requested: str, device, precision: str, kind: CpuKind | None = None) -> tuple[str, str | None]:
+def onnxruntime_missing() -> str | None:
+    """The first package the onnxruntime engine needs that is not installed, or None."""
+    return next((name for name in ONNXRUNTIME_PACKAGES if importlib.util.find_spec(name) is None), None)
+
+
+def resolve_engine(requested: str, device, precision: str, kind: CpuKind | None = None, n_images: int | None = None,
+                   missing: Callable[[], str | None] = onnxruntime_missing) -> tuple[str, str | None]:
     """`--engine` -> (the engine that runs, the line saying what `auto` chose and why, or None).
 
-    `auto` takes `folded` where it was measured to win by at least 1.2x (`FOLDED_WINS`: fp32 on the
-    CPU kinds listed there, bench/engines.py), `torch` elsewhere (CUDA, bf16/fp16, other CPUs).
+    `auto`, in fp32 on the CPU: `onnxruntime` where it was measured to win (`ONNXRUNTIME_WINS`), when it
+    is installed and `n_images` (None: unknown, taken as many) reaches `ONNXRUNTIME_MIN_IMAGES`; else
+    `folded` where that was measured to win (`FOLDED_WINS`); `torch` elsewhere (CUDA, bf16/fp16, other
+    CPUs). An explicit `onnxruntime` off the CPU, in another precision, or without its packages is a
+    `UserError`.
     """
+    on_cpu = torch.device(device).type == "cpu"
+    if requested == "onnxruntime":
+        if not on_cpu or precision != "fp32":
+            raise UserError(f"--engine onnxruntime runs fp32 on the CPU (asked: {precision} on {device}); "
+                            f"use --precision fp32 --device cpu, or --engine torch")
+        if name := missing():
+            raise UserError(f"--engine onnxruntime needs the package {name}, which is not installed: "
+                            f"pip install 'adaptation-similarity[export]', or use --engine torch")
     if requested != "auto":
         return requested, None
-    if torch.device(device).type != "cpu" or precision != "fp32":
+    if not on_cpu or precision != "fp32":
         return "torch", None
-    kind = cpu_kind() if kind is None else kind
-    family = kind.kernels
-    if family in FOLDED_WINS:
-        return "folded", f"engine auto -> folded: batch norms folded into the convolutions ({FOLDED_WINS[family]})"
+    family = (cpu_kind() if kind is None else kind).kernels
+    fallback = ("folded", f"batch norms folded into the convolutions ({FOLDED_WINS[family]})") \
+        if family in FOLDED_WINS else ("torch", None)
+    if family in ONNXRUNTIME_WINS:
+        if name := missing():
+            why = f"the package {name} is not installed (pip install 'adaptation-similarity[export]' runs onnxruntime, " \
+                  f"{ONNXRUNTIME_WINS[family]})"
+        elif n_images is not None and n_images < ONNXRUNTIME_MIN_IMAGES:
+            why = (f"{n_images} images are too few to repay building the onnxruntime graph (from "
+                   f"{ONNXRUNTIME_MIN_IMAGES}; --engine onnxruntime builds it anyway)")
+        else:
+            return "onnxruntime", (f"engine auto -> onnxruntime: the graph exported to ONNX, fp32 ({ONNXRUNTIME_WINS[family]}); "
+                                   f"it is cached in {cache_folder()}")
+        return fallback[0], f"engine auto -> {fallback[0]}: {why}"
+    if fallback[1]:
+        return fallback[0], f"engine auto -> {fallback[0]}: {fallback[1]}"
     return "torch", None
+
+
+def module_sha256(module: nn.Module) -> str:
+    """The sha256 of a module's state: each entry's name, dtype, shape and bytes, in order."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
+    return h.hexdigest()
+
+
+def graph_key(backbone, image_shape: Sequence[int]) -> dict:
+    """What defines the onnxruntime engine's graph of `backbone` (the graph cache's key)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"graph": "TapGraph: images -> global-average-pooled taps, fp32", "model": backbone.spec.name,
+            "weights_sha256": module_sha256(backbone.visual), "taps": list(backbone.spec.taps),
+            "transform": repr(backbone.transform), "image_shape": list(image_shape), "opset": DEFAULT_OPSET,
+            "versions": {name: installed(name) for name in ("torch", *ONNXRUNTIME_PACKAGES)}}
+
+
+class OnnxTaps:
+    """onnxruntime's session on a `TapGraph` graph, called like `featuresExtractor.taps.Taps`:
+    `(n, 3, H, W)` float32 images -> {tap: `(n, C)` pooled tensor}."""
+
+    reduce = staticmethod(global_avg_pool)  # what `Forwarder` reads: the outputs are pooled vectors
+
+    def __init__(self, source: str | bytes, taps: Sequence[str], threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3  # warnings about unused initialisers would reach the user's terminal
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.taps = tuple(taps)
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        return {name: torch.from_numpy(out) for name, out in zip(self.taps, self.session.run(None, {"images": x}))}
+
+
+def onnx_taps(backbone, image_shape: Sequence[int], cache: GraphCache | None = None) -> OnnxTaps | None:
+    """The onnxruntime engine for `backbone`: its graph from the user's graph cache (built there when
+    missing), as an `OnnxTaps`; None when the cache could give no graph (said in one line).
+
+    Raises `UserError` (one line) when the model cannot be exported to ONNX.
+    """
+    cache = GraphCache(cache_folder()) if cache is None else cache
+    taps = backbone.spec.taps
+
+    def build(path: Path) -> None:
+        graph = TapGraph(copy.deepcopy(backbone.visual).float().cpu(), taps).eval()
+        write_graph(graph, path, image_shape, DEFAULT_OPSET, True, arch=backbone.spec.name, output_names=taps)
+
+    source = cache.get(graph_key(backbone, image_shape), build)
+    return None if source is None else OnnxTaps(source, taps, torch.get_num_threads())
 
 
 def _set(root: nn.Module, path: str, new: nn.Module) -> None:

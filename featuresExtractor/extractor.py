@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from toolkit.utils import UserError
 
 from .backbone_base import Backbone
-from .engines import ENGINES, folded_batch_norms
+from .engines import ENGINES, OnnxTaps, folded_batch_norms, onnx_taps
 from .pooling import global_avg_pool
 from .taps import EMBEDDING, TapInfo, Taps, tap_infos
 from .transforms import load_image, to_rgb
@@ -129,7 +129,7 @@ class Forwarder:
 def _engine(module: torch.nn.Module, engine: str, keep: Sequence[str]) -> Iterator[torch.nn.Module]:
     """Run `module` with `engine`'s changes inside the block (folded: batch norms folded into the
     convolutions), and give it back as it was found."""
-    if engine == "torch":
+    if engine != "folded":  # torch; and onnxruntime's raw-tap fallback runs the module as it is
         yield module
         return
     with folded_batch_norms(module, keep):
@@ -156,12 +156,15 @@ class FeatureExtractor:
         backbone: from `featuresExtractor.backbones.load_backbone`; its device is where the forward runs.
         precision: `fp32`, `bf16` or `fp16` (autocast).
         channels_last: run the visual tower in channels_last memory format.
-        engine: `torch` (the module as it is: the pinned bytes) or `folded` (batch norms folded into the
-            convolutions for the forward, `featuresExtractor.engines.folded_batch_norms`; equal within float
-            rounding, faster on the CPU). `featuresExtractor.engines.resolve_engine` picks one for `auto`.
+        engine: `torch` (the module as it is: the pinned bytes), `folded` (batch norms folded into the
+            convolutions for the forward, `featuresExtractor.engines.folded_batch_norms`) or `onnxruntime`
+            (the pooled-tap graph exported to ONNX and cached, `featuresExtractor.engines.onnx_taps`; fp32 on
+            the CPU, pooled features only: raw taps run torch). Both are equal to torch within float rounding
+            and faster on the CPU. `featuresExtractor.engines.resolve_engine` picks one for `auto`.
 
     Attributes:
         info: the `FeatureInfo` of the backbone's taps.
+        engine: the engine that runs: `torch` once an onnxruntime graph could not be had (said in one line).
     """
 
     def __init__(self, backbone: Backbone, precision: str = "fp32", channels_last: bool = True, engine: str = "torch"):
@@ -169,10 +172,26 @@ class FeatureExtractor:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if engine not in ENGINES:
             raise UserError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine == "onnxruntime" and (precision != "fp32" or next(backbone.visual.parameters()).device.type != "cpu"):
+            raise UserError(f"engine onnxruntime runs fp32 on the CPU, got {precision} on "
+                            f"{next(backbone.visual.parameters()).device}")
         self.backbone, self.precision, self.channels_last, self.engine = backbone, precision, channels_last, engine
         self.device = next(backbone.visual.parameters()).device
         image_shape = tuple(backbone.transform(Image.new("RGB", (64, 64))).shape)
         self.info = FeatureInfo.probe(backbone, image_shape)
+        self._onnx: OnnxTaps | None = None
+
+    def _onnx_taps(self) -> OnnxTaps | None:
+        """The onnxruntime graph, built (or taken from the cache) on first use; None, and the engine set
+        to torch, when none could be had."""
+        if self._onnx is None and self.engine == "onnxruntime":
+            try:
+                self._onnx = onnx_taps(self.backbone, self.info.image_shape)
+            except UserError as err:  # a model torch cannot export: the extraction goes on in torch
+                tqdm.write(f"engine onnxruntime: {err}; running torch's engine instead")
+            if self._onnx is None:
+                self.engine = "torch"
+        return self._onnx
 
     @property
     def transform(self):
@@ -190,6 +209,11 @@ class FeatureExtractor:
         Pooled features are float32 `(n, C)`; raw ones float16 `(n, *shape)`. The hooks are removed
         and the model's memory format restored on leaving the block.
         """
+        graph = self._onnx_taps() if pooled else None
+        if graph is not None:
+            with torch.inference_mode():
+                yield Forwarder(graph, self.device, "fp32", slice_size, channels_last=False)
+            return
         reduce = global_avg_pool if pooled else None
         visual = self.backbone.visual
         with _engine(visual, self.engine, self.backbone.spec.taps), _memory_format(visual, self.channels_last), \

@@ -61,7 +61,7 @@ class ExtractConfig:
     normalize: str | None = None
     data_aug: bool = False
     precision: str = "fp32"
-    engine: str = "torch"  # featuresExtractor.engines: torch, or folded (batch norms folded; equal within rounding)
+    engine: str = "torch"  # featuresExtractor.engines: torch, folded or onnxruntime (equal within rounding)
     batch_size: int = 2048
     workers: int = field(default_factory=default_workers)
     device: str = "cpu"
@@ -331,7 +331,7 @@ def _finish(cfg: ExtractConfig, fx: FeatureExtractor, proc: Processor, layout: L
     manifest = build_manifest(config, fx.backbone, fx.info, proc, layout, kept_list, skipped, outputs,
                               data_aug=cfg.data_aug, precision=cfg.precision, device=str(fx.device),
                               channels_last=cfg.channels_last, batch_size=cfg.batch_size, subset=subset,
-                              engine=cfg.engine)
+                              engine=fx.engine)
     manifest["distributed"] = {"world_size": ranks.world_size, "backend": ranks.backend,
                                "shards": ranks.layout(len(layout)), "shard_rule": "contiguous ranges of the sorted items"}
     write_manifest(staged, manifest)

@@ -29,12 +29,7 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import os
-import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -44,10 +39,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from featuresExtractor.onnx_graph import DEFAULT_OPSET, write_graph
 from featuresExtractor.pooling import global_avg_pool, l2_normalize
 from featuresExtractor.taps import Taps
 from featuresExtractor.transforms import BadImage, load_image
-from toolkit.utils import UserError, first_line
+from toolkit.utils import UserError
 
 from . import deploy
 from .deploy import EXTRA, OnnxEncoder, Preprocess
@@ -56,7 +52,6 @@ __all__ = ["ExportConfig", "EmbeddingGraph", "describe_transform", "export_run",
 
 MIN_COSINE = 0.9999
 """The export is refused when the graph and the torch path agree less than this on any check image."""
-DEFAULT_OPSET = 18
 CHECK_DRAWN = 8  # check images drawn by `probe_images` when none are given
 PROBE_SIZES = ((200, 250), (250, 200), (224, 224), (131, 97))  # (width, height)
 CHECK_LIMIT = 64  # at most this many images of --check-images are used
@@ -163,41 +158,6 @@ def _packages() -> dict[str, str]:
     return versions
 
 
-_OPERATOR = (re.compile(r"operator '([\w:.]+)'"), re.compile(r"OpOverload\(op='([\w.]+)'"),
-             re.compile(r"target=torch\.ops\.([\w.]+)"))
-
-
-def _export_failure(err: Exception, arch: str) -> UserError:
-    """One line for a graph torch.onnx cannot export, naming the operator when the error does."""
-    text = f"{err} {err.__cause__ or ''}"
-    for pattern in _OPERATOR:
-        if m := pattern.search(text):
-            return UserError(f"{arch} cannot be exported to ONNX: the operator {m.group(1)} has no ONNX conversion "
-                             f"at this opset (try another --opset, or another backbone)")
-    return UserError(f"{arch} cannot be exported to ONNX: {first_line(err)[:300]}")
-
-
-def write_graph(graph: nn.Module, path: Path, image_shape: Sequence[int], opset: int, dynamic_batch: bool,
-                arch: str = "the backbone") -> None:
-    """`torch.onnx.export` of `graph` to `path`: input "images" (N, *image_shape), output "embedding"."""
-    # A batch of 2 when dynamic: torch.export would otherwise take the size-1 batch for a constant.
-    x = torch.zeros(2 if dynamic_batch else 1, *image_shape)
-    dynamic = {"images": {0: torch.export.Dim("batch")}} if dynamic_batch else None
-    quiet = io.StringIO()
-    try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), \
-                contextlib.redirect_stdout(quiet), _quiet_logs():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(graph, (x,), dynamo=True, opset_version=opset, input_names=["images"],
-                                        output_names=["embedding"], dynamic_shapes=dynamic, external_data=False,
-                                        optimize=True, verbose=False)
-    except torch.onnx.OnnxExporterError as err:
-        raise _export_failure(err, arch) from None
-    except (RuntimeError, ValueError, TypeError) as err:  # torch.export's own refusals (e.g. data-dependent shapes)
-        raise _export_failure(err, arch) from None
-    program.save(str(path))
-
-
 def graph_opset(path: Path) -> int:
     """The ONNX opset (default domain) a saved graph declares."""
     import onnx
@@ -227,17 +187,6 @@ def _preprocess(sim) -> Preprocess:
                         f"224 x 224 squeeze of the tensor, without antialiasing or crop, which an export's "
                         f"preprocess.json (Pillow) cannot reproduce; to export, extract the images again with "
                         f"--transform library (the default) and train on those features") from None
-
-
-@contextlib.contextmanager
-def _quiet_logs():
-    # torch.export logs each failed step with a traceback; the failure is said in one line instead.
-    previous = logging.root.manager.disable
-    logging.disable(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
 
 
 def check_images(source: str | None) -> tuple[list, str]:

@@ -6,8 +6,10 @@ import contextlib
 import functools
 import os
 import random
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,6 +18,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Never touch the network from the tests: a missing weight must fail at once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CACHE_HOME: list[str] = []  # the test session's XDG_CACHE_HOME (pytest_configure)
+
+
+def pytest_configure(config):
+    # Engine graphs (featuresExtractor.graph_cache) go to the user's cache folder: the tests, and the
+    # scripts they start, use a folder of their own, never the real one, removed when the session ends.
+    CACHE_HOME.append(tempfile.mkdtemp(prefix="tests-cache-"))
+    os.environ["XDG_CACHE_HOME"] = CACHE_HOME[0]
+
+
+def pytest_unconfigure(config):
+    for folder in CACHE_HOME:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 TINY = ["--model", "tiny_rn", "--pretrained", "none", "--workers", "0", "--no-progress"]

@@ -13,9 +13,11 @@ import torch
 import extract
 from conftest import make_pairs, run_script
 from featuresExtractor.backbones import load_backbone, resolve_spec
-from featuresExtractor.engines import FOLDED_WINS, conv_bn_pairs, fold_batch_norms, folded_batch_norms, resolve_engine
+from featuresExtractor.engines import (FOLDED_WINS, ONNXRUNTIME_MIN_IMAGES, ONNXRUNTIME_WINS, conv_bn_pairs,
+                                      fold_batch_norms, folded_batch_norms, resolve_engine)
 from featuresExtractor.extractor import FeatureExtractor
 from toolkit.hardware import CpuKind
+from toolkit.utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +93,44 @@ def test_auto_takes_folded_only_where_it_won():
         assert engine == expected and (note is not None) == (expected == "folded")
     bf16 = CpuKind.from_values({"avx2", "avx512f", "avx512_bf16"}, capability="AVX512")
     assert resolve_engine("auto", "cpu", "bf16", avx2) == ("torch", None)  # measured in fp32 only
-    assert resolve_engine("auto", "cpu", "fp32", bf16)[0] == ("folded" if bf16.kernels in FOLDED_WINS else "torch")
+    assert resolve_engine("auto", "cuda", "fp32", bf16) == ("torch", None)
     assert resolve_engine("folded", "cpu", "bf16", bf16) == ("folded", None)
     assert resolve_engine("torch", "cpu", "fp32", avx2) == ("torch", None)
+
+
+def test_auto_takes_onnxruntime_where_it_won_when_installed_and_worth_its_build():
+    avx512 = CpuKind.from_values({"avx2", "avx512f", "avx512_bf16"}, capability="AVX512")
+    assert avx512.kernels in ONNXRUNTIME_WINS
+    installed, absent = (lambda: None), (lambda: "onnxscript")
+    engine, note = resolve_engine("auto", "cpu", "fp32", avx512, n_images=ONNXRUNTIME_MIN_IMAGES, missing=installed)
+    assert engine == "onnxruntime" and note.startswith("engine auto -> onnxruntime") and "cached in" in note
+    assert resolve_engine("auto", "cpu", "fp32", avx512, n_images=None, missing=installed)[0] == "onnxruntime"
+    fallback = "folded" if avx512.kernels in FOLDED_WINS else "torch"
+    engine, note = resolve_engine("auto", "cpu", "fp32", avx512, n_images=ONNXRUNTIME_MIN_IMAGES - 1, missing=installed)
+    assert engine == fallback and "too few to repay" in note and "--engine onnxruntime" in note
+    engine, note = resolve_engine("auto", "cpu", "fp32", avx512, n_images=10_000, missing=absent)
+    assert engine == fallback and "onnxscript is not installed" in note and "[export]" in note
+    assert resolve_engine("auto", "cpu", "bf16", avx512, missing=installed) == ("torch", None)
+    avx2 = CpuKind.from_values({"avx2"}, capability="AVX2")  # no figure for onnxruntime on AVX2: not taken
+    assert resolve_engine("auto", "cpu", "fp32", avx2, n_images=10_000, missing=installed)[0] != "onnxruntime"
+
+
+@pytest.mark.parametrize("precision, device, missing, said", [
+    ("bf16", "cpu", None, "runs fp32 on the CPU"), ("fp32", "cuda", None, "runs fp32 on the CPU"),
+    ("fp32", "cpu", "onnxruntime", "needs the package onnxruntime")])
+def test_an_impossible_onnxruntime_engine_is_one_line(precision, device, missing, said):
+    with pytest.raises(UserError, match=said):
+        resolve_engine("onnxruntime", device, precision, missing=lambda: missing)
+
+
+def test_extract_refuses_onnxruntime_in_bf16_before_any_work(tmp_path, capsys):
+    data = tmp_path / "tll"
+    make_pairs(data, 1)
+    code, _, err = run_script(extract, ["-d", data, "-s", tmp_path / "out", "--model", "tiny_rn", "--pretrained", "none",
+                                        "--engine", "onnxruntime", "--precision", "bf16"], capsys)
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("extract.py: warning")]
+    assert code == 2 and len(lines) == 1 and "--engine onnxruntime runs fp32" in lines[0], err
+    assert not (tmp_path / "out").exists()
 
 
 def test_extract_engine_folded_is_recorded_and_close_to_torch(tmp_path, capsys):

@@ -26,12 +26,13 @@ import fcntl
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
 from .utils import UserError, first_line, umask
 
-__all__ = ["folder_lock", "sibling_lock", "lock_holder", "lock_file_of", "LOCK_SIGNATURE"]
+__all__ = ["LockBusy", "LockUnwritable", "folder_lock", "sibling_lock", "lock_holder", "lock_file_of", "LOCK_SIGNATURE"]
 
 LOCK_SIGNATURE = b"toolkit.lock: the lock file of a writer of the output beside it; removed when the writer ends\n"
 
@@ -52,23 +53,38 @@ def lock_holder(path: str | os.PathLike) -> int | None:
     return None
 
 
-def _take(fd: int, locked: Path, shown: str, flag: str) -> None:
-    """flock `fd` (open on `locked`) or raise the one `UserError` both helpers give, naming the holder.
+class LockBusy(UserError):
+    """The output stayed locked by another process (for `wait_s`, when the caller waits)."""
 
-    The holder is looked up after the lock was refused; when /proc/locks no longer shows one, the holder
-    released the lock in between (it just finished), so the lock is tried again rather than refused
-    without a name (two extractions started together met that race in a CI run)."""
-    for _ in range(3):
+
+class LockUnwritable(UserError):
+    """The lock file cannot be made: the folder cannot be written (read-only, full, not a folder)."""
+
+
+def _take(fd: int, locked: Path, shown: str, flag: str, wait_s: float = 0.0) -> None:
+    """flock `fd` (open on `locked`) or raise the one `LockBusy` both helpers give, naming the holder.
+
+    With `wait_s`, a held lock is tried again until that many seconds have passed (for a writer
+    worth waiting for, e.g. another run filling the same cache entry). The holder is looked up
+    after the lock was refused; when /proc/locks no longer shows one, the holder released the lock
+    in between (it just finished), so the lock is tried again rather than refused without a name
+    (two extractions started together met that race in a CI run)."""
+    deadline = time.monotonic() + wait_s
+    tries = 0
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             pid = lock_holder(locked)
-        if pid:
+        tries += 1
+        if time.monotonic() < deadline:
+            time.sleep(0.1)
+        elif pid or tries >= 3:
             break
     who = f"process {pid}" if pid else "another process"
-    raise UserError(f"{flag} {shown} is being written by {who} (another run of this command?); wait for it to "
-                    f"finish, or choose another {flag}") from None
+    raise LockBusy(f"{flag} {shown} is being written by {who} (another run of this command?); wait for it to "
+                   f"finish, or choose another {flag}") from None
 
 
 @contextlib.contextmanager
@@ -115,7 +131,7 @@ def _open_lock_file(lock_file: Path, shown: str, flag: str) -> int:
         except OSError as err:
             if os.path.lexists(lock_file):  # a link, a folder: not a lock file
                 break
-            raise UserError(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
+            raise LockUnwritable(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
         if stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, len(LOCK_SIGNATURE), 0) == LOCK_SIGNATURE:
             return fd
         os.close(fd)
@@ -130,22 +146,24 @@ def _create_lock_file(lock_file: Path, shown: str) -> None:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{lock_file.name}.", suffix=".tmp", dir=lock_file.parent)
     except OSError as err:
-        raise UserError(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
+        raise LockUnwritable(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
     try:
         os.write(fd, LOCK_SIGNATURE)
         os.fchmod(fd, 0o666 & ~umask())  # any user who may write the output may wait for its lock
         with contextlib.suppress(FileExistsError):
             os.link(tmp, lock_file)
     except OSError as err:
-        raise UserError(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
+        raise LockUnwritable(f"cannot write next to {shown} ({first_line(err)}); choose a writable folder") from None
     finally:
         os.close(fd)
         os.unlink(tmp)
 
 
 @contextlib.contextmanager
-def sibling_lock(target: str | os.PathLike, flag: str) -> Iterator[Path]:
+def sibling_lock(target: str | os.PathLike, flag: str, wait_s: float = 0.0) -> Iterator[Path]:
     """Hold an exclusive lock on `target` through the file `lock_file_of(target)`; yields the real target.
+
+    A lock held by another process is a `LockBusy` at once, or after `wait_s` seconds of trying.
 
     A symlinked target is locked (and, by the caller, written) where the link points, so the link
     stays a link. The lock file is made for the block and removed after it; whoever finds it held
@@ -158,7 +176,7 @@ def sibling_lock(target: str | os.PathLike, flag: str) -> Iterator[Path]:
     while True:
         fd = _open_lock_file(lock_file, shown, flag)
         try:
-            _take(fd, lock_file, shown, flag)
+            _take(fd, lock_file, shown, flag, wait_s)
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(lock_file))
             except FileNotFoundError:
