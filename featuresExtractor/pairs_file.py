@@ -49,6 +49,7 @@ __all__ = [
     "load_pairs",
     "pairs_from_structured",
     "pairs_from_paper_dict",
+    "to_paper_dict",
     "make_records",
     "RecordsWriter",
     "to_structured",
@@ -204,6 +205,30 @@ def pairs_from_paper_dict(obj: dict[str, Any], source: str = "dict") -> Pairs:
     augmented = np.array([n.startswith(PAPER_AUGMENTED_PREFIX) for n in raw], dtype=bool)
     names = [n[len(PAPER_AUGMENTED_PREFIX):] if a else n for n, a in zip(raw, augmented)]
     return _assemble(names, augmented, left, right, source)
+
+
+def to_paper_dict(pairs: Pairs) -> dict[str, Any]:
+    """`pairs` in the original implementation's layout, the dict its train.py loads (`np.save` it).
+
+    Originals first, then one flipped copy per original in the same order, named
+    `augmented_<name>`: the paper's code takes row i + N as the flipped copy of row i, so
+    every original needs exactly one copy (or none at all). `pairs_from_paper_dict` reads it back.
+
+    Raises:
+        UserError: some originals have a flipped copy and others not.
+    """
+    names = list(pairs.names)
+    left, right = [pairs.left], [pairs.right]
+    if len(pairs.flipped_of):
+        order = np.argsort(pairs.flipped_of, kind="stable")
+        if not np.array_equal(pairs.flipped_of[order], np.arange(len(pairs))):
+            raise UserError(f"the original implementation's layout needs one flipped copy per pair or none; "
+                            f"{len(pairs.flipped_of)} copies for {len(pairs)} pairs")
+        left.append(pairs.flipped_left[order])
+        right.append(pairs.flipped_right[order])
+        names += [PAPER_AUGMENTED_PREFIX + n for n in pairs.names]
+    return {"left": np.concatenate(left), "right": np.concatenate(right), "left_name": list(names),
+            "right_name": list(names)}
 
 
 def _assemble(names: Sequence[Any], augmented: np.ndarray, left: np.ndarray, right: np.ndarray, source: str) -> Pairs:

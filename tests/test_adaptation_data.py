@@ -1,10 +1,12 @@
 """Features files (extract.py's and the original implementation's pickle), their checks, and the split."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from adaptation.split import split_data, split_indices
-from featuresExtractor.pairs_file import load_pairs, pairs_from_structured, to_structured
+from featuresExtractor.pairs_file import load_pairs, pairs_from_structured, to_paper_dict, to_structured
 from synthetic.planted import planted_array, planted_pairs
 import torch
 from toolkit.utils import UserError
@@ -32,6 +34,28 @@ def test_paper_format_needs_allow_pickle_and_pairs_copies_by_name(tmp_path):
     np.testing.assert_array_equal(pairs.left, d["left"][:6])
     np.testing.assert_array_equal(pairs.flipped_right, d["right"][6:])
     assert pairs.flipped_of.tolist() == list(range(6))
+
+
+def test_paper_dict_writer_round_trips_in_the_papers_row_order(tmp_path):
+    pairs = planted_pairs(12, 5, seed=4)  # rows shuffled in the file: copies out of their originals' order
+    assert pairs.flipped_of.tolist() != list(range(12))
+    d = to_paper_dict(pairs)
+    # The paper's train.py takes row i + N as the flipped copy of row i.
+    assert d["left_name"][:12] == pairs.names and d["left_name"][12:] == ["augmented_" + n for n in pairs.names]
+    np.testing.assert_array_equal(d["right"][:12], pairs.right)
+    np.testing.assert_array_equal(d["left"][12 + pairs.flipped_of], pairs.flipped_left)
+    path = tmp_path / "embds.npy"
+    np.save(path, d, allow_pickle=True)
+    back = load_pairs(path, allow_pickle=True)
+    assert back.names == pairs.names and back.flipped_of.tolist() == list(range(12))
+    np.testing.assert_array_equal(back.flipped_right[pairs.flipped_of], pairs.flipped_right)
+    plain = to_paper_dict(pairs_from_structured(planted_array(3, 2, flipped=False)))
+    assert len(plain["left"]) == 3 and not any(n.startswith("augmented_") for n in plain["left_name"])
+    two = pairs.select([0, 1])
+    one_copy = replace(two, flipped_left=two.flipped_left[:1], flipped_right=two.flipped_right[:1],
+                       flipped_of=two.flipped_of[:1])
+    with pytest.raises(UserError, match="one flipped copy per pair"):
+        to_paper_dict(one_copy)
 
 
 def test_paper_dict_missing_key(tmp_path):
