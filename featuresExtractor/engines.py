@@ -53,21 +53,23 @@ onnxruntime (the pooled-tap graph exported to ONNX, fp32 on the CPU)."""
 ENGINE_CHOICES = ("auto", *ENGINES)
 """What `--engine` accepts."""
 FOLDED_WINS = {
-    # AMD EPYC with AVX512-BF16 capped with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2, batch 16,
-    # load average 17-19 (paired repeats 1.47x, 1.22x, 1.21x)
-    "aten=AVX2,onednn=AVX2": "1.22x torch's speed measured on AVX2 kernels",
+    # AMD EPYC with AVX512-BF16 capped with ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2, batch 16:
+    # quiet (load 1.5-1.7), 5 paired repeats 1.15x to 1.22x, median 1.20x; under load 17-19, 1.22x median
+    "aten=AVX2,onednn=AVX2": "1.20x torch's speed measured on AVX2 kernels",
 }
 """Kernel families (`toolkit.hardware.CpuKind.kernels`) where `folded` beat `torch` by >= 1.2x in fp32,
 RN50x4 at extract.py's CPU batches (bench/engines.py), with the figure."""
 ONNXRUNTIME_WINS = {
-    # AMD EPYC (avx2 avx512f avx512_bf16, no AMX), batch 16, bench/engines.py, quiet (see bench/README.md)
-    "aten=AVX512,onednn=AVX512": "measured 1.7x torch's speed on this kind of CPU",
+    # AMD EPYC (avx2 avx512f avx512_bf16, no AMX), batch 16, bench/engines.py, load 1.0-1.5 (bench/README.md):
+    # 1.76x eager at the median of 5 paired repeats (1.60x to 1.90x); folded 1.21x, torch.compile 1.46x
+    "aten=AVX512,onednn=AVX512": "measured 1.76x torch's speed on this kind of CPU",
 }
 """Kernel families where `onnxruntime` beat `torch` by >= 1.2x in fp32 (bench/engines.py), with the figure.
 onnxruntime picks its own kernels from the CPU; an AVX2-only CPU has no figure yet, so it is not listed."""
 ONNXRUNTIME_MIN_IMAGES = 128
-"""Below this many images `auto` does not build an onnxruntime graph: building RN50x4's took 11.6 s once
-(export, hashing, session), against about 0.08 s saved per image (bench/engines.py, quiet)."""
+"""Below this many images `auto` does not build an onnxruntime graph: building RN50x4's took 10.3 s once
+(export, session, first batch), against 0.077 s saved per image (bench/engines.py, quiet): it pays for
+itself from about 130 images."""
 ONNXRUNTIME_PACKAGES = ("onnxruntime", "onnx", "onnxscript")
 """What the onnxruntime engine needs: onnxruntime runs the graph, onnx and onnxscript export it (the [export] extra)."""
 
