@@ -175,13 +175,13 @@ def _run(args: argparse.Namespace, ranks) -> int:
     # auto weighs the onnxruntime graph's one-off build against the images this run has.
     n_images = len(layout) * len(layout.sides) * (2 if cfg.data_aug else 1)
     engine, engine_note = resolve_engine(args.engine, device, precision.precision, n_images=n_images)
-    if engine_note and ranks.rank == 0:
-        print(f"extract.py: {engine_note}", file=sys.stderr)
     cfg = dataclasses.replace(cfg, engine=engine)
     check_writable(cfg.save_to, "-s")
     ranks = ranks.join(device)
     spec = resolve_spec(args.model, args.layers, args.pretrained)
     backbone = load_backbone(spec, weights=args.weights, device=device, transform=args.transform)
+    if engine_note and ranks.rank == 0:  # said once the model is there: a refusal before it stays one line
+        print(f"extract.py: {engine_note}", file=sys.stderr)
     if backbone.weights["source"] == "random-init" and ranks.rank == 0:
         print("WARNING: the backbone is RANDOMLY INITIALISED (--pretrained none): the features say nothing "
               "about the method", file=sys.stderr)

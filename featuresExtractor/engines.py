@@ -156,8 +156,8 @@ def resolve_engine(requested: str, device, precision: str, kind: CpuKind | None 
     `auto`, in fp32 on the CPU: `onnxruntime` where it was measured to win (`ONNXRUNTIME_WINS`), when it
     is installed and `n_images` (None: unknown, taken as many) reaches `ONNXRUNTIME_MIN_IMAGES`; else
     `folded` where that was measured to win (`FOLDED_WINS`); `torch` elsewhere (CUDA, bf16/fp16, other
-    CPUs). An explicit `onnxruntime` off the CPU, in another precision, or without its packages is a
-    `UserError`.
+    CPUs). The line is None where auto keeps torch (a small run included). An explicit `onnxruntime`
+    off the CPU, in another precision, or without its packages is a `UserError`.
     """
     on_cpu = torch.device(device).type == "cpu"
     if requested == "onnxruntime":
@@ -172,22 +172,22 @@ def resolve_engine(requested: str, device, precision: str, kind: CpuKind | None 
     if not on_cpu or precision != "fp32":
         return "torch", None
     family = (cpu_kind() if kind is None else kind).kernels
-    fallback = ("folded", f"batch norms folded into the convolutions ({FOLDED_WINS[family]})") \
-        if family in FOLDED_WINS else ("torch", None)
     if family in ONNXRUNTIME_WINS:
-        if name := missing():
-            why = f"the package {name} is not installed (pip install 'adaptation-similarity[export]' runs onnxruntime, " \
-                  f"{ONNXRUNTIME_WINS[family]})"
-        elif n_images is not None and n_images < ONNXRUNTIME_MIN_IMAGES:
-            why = (f"{n_images} images are too few to repay building the onnxruntime graph (from "
-                   f"{ONNXRUNTIME_MIN_IMAGES}; --engine onnxruntime builds it anyway)")
-        else:
-            return "onnxruntime", (f"engine auto -> onnxruntime: the graph exported to ONNX, fp32 ({ONNXRUNTIME_WINS[family]}); "
-                                   f"it is cached in {cache_folder()}")
-        return fallback[0], f"engine auto -> {fallback[0]}: {why}"
-    if fallback[1]:
-        return fallback[0], f"engine auto -> {fallback[0]}: {fallback[1]}"
-    return "torch", None
+        if not (name := missing()) and (n_images is None or n_images >= ONNXRUNTIME_MIN_IMAGES):
+            return "onnxruntime", (f"engine auto -> onnxruntime: the graph exported to ONNX, fp32 "
+                                   f"({ONNXRUNTIME_WINS[family]}); it is cached in {cache_folder()}")
+        if name:  # worth a line: one install away from a measured win
+            return _fallback(family, f"the package {name} is not installed (pip install 'adaptation-similarity[export]' "
+                                     f"runs onnxruntime, {ONNXRUNTIME_WINS[family]})")
+        # else a small run: the graph's build would not pay for itself
+    return _fallback(family, None)
+
+
+def _fallback(family: str, why: str | None) -> tuple[str, str | None]:
+    """folded where it was measured to win, else torch; the line says why (None: torch, nothing to say)."""
+    if family in FOLDED_WINS:
+        return "folded", f"engine auto -> folded: {why or 'batch norms folded into the convolutions'} ({FOLDED_WINS[family]})"
+    return "torch", (f"engine auto -> torch: {why}" if why else None)
 
 
 def module_sha256(module: nn.Module) -> str:

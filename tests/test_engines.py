@@ -107,7 +107,7 @@ def test_auto_takes_onnxruntime_where_it_won_when_installed_and_worth_its_build(
     assert resolve_engine("auto", "cpu", "fp32", avx512, n_images=None, missing=installed)[0] == "onnxruntime"
     fallback = "folded" if avx512.kernels in FOLDED_WINS else "torch"
     engine, note = resolve_engine("auto", "cpu", "fp32", avx512, n_images=ONNXRUNTIME_MIN_IMAGES - 1, missing=installed)
-    assert engine == fallback and "too few to repay" in note and "--engine onnxruntime" in note
+    assert engine == fallback and (note is None) == (fallback == "torch")  # a small run: nothing worth a line
     engine, note = resolve_engine("auto", "cpu", "fp32", avx512, n_images=10_000, missing=absent)
     assert engine == fallback and "onnxscript is not installed" in note and "[export]" in note
     assert resolve_engine("auto", "cpu", "bf16", avx512, missing=installed) == ("torch", None)
