@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -245,12 +246,18 @@ def _queries(args: Sequence[str]) -> list[str]:
 
 
 def _check_outputs(outputs: dict[str, str | None], overwrite: bool) -> None:
-    """Output files (flag -> path): none the same file as another, a folder, or existing without --overwrite."""
+    """Output files (flag -> path): none the same file as another, a folder, existing without --overwrite, or
+    existing and not one this command writes (`retrieval.results.written_here`: a user's file is never replaced)."""
+    from retrieval.results import written_here
     from toolkit.folders import check_outputs
-    from toolkit.utils import check_writable
+    from toolkit.utils import UserError, check_writable
 
     check_outputs(outputs, overwrite)
-    for path in outputs.values():
+    for flag, path in outputs.items():
+        if path and os.path.isfile(path) and not written_here(path):  # --overwrite replaces only our own results
+            raise UserError(f"{flag} {path} exists and is not a file this command wrote (its content is not "
+                            f"similarity.py's {Path(path).suffix.lstrip('.') or 'output'}); it is left as it is: "
+                            f"move it away or choose another name")
         if path:
             check_writable(Path(path).parent, "output")  # before the model loads
 

@@ -18,7 +18,10 @@ from PIL import Image
 
 from adaptation.visualize import ImageLike, thumbnail
 
-__all__ = ["search_page", "pairs_page"]
+__all__ = ["search_page", "pairs_page", "GENERATOR", "TABLE_STYLE"]
+
+GENERATOR = '<meta name="generator" content="adaptation-similarity">'
+"""In the head of every page written here: how `retrieval.results.written_here` tells them from a user's pages."""
 
 
 def _data_uri(img: Image.Image) -> str:
@@ -27,7 +30,7 @@ def _data_uri(img: Image.Image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-_TABLE_STYLE = """<style>body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse}
+TABLE_STYLE = """<style>body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse}
 td{padding:4px;vertical-align:top;text-align:center;font-size:12px;border-bottom:1px solid #ddd}
 td.query img{outline:4px solid #2858dc} td.alike img{outline:4px solid #1eaa3c}
 .error{color:#b00020;text-align:left}</style>"""
@@ -59,8 +62,8 @@ def search_page(hits: Sequence, title: str = "search results", size: int = 128,
             cells.append(f'<td class="error">cannot read: {html.escape(h.error)}</td>')
         cells += [result(r, m) for r, m in enumerate(h.matches, start=1)]
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"{_TABLE_STYLE}</head>\n<body><h1>{html.escape(title)}</h1>\n"
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{html.escape(title)}</title>'
+            f"{TABLE_STYLE}</head>\n<body><h1>{html.escape(title)}</h1>\n"
             + (f"<p>threshold: {html.escape(threshold_note)}</p>\n" if threshold_note else "")
             + "<table>\n" + "\n".join(rows) + "\n</table>\n</body></html>\n")
 
@@ -75,6 +78,6 @@ def pairs_page(pairs: Sequence[tuple[str, str, float, ImageLike | None, ImageLik
             for i, (a, b, s, ia, ib) in enumerate(pairs, start=1)]
     note = f"<p>showing the best {len(pairs)} of {total} pairs; the CSV lists all.</p>" \
         if total is not None and total > len(pairs) else f"<p>{len(pairs)} pairs.</p>"
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"{_TABLE_STYLE}</head>\n<body><h1>{html.escape(title)}</h1>\n{note}\n<table>\n" + "\n".join(rows)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{html.escape(title)}</title>'
+            f"{TABLE_STYLE}</head>\n<body><h1>{html.escape(title)}</h1>\n{note}\n<table>\n" + "\n".join(rows)
             + "\n</table>\n</body></html>\n")

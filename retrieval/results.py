@@ -27,13 +27,39 @@ from typing import Mapping, Sequence
 
 from toolkit.utils import UserError, atomic_paths, first_line
 
+from .pages import GENERATOR, TABLE_STYLE
 from .visual_similarity import Hits, Match
 
-__all__ = ["write_text", "write_texts", "search_results_text", "read_search_results",
+__all__ = ["written_here", "write_text", "write_texts", "search_results_text", "read_search_results",
            "write_pairs", "pairs_text", "read_pairs", "SEARCH_COLUMNS", "PAIR_COLUMNS"]
 
 SEARCH_COLUMNS = ("query", "rank", "name", "score", "image", "error")
 PAIR_COLUMNS = ("name_a", "name_b", "score", "image_a", "image_b")
+
+
+def written_here(path: str | os.PathLike) -> bool:
+    """Whether the file at `path` is one similarity.py writes (by its suffix: search results as JSON, results
+    or pairs as CSV, a page as HTML), so that `--overwrite` may replace it; a user's file of the same name
+    is never replaced."""
+    suffix = Path(path).suffix.lower()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096) if suffix != ".json" else fh.read()
+    except OSError:
+        return False
+    text = head.decode("utf-8", errors="replace")
+    if suffix == ".csv":
+        first = text.split("\n", 1)[0].strip()
+        return first in (",".join(SEARCH_COLUMNS), ",".join(PAIR_COLUMNS))
+    if suffix in (".html", ".htm"):  # pages from before the generator tag carry the same style block
+        head = text.split("</head>", 1)[0]
+        return GENERATOR in head or TABLE_STYLE in head
+    try:
+        rows = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(rows, list) and all(isinstance(r, dict) and set(r) == {"query", "image", "error", "matches"}
+                                          for r in rows)
 
 
 def write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:

@@ -168,7 +168,7 @@ def test_output_written_by_another_run_meanwhile_is_never_overwritten(run, tmp_p
     real = VisualSimilarity.search
 
     def other_run_writes_first(self, *a, **k):
-        out.write_text("the other run's results")
+        out.write_text("[]\n")  # the other run's results (no query answered)
         return real(self, *a, **k)
 
     monkeypatch.setattr(VisualSimilarity, "search", other_run_writes_first)
@@ -176,7 +176,7 @@ def test_output_written_by_another_run_meanwhile_is_never_overwritten(run, tmp_p
     code, _, err = cli(["--run", str(run["run"]), "search", str(good), "--gallery", str(run["gallery"]), "-k", "2",
                         "--json", str(out)], capsys)
     assert code == 2 and "r.json appeared while this run was working" in one_error_line(err)
-    assert out.read_text() == "the other run's results" and os.listdir(tmp_path) == ["r.json"]
+    assert out.read_text() == "[]\n" and os.listdir(tmp_path) == ["r.json"]
     code, _, _ = cli(["--run", str(run["run"]), "search", str(good), "--gallery", str(run["gallery"]), "-k", "2",
                       "--json", str(out), "--overwrite"], capsys)
     assert code == 0 and json.loads(out.read_text())[0]["query"] == str(good)
@@ -271,3 +271,47 @@ def test_pair_with_a_fifo_or_a_folder_says_what_it_is(run, tmp_path, capsys):  #
                       (tmp_path / "none.jpg", "does not exist")]:
         code, out, err = cli(["--run", str(run["run"]), "pair", str(bad), str(image)], capsys)
         assert code == 2 and said in one_error_line(err) and out == "", err
+
+
+def test_written_here_tells_this_toolkits_outputs_from_a_users_files(tmp_path):
+    from retrieval.pages import GENERATOR, pairs_page, search_page
+    from retrieval.results import pairs_text, search_results_text, written_here
+    from retrieval.visual_similarity import Hits, Match
+
+    hits = [Hits("q.jpg", None, [Match("a.jpg", 0.5, None)])]
+    ours = {"r.json": search_results_text(hits, "r.json"), "r.csv": search_results_text(hits, "r.csv"),
+            "p.csv": pairs_text([("a", "b", 0.5, None, None)]), "s.html": search_page(hits),
+            "p.html": pairs_page([("a", "b", 0.5, None, None)]), "none.json": "[]\n",
+            "old.html": search_page(hits).replace(GENERATOR, "")}  # a page of an earlier version
+    theirs = {"notes.json": '{"mine": 1}', "list.json": '[{"query": "x"}]', "data.csv": "a,b\n1,2\n",
+              "page.html": "<html><head><title>mine</title></head></html>", "bad.json": "{not json",
+              "blank.csv": ""}
+    for name, text in {**ours, **theirs}.items():
+        (tmp_path / name).write_text(text)
+        assert written_here(tmp_path / name) == (name in ours), name
+    assert not written_here(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("flag, name, text", [("--json", "notes.json", '{"mine": 1}\n'),
+                                              ("--csv", "data.csv", "a,b\n1,2\n"),
+                                              ("--html", "page.html", "<html><body>mine</body></html>\n")])
+def test_overwrite_never_replaces_a_users_file(run, tmp_path, capsys, flag, name, text):  # noqa: F811
+    mine = tmp_path / name
+    mine.write_text(text)
+    good = sorted(run["gallery"].iterdir())[0]
+    code, _, err = cli(["--run", str(run["run"]), "search", str(good), "--gallery", str(run["gallery"]), "-k", "2",
+                        flag, str(mine), "--overwrite"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"{flag} {mine} exists and is not a file this command wrote" in line, err
+    assert mine.read_text() == text and os.listdir(tmp_path) == [name]
+
+
+def test_pairs_overwrite_never_replaces_a_users_csv(run, tmp_path, capsys):  # noqa: F811
+    mine = tmp_path / "out.csv"
+    mine.write_text("my,own\n")
+    index = tmp_path / "idx"
+    assert cli(["--run", str(run["run"]), "index", "build", str(run["gallery"]), "-o", str(index)], capsys)[0] == 0
+    code, _, err = cli(["--run", str(run["run"]), "pairs", "--index", str(index), "--top", "3", "-o",
+                        str(tmp_path / "out"), "--overwrite"], capsys)
+    assert code == 2 and "is not a file this command wrote" in one_error_line(err)
+    assert mine.read_text() == "my,own\n" and not (tmp_path / "out.html").exists()
