@@ -203,7 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     require_utf8({"-d": args.data, "-s": args.save_to, "--subset": args.subset})  # every rank finds the same; rank 0 says it
     device, device_note = select_device(args.gpu, ranks)
-    device_note = device_note and f"{PROG}: {device_note}"
     ranks = ranks.join(device)
     precision = resolve_precision(args.precision, device)
     cfg = build_config(args, precision.precision)

@@ -52,6 +52,7 @@ def test_paper_command_as_written(small_features, tmp_path):
     assert proc.returncode == 0, proc.stderr
     if not torch.cuda.is_available():
         assert "CUDA is not available; training on the CPU" in proc.stderr
+    assert "train.py: train.py:" not in proc.stderr  # each note carries the script's name once
     assert "Test/top 5" in proc.stdout
     run1 = runs / "run1"
     assert {p.name for p in runs.iterdir()} == {"run1", "summary.json"}
