@@ -47,7 +47,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -250,14 +249,10 @@ def _check_outputs(outputs: dict[str, str | None], overwrite: bool) -> None:
     existing and not one this command writes (`retrieval.results.written_here`: a user's file is never replaced)."""
     from retrieval.results import written_here
     from toolkit.folders import check_outputs
-    from toolkit.utils import UserError, check_writable
+    from toolkit.utils import check_writable
 
-    check_outputs(outputs, overwrite)
-    for flag, path in outputs.items():
-        if path and os.path.isfile(path) and not written_here(path):  # --overwrite replaces only our own results
-            raise UserError(f"{flag} {path} exists and is not a file this command wrote (its content is not "
-                            f"similarity.py's {Path(path).suffix.lstrip('.') or 'output'}); it is left as it is: "
-                            f"move it away or choose another name")
+    check_outputs(outputs, overwrite, ours=written_here)  # --overwrite replaces only our own results
+    for path in outputs.values():
         if path:
             check_writable(Path(path).parent, "output")  # before the model loads
 

@@ -118,6 +118,20 @@ def test_check_outputs_refuses_one_file_under_two_names(tmp_path):
         check_outputs({"--csv": tmp_path / "p.csv"}, overwrite=True)
 
 
+def test_check_outputs_replaces_only_files_ours_recognises(tmp_path):
+    from toolkit.folders import check_outputs
+
+    (tmp_path / "mine.json").write_text("ours")
+    (tmp_path / "user.json").write_text("a user's")
+    ours = lambda path: path.read_text() == "ours"  # noqa: E731
+    check_outputs({"--json": tmp_path / "mine.json", "--csv": tmp_path / "new.csv"}, overwrite=True, ours=ours)
+    with pytest.raises(UserError, match="--json .*user.json exists and is not a file this command wrote"):
+        check_outputs({"--json": tmp_path / "user.json"}, overwrite=True, ours=ours)
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):  # without --overwrite: refused first
+        check_outputs({"--json": tmp_path / "mine.json"}, overwrite=False, ours=ours)
+    assert (tmp_path / "user.json").read_text() == "a user's"
+
+
 def test_an_atomic_write_through_a_symlink_keeps_the_link(tmp_path):
     from toolkit.utils import write_json
 

@@ -13,9 +13,10 @@ One mechanism for every output a command creates or replaces:
 - `replacing_folder(real, fmt)` yields a new empty folder beside `real` to write; when the block
   ends well it is swapped in for `real` (an atomic exchange where the kernel has one), and the old
   one removed, so nothing is left beside it; when the block fails, `real` is as it was.
-- `check_outputs({flag: path}, overwrite)` checks the output files of one command: none a folder
-  or a special file, none existing without `overwrite`, and no two the same file (through links,
-  `..` or hard links), all in one line before any work.
+- `check_outputs({flag: path}, overwrite, ours)` checks the output files of one command: none a folder
+  or a special file, none existing without `overwrite`, none existing that `ours` does not recognise
+  as the command's own (even with `overwrite`), and no two the same file (through links, `..` or hard
+  links), all in one line before any work.
 - `check_shared_folder(path, fmt, overwrite=..., flag=...)` is `check_folder` for a format whose
   folder may hold other files beside its entries (train.py's runs folder, extract.py's SAVE/MODEL):
   each entry bearing one of the format's names must be recognised as the format's own
@@ -405,12 +406,15 @@ def _swap_in(tmp: Path, real: Path) -> Path | None:
     return aside
 
 
-def check_outputs(outputs: Mapping[str, str | os.PathLike | None], overwrite: bool) -> None:
+def check_outputs(outputs: Mapping[str, str | os.PathLike | None], overwrite: bool,
+                  ours: Callable[[Path], bool] | None = None) -> None:
     """Refuse, in one line before any work, output files a command cannot write as asked.
 
     `outputs` maps each output's flag to its path (None: not asked for). Refused: two outputs
     that are the same file (through links, `..`, or hard links), one that is a folder or a special
-    file (a FIFO, socket or device), and one that exists without `overwrite`.
+    file (a FIFO, socket or device), one that exists without `overwrite`, and, when `ours` is given,
+    one that exists and `ours` does not recognise as a file the command writes (a user's file of that
+    name is never replaced, `overwrite` or not).
     """
     given = {flag: Path(p) for flag, p in outputs.items() if p is not None}
     seen: dict[str, str] = {}
@@ -429,6 +433,10 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None], overwrite: bo
             raise UserError(f"{flag} {path} is {kind}; give a file name")
         if kind is None and not overwrite:
             raise UserError(f"{flag} {path} already exists; pass --overwrite or choose another name")
+        if kind is None and ours is not None and not ours(path):
+            raise UserError(f"{flag} {path} exists and is not a file this command wrote (its content is not this "
+                            f"command's {path.suffix.lstrip('.') or 'output'}); it is left as it is: move it away or "
+                            f"choose another name")
 
 
 @contextlib.contextmanager
