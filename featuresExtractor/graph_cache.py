@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from toolkit.hashing import file_sha256
 from toolkit.lock import LockBusy, LockUnwritable, sibling_lock
-from toolkit.utils import atomic_path, first_line, os_error_line
+from toolkit.utils import atomic_path, first_line, os_error_line, write_json
 
 __all__ = ["FORMAT", "GraphCache", "cache_folder", "key_digest"]
 
@@ -147,8 +147,7 @@ class GraphCache:
         meta: dict[str, Any] = {"format": FORMAT, "key": key, "size": size, "sha256": digest,
                                 "build_s": round(build_s, 2), "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
-            with atomic_path(sidecar) as tmp:
-                tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            write_json(sidecar, meta)
         except OSError:
             graph.unlink(missing_ok=True)  # no sidecar: the graph alone is not an entry
             raise
